@@ -1,0 +1,64 @@
+"""The command line: flags, start-up checks and exit statuses (see README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import ConfigError, check_imports, load_config
+from .dispatcher import EXIT_CONFIG, Dispatcher
+from .logs import redact_password, setup_logging
+from .settings import SettingsError, settings_from_env
+
+log = logging.getLogger("amqp-dispatcher")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="amqp-dispatcher",
+        description="Run RabbitMQ consumers described in a YAML file.",
+        epilog="Environment: RABBITMQ_URL, RABBITMQ_HEARTBEAT, LOGGING_FILE_CONFIG.",
+    )
+    parser.add_argument("--config", default="config.yml", metavar="FILE",
+                        help="the YAML config file (default: config.yml)")
+    parser.add_argument("--validate", action="store_true",
+                        help="check the config and imports, without connecting; "
+                             "exit 1 if there is any problem")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def fail(lines: list[str]) -> int:
+    for line in lines:
+        print(line, file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Like `python -m`: consumer modules in the working directory are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        setup_logging()
+        settings = settings_from_env()
+    except SettingsError as exc:
+        return fail([str(exc)])
+    redact_password(settings.password)
+    try:
+        config = load_config(args.config)
+        resolved = check_imports(config)
+    except ConfigError as exc:
+        return fail(exc.problems)
+    if args.validate:
+        print(f"{args.config}: OK ({len(config.queues)} queue(s), "
+              f"{len(config.consumers)} consumer(s))")
+        return 0
+    return Dispatcher(config, resolved, settings).run()
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The YAML config file: every key, its default and its checks, in one place.
+
+A config is read in two steps, both of which report problems as one line each,
+naming the file and the key path (``config.yml: consumers[1].prefetch_count:
+...``):
+
+1. ``load_config`` parses the YAML and checks the shape and types of every key.
+2. ``check_imports`` imports the startup handler and consumer classes and
+   checks that they are what the daemon needs.
+
+Neither step connects to a broker; ``--validate`` runs both and stops there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """Bad input: a list of one-line problems, each ready to print."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Binding:
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    queue: str
+    durable: bool = True
+    auto_delete: bool = False
+    exclusive: bool = False
+    passive: bool = False
+    x_dead_letter_exchange: str | None = None
+    x_dead_letter_routing_key: str | None = None
+    x_max_length: int | None = None
+    x_expires: int | None = None
+    x_message_ttl: int | None = None
+    bindings: tuple[Binding, ...] = ()
+    path: str = "queues[?]"
+
+    def arguments(self) -> dict[str, Any]:
+        """The x- queue arguments that are set, with the types RabbitMQ wants."""
+        candidates = {
+            "x-dead-letter-exchange": self.x_dead_letter_exchange,
+            "x-dead-letter-routing-key": self.x_dead_letter_routing_key,
+            "x-max-length": self.x_max_length,
+            "x-expires": self.x_expires,
+            "x-message-ttl": self.x_message_ttl,
+        }
+        return {k: v for k, v in candidates.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    consumer: str
+    queue: str
+    consumer_count: int = 1
+    prefetch_count: int = 1
+    path: str = "consumers[?]"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    startup_handler: str | None = None
+    queues: tuple[QueueConfig, ...] = ()
+    consumers: tuple[ConsumerConfig, ...] = ()
+
+
+@dataclass
+class _Key:
+    """One config key: the types it accepts and its default."""
+
+    types: tuple[type, ...]
+    default: Any = None
+    required: bool = False
+    nullable: bool = True
+    positive: bool = False
+    doc: str = ""
+
+
+TOP_LEVEL_KEYS: dict[str, _Key] = {
+    "startup_handler": _Key((str,), doc="module:function called once before connecting"),
+    "queues": _Key((list,), default=[], doc="queues to declare and bind"),
+    "consumers": _Key((list,), default=[], doc="consumer classes to run"),
+}
+
+QUEUE_KEYS: dict[str, _Key] = {
+    "queue": _Key((str,), required=True, nullable=False, doc="queue name"),
+    "durable": _Key((bool,), default=True, nullable=False),
+    "auto_delete": _Key((bool,), default=False, nullable=False),
+    "exclusive": _Key((bool,), default=False, nullable=False),
+    "passive": _Key((bool,), default=False, nullable=False,
+                    doc="only check that the queue exists"),
+    "x_dead_letter_exchange": _Key((str,)),
+    "x_dead_letter_routing_key": _Key((str,)),
+    "x_max_length": _Key((int,), positive=False),
+    "x_expires": _Key((int,), positive=True),
+    "x_message_ttl": _Key((int,)),
+    "bindings": _Key((list,), default=[]),
+}
+
+BINDING_KEYS: dict[str, _Key] = {
+    "exchange": _Key((str,), required=True, nullable=False),
+    "routing_key": _Key((str,), required=True, nullable=False),
+}
+
+CONSUMER_KEYS: dict[str, _Key] = {
+    "consumer": _Key((str,), required=True, nullable=False, doc="module:Class"),
+    "queue": _Key((str,), required=True, nullable=False),
+    "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
+    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True),
+}
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer",
+               list: "a list", dict: "a mapping"}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'mapping'}"
+    return repr(value)
+
+
+class _Checker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def problem(self, key_path: str, message: str) -> None:
+        where = f"{self.path}: {key_path}: " if key_path else f"{self.path}: "
+        self.problems.append(where + message)
+
+    def mapping(self, value: Any, key_path: str, keys: dict[str, _Key]) -> dict[str, Any] | None:
+        """Check a mapping against its key table; return it with defaults filled."""
+        if not isinstance(value, dict):
+            self.problem(key_path, f"expected a mapping, got {_describe(value)}")
+            return None
+        prefix = f"{key_path}." if key_path else ""
+        result: dict[str, Any] = {}
+        for name, raw in value.items():
+            if not isinstance(name, str) or name not in keys:
+                close = difflib.get_close_matches(str(name), list(keys), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                known = ", ".join(keys)
+                self.problem(f"{prefix}{name}", f"unknown key{hint}; known keys: {known}")
+                continue
+            spec = keys[name]
+            if raw is None:
+                if not spec.nullable:
+                    self.problem(f"{prefix}{name}",
+                                 f"expected {_TYPE_NAMES[spec.types[0]]}, got null")
+                continue
+            # bool is a subclass of int in Python; YAML's `true` is not a count.
+            wrong_bool = isinstance(raw, bool) and bool not in spec.types
+            if wrong_bool or not isinstance(raw, spec.types):
+                self.problem(f"{prefix}{name}",
+                             f"expected {_TYPE_NAMES[spec.types[0]]}, got {_describe(raw)}")
+                continue
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                if spec.positive and raw < 1:
+                    self.problem(f"{prefix}{name}", f"expected a positive integer, got {raw}")
+                    continue
+                if raw < 0:
+                    self.problem(f"{prefix}{name}", f"expected zero or more, got {raw}")
+                    continue
+            result[name] = raw
+        for name, spec in keys.items():
+            if spec.required and name not in value:
+                self.problem(f"{prefix}{name}" if prefix else name, "required key is missing")
+            elif name not in result and spec.default is not None:
+                result.setdefault(name, spec.default)
+        return result
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, expected a YAML file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: YAML syntax error: {where}{reason}"]) from None
+
+
+def load_config(path: str) -> Config:
+    """Parse and check the config file's shape; raise ConfigError on any problem."""
+    data = _read_yaml(path)
+    checker = _Checker(path)
+    if data is None:
+        data = {}
+    top = checker.mapping(data, "", TOP_LEVEL_KEYS)
+    if top is None:
+        raise ConfigError(checker.problems)
+
+    queues: list[QueueConfig] = []
+    for i, entry in enumerate(top.get("queues", [])):
+        key_path = f"queues[{i}]"
+        checked = checker.mapping(entry, key_path, QUEUE_KEYS)
+        if checked is None or "queue" not in checked:
+            continue
+        bindings: list[Binding] = []
+        for j, raw in enumerate(checked.pop("bindings", [])):
+            binding = checker.mapping(raw, f"{key_path}.bindings[{j}]", BINDING_KEYS)
+            if binding is not None and len(binding) == 2:
+                bindings.append(Binding(**binding))
+        queues.append(QueueConfig(**checked, bindings=tuple(bindings), path=key_path))
+
+    consumers: list[ConsumerConfig] = []
+    for i, entry in enumerate(top.get("consumers", [])):
+        key_path = f"consumers[{i}]"
+        checked = checker.mapping(entry, key_path, CONSUMER_KEYS)
+        if checked is None or "consumer" not in checked or "queue" not in checked:
+            continue
+        if not _is_import_path(checked["consumer"]):
+            checker.problem(f"{key_path}.consumer",
+                            f"expected 'module:Class', got {checked['consumer']!r}")
+            continue
+        consumers.append(ConsumerConfig(**checked, path=key_path))
+
+    handler = top.get("startup_handler")
+    if handler is not None and not _is_import_path(handler):
+        checker.problem("startup_handler", f"expected 'module:function', got {handler!r}")
+
+    if checker.problems:
+        raise ConfigError(checker.problems)
+    return Config(path=path, startup_handler=handler, queues=tuple(queues),
+                  consumers=tuple(consumers))
+
+
+def _is_import_path(value: str) -> bool:
+    module, sep, attr = value.partition(":")
+    return bool(sep and module and attr)
+
+
+def import_object(spec: str) -> Any:
+    """Import 'module:attr' (attr may be dotted). Raises ImportError or AttributeError."""
+    module_name, _, attr_path = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line: the exception and where in user code it was raised."""
+    tb = exc.__traceback__
+    where = ""
+    while tb is not None:
+        if tb.tb_next is None:
+            where = f" (at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    message = str(exc)
+    return f"{type(exc).__name__}{': ' + message if message else ''}{where}"
+
+
+def _import(checker: _Checker, key_path: str, spec: str) -> Any:
+    try:
+        return import_object(spec)
+    except ModuleNotFoundError as exc:
+        checker.problem(key_path, f"cannot import {spec!r}: no module named {exc.name!r}"
+                        " (is it on PYTHONPATH?)")
+    except AttributeError:
+        module_name, _, attr = spec.partition(":")
+        checker.problem(key_path, f"cannot import {spec!r}: module {module_name!r} has no {attr!r}")
+    except Exception as exc:  # noqa: BLE001 - user code ran at import time and failed
+        checker.problem(key_path, f"importing {spec!r} raised {describe_exception(exc)}")
+    return None
+
+
+@dataclass
+class Resolved:
+    """The imported objects a config names."""
+
+    startup_handler: Callable[[], Any] | None = None
+    consumer_classes: dict[str, type] = field(default_factory=dict)
+
+
+def check_imports(config: Config) -> Resolved:
+    """Import the startup handler and consumer classes; raise ConfigError on problems."""
+    checker = _Checker(config.path)
+    resolved = Resolved()
+    if config.startup_handler:
+        handler = _import(checker, "startup_handler", config.startup_handler)
+        if handler is not None and not callable(handler):
+            checker.problem("startup_handler", f"{config.startup_handler!r} is not callable")
+        elif handler is not None:
+            resolved.startup_handler = handler
+    for entry in config.consumers:
+        cls = _import(checker, f"{entry.path}.consumer", entry.consumer)
+        if cls is None:
+            continue
+        if not inspect.isclass(cls):
+            checker.problem(f"{entry.path}.consumer", f"{entry.consumer!r} is not a class")
+            continue
+        missing = [m for m in ("consume", "shutdown") if not callable(getattr(cls, m, None))]
+        if missing:
+            checker.problem(f"{entry.path}.consumer",
+                            f"{entry.consumer!r} has no {' and no '.join(missing)} method")
+            continue
+        resolved.consumer_classes[entry.consumer] = cls
+    if checker.problems:
+        raise ConfigError(checker.problems)
+    return resolved

@@ -1,0 +1,104 @@
+"""What ``consume(amqp, msg)`` receives: the message and the AMQP proxy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pika
+
+from .acks import Acknowledger
+
+_PROPERTY_NAMES = (
+    "content_type", "content_encoding", "headers", "delivery_mode", "priority",
+    "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "type",
+    "user_id", "app_id", "cluster_id",
+)
+
+
+class Message:
+    """One delivery: ``body`` (bytes), ``delivery_info`` and ``properties`` (dicts).
+
+    The dicts are built on first use: most consumers read only the body.
+    """
+
+    __slots__ = ("body", "_method", "_props", "_delivery_info", "_properties")
+
+    def __init__(self, method: Any, props: Any, body: bytes) -> None:
+        self.body = body
+        self._method = method
+        self._props = props
+        self._delivery_info: dict[str, Any] | None = None
+        self._properties: dict[str, Any] | None = None
+
+    @property
+    def delivery_info(self) -> dict[str, Any]:
+        if self._delivery_info is None:
+            m = self._method
+            self._delivery_info = {
+                "delivery_tag": m.delivery_tag,
+                "redelivered": m.redelivered,
+                "exchange": m.exchange,
+                "routing_key": m.routing_key,
+                "consumer_tag": m.consumer_tag,
+            }
+        return self._delivery_info
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        if self._properties is None:
+            props = self._props
+            self._properties = {
+                name: value for name in _PROPERTY_NAMES
+                if (value := getattr(props, name, None)) is not None
+            }
+        return self._properties
+
+    def __repr__(self) -> str:
+        return f"<Message delivery_tag={self._method.delivery_tag} {len(self.body)} bytes>"
+
+
+class AlreadyRespondedError(Exception):
+    """The consumer settled a delivery that was already settled."""
+
+
+class AMQPProxy:
+    """The ``amqp`` argument of ``consume``: settle this delivery, or publish."""
+
+    __slots__ = ("_acker", "_channel", "tag", "_response")
+
+    def __init__(self, acker: Acknowledger, channel: Any, tag: int) -> None:
+        self._acker = acker
+        self._channel = channel
+        self.tag = tag
+        self._response: str | None = None
+
+    @property
+    def has_responded_to_message(self) -> bool:
+        return self._response is not None
+
+    def _respond(self, how: str) -> None:
+        if self._response is not None:
+            raise AlreadyRespondedError(
+                f"delivery tag {self.tag}: cannot {how}, it was already {self._response}"
+            )
+        self._response = {"ack": "acked", "nack": "nacked", "reject": "rejected"}[how]
+
+    def ack(self) -> None:
+        self._respond("ack")
+        self._acker.ack(self.tag)
+
+    def nack(self) -> None:
+        """Negative acknowledgement: the broker requeues the message."""
+        self._respond("nack")
+        self._acker.reject(self.tag, requeue=True)
+
+    def reject(self, requeue: bool = True) -> None:
+        self._respond("reject")
+        self._acker.reject(self.tag, requeue=requeue)
+
+    def publish(self, exchange: str, routing_key: str, headers: dict[str, Any] | None,
+                body: bytes | str) -> None:
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        properties = pika.BasicProperties(headers=headers or None)
+        self._channel.basic_publish(exchange, routing_key, body, properties)

@@ -1,0 +1,140 @@
+"""One consumer entry: ``consumer_count`` worker greenlets, each owning one instance.
+
+This module holds the answer to "what happens to a message after ``consume``
+returns or raises": see ``ConsumerPool._handle``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.queue
+
+from .acks import Acknowledger
+from .config import ConsumerConfig, describe_exception
+from .message import AMQPProxy, Message
+
+log = logging.getLogger("amqp-dispatcher")
+
+REPLACE_FIRST_DELAY = 0.5
+REPLACE_MAX_DELAY = 30.0
+
+
+class StopNow(BaseException):
+    """Thrown into a worker to stop it at once (fast stop). Never raised by user code."""
+
+
+class ConsumerPool:
+    def __init__(self, entry: ConsumerConfig, cls: type) -> None:
+        self.entry = entry
+        self.cls = cls
+        # Unbounded: the broker's prefetch_count is what bounds it.
+        self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
+        self.instances: list[Any] = []
+        self.workers: list[gevent.Greenlet] = []
+        self.busy = 0
+
+    def create_instances(self) -> None:
+        """Construct every instance; a failure here is raised to the caller (start-up)."""
+        self.instances = [self.cls() for _ in range(self.entry.consumer_count)]
+
+    def start(self) -> None:
+        self.workers = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
+
+    def on_message(self, acker: Acknowledger) -> Callable[..., None]:
+        """The basic_consume callback for one channel. Runs in the I/O loop: never blocks."""
+        delivered = acker.delivered
+        put = self.work.put_nowait
+
+        def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            delivered(method.delivery_tag)
+            put((acker, channel, method, properties, body))
+
+        return on_message
+
+    def _work(self, slot: int) -> None:
+        get = self.work.get
+        handle = self._handle
+        while True:
+            item = get()
+            if item is None:
+                return
+            handle(slot, item)
+
+    def _handle(self, slot: int, item: tuple[Any, ...]) -> None:
+        acker, channel, method, properties, body = item
+        tag = method.delivery_tag
+        amqp = AMQPProxy(acker, channel, tag)
+        self.busy += 1
+        try:
+            self.instances[slot].consume(amqp, Message(method, properties, body))
+        except StopNow:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            if not amqp.has_responded_to_message:
+                acker.reject(tag, requeue=True)
+            log.error("%s: consume raised %s; delivery tag %d %s", self.entry.consumer,
+                      describe_exception(exc), tag,
+                      "was already settled" if amqp.has_responded_to_message else "requeued")
+            self._replace(slot, exc)
+        else:
+            if not amqp.has_responded_to_message:
+                acker.ack(tag)
+        finally:
+            self.busy -= 1
+
+    def _replace(self, slot: int, exc: BaseException | None) -> None:
+        """Shut the failed instance down and put a fresh one in its slot."""
+        try:
+            self.instances[slot].shutdown(exc)
+        except StopNow:
+            raise
+        except BaseException as shutdown_exc:  # noqa: BLE001
+            log.error("%s: shutdown raised %s", self.entry.consumer,
+                      describe_exception(shutdown_exc))
+        delay = REPLACE_FIRST_DELAY
+        while True:
+            try:
+                self.instances[slot] = self.cls()
+                return
+            except StopNow:
+                raise
+            except BaseException as init_exc:  # noqa: BLE001
+                log.error("%s: creating a replacement instance raised %s; retrying in %.1fs",
+                          self.entry.consumer, describe_exception(init_exc), delay)
+            gevent.sleep(delay)
+            delay = min(delay * 2, REPLACE_MAX_DELAY)
+
+    def requeue_waiting(self) -> int:
+        """Give back deliveries that no worker has started (used when stopping)."""
+        count = 0
+        while True:
+            try:
+                item = self.work.get_nowait()
+            except gevent.queue.Empty:
+                return count
+            if item is None:
+                continue
+            acker, _, method, _, _ = item
+            acker.reject(method.delivery_tag, requeue=True)
+            count += 1
+
+    def stop_workers(self, timeout: float | None) -> bool:
+        """Let each worker finish its current message and exit; True if all did in time."""
+        for _ in self.workers:
+            self.work.put_nowait(None)
+        done = gevent.joinall(self.workers, timeout=timeout)
+        return len(done) == len(self.workers)
+
+    def kill_workers(self) -> None:
+        gevent.killall(self.workers, StopNow, block=True, timeout=5)
+
+    def shutdown_instances(self) -> None:
+        for instance in self.instances:
+            try:
+                instance.shutdown(None)
+            except BaseException as exc:  # noqa: BLE001
+                log.error("%s: shutdown raised %s", self.entry.consumer, describe_exception(exc))

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+from amqpdispatcher import __version__
+
+setup(
+    name="amqp-dispatcher",
+    version=__version__,
+    description="A gevent daemon that runs RabbitMQ consumers described in a YAML file",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="BSD",
+    python_requires=">=3.9",
+    packages=find_packages(include=["amqpdispatcher", "amqpdispatcher.*"]),
+    package_data={"amqpdispatcher": ["py.typed"]},
+    install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1"],
+    extras_require={
+        "test": ["pytest>=7", "supervisor>=4.2", "ruff", "mypy", "types-PyYAML"],
+    },
+    entry_points={"console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)

@@ -1,0 +1,43 @@
+"""Fixtures: one private RabbitMQ node for the session, a fresh vhost per test."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import BrokerHandle  # noqa: E402
+from rabbitnode import Broker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rabbit() -> Iterator[Broker]:
+    external = os.environ.get("AMQP_DISPATCHER_TEST_URL")
+    if external:
+        pytest.skip("external broker given; this fixture manages its own node")
+    node = Broker()
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def broker(rabbit: Broker) -> Iterator[BrokerHandle]:
+    """A fresh vhost on the session's node, so tests never see each other's queues."""
+    vhost = f"t-{uuid.uuid4().hex[:8]}"
+    rabbit.ctl("add_vhost", vhost)
+    rabbit.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    handle = BrokerHandle(rabbit, vhost)
+    try:
+        yield handle
+    finally:
+        handle.close()
+        rabbit.ctl("delete_vhost", vhost, check=False)

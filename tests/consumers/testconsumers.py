@@ -1,0 +1,148 @@
+"""Consumer classes the tests run inside the dispatcher subprocess.
+
+Each one appends a line per successfully handled message to $RECORD_FILE, so
+the test can see what happened from outside the process.
+"""
+
+import json
+import os
+
+import gevent
+
+RECORD_FILE = os.environ.get("RECORD_FILE", "/dev/null")
+
+
+def record(line):
+    with open(RECORD_FILE, "a") as handle:
+        handle.write(line + "\n")
+
+
+def text(msg):
+    return msg.body.decode()
+
+
+class Recorder:
+    def consume(self, amqp, msg):
+        record(text(msg))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class Sleeper:
+    """Sleeps cooperatively for the number of seconds in $SLEEP, then records."""
+
+    delay = float(os.environ.get("SLEEP", "0.5"))
+
+    def consume(self, amqp, msg):
+        gevent.sleep(self.delay)
+        record(text(msg))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class Inspector:
+    """Records what consume sees of the message and proxy, as one JSON line."""
+
+    def consume(self, amqp, msg):
+        info = dict(msg.delivery_info)
+        props = dict(msg.properties)
+        record(json.dumps({
+            "body": text(msg),
+            "body_type": type(msg.body).__name__,
+            "delivery_info": info,
+            "properties": props,
+            "tag": amqp.tag,
+            "responded_before": amqp.has_responded_to_message,
+        }, separators=(",", ":"), default=str))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class FailOnce:
+    """Raises the first time it sees a body starting with 'fail', records the rest.
+
+    Class-level memory survives instance replacement within one process.
+    """
+
+    seen = set()
+    instances = 0
+
+    def __init__(self):
+        FailOnce.instances += 1
+        record(f"init:{FailOnce.instances}")
+
+    def consume(self, amqp, msg):
+        body = text(msg)
+        if body.startswith("fail") and body not in FailOnce.seen:
+            FailOnce.seen.add(body)
+            raise ValueError(f"failing {body} once")
+        record(f"{body}:redelivered={msg.delivery_info['redelivered']}")
+
+    def shutdown(self, exception=None):
+        record(f"shutdown:{type(exception).__name__}")
+
+
+class ProxyCommands:
+    """The body says what to do with the proxy."""
+
+    seen = set()
+
+    def consume(self, amqp, msg):
+        body = text(msg)
+        command = body.split(":")[0]
+        first = body not in ProxyCommands.seen
+        ProxyCommands.seen.add(body)
+        if command == "ack":
+            amqp.ack()
+        elif command == "nack-once":
+            if first:
+                amqp.nack()
+                record(f"nacked:{body}")
+                return
+        elif command == "reject-drop":
+            amqp.reject(requeue=False)
+        elif command == "double-ack":
+            amqp.ack()
+            try:
+                amqp.ack()
+            except Exception as exc:
+                record(f"error:{type(exc).__name__}:{str(exc).replace(' ', '_')}")
+        elif command == "publish":
+            amqp.publish("", "published_out", {"x-origin": "consumer"}, "from-consumer")
+        elif command == "respond-then-raise":
+            amqp.ack()
+            raise RuntimeError("after ack")
+        record(f"done:{body}:{amqp.has_responded_to_message}")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class BadInit:
+    def __init__(self):
+        raise RuntimeError("cannot construct")
+
+    def consume(self, amqp, msg):
+        pass
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class NoShutdown:
+    def consume(self, amqp, msg):
+        pass
+
+
+not_a_class = 42
+
+
+def startup():
+    record("startup")
+
+
+def bad_startup():
+    raise RuntimeError("startup failed")

@@ -1,0 +1,138 @@
+"""A private RabbitMQ node for the tests and the benchmark.
+
+Each Broker is its own node (own name, AMQP port, distribution port, data and
+log directories under a temp dir), so the suite never touches a system-wide
+broker on 5672. Set AMQP_DISPATCHER_TEST_URL to use an external broker instead
+(tests that stop or restart the broker are then skipped).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """The unwrapped script: it runs as the calling user (see DESIGN.md)."""
+    unwrapped = RABBIT_BIN / name
+    if unwrapped.exists():
+        return str(unwrapped)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: install the rabbitmq-server package")
+    return found
+
+
+class Broker:
+    def __init__(self, name: str | None = None, base_dir: str | None = None) -> None:
+        self.name = name or f"adtest-{uuid.uuid4().hex[:8]}"
+        self.node = f"{self.name}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self._own_dir = base_dir is None
+        self.base = Path(base_dir or tempfile.mkdtemp(prefix=f"{self.name}-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        plugins = self.base / "enabled_plugins"
+        if not plugins.exists():
+            plugins.write_text("[].\n")
+        config = self.base / "rabbitmq"
+        env.update(
+            HOME=str(self.base),
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(self.base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.base / "log"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(plugins),
+            RABBITMQ_CONFIG_FILE=str(config),
+            RABBITMQ_PID_FILE=str(self.base / "rabbit.pid"),
+        )
+        (self.base / "rabbitmq.conf").touch()
+        return env
+
+    def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> str:
+        result = subprocess.run(
+            [_bin("rabbitmqctl"), "-n", self.node, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"rabbitmqctl {' '.join(args)} failed: {result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+    def start(self, timeout: float = 90) -> None:
+        log = open(self.base / "server.out", "ab")
+        self.process = subprocess.Popen(
+            [_bin("rabbitmq-server")],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"rabbitmq-server exited ({self.process.returncode}): "
+                    + (self.base / "server.out").read_text()[-2000:]
+                )
+            ping = subprocess.run(
+                [_bin("rabbitmqctl"), "-n", self.node, "ping"],
+                env=self.env(),
+                capture_output=True,
+                timeout=60,
+            )
+            if ping.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("rabbitmq-server did not answer ping in time")
+            time.sleep(0.5)
+        self.ctl("await_startup", timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.ctl("stop", check=False)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._own_dir:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    # Helpers the tests use to look at the broker.
+
+    def queue_info(self, queue: str) -> dict[str, str]:
+        cols = ["name", "messages_ready", "messages_unacknowledged", "durable",
+                "auto_delete", "exclusive", "arguments", "consumers"]
+        out = self.ctl("list_queues", "-q", "--no-table-headers", *cols)
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if fields and fields[0] == queue:
+                return dict(zip(cols, fields))
+        raise KeyError(queue)
