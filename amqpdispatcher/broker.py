@@ -40,30 +40,34 @@ def describe_close(reason: Any) -> str:
 
 
 def connect(settings: Settings, timeout: float = 60.0) -> GeventConnection:
-    """Open a connection to the first host, in random order, that accepts one."""
-    result: gevent.event.AsyncResult = gevent.event.AsyncResult()
-    params = settings.connection_parameters()
-    GeventConnection.create_connection(params, on_done=result.set)
-    try:
-        outcome = result.get(timeout=timeout)
-    except gevent.Timeout:
-        raise BrokerError(f"no broker reachable at {settings.redacted_url()} "
-                          f"within {timeout:.0f}s") from None
-    if isinstance(outcome, BaseException):
-        raise BrokerError(f"no broker reachable at {settings.redacted_url()}: "
-                          f"{_connect_failure(outcome)}")
-    log.info("connected to %s:%s vhost %s", outcome.params.host, outcome.params.port,
-             outcome.params.virtual_host)
-    return outcome
+    """Open a connection to the first host, tried in random order, that accepts one."""
+    failures = []
+    for params in settings.connection_parameters():
+        result: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        GeventConnection(params, on_open_callback=result.set,
+                         on_open_error_callback=lambda _, exc, r=result: r.set(exc))
+        try:
+            outcome = result.get(timeout=timeout)
+        except gevent.Timeout:
+            outcome = TimeoutError(f"no answer within {timeout:.0f}s")
+        if not isinstance(outcome, BaseException):
+            log.info("connected to %s:%s vhost %s", params.host, params.port,
+                     params.virtual_host)
+            return outcome
+        reason = _connect_failure(outcome)
+        log.warning("cannot connect to %s:%s: %s", params.host, params.port, reason)
+        failures.append(reason)
+    raise BrokerError(f"no broker reachable at {settings.redacted_url()}: "
+                      f"{len(failures)} host(s) tried, last error: {failures[-1]}")
 
 
 def _connect_failure(exc: BaseException) -> str:
-    # AMQPConnectionWorkflowFailed carries one exception per attempt.
-    attempts = getattr(exc, "exceptions", None)
-    if attempts:
-        last = attempts[-1]
-        inner = getattr(last, "exception", None) or last
-        return f"{len(attempts)} host(s) tried, last error: {type(inner).__name__}: {inner}"
+    # pika wraps the socket error in a connector error; show the cause.
+    while True:
+        inner = getattr(exc, "exception", None) or getattr(exc, "exceptions", [None])[-1]
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
     return f"{type(exc).__name__}: {exc}"
 
 

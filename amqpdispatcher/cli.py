@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__
-from .config import ConfigError, check_imports, load_config
+from .config import ConfigError, load_config
 from .dispatcher import EXIT_CONFIG, Dispatcher
 from .logs import redact_password, setup_logging
 from .settings import SettingsError, settings_from_env
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail([str(exc)])
     redact_password(settings.password)
     try:
-        config = load_config(args.config)
-        resolved = check_imports(config)
+        config, resolved = load_config(args.config)
     except ConfigError as exc:
         return fail(exc.problems)
     if args.validate:

@@ -215,8 +215,21 @@ def _read_yaml(path: str) -> Any:
         raise ConfigError([f"{path}: YAML syntax error: {where}{reason}"]) from None
 
 
-def load_config(path: str) -> Config:
-    """Parse and check the config file's shape; raise ConfigError on any problem."""
+def load_config(path: str) -> tuple[Config, Resolved]:
+    """Read, check and import everything the config names; raise ConfigError listing
+    every problem found (shape, types and imports together)."""
+    config, problems = _parse(path)
+    try:
+        resolved = check_imports(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return config, resolved
+
+
+def _parse(path: str) -> tuple[Config, list[str]]:
+    """Check the config file's shape; entries with problems are left out of the result."""
     data = _read_yaml(path)
     checker = _Checker(path)
     if data is None:
@@ -253,11 +266,11 @@ def load_config(path: str) -> Config:
     handler = top.get("startup_handler")
     if handler is not None and not _is_import_path(handler):
         checker.problem("startup_handler", f"expected 'module:function', got {handler!r}")
+        handler = None
 
-    if checker.problems:
-        raise ConfigError(checker.problems)
-    return Config(path=path, startup_handler=handler, queues=tuple(queues),
-                  consumers=tuple(consumers))
+    config = Config(path=path, startup_handler=handler, queues=tuple(queues),
+                    consumers=tuple(consumers))
+    return config, checker.problems
 
 
 def _is_import_path(value: str) -> bool:

@@ -18,8 +18,9 @@ def setup_logging(environ: Mapping[str, str] = os.environ) -> None:
     path = environ.get("LOGGING_FILE_CONFIG")
     if not path:
         logging.basicConfig(level=logging.INFO, format=DEFAULT_FORMAT)
-        # pika narrates every connection step at INFO; our own lines say what matters.
-        logging.getLogger("pika").setLevel(logging.WARNING)
+        # pika narrates every connection step, and logs each failure it reports to us
+        # at ERROR; the amqp-dispatcher loggers say what matters, once.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
         return
     if not os.path.isfile(path):
         raise SettingsError(f"LOGGING_FILE_CONFIG: {path}: no such file")

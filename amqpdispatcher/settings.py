@@ -14,7 +14,7 @@ import ssl
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 import pika
 
@@ -37,7 +37,7 @@ class Settings:
     def redacted_url(self) -> str:
         scheme = "amqps" if self.tls else "amqp"
         hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
-        return f"{scheme}://{self.user}:***@{hosts}/{self.vhost}"
+        return f"{scheme}://{self.user}:***@{hosts}/{quote(self.vhost, safe='')}"
 
     def connection_parameters(self) -> list[pika.ConnectionParameters]:
         """One parameter set per host, in a fresh random order."""

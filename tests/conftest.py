@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -18,9 +17,6 @@ from rabbitnode import Broker  # noqa: E402
 
 @pytest.fixture(scope="session")
 def rabbit() -> Iterator[Broker]:
-    external = os.environ.get("AMQP_DISPATCHER_TEST_URL")
-    if external:
-        pytest.skip("external broker given; this fixture manages its own node")
     node = Broker()
     node.start()
     try:

@@ -2,8 +2,7 @@
 
 Each Broker is its own node (own name, AMQP port, distribution port, data and
 log directories under a temp dir), so the suite never touches a system-wide
-broker on 5672. Set AMQP_DISPATCHER_TEST_URL to use an external broker instead
-(tests that stop or restart the broker are then skipped).
+broker on 5672.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class ProxyCommands:
             amqp.ack()
             try:
                 amqp.ack()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 record(f"error:{type(exc).__name__}:{str(exc).replace(' ', '_')}")
         elif command == "publish":
             amqp.publish("", "published_out", {"x-origin": "consumer"}, "from-consumer")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine for the example and the tests: rabbitmq-server
+# (the tests start their own private node from it), a virtualenv in .venv, and
+# this package with its test dependencies. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && ! command -v rabbitmq-server >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q
+    # The package may try to start a system-wide broker; nothing here uses it.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q rabbitmq-server
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'

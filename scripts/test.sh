@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One command: set everything up, lint, type-check, and run the whole test suite
+# against a private RabbitMQ node that the suite starts and stops itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check amqpdispatcher tests examples bench
+.venv/bin/mypy amqpdispatcher
+.venv/bin/pytest "$@"

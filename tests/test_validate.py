@@ -1,0 +1,175 @@
+"""--validate and start-up checks: one line per problem, naming file and key; no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+GOOD = """
+startup_handler: testconsumers:startup
+queues:
+  - queue: a
+    durable: true
+    auto_delete: false
+    passive: false
+    exclusive: false
+    x_dead_letter_exchange: null
+    x_dead_letter_routing_key: null
+    x_max_length: null
+    x_expires: null
+    x_message_ttl: null
+    bindings:
+      - exchange: notify
+        routing_key: transaction.*
+  - queue: b
+consumers:
+  - consumer: testconsumers:Recorder
+    consumer_count: 1
+    queue: a
+    prefetch_count: 2
+  - consumer: testconsumers:Sleeper
+    queue: b
+"""
+
+# (config text, the problem line expected after "config.yml: ")
+BAD = [
+    ("- just\n- a list\n", "expected a mapping, got a list"),
+    ("queues: [\n", "YAML syntax error: line 2, column 1"),
+    ("consumer:\n  - consumer: testconsumers:Recorder\n",
+     "consumer: unknown key (did you mean 'consumers'?)"),
+    ("consumers:\n  - consumer: testconsumers:Recorder\n    queue: a\n    prefetch_count: ten\n",
+     "consumers[0].prefetch_count: expected an integer, got 'ten'"),
+    ("consumers:\n  - consumer: testconsumers:Recorder\n    queue: a\n    consumer_count: 0\n",
+     "consumers[0].consumer_count: expected a positive integer, got 0"),
+    ("consumers:\n  - consumer: testconsumers:Recorder\n    queue: a\n    consumer_count: true\n",
+     "consumers[0].consumer_count: expected an integer, got true"),
+    ("consumers:\n  - consumer: testconsumers:Recorder\n", "consumers[0].queue: required key"),
+    ("consumers:\n  - queue: a\n", "consumers[0].consumer: required key is missing"),
+    ("consumers:\n  - consumer: testconsumers\n    queue: a\n",
+     "consumers[0].consumer: expected 'module:Class', got 'testconsumers'"),
+    ("consumers:\n  - consumer: nosuchmodule:C\n    queue: a\n",
+     "consumers[0].consumer: cannot import 'nosuchmodule:C': no module named 'nosuchmodule'"),
+    ("consumers:\n  - consumer: testconsumers:Nope\n    queue: a\n",
+     "consumers[0].consumer: cannot import 'testconsumers:Nope': module 'testconsumers' has no"),
+    ("consumers:\n  - consumer: testconsumers:not_a_class\n    queue: a\n",
+     "consumers[0].consumer: 'testconsumers:not_a_class' is not a class"),
+    ("consumers:\n  - consumer: testconsumers:NoShutdown\n    queue: a\n",
+     "consumers[0].consumer: 'testconsumers:NoShutdown' has no shutdown method"),
+    ("consumers:\n  - consumer: brokenimport:C\n    queue: a\n",
+     "consumers[0].consumer: importing 'brokenimport:C' raised RuntimeError: "
+     "this module fails at import"),
+    ("startup_handler: testconsumers:not_a_class\n",
+     "startup_handler: 'testconsumers:not_a_class' is not callable"),
+    ("startup_handler: nosuch:thing\n", "startup_handler: cannot import 'nosuch:thing'"),
+    ("queues:\n  - durable: true\n", "queues[0].queue: required key is missing"),
+    ("queues:\n  - queue: a\n    durable: yes please\n",
+     "queues[0].durable: expected true or false, got 'yes please'"),
+    ("queues:\n  - queue: a\n    x_max_length: -1\n",
+     "queues[0].x_max_length: expected zero or more, got -1"),
+    ("queues:\n  - queue: a\n    x_expires: 0\n",
+     "queues[0].x_expires: expected a positive integer, got 0"),
+    ("queues:\n  - queue: a\n    durabel: true\n",
+     "queues[0].durabel: unknown key (did you mean 'durable'?)"),
+    ("queues:\n  - queue: a\n    bindings:\n      - exchange: x\n",
+     "queues[0].bindings[0].routing_key: required key is missing"),
+    ("queues:\n  - queue: a\n    bindings: notalist\n",
+     "queues[0].bindings: expected a list, got 'notalist'"),
+    ("queues: 3\n", "queues: expected a list, got 3"),
+]
+
+
+def test_good_config_validates(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=GOOD)
+    assert result.returncode == 0, result.stderr
+    assert "config.yml: OK" in result.stdout
+    assert "startup" not in (tmp_path / "record").name  # validate never calls the handler
+
+
+def test_example_config_validates(tmp_path: Path) -> None:
+    repo = Path(__file__).parent.parent
+    result = run_cli(tmp_path, "--validate", "--config",
+                     str(repo / "amqp-dispatcher-config.yml"))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("text, expected", BAD, ids=[e for _, e in BAD])
+@pytest.mark.parametrize("mode", ["validate", "daemon"])
+def test_bad_config(tmp_path: Path, mode: str, text: str, expected: str) -> None:
+    args = ["--config", "config.yml"] + (["--validate"] if mode == "validate" else [])
+    # The daemon must refuse before connecting: this URL reaches nothing.
+    env = {"RABBITMQ_URL": "amqp://u:s3cretpw@127.0.0.1:1/"}
+    result = run_cli(tmp_path, *args, config=text, env=env)
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert any(line.startswith(f"config.yml: {expected}") for line in lines), lines
+    assert all(line.startswith("config.yml: ") for line in lines), lines
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "s3cretpw" not in result.stderr + result.stdout
+
+
+def test_every_problem_is_reported(tmp_path: Path) -> None:
+    text = ("consumers:\n  - consumer: nosuch:C\n    queue: a\n"
+            "  - consumer: testconsumers:Recorder\n    queue: a\n    prefetch_count: x\n")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 2, result.stderr
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda p: None, "missing.yml: no such file"),
+    (lambda p: (p / "missing.yml").mkdir(), "missing.yml: is a directory"),
+    (lambda p: (p / "missing.yml").write_bytes(b"\xff\xfe\x00bad"), "missing.yml: not UTF-8"),
+])
+def test_unreadable_file(tmp_path: Path, setup, expected: str) -> None:
+    setup(tmp_path)
+    result = run_cli(tmp_path, "--validate", "--config", "missing.yml")
+    assert result.returncode == 1
+    assert result.stderr.strip() == expected or result.stderr.startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_default_config_file_is_config_yml(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "--validate")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "config.yml: no such file"
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://u:s3cretpw@h/", "RABBITMQ_URL: expected amqp://"),
+    ("amqp://u:s3cretpw@h:notaport/", "RABBITMQ_URL: a port in the host list is not a number"),
+    ("amqp://u:s3cr/etpw@h/v", "RABBITMQ_URL: a port in the host list is not a number"),
+    ("amqp://u:s3cretpw@/v", "RABBITMQ_URL: no host given"),
+    ("amqp://u:s3cretpw@h/?heartbeat=often", "RABBITMQ_URL: heartbeat: expected a whole"),
+])
+def test_malformed_url(tmp_path: Path, url: str, expected: str) -> None:
+    result = run_cli(tmp_path, "--config", "config.yml", config=GOOD, env={"RABBITMQ_URL": url})
+    assert result.returncode == 1
+    assert result.stderr.startswith(expected), result.stderr
+    assert "s3cr" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_heartbeat_variable(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=GOOD,
+                     env={"RABBITMQ_HEARTBEAT": "soon"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("RABBITMQ_HEARTBEAT: expected a whole number")
+
+
+def test_bad_logging_config(tmp_path: Path) -> None:
+    (tmp_path / "logging.ini").write_text("[loggers]\nkeys=root\n")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=GOOD,
+                     env={"LOGGING_FILE_CONFIG": "logging.ini"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("LOGGING_FILE_CONFIG: logging.ini: not a valid logging")
+    assert "Traceback" not in result.stderr
+
+
+def test_help_and_version(tmp_path: Path) -> None:
+    assert "--validate" in run_cli(tmp_path, "--help").stdout
+    version = run_cli(tmp_path, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("amqp-dispatcher ")
+    unknown = run_cli(tmp_path, "--bogus")
+    assert unknown.returncode == 2
