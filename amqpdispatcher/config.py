@@ -80,6 +80,9 @@ class Config:
     startup_handler: str | None = None
     queues: tuple[QueueConfig, ...] = ()
     consumers: tuple[ConsumerConfig, ...] = ()
+    drain_timeout: float = 30.0
+    reconnect: bool = True
+    reconnect_give_up_after: float | None = None
 
 
 @dataclass
@@ -98,6 +101,14 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "startup_handler": _Key((str,), doc="module:function called once before connecting"),
     "queues": _Key((list,), default=[], doc="queues to declare and bind"),
     "consumers": _Key((list,), default=[], doc="consumer classes to run"),
+    # Beyond 0.4.3: process lifecycle.
+    "drain_timeout": _Key((float, int), default=30, nullable=False, positive=True,
+                          doc="seconds SIGTERM waits for consume calls in progress"),
+    "reconnect": _Key((bool,), default=True, nullable=False,
+                      doc="reconnect on connection loss (false: exit 3, as 0.4.3)"),
+    "reconnect_give_up_after": _Key((float, int), positive=True,
+                                    doc="seconds of failed reconnecting before exit 3; "
+                                        "null: never give up"),
 }
 
 QUEUE_KEYS: dict[str, _Key] = {
@@ -127,7 +138,7 @@ CONSUMER_KEYS: dict[str, _Key] = {
     "prefetch_count": _Key((int,), default=1, nullable=False, positive=True),
 }
 
-_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer",
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
                list: "a list", dict: "a mapping"}
 
 
@@ -176,9 +187,10 @@ class _Checker:
                 self.problem(f"{prefix}{name}",
                              f"expected {_TYPE_NAMES[spec.types[0]]}, got {_describe(raw)}")
                 continue
-            if isinstance(raw, int) and not isinstance(raw, bool):
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
                 if spec.positive and raw < 1:
-                    self.problem(f"{prefix}{name}", f"expected a positive integer, got {raw}")
+                    kind = "number" if float in spec.types else "integer"
+                    self.problem(f"{prefix}{name}", f"expected a positive {kind}, got {raw}")
                     continue
                 if raw < 0:
                     self.problem(f"{prefix}{name}", f"expected zero or more, got {raw}")
@@ -269,7 +281,10 @@ def _parse(path: str) -> tuple[Config, list[str]]:
         handler = None
 
     config = Config(path=path, startup_handler=handler, queues=tuple(queues),
-                    consumers=tuple(consumers))
+                    consumers=tuple(consumers),
+                    drain_timeout=float(top.get("drain_timeout", 30)),
+                    reconnect=top.get("reconnect", True),
+                    reconnect_give_up_after=top.get("reconnect_give_up_after"))
     return config, checker.problems
 
 

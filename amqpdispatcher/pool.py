@@ -122,12 +122,24 @@ class ConsumerPool:
             acker.reject(method.delivery_tag, requeue=True)
             count += 1
 
-    def stop_workers(self, timeout: float | None) -> bool:
-        """Let each worker finish its current message and exit; True if all did in time."""
+    def discard_waiting(self) -> None:
+        """Drop deliveries of a channel that is gone: the broker redelivers them."""
+        kept = []
+        while True:
+            try:
+                item = self.work.get_nowait()
+            except gevent.queue.Empty:
+                break
+            if item is None or item[0].open:
+                kept.append(item)
+        for item in kept:
+            self.work.put_nowait(item)
+
+    def stop_workers(self) -> list[gevent.Greenlet]:
+        """Ask each worker to exit after its current message; return them to wait on."""
         for _ in self.workers:
             self.work.put_nowait(None)
-        done = gevent.joinall(self.workers, timeout=timeout)
-        return len(done) == len(self.workers)
+        return self.workers
 
     def kill_workers(self) -> None:
         gevent.killall(self.workers, StopNow, block=True, timeout=5)

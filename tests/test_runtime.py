@@ -173,9 +173,11 @@ def test_connection_name_and_heartbeat(broker: BrokerHandle, tmp_path: Path) -> 
         assert proc.stop() == 0
 
 
-def test_connection_loss_exits_nonzero(broker: BrokerHandle, tmp_path: Path) -> None:
+def test_connection_loss_exits_nonzero_without_reconnect(broker: BrokerHandle,
+                                                         tmp_path: Path) -> None:
     broker.declare("q")
-    config = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n"
+    config = ("reconnect: false\n"
+              "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n")
     proc = DispatcherProcess(tmp_path, config, broker.url)
     try:
         proc.wait_consuming()

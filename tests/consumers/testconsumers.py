@@ -146,3 +146,70 @@ def startup():
 
 def bad_startup():
     raise RuntimeError("startup failed")
+
+
+class Faulty:
+    """For fault injection: records start and outcome of each id, fails at random
+    ($FAIL_RATE), and takes a random cooperative pause (up to $PAUSE seconds) so
+    that messages are in flight when the fault hits."""
+
+    fail_rate = float(os.environ.get("FAIL_RATE", "0.1"))
+    pause = float(os.environ.get("PAUSE", "0.05"))
+
+    def consume(self, amqp, msg):
+        import random
+
+        body = text(msg)
+        record(f"start:{body}")
+        gevent.sleep(random.uniform(0, self.pause))
+        if random.random() < self.fail_rate:
+            record(f"fail:{body}")
+            raise RuntimeError("random failure")
+        record(f"done:{body}")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class Misbehaving:
+    """The body names the misbehaviour; each happens once per body."""
+
+    seen = set()
+    broken_inits = 0
+
+    def __init__(self):
+        if Misbehaving.broken_inits:
+            Misbehaving.broken_inits -= 1
+            raise RuntimeError("replacement cannot be built yet")
+        self.raise_in_shutdown = False
+
+    def consume(self, amqp, msg):
+        import sys
+
+        body = text(msg)
+        first = body not in Misbehaving.seen
+        Misbehaving.seen.add(body)
+        if first:
+            if body == "system-exit":
+                sys.exit(3)
+            if body == "keyboard-interrupt":
+                raise KeyboardInterrupt()
+            if body == "greenlet-exit":
+                raise gevent.GreenletExit()
+            if body == "shutdown-raises":
+                self.raise_in_shutdown = True
+                raise ValueError("consume failed")
+            if body == "init-raises":
+                Misbehaving.broken_inits = 2
+                raise ValueError("consume failed")
+            if body == "bad-publish":
+                amqp.publish("no-such-exchange", "k", {}, "x")
+                gevent.sleep(0.5)  # the broker closes the channel meanwhile
+        if body.startswith("hang"):
+            record(f"hanging:{body}")
+            gevent.sleep(3600)
+        record(f"done:{body}")
+
+    def shutdown(self, exception=None):
+        if self.raise_in_shutdown:
+            raise RuntimeError("shutdown failed too")

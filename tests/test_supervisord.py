@@ -1,0 +1,80 @@
+"""The dispatcher under a real supervisord: `supervisorctl stop` drains, nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO, SCRIPT, TESTS, BrokerHandle, wait_until
+
+
+def test_supervisorctl_stop_drains(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("jobs", durable=True)
+    for i in range(40):
+        broker.publish("jobs", f"j{i}", delivery_mode=2)
+    (tmp_path / "config.yml").write_text(
+        "queues:\n  - queue: jobs\n"
+        "consumers:\n  - consumer: testconsumers:Faulty\n    queue: jobs\n"
+        "    consumer_count: 4\n    prefetch_count: 8\n")
+    record = tmp_path / "record.txt"
+    pythonpath = os.pathsep.join([str(TESTS / "consumers"), str(REPO)])
+    # Percent signs are supervisord's interpolation; the URL has %2F-style escapes.
+    url = broker.url.replace("%", "%%")
+    (tmp_path / "supervisord.conf").write_text(f"""
+[supervisord]
+nodaemon=true
+logfile={tmp_path}/supervisord.log
+pidfile={tmp_path}/supervisord.pid
+[unix_http_server]
+file={tmp_path}/supervisor.sock
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[supervisorctl]
+serverurl=unix://{tmp_path}/supervisor.sock
+[program:dispatcher]
+command={SCRIPT} --config {tmp_path}/config.yml
+directory={tmp_path}
+environment=RABBITMQ_URL="{url}",PYTHONPATH="{pythonpath}",RECORD_FILE="{record}",FAIL_RATE="0",PAUSE="2"
+stopsignal=TERM
+stopwaitsecs=40
+autorestart=false
+redirect_stderr=true
+stdout_logfile={tmp_path}/dispatcher.log
+""")
+    bin_dir = Path(sys.executable).parent
+    supervisord = subprocess.Popen([str(bin_dir / "supervisord"), "-c",
+                                    str(tmp_path / "supervisord.conf")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(bin_dir / "supervisorctl"), "-c",
+                               str(tmp_path / "supervisord.conf"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def records() -> list[str]:
+        return record.read_text().split() if record.exists() else []
+
+    try:
+        wait_until(lambda: "RUNNING" in ctl("status", "dispatcher").stdout,
+                   what="program running")
+        wait_until(lambda: len([r for r in records() if r.startswith("start:")]) >= 4,
+                   what="four messages in consume")
+        stop = ctl("stop", "dispatcher")
+        assert "stopped" in stop.stdout, stop
+        log = (tmp_path / "dispatcher.log").read_text()
+        assert "finishing messages in progress" in log and "INFO: stopped" in log, log
+        started = {r[6:] for r in records() if r.startswith("start:")}
+        done = {r[5:] for r in records() if r.startswith("done:")}
+        assert started == done, "messages in consume at stop were not finished"
+        ready, unacked = broker.counts("jobs")
+        assert unacked == 0
+        assert ready == 40 - len(done), "a message was lost or left unacked"
+        assert "STOPPED" in ctl("status", "dispatcher").stdout
+        # Stopped by its own drain, not by supervisord's SIGKILL.
+        assert "stopped: dispatcher (exit status 0)" in \
+            (tmp_path / "supervisord.log").read_text()
+    finally:
+        ctl("shutdown")
+        supervisord.wait(timeout=60)
