@@ -37,7 +37,8 @@ def _bin(name: str) -> str:
 
 
 class Broker:
-    def __init__(self, name: str | None = None, base_dir: str | None = None) -> None:
+    def __init__(self, name: str | None = None, base_dir: str | None = None,
+                 cookie: str | None = None) -> None:
         self.name = name or f"adtest-{uuid.uuid4().hex[:8]}"
         self.node = f"{self.name}@localhost"
         self.port = free_port()
@@ -46,6 +47,10 @@ class Broker:
         self.base = Path(base_dir or tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        if cookie:  # nodes of one cluster share the Erlang cookie
+            path = self.base / ".erlang.cookie"
+            path.write_text(cookie)
+            path.chmod(0o400)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
