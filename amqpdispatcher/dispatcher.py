@@ -38,10 +38,9 @@ from .settings import Settings
 
 log = logging.getLogger("amqp-dispatcher")
 
-# Exit statuses; README.md documents each.
+# Exit statuses; README.md documents each (2, bad usage, is argparse's).
 EXIT_OK = 0
 EXIT_CONFIG = 1
-EXIT_USAGE = 2
 EXIT_BROKER = 3
 EXIT_TOPOLOGY = 4
 EXIT_USER_CODE = 5

@@ -67,14 +67,7 @@ class BrokerHandle:
                                    pika.BasicProperties(**props) if props else None)
 
     def queue_info(self, queue: str) -> dict[str, str]:
-        cols = ["name", "messages_ready", "messages_unacknowledged", "durable",
-                "auto_delete", "exclusive", "arguments", "consumers"]
-        out = self.node.ctl("list_queues", "-p", self.vhost, "-q", "--no-table-headers", *cols)
-        for line in out.splitlines():
-            fields = line.split("\t")
-            if fields and fields[0] == queue:
-                return dict(zip(cols, fields))
-        raise KeyError(queue)
+        return self.node.queue_info(queue, self.vhost)
 
     def counts(self, queue: str) -> tuple[int, int]:
         """(ready, unacknowledged) as the broker reports them."""

@@ -131,10 +131,10 @@ class Broker:
 
     # Helpers the tests use to look at the broker.
 
-    def queue_info(self, queue: str) -> dict[str, str]:
+    def queue_info(self, queue: str, vhost: str = "/") -> dict[str, str]:
         cols = ["name", "messages_ready", "messages_unacknowledged", "durable",
                 "auto_delete", "exclusive", "arguments", "consumers"]
-        out = self.ctl("list_queues", "-q", "--no-table-headers", *cols)
+        out = self.ctl("list_queues", "-p", vhost, "-q", "--no-table-headers", *cols)
         for line in out.splitlines():
             fields = line.split("\t")
             if fields and fields[0] == queue:
