@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,20 +88,29 @@ class Config:
 
 @dataclass
 class _Key:
-    """One config key: the types it accepts and its default."""
+    """One config key: the types it accepts, its default and its bounds.
+
+    Numbers are never negative, NaN or infinite. ``positive``: more than 0 (so at
+    least 1 for an integer). ``maximum``: the largest value accepted. ``non_empty``:
+    a string or list must not be empty (``empty_hint`` says why, if set).
+    """
 
     types: tuple[type, ...]
     default: Any = None
     required: bool = False
     nullable: bool = True
     positive: bool = False
+    maximum: int | None = None
+    non_empty: bool = False
+    empty_hint: str = ""
     doc: str = ""
 
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
     "startup_handler": _Key((str,), doc="module:function called once before connecting"),
     "queues": _Key((list,), default=[], doc="queues to declare and bind"),
-    "consumers": _Key((list,), default=[], doc="consumer classes to run"),
+    "consumers": _Key((list,), required=True, nullable=False, non_empty=True,
+                      doc="consumer classes to run"),
     # Beyond 0.4.3: process lifecycle.
     "drain_timeout": _Key((float, int), default=30, nullable=False, positive=True,
                           doc="seconds SIGTERM waits for consume calls in progress"),
@@ -112,7 +122,7 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
 }
 
 QUEUE_KEYS: dict[str, _Key] = {
-    "queue": _Key((str,), required=True, nullable=False, doc="queue name"),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True, doc="queue name"),
     "durable": _Key((bool,), default=True, nullable=False),
     "auto_delete": _Key((bool,), default=False, nullable=False),
     "exclusive": _Key((bool,), default=False, nullable=False),
@@ -127,15 +137,17 @@ QUEUE_KEYS: dict[str, _Key] = {
 }
 
 BINDING_KEYS: dict[str, _Key] = {
-    "exchange": _Key((str,), required=True, nullable=False),
+    "exchange": _Key((str,), required=True, nullable=False, non_empty=True,
+                     empty_hint="the default exchange cannot be bound"),
     "routing_key": _Key((str,), required=True, nullable=False),
 }
 
 CONSUMER_KEYS: dict[str, _Key] = {
     "consumer": _Key((str,), required=True, nullable=False, doc="module:Class"),
-    "queue": _Key((str,), required=True, nullable=False),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True),
     "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
-    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True),
+    # basic.qos carries prefetch_count in 16 bits.
+    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
 }
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
@@ -148,7 +160,11 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
+        if not value:
+            return f"an empty {'list' if isinstance(value, list) else 'mapping'}"
         return f"a {'list' if isinstance(value, list) else 'mapping'}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")  # YAML's
     return repr(value)
 
 
@@ -176,32 +192,84 @@ class _Checker:
                 self.problem(f"{prefix}{name}", f"unknown key{hint}; known keys: {known}")
                 continue
             spec = keys[name]
-            if raw is None:
-                if not spec.nullable:
-                    self.problem(f"{prefix}{name}",
-                                 f"expected {_TYPE_NAMES[spec.types[0]]}, got null")
-                continue
-            # bool is a subclass of int in Python; YAML's `true` is not a count.
-            wrong_bool = isinstance(raw, bool) and bool not in spec.types
-            if wrong_bool or not isinstance(raw, spec.types):
-                self.problem(f"{prefix}{name}",
-                             f"expected {_TYPE_NAMES[spec.types[0]]}, got {_describe(raw)}")
-                continue
-            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-                if spec.positive and raw < 1:
-                    kind = "number" if float in spec.types else "integer"
-                    self.problem(f"{prefix}{name}", f"expected a positive {kind}, got {raw}")
-                    continue
-                if raw < 0:
-                    self.problem(f"{prefix}{name}", f"expected zero or more, got {raw}")
-                    continue
-            result[name] = raw
+            problem = self._check_value(spec, raw)
+            if problem:
+                self.problem(f"{prefix}{name}", problem)
+            elif raw is not None:
+                result[name] = raw
         for name, spec in keys.items():
             if spec.required and name not in value:
-                self.problem(f"{prefix}{name}" if prefix else name, "required key is missing")
+                more = " (at least one entry is required)" if spec.non_empty else ""
+                self.problem(f"{prefix}{name}", f"required key is missing{more}")
             elif name not in result and spec.default is not None:
                 result.setdefault(name, spec.default)
         return result
+
+    @staticmethod
+    def _check_value(spec: _Key, raw: Any) -> str | None:
+        """The problem with one key's value, or None (null is fine where nullable)."""
+        expected = _TYPE_NAMES[spec.types[0]]
+        if raw is None:
+            if spec.non_empty and list in spec.types:
+                return "at least one entry is required, got null"
+            return None if spec.nullable else f"expected {expected}, got null"
+        # bool is a subclass of int in Python; YAML's `true` is not a count.
+        wrong_bool = isinstance(raw, bool) and bool not in spec.types
+        if wrong_bool or not isinstance(raw, spec.types):
+            return f"expected {expected}, got {_describe(raw)}"
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            if not math.isfinite(raw):
+                return f"expected a finite number, got {_describe(raw)}"
+            if spec.positive and not raw > 0:
+                kind = "number" if float in spec.types else "integer"
+                return f"expected a positive {kind}, got {raw}"
+            if raw < 0:
+                return f"expected zero or more, got {raw}"
+            if spec.maximum is not None and raw > spec.maximum:
+                return f"expected at most {spec.maximum}, got {raw}"
+        if spec.non_empty and isinstance(raw, list) and not raw:
+            return "at least one entry is required, got an empty list"
+        if spec.non_empty and isinstance(raw, str) and not raw:
+            hint = f" ({spec.empty_hint})" if spec.empty_hint else ""
+            return f"expected a non-empty string, got ''{hint}"
+        return None
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"line {line}: duplicate key {key!r}")
+        self.key = key
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an
+    error instead of silently replacing the first (keys brought in by a ``<<`` merge
+    may still be overridden, as YAML intends)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Every mapping passes here before merges are expanded into it, and a
+        # mapping merged elsewhere may pass before its own construction: check
+        # each node's own keys once, on the first visit.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"):
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # unhashable: construct_mapping reports it
+                if duplicate:
+                    raise _DuplicateKeyError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        super().flatten_mapping(node)
 
 
 def _read_yaml(path: str) -> Any:
@@ -219,7 +287,9 @@ def _read_yaml(path: str) -> Any:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKeyError as exc:
+        raise ConfigError([f"{path}: line {exc.line}: duplicate key {exc.key!r}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -244,8 +314,9 @@ def _parse(path: str) -> tuple[Config, list[str]]:
     """Check the config file's shape; entries with problems are left out of the result."""
     data = _read_yaml(path)
     checker = _Checker(path)
-    if data is None:
-        data = {}
+    if data is None:  # empty, or only comments
+        raise ConfigError([f"{path}: the file has no keys (it is empty or only comments); "
+                           "at least one consumer entry is required"])
     top = checker.mapping(data, "", TOP_LEVEL_KEYS)
     if top is None:
         raise ConfigError(checker.problems)
@@ -310,7 +381,10 @@ def describe_exception(exc: BaseException) -> str:
         if tb.tb_next is None:
             where = f" (at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
         tb = tb.tb_next
-    message = str(exc)
+    try:
+        message = " ".join(str(exc).split())  # one line, whatever the text holds
+    except Exception:  # noqa: BLE001 - user code: an exception whose __str__ raises
+        message = "<str() of the exception raised>"
     return f"{type(exc).__name__}{': ' + message if message else ''}{where}"
 
 

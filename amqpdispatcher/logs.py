@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import configparser
+import copy
 import logging
 import logging.config
+import logging.handlers
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from .settings import SettingsError
 
@@ -32,18 +37,150 @@ def setup_logging(environ: Mapping[str, str] = os.environ) -> None:
                             f"{detail}") from None
 
 
+# Password redaction.
+#
+# Redaction happens where a handler turns a record into output, never when the record
+# is made: a record whose message cannot be formatted fails inside Handler.emit, which
+# reports it through handleError ("--- Logging error ---") as plain logging does, and
+# the code that logged carries on.
+#
+# Rules (README.md, "Environment variables"): a password shorter than MIN_SECRET_LENGTH
+# characters, or one of NOT_SECRET, is not redacted: it is no secret, and replacing it
+# would garble ordinary text ("a", "guest" in every "guest" user name). Any other password
+# is replaced by "***" as a whole token: not where a letter or digit continues it on
+# either side ("hunter2" is left alone inside "hunter22"), so a password that is also a
+# word only disappears where it stands alone. A backslash escape before it (the repr of
+# b"\x00user\x00password") ends a token. Its percent-encoded form is replaced too.
+
+MIN_SECRET_LENGTH = 4
+NOT_SECRET = frozenset({"guest"})
+MASK = "***"
+
+_passwords: tuple[str, ...] = ()
+_pattern: re.Pattern[str] | None = None
+
+_BEFORE = r"(?:(?<![^\W_])|(?<=\\x[0-9a-fA-F]{2})|(?<=\\[abfnrtv]))"
+_AFTER = r"(?![^\W_])"
+
+
+def _token_pattern(text: str) -> str:
+    before = _BEFORE if text[0].isalnum() else ""
+    after = _AFTER if text[-1].isalnum() else ""
+    return before + re.escape(text) + after
+
+
+def _compile(passwords: tuple[str, ...]) -> re.Pattern[str] | None:
+    forms = {form for password in passwords
+             for form in (password, quote(password, safe=""), quote(password))}
+    if not forms:
+        return None
+    # Longest first, so a form that contains another is replaced whole.
+    ordered = sorted(forms, key=lambda form: (-len(form), form))
+    return re.compile("|".join(_token_pattern(form) for form in ordered))
+
+
+def is_redacted(password: str) -> bool:
+    """Whether redact_password(password) would hide it (see the rules above)."""
+    return len(password) >= MIN_SECRET_LENGTH and password not in NOT_SECRET
+
+
+def redact(text: str) -> str:
+    """text with every password registered by redact_password replaced by MASK."""
+    pattern = _pattern
+    if pattern is None or not isinstance(text, str):
+        return text
+    return pattern.sub(MASK, text)
+
+
 def redact_password(password: str) -> None:
-    """Keep the broker password out of every log record, whoever logs it."""
-    if not password:
+    """Keep the broker password out of what every logging handler writes, whoever logs it
+    and whichever handler writes it, including handlers configured later."""
+    global _passwords, _pattern
+    if not is_redacted(password) or password in _passwords:
         return
-    make_record = logging.getLogRecordFactory()
+    _install()
+    _passwords = (*_passwords, password)
+    _pattern = _compile(_passwords)
 
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        message = record.getMessage()
-        if password in message:
-            record.msg = message.replace(password, "***")
-            record.args = None
-        return record
 
-    logging.setLogRecordFactory(factory)
+class _RedactingStream:
+    """Stands in for sys.stderr while logging reports an error in a handler."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(redact(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _redacted_record(handler: logging.Handler, record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of record with the message, exception and stack text formatted and redacted,
+    for handlers that send the record's fields rather than formatted text."""
+    record = copy.copy(record)
+    record.msg = redact(record.getMessage())
+    record.args = None
+    if record.exc_info and not record.exc_text:
+        formatter = handler.formatter or logging.Formatter()
+        record.exc_text = formatter.formatException(record.exc_info)
+    record.exc_info = None
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    if isinstance(getattr(record, "message", None), str):
+        record.message = record.msg
+    return record
+
+
+_MARK = "_amqpdispatcher_redacts"
+
+
+def _wrap(cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    original = cls.__dict__[name]
+    if getattr(original, _MARK, False):
+        return
+    wrapper = make(original)
+    setattr(wrapper, _MARK, True)
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    wrapper.__name__ = original.__name__
+    wrapper.__doc__ = original.__doc__
+    setattr(cls, name, wrapper)
+
+
+def _install() -> None:
+    """Wrap, once, the points where logging handlers produce output."""
+
+    def format_(original: Callable[..., Any]) -> Callable[..., Any]:
+        def format(self: logging.Handler, record: logging.LogRecord) -> Any:
+            return redact(original(self, record))
+        return format
+
+    def handle_error(original: Callable[..., Any]) -> Callable[..., Any]:
+        def handleError(self: logging.Handler, record: logging.LogRecord) -> None:
+            stderr = sys.stderr
+            if _pattern is None or stderr is None:
+                original(self, record)
+                return
+            proxy = _RedactingStream(stderr)
+            sys.stderr = proxy
+            try:
+                original(self, record)
+            finally:
+                if sys.stderr is proxy:
+                    sys.stderr = stderr
+        return handleError
+
+    def fields(original: Callable[..., Any]) -> Callable[..., Any]:
+        def method(self: logging.Handler, record: logging.LogRecord) -> Any:
+            if _pattern is None:
+                return original(self, record)
+            return original(self, _redacted_record(self, record))
+        return method
+
+    _wrap(logging.Handler, "format", format_)
+    _wrap(logging.Handler, "handleError", handle_error)
+    _wrap(logging.handlers.SocketHandler, "makePickle", fields)
+    _wrap(logging.handlers.HTTPHandler, "mapLogRecord", fields)

@@ -3,22 +3,34 @@
 RABBITMQ_URL has the 0.4.3 form ``amqp://USER:PASS@HOST[,HOST...][:PORT]/VHOST``.
 A host may carry its own port (``h1:5673,h2:5674``); a host without one uses
 the port written after the last host, else 5672 (5671 for ``amqps``).
+
+Surrounding whitespace (a secret file's trailing newline) is ignored. A URL that
+cannot be split unambiguously, because a '?', '#', '@' or '/' in the password is
+not percent-encoded, is an error, and so is an unknown query parameter. Error
+messages never quote the URL: a mistyped one can put the password anywhere.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import ssl
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 import pika
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+QUERY_PARAMETERS = ("heartbeat",)
+MAX_HEARTBEAT = 65535  # connection.tune carries it in 16 bits
+
+_DIGITS = re.compile(r"[0-9]+")
+_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+_ENCODE = "percent-encode '?', '#', '@' and '/' in the user and password (%3F %23 %40 %2F)"
 
 
 class SettingsError(Exception):
@@ -76,7 +88,7 @@ def _split_hosts(netloc: str, default_port: int) -> list[tuple[str, int | None]]
         if not host:
             raise SettingsError("RABBITMQ_URL: empty host name in the host list")
         if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            if not _DIGITS.fullmatch(port_text) or not 0 < int(port_text) < 65536:
                 # Never echo URL text: a mistyped URL can put the password here.
                 raise SettingsError("RABBITMQ_URL: a port in the host list is not a number "
                                     "from 1 to 65535 (is a '/' or '@' in the password "
@@ -88,13 +100,27 @@ def _split_hosts(netloc: str, default_port: int) -> list[tuple[str, int | None]]
 
 
 def parse_url(url: str, heartbeat_env: str | None = None) -> Settings:
+    url = url.strip()
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise SettingsError("RABBITMQ_URL: contains whitespace or a control character; "
+                            "percent-encode it (a space is %20)")
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("amqp", "amqps"):
         raise SettingsError("RABBITMQ_URL: expected amqp://USER:PASS@HOST[,HOST...][:PORT]/VHOST")
     tls = scheme == "amqps"
     default_port = 5671 if tls else 5672
+    # Where the user, password, hosts, vhost and query begin and end must not depend
+    # on characters that can be in an unencoded password.
+    if "#" in rest:
+        raise SettingsError(f"RABBITMQ_URL: a '#' cannot be parsed unambiguously; {_ENCODE}")
     rest, _, query = rest.partition("?")
+    if "@" in query:
+        raise SettingsError("RABBITMQ_URL: a '?' comes before an '@', so it cannot be parsed "
+                            f"unambiguously; {_ENCODE}")
     authority, _, vhost = rest.partition("/")
+    if "@" in vhost:
+        raise SettingsError("RABBITMQ_URL: a '/' comes before an '@', so it cannot be parsed "
+                            f"unambiguously; {_ENCODE}, and '@' in the vhost")
     userinfo, at, netloc = authority.rpartition("@")
     user, password = "guest", "guest"
     if at:
@@ -107,18 +133,31 @@ def parse_url(url: str, heartbeat_env: str | None = None) -> Settings:
     hosts = tuple((h, p if p is not None else shared_port) for h, p in pieces)
 
     heartbeat: int | None = None
-    params = parse_qs(query)
-    if "heartbeat" in params:
-        heartbeat = _heartbeat(params["heartbeat"][-1], "RABBITMQ_URL: heartbeat")
+    seen: set[str] = set()
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        # Only a name that looks like one is quoted back: this is still URL text.
+        shown = f"{name!r}" if _PARAMETER_NAME.fullmatch(name) else "with an unusual name"
+        if name not in QUERY_PARAMETERS:
+            known = ", ".join(QUERY_PARAMETERS)
+            raise SettingsError(f"RABBITMQ_URL: unknown query parameter {shown}; "
+                                f"known: {known}")
+        if name in seen:
+            raise SettingsError(f"RABBITMQ_URL: query parameter {shown} is given twice")
+        seen.add(name)
+        heartbeat = _heartbeat(value, "RABBITMQ_URL: heartbeat", quote_text=False)
     if heartbeat_env:
         heartbeat = _heartbeat(heartbeat_env, "RABBITMQ_HEARTBEAT")
     return Settings(hosts=hosts, user=user, password=password,
                     vhost=unquote(vhost) or "/", heartbeat=heartbeat, tls=tls)
 
 
-def _heartbeat(text: str, where: str) -> int:
-    if not text.strip().isdigit():
-        raise SettingsError(f"{where}: expected a whole number of seconds, got {text!r}")
+def _heartbeat(text: str, where: str, quote_text: bool = True) -> int:
+    text = text.strip()
+    got = f", got {text!r}" if quote_text else ""
+    if not _DIGITS.fullmatch(text):
+        raise SettingsError(f"{where}: expected a whole number of seconds{got}")
+    if int(text) > MAX_HEARTBEAT:
+        raise SettingsError(f"{where}: expected at most {MAX_HEARTBEAT} seconds{got}")
     return int(text)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 
 GOOD = """
 startup_handler: testconsumers:startup
@@ -32,6 +32,8 @@ consumers:
   - consumer: testconsumers:Sleeper
     queue: b
 """
+
+CONSUMER = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: a\n"
 
 # (config text, the problem line expected after "config.yml: ")
 BAD = [
@@ -77,6 +79,40 @@ BAD = [
     ("queues:\n  - queue: a\n    bindings: notalist\n",
      "queues[0].bindings: expected a list, got 'notalist'"),
     ("queues: 3\n", "queues: expected a list, got 3"),
+    # No consumers: the daemon would run doing nothing.
+    ("", "the file has no keys (it is empty or only comments); at least one consumer entry"),
+    ("# only a comment\n\n", "the file has no keys (it is empty or only comments)"),
+    ("queues:\n  - queue: a\n",
+     "consumers: required key is missing (at least one entry is required)"),
+    ("consumers:\n", "consumers: at least one entry is required, got null"),
+    ("consumers: []\n", "consumers: at least one entry is required, got an empty list"),
+    # Empty names: a server-named queue, the channel's last queue, the default exchange.
+    (CONSUMER + "queues:\n  - queue: ''\n", "queues[0].queue: expected a non-empty string, got ''"),
+    ("consumers:\n  - consumer: testconsumers:Recorder\n    queue: \"\"\n",
+     "consumers[0].queue: expected a non-empty string, got ''"),
+    (CONSUMER + "queues:\n  - queue: a\n    bindings:\n      - exchange: ''\n"
+     "        routing_key: k\n",
+     "queues[0].bindings[0].exchange: expected a non-empty string, got '' "
+     "(the default exchange cannot be bound)"),
+    # NaN and infinity are YAML floats, never a number of seconds.
+    (CONSUMER + "drain_timeout: .nan\n", "drain_timeout: expected a finite number, got .nan"),
+    (CONSUMER + "drain_timeout: .inf\n", "drain_timeout: expected a finite number, got .inf"),
+    (CONSUMER + "reconnect_give_up_after: .inf\n",
+     "reconnect_give_up_after: expected a finite number, got .inf"),
+    (CONSUMER + "reconnect_give_up_after: -.inf\n",
+     "reconnect_give_up_after: expected a finite number, got -.inf"),
+    (CONSUMER + "drain_timeout: 0.0\n", "drain_timeout: expected a positive number, got 0.0"),
+    # A key given twice would silently replace the first.
+    (CONSUMER + "    prefetch_count: 2\n    prefetch_count: 3\n",
+     "line 5: duplicate key 'prefetch_count'"),
+    (CONSUMER + "drain_timeout: 5\n" + CONSUMER, "line 5: duplicate key 'consumers'"),
+    (CONSUMER + "queues:\n  - queue: a\n    bindings:\n      - exchange: x\n"
+     "        routing_key: k\n        exchange: y\n", "line 9: duplicate key 'exchange'"),
+    # basic.qos carries prefetch_count in 16 bits.
+    (CONSUMER + "    prefetch_count: 65536\n",
+     "consumers[0].prefetch_count: expected at most 65535, got 65536"),
+    (CONSUMER + "    consumer_count: 1.5\n",
+     "consumers[0].consumer_count: expected an integer, got 1.5"),
 ]
 
 
@@ -109,6 +145,22 @@ def test_bad_config(tmp_path: Path, mode: str, text: str, expected: str) -> None
     assert "s3cretpw" not in result.stderr + result.stdout
 
 
+def test_fractions_of_a_second_and_large_counts_validate(tmp_path: Path) -> None:
+    text = (CONSUMER + "    consumer_count: 100000\n    prefetch_count: 65535\n"
+            "drain_timeout: 0.5\nreconnect_give_up_after: 0.25\n")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
+    assert result.returncode == 0, result.stderr
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path: Path) -> None:
+    """Only keys written twice in one mapping are duplicates, not keys from a `<<` merge."""
+    text = ("consumers:\n  - &base\n    consumer: testconsumers:Recorder\n    queue: a\n"
+            "  - <<: *base\n    queue: b\n")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
+    assert result.returncode == 0, result.stderr
+    assert "2 consumer(s)" in result.stdout
+
+
 def test_every_problem_is_reported(tmp_path: Path) -> None:
     text = ("consumers:\n  - consumer: nosuch:C\n    queue: a\n"
             "  - consumer: testconsumers:Recorder\n    queue: a\n    prefetch_count: x\n")
@@ -139,16 +191,39 @@ def test_default_config_file_is_config_yml(tmp_path: Path) -> None:
 @pytest.mark.parametrize("url, expected", [
     ("http://u:s3cretpw@h/", "RABBITMQ_URL: expected amqp://"),
     ("amqp://u:s3cretpw@h:notaport/", "RABBITMQ_URL: a port in the host list is not a number"),
-    ("amqp://u:s3cr/etpw@h/v", "RABBITMQ_URL: a port in the host list is not a number"),
+    ("amqp://u:s3cr/etpw@h/v", "RABBITMQ_URL: a '/' comes before an '@'"),
     ("amqp://u:s3cretpw@/v", "RABBITMQ_URL: no host given"),
     ("amqp://u:s3cretpw@h/?heartbeat=often", "RABBITMQ_URL: heartbeat: expected a whole"),
+    # Each of these used to be read some other way and fail only at connecting (status 3).
+    ("amqp://u:12?s3cretpw@127.0.0.1:1/", "RABBITMQ_URL: a '?' comes before an '@'"),
+    ("amqp://u:s3cr#etpw@127.0.0.1:1/", "RABBITMQ_URL: a '#' cannot be parsed unambiguously"),
+    ("amqp://u:s3cret pw@127.0.0.1:1/", "RABBITMQ_URL: contains whitespace or a control"),
+    ("amqp://u:s3cretpw@127.0.0.1:1/?hearbeat=5",
+     "RABBITMQ_URL: unknown query parameter 'hearbeat'; known: heartbeat"),
+    ("amqp://u:s3cretpw@127.0.0.1:1/?heartbeat=70000",
+     "RABBITMQ_URL: heartbeat: expected at most 65535 seconds"),
 ])
 def test_malformed_url(tmp_path: Path, url: str, expected: str) -> None:
     result = run_cli(tmp_path, "--config", "config.yml", config=GOOD, env={"RABBITMQ_URL": url})
-    assert result.returncode == 1
+    assert result.returncode == 1, result
     assert result.stderr.startswith(expected), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "s3cr" not in result.stderr
     assert "Traceback" not in result.stderr
+    if "before an '@'" in expected or "'#'" in expected:
+        assert "percent-encode" in result.stderr
+
+
+def test_trailing_newline_in_url_is_ignored(broker: BrokerHandle, tmp_path: Path) -> None:
+    """A URL read from a secret file keeps its newline; it is not part of the vhost."""
+    broker.declare("a")
+    proc = DispatcherProcess(tmp_path, CONSUMER, broker.url + "\n")
+    try:
+        proc.wait_consuming()
+        broker.publish("a", "hello")
+        wait_until(lambda: proc.records() == ["hello"], what="message consumed")
+    finally:
+        assert proc.stop() == 0
 
 
 def test_bad_heartbeat_variable(tmp_path: Path) -> None:
@@ -156,6 +231,14 @@ def test_bad_heartbeat_variable(tmp_path: Path) -> None:
                      env={"RABBITMQ_HEARTBEAT": "soon"})
     assert result.returncode == 1
     assert result.stderr.startswith("RABBITMQ_HEARTBEAT: expected a whole number")
+
+
+@pytest.mark.parametrize("value", ["70000", "-1", "1.5"])
+def test_heartbeat_variable_out_of_range(tmp_path: Path, value: str) -> None:
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=GOOD,
+                     env={"RABBITMQ_HEARTBEAT": value})
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("RABBITMQ_HEARTBEAT: expected"), result.stderr
 
 
 def test_bad_logging_config(tmp_path: Path) -> None:
