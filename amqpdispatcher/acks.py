@@ -1,52 +1,61 @@
 """Per-channel acknowledgement: the one place frames that settle a delivery are sent.
 
-Acks are coalesced: a completed delivery is acked with ``multiple=True`` over
-the contiguous prefix of settled delivery tags, in a callback at the end of the
-current hub loop iteration (or at once when enough are pending). Nacks and
-rejects are sent at once and never folded into a multiple ack: a multiple ack
-only covers tags the broker still holds as unacknowledged, and a rejected tag
-is no longer one of them, so an ack up to N after a reject of M < N leaves M
-rejected.
+Acks are coalesced, but a settled delivery never waits behind an unsettled one.
+At the end of the current hub loop iteration (or at once when half the
+prefetch is waiting), the acks collected since the last flush are sent:
+
+- those below the oldest delivery still in ``consume`` go in one
+  ``basic.ack multiple=True`` up to the highest of them;
+- those above it (completed while a slower delivery is still running) are
+  acked one by one, at once. Holding them back would keep the prefetch window
+  full and the broker would stop delivering to every instance of the entry
+  until the slow one finished (a head-of-line stall).
+
+Nacks and rejects are sent at once. A multiple ack only ever covers tags the
+broker still holds as unacknowledged, so tags already rejected or acked singly
+below it are untouched.
 
 When the channel is gone (connection lost, channel closed), the tags mean
 nothing on any other channel: settling is a no-op and the broker redelivers.
+pika's errors for a channel that closed under us end up the same way; they
+never reach the worker that settles.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import Any
 
 import gevent
+import pika.exceptions
 
 log = logging.getLogger("amqp-dispatcher.acks")
 
 
 class Acknowledger:
-    __slots__ = ("channel", "open", "_outstanding", "_settled", "_flush_at",
-                 "_pending", "_scheduled", "_loop")
+    __slots__ = ("channel", "open", "_unsettled", "_to_ack", "_flush_at", "_scheduled",
+                 "_loop")
 
     def __init__(self, channel: Any, prefetch_count: int) -> None:
         self.channel = channel
         self.open = True
-        self._outstanding: deque[int] = deque()  # tags in delivery order, unsettled first
-        self._settled: dict[int, bool] = {}      # tag -> True (to ack) / False (rejected)
-        self._pending = 0                        # settled acks not yet sent
+        # Delivered and not yet settled by the consumer; at most prefetch_count of them.
+        self._unsettled: set[int] = set()
+        self._to_ack: list[int] = []  # settled with an ack since the last flush
         # Flush before the broker runs out of prefetch credit, so it keeps sending.
         self._flush_at = max(1, prefetch_count // 2)
         self._scheduled = False
         self._loop = gevent.get_hub().loop
 
     def delivered(self, tag: int) -> None:
-        self._outstanding.append(tag)
+        self._unsettled.add(tag)
 
     def ack(self, tag: int) -> None:
         if not self.open:
             return
-        self._settled[tag] = True
-        self._pending += 1
-        if self._pending >= self._flush_at:
+        self._unsettled.discard(tag)
+        self._to_ack.append(tag)
+        if len(self._to_ack) >= self._flush_at:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
@@ -55,36 +64,47 @@ class Acknowledger:
     def reject(self, tag: int, requeue: bool) -> None:
         if not self.open:
             return
-        self.channel.basic_reject(delivery_tag=tag, requeue=requeue)
-        self._settled[tag] = False
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.run_callback(self.flush)
+        self._unsettled.discard(tag)
+        try:
+            self.channel.basic_reject(delivery_tag=tag, requeue=requeue)
+        except pika.exceptions.AMQPError:
+            self._channel_gone()
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self.open:
+        if not self.open or not self._to_ack:
             return
-        outstanding, settled = self._outstanding, self._settled
-        ack_upto = 0
-        while outstanding and outstanding[0] in settled:
-            tag = outstanding.popleft()
-            if settled.pop(tag):
-                ack_upto = tag
-        if ack_upto:
-            # Acks completed past a gap (a slower delivery) stay pending.
-            self._pending = sum(settled.values()) if settled else 0
-            self.channel.basic_ack(delivery_tag=ack_upto, multiple=True)
+        to_ack, self._to_ack = self._to_ack, []
+        oldest = min(self._unsettled) if self._unsettled else None
+        highest = max(to_ack)
+        try:
+            if oldest is None or highest < oldest:  # the common case: no gap
+                self.channel.basic_ack(delivery_tag=highest, multiple=True)
+                return
+            below = [tag for tag in to_ack if tag < oldest]
+            if below:
+                self.channel.basic_ack(delivery_tag=max(below), multiple=True)
+            for tag in to_ack:
+                if tag > oldest:
+                    self.channel.basic_ack(delivery_tag=tag)
+        except pika.exceptions.AMQPError:
+            self._channel_gone()
 
     def unsettled(self) -> int:
-        return len(self._outstanding)
+        """Deliveries the broker still holds as unacknowledged on this channel."""
+        return len(self._unsettled) + len(self._to_ack)
+
+    def _channel_gone(self) -> None:
+        # pika closed the channel before the main loop heard of it; the close
+        # event is on its way and will log the count.
+        self.open = False
 
     def close(self) -> None:
         """The channel is gone: its delivery tags can no longer be settled."""
         self.open = False
-        lost = len(self._outstanding)
-        self._outstanding.clear()
-        self._settled.clear()
+        lost = self.unsettled()
+        self._unsettled.clear()
+        self._to_ack.clear()
         if lost:
             log.warning("%d unsettled deliveries left with the closed channel; "
                         "the broker will redeliver them", lost)

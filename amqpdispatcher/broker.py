@@ -9,13 +9,14 @@ connection closed by the broker into an exception.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent.event
+import pika.exceptions
 from pika.adapters.gevent_connection import GeventConnection
 
-from .config import Config
+from .config import Config, QueueConfig
 from .settings import Settings
 
 log = logging.getLogger("amqp-dispatcher.connection")
@@ -23,12 +24,36 @@ log = logging.getLogger("amqp-dispatcher.connection")
 RPC_TIMEOUT = 30.0
 
 
+# Reply codes with which the broker refuses what the config asks for. Anything
+# else (a lost connection, a timeout, a queue whose node is down) is transient.
+REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 406: "PRECONDITION_FAILED"}
+
+
 class BrokerError(Exception):
-    """The broker could not be reached or refused a request: one line."""
+    """The broker could not be reached, or did not do what was asked: one line.
+
+    ``refused`` is true only when the broker explicitly refused the request
+    (see REFUSAL_CODES); retrying the same request will fail the same way.
+    """
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class TopologyError(BrokerError):
-    """The broker refused a queue declaration or binding from the config."""
+    """The broker refused a queue, binding or consumer that the config asks for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, refused=True)
+
+
+def is_refusal(reason: Any) -> bool:
+    """Whether a channel close reason is the broker refusing the request itself."""
+    if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+        return False  # closed by us, or with the whole connection
+    # A durable queue whose node is down is a 404 too, but it comes back on its own.
+    return reason.reply_code in REFUSAL_CODES and "down or inaccessible" not in reason.reply_text
 
 
 def describe_close(reason: Any) -> str:
@@ -72,7 +97,11 @@ def _connect_failure(exc: BaseException) -> str:
 
 
 class SyncChannel:
-    """A pika channel whose RPCs block the calling greenlet until answered."""
+    """A pika channel whose RPCs block the calling greenlet until answered.
+
+    Every failure comes out as BrokerError, with ``refused`` set when the broker
+    closed the channel to refuse the request; pika's own exceptions never escape.
+    """
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
@@ -83,7 +112,10 @@ class SyncChannel:
     @classmethod
     def open(cls, connection: Any) -> SyncChannel:
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
-        sync = cls(connection.channel(on_open_callback=result.set))
+        try:
+            sync = cls(connection.channel(on_open_callback=result.set))
+        except pika.exceptions.AMQPError as exc:  # the connection closed meanwhile
+            raise BrokerError(f"cannot open a channel: {describe_close(exc)}") from None
         sync._waiting = result
         sync._wait(result)
         return sync
@@ -91,7 +123,8 @@ class SyncChannel:
     def _on_close(self, channel: Any, reason: Any) -> None:
         self.close_reason = reason
         if self._waiting is not None and not self._waiting.ready():
-            self._waiting.set_exception(BrokerError(describe_close(reason)))
+            self._waiting.set_exception(
+                BrokerError(describe_close(reason), refused=is_refusal(reason)))
 
     def _wait(self, result: gevent.event.AsyncResult) -> Any:
         try:
@@ -106,30 +139,66 @@ class SyncChannel:
             raise BrokerError(describe_close(self.close_reason))
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         self._waiting = result
-        method(*args, callback=result.set, **kwargs)
+        try:
+            method(*args, callback=result.set, **kwargs)
+        except pika.exceptions.AMQPError as exc:  # the channel is closing
+            self._waiting = None
+            raise BrokerError(describe_close(exc)) from None
         return self._wait(result)
 
-
-def declare_topology(connection: Any, config: Config) -> None:
-    """Declare every queue of the config and its bindings, before any consumer starts."""
-    sync = SyncChannel.open(connection)
-    for queue in config.queues:
-        what = (f"queue {queue.queue!r} does not exist or differs (passive: true only checks it)"
-                if queue.passive else f"cannot declare queue {queue.queue!r}")
-        try:
-            sync.call(sync.channel.queue_declare, queue=queue.queue, passive=queue.passive,
-                      durable=queue.durable, exclusive=queue.exclusive,
-                      auto_delete=queue.auto_delete, arguments=queue.arguments() or None)
-        except BrokerError as exc:
-            raise TopologyError(f"{config.path}: {queue.path}: {what}: broker said {exc}") from None
-        for i, binding in enumerate(queue.bindings):
+    def close(self) -> None:
+        """Close without waiting; a channel already closing or closed is left alone."""
+        if self.channel.is_open:
             try:
-                sync.call(sync.channel.queue_bind, queue=queue.queue,
-                          exchange=binding.exchange, routing_key=binding.routing_key)
-            except BrokerError as exc:
+                self.channel.close()
+            except pika.exceptions.AMQPError:
+                pass  # closed in the same read
+
+
+def declare_queues(connection: Any, config: Config,
+                   queues: Iterable[QueueConfig]) -> list[tuple[QueueConfig, TopologyError]]:
+    """Declare these queues of the config and their bindings.
+
+    Returns what the broker refused, one TopologyError per queue (a refusal
+    closes the channel; the next queue gets a new one). Raises BrokerError for
+    anything transient: the connection lost, no answer.
+    """
+    refused: list[tuple[QueueConfig, TopologyError]] = []
+    sync: SyncChannel | None = None
+    for queue in queues:
+        if sync is None:
+            sync = SyncChannel.open(connection)
+        try:
+            _declare_queue(sync, config, queue)
+        except TopologyError as exc:
+            refused.append((queue, exc))
+            sync = None
+    if sync is not None:
+        sync.close()
+    return refused
+
+
+def _declare_queue(sync: SyncChannel, config: Config, queue: QueueConfig) -> None:
+    what = (f"queue {queue.queue!r} does not exist or differs (passive: true only checks it)"
+            if queue.passive else f"cannot declare queue {queue.queue!r}")
+    try:
+        sync.call(sync.channel.queue_declare, queue=queue.queue, passive=queue.passive,
+                  durable=queue.durable, exclusive=queue.exclusive,
+                  auto_delete=queue.auto_delete, arguments=queue.arguments() or None)
+    except BrokerError as exc:
+        if exc.refused:
+            raise TopologyError(f"{config.path}: {queue.path}: {what}: broker said {exc}") \
+                from None
+        raise
+    for i, binding in enumerate(queue.bindings):
+        try:
+            sync.call(sync.channel.queue_bind, queue=queue.queue,
+                      exchange=binding.exchange, routing_key=binding.routing_key)
+        except BrokerError as exc:
+            if exc.refused:
                 raise TopologyError(
                     f"{config.path}: {queue.path}.bindings[{i}]: cannot bind queue "
                     f"{queue.queue!r} to exchange {binding.exchange!r}: broker said {exc}"
                 ) from None
-        log.info("declared queue %s with %d binding(s)", queue.queue, len(queue.bindings))
-    sync.channel.close()
+            raise
+    log.info("declared queue %s with %d binding(s)", queue.queue, len(queue.bindings))

@@ -1,14 +1,22 @@
 """Wires config, connection, topology and pools together, and runs the main loop.
 
 Everything that changes the dispatcher's state (a signal, a lost connection, a
-channel closed by the broker, the end of a drain) arrives as an event on one
-queue and is acted on in ``run``, in the main greenlet; pika callbacks and
-signal handlers only enqueue.
+channel closed by the broker, a retry timer) arrives as an event on one queue
+and is acted on in the main greenlet; pika callbacks and signal handlers only
+enqueue. Every step that waits on the broker (connecting, declaring, opening a
+channel, closing) runs in a greenlet of its own while the main greenlet keeps
+reading events, so a signal is acted on at once in every phase, start-up
+included.
 
 Consumer instances and their worker greenlets live for the whole process; a
 connection (a "session") can come and go under them. Deliveries carry the
 Acknowledger of the channel they came on, and settling on a channel that is
 gone is a no-op: the broker redelivers those messages.
+
+A consumer entry whose channel cannot be opened (its queue is missing, the
+broker refuses it) is retried on its own with backoff ("repair"); the other
+entries consume meanwhile. Only at start does a refusal stop the process
+(status 4): then it is a config error, not an incident.
 """
 
 from __future__ import annotations
@@ -17,23 +25,17 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
-import gevent.event
 import gevent.queue
+import pika.exceptions
 
 from .acks import Acknowledger
-from .broker import (
-    BrokerError,
-    SyncChannel,
-    TopologyError,
-    connect,
-    declare_topology,
-    describe_close,
-)
+from .broker import BrokerError, SyncChannel, TopologyError, connect, declare_queues, describe_close
 from .config import Config, Resolved, describe_exception
-from .pool import ConsumerPool
+from .pool import ConsumerPool, StopNow
 from .settings import Settings
 
 log = logging.getLogger("amqp-dispatcher")
@@ -45,6 +47,7 @@ EXIT_BROKER = 3
 EXIT_TOPOLOGY = 4
 EXIT_USER_CODE = 5
 EXIT_DRAIN_TIMEOUT = 6
+EXIT_INTERNAL = 70  # a bug in the dispatcher (EX_SOFTWARE); the traceback is logged
 
 # What each signal means: TERM drains (a second TERM stops at once), INT and
 # QUIT stop at once. A stop at once exits 128 + the signal number.
@@ -53,7 +56,14 @@ FAST_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
-CHANNEL_REOPEN_DELAY = 1.0
+# A session that stayed up this long resets the reconnect backoff; a connection
+# that flaps faster keeps backing off, and reconnect_give_up_after keeps counting.
+STABLE_SESSION = 30.0
+REPAIR_FIRST_DELAY = 1.0
+REPAIR_MAX_DELAY = 30.0
+# Bounds on the steps of a stop that wait on the broker or on stuck greenlets.
+CLOSE_TIMEOUT = 5.0
+KILL_TIMEOUT = 5.0
 
 
 class UserCodeError(Exception):
@@ -68,6 +78,25 @@ class Stop(Exception):
         self.status = status
 
 
+class Interrupted(Exception):
+    """A signal arrived while a step was waiting; carries the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _run_step(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """The body of a step's greenlet: hands the outcome over instead of raising,
+    so that gevent prints no traceback for an expected failure."""
+    try:
+        return True, function(*args)
+    except StopNow:
+        return False, Interrupted(0)  # killed by Dispatcher._step; nobody reads it
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the main greenlet
+        return False, exc
+
+
 class Channel:
     """One consumer entry's channel on the current connection."""
 
@@ -75,6 +104,14 @@ class Channel:
         self.sync = sync
         self.acker = acker
         self.consumer_tag = consumer_tag
+
+    def cancel(self) -> None:
+        """Ask the broker for no more deliveries, without waiting for its answer."""
+        if self.sync.channel.is_open:
+            try:
+                self.sync.channel.basic_cancel(self.consumer_tag)
+            except pika.exceptions.AMQPError:
+                pass  # closing already: no more deliveries either way
 
 
 class Dispatcher:
@@ -87,8 +124,128 @@ class Dispatcher:
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}
+        self.session_opened_at = 0.0
+        self.outage_started: float | None = None
+        self.reconnect_delay = RECONNECT_FIRST_DELAY
+        self.repair_delay = REPAIR_FIRST_DELAY
+        self.repair_timer: gevent.Greenlet | None = None
+        self.undeclared: set[str] = set()  # paths of config queues the broker refused
 
-    # -- start-up and sessions --------------------------------------------------
+    # -- the main loop ------------------------------------------------------------
+
+    def run(self) -> int:
+        for signum in GRACEFUL_SIGNALS + FAST_SIGNALS:
+            gevent.signal_handler(signum, self.events.put, ("signal", signum))
+        try:
+            try:
+                self._start()
+            except Interrupted as signal_:
+                return self._stop_during_start(signal_.signum)
+            while True:
+                try:
+                    self._handle(*self.events.get())
+                except Interrupted as signal_:
+                    self._on_signal(signal_.signum)
+        except Stop as stop:
+            return stop.status
+        except Exception:  # noqa: BLE001 - a bug: say so, stop, let the supervisor restart
+            log.critical("internal error; stopping", exc_info=True)
+            return self._stop_now(EXIT_INTERNAL)
+
+    def _start(self) -> None:
+        """Start-up: user code, then the first session; any failure is final."""
+        try:
+            self._step(self._start_user_code)
+            self._step(self._open_session, True)
+        except UserCodeError as exc:
+            raise Stop(self._fail_start(EXIT_USER_CODE, str(exc))) from None
+        except TopologyError as exc:
+            raise Stop(self._fail_start(EXIT_TOPOLOGY, str(exc))) from None
+        except BrokerError as exc:
+            raise Stop(self._fail_start(EXIT_BROKER, str(exc))) from None
+        for pool in self.pools:
+            pool.start()
+
+    def _fail_start(self, status: int, message: str) -> int:
+        log.error("%s", message)
+        self._shutdown_instances()
+        self._close_connection()
+        return status
+
+    def _stop_during_start(self, signum: int) -> int:
+        # Nothing was consumed yet (workers start once every entry consumes).
+        log.info("received %s during start-up: stopping", signal.Signals(signum).name)
+        self._shutdown_instances()
+        self._close_connection()
+        log.info("stopped")
+        return EXIT_OK if signum in GRACEFUL_SIGNALS else 128 + signum
+
+    def _handle(self, kind: str, detail: Any) -> None:
+        if kind == "signal":
+            self._on_signal(detail)
+        elif kind == "connection_closed":
+            connection, reason = detail
+            if connection is self.connection:  # else: an earlier one, already dealt with
+                self._on_connection_lost(describe_close(reason))
+        elif kind == "channel_closed":
+            index, channel, reason = detail
+            # With the whole connection closing, connection_closed follows and says it once.
+            if self.channels.get(index) is channel and self.connection is not None \
+                    and self.connection.is_open:
+                pool = self.pools[index]
+                log.error("the broker closed the channel of %s (%s): %s; reopening it",
+                          pool.entry.path, pool.entry.queue, describe_close(reason))
+                self._drop_channel(index)
+                self._schedule_repair(0)
+        elif kind == "consumer_cancelled":
+            index, cancelled = detail
+            if self.channels.get(index) is cancelled:
+                pool = self.pools[index]
+                log.error("the broker cancelled the consumer of %s (was queue %s deleted?); "
+                          "declaring and subscribing again", pool.entry.path, pool.entry.queue)
+                self._drop_channel(index).sync.close()
+                self._schedule_repair(0)
+        elif kind == "repair":
+            self.repair_timer = None
+            if self.connection is not None:
+                self._step(self._repair)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum in GRACEFUL_SIGNALS:
+            log.info("received %s: finishing messages in progress (up to %gs), then stopping",
+                     name, self.config.drain_timeout)
+            raise Stop(self._stop_gracefully())
+        log.info("received %s: stopping now", name)
+        raise Stop(self._stop_now(128 + signum))
+
+    def _step(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a step that may wait (on the broker, on user code) in a greenlet of its
+        own while reading events: a signal kills the step and raises Interrupted.
+
+        Returns the step's result or raises its exception. Other events that
+        arrive meanwhile are kept for the main loop, in order.
+        """
+        step = gevent.spawn(_run_step, function, args)
+        step.link(lambda done: self.events.put(("step_done", done)))
+        kept: list[tuple[str, Any]] = []
+        try:
+            while True:
+                kind, detail = self.events.get()
+                if kind == "step_done" and detail is step:
+                    ok, outcome = step.get()
+                    if ok:
+                        return outcome
+                    raise outcome
+                if kind == "signal":
+                    step.kill(StopNow, block=True, timeout=KILL_TIMEOUT)
+                    raise Interrupted(detail)
+                kept.append((kind, detail))
+        finally:
+            for event in kept:
+                self.events.put(event)
+
+    # -- sessions -----------------------------------------------------------------
 
     def _start_user_code(self) -> None:
         if self.resolved.startup_handler is not None:
@@ -106,117 +263,113 @@ class Dispatcher:
                                     f"{pool.entry.consumer}() raised "
                                     f"{describe_exception(exc)}") from None
 
-    def _open_session(self) -> None:
-        """Connect, declare the topology, and start consuming on every entry."""
+    def _open_session(self, at_start: bool) -> None:
+        """Connect, declare the topology, and start consuming on every entry.
+
+        At start, anything the broker refuses is raised (TopologyError: exit 4).
+        Later, a refused queue or entry is logged and left to the repair timer,
+        and the rest of the entries consume.
+        """
         connection = connect(self.settings)
         self.connection = connection
+        self.session_opened_at = time.monotonic()
         connection.add_on_close_callback(
             lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
-        declare_topology(connection, self.config)
+        refused = declare_queues(connection, self.config, self.config.queues)
+        if refused and at_start:
+            for _, exc in refused[:-1]:
+                log.error("%s", exc)
+            raise refused[-1][1]
+        self.undeclared = {queue.path for queue, _ in refused}
+        for _, exc in refused:
+            log.error("%s; retrying in %gs", exc, self.repair_delay)
         for index in range(len(self.pools)):
-            self._open_channel(index)
+            try:
+                self._open_channel(index)
+            except TopologyError as exc:
+                if at_start:
+                    raise
+                log.error("%s; retrying in %gs", exc, self.repair_delay)
+        if self.undeclared or len(self.channels) < len(self.pools):
+            self._schedule_repair(self.repair_delay)
 
     def _open_channel(self, index: int) -> None:
         pool = self.pools[index]
+        entry = pool.entry
         sync = SyncChannel.open(self.connection)
-        sync.call(sync.channel.basic_qos, prefetch_count=pool.entry.prefetch_count)
-        acker = Acknowledger(sync.channel, pool.entry.prefetch_count)
-        consume_ok = sync.call(sync.channel.basic_consume, pool.entry.queue,
-                               pool.on_message(acker))
+        try:
+            sync.call(sync.channel.basic_qos, prefetch_count=entry.prefetch_count)
+            acker = Acknowledger(sync.channel, entry.prefetch_count)
+            consume_ok = sync.call(sync.channel.basic_consume, entry.queue,
+                                   pool.on_message(acker))
+        except BrokerError as exc:
+            if exc.refused:
+                raise TopologyError(f"{self.config.path}: {entry.path}: cannot consume from "
+                                    f"queue {entry.queue!r}: broker said {exc}") from None
+            raise
         channel = Channel(sync, acker, consume_ok.method.consumer_tag)
         sync.channel.add_on_close_callback(
             lambda ch, reason: self.events.put(("channel_closed", (index, channel, reason))))
         sync.channel.add_on_cancel_callback(
             lambda frame: self.events.put(("consumer_cancelled", (index, channel))))
         self.channels[index] = channel
-        log.info("consuming from %s with %d x %s, prefetch %d", pool.entry.queue,
-                 pool.entry.consumer_count, pool.entry.consumer, pool.entry.prefetch_count)
+        log.info("consuming from %s with %d x %s, prefetch %d", entry.queue,
+                 entry.consumer_count, entry.consumer, entry.prefetch_count)
 
-    def _forget_session(self) -> None:
-        """The connection is gone: its delivery tags mean nothing any more."""
-        for channel in self.channels.values():
-            channel.acker.close()
-        self.channels.clear()
-        for pool in self.pools:
-            pool.discard_waiting()
-        self.connection = None
+    def _drop_channel(self, index: int) -> Channel:
+        """One entry's channel is gone: its deliveries can no longer be settled."""
+        channel = self.channels.pop(index)
+        channel.acker.close()
+        dropped = self.pools[index].discard_waiting()
+        if dropped:
+            log.warning("%d delivered message(s) of %s not yet started were dropped; the "
+                        "broker redelivers them", dropped, self.pools[index].entry.path)
+        return channel
 
-    # -- the main loop ------------------------------------------------------------
+    def _schedule_repair(self, delay: float) -> None:
+        if self.repair_timer is None:
+            self.repair_timer = gevent.spawn_later(delay, self.events.put, ("repair", None))
 
-    def run(self) -> int:
-        for signum in GRACEFUL_SIGNALS + FAST_SIGNALS:
-            gevent.signal_handler(signum, self.events.put, ("signal", signum))
+    def _repair(self) -> None:
+        """Declare the queues the broker refused, and open the entries that are closed.
+
+        An entry's own queue is declared again first: an auto_delete queue is
+        gone once its last consumer's channel closed, and a deleted queue the
+        config declares comes back.
+        """
+        broken = [i for i in range(len(self.pools)) if i not in self.channels]
+        names = {self.pools[i].entry.queue for i in broken}
+        wanted = [q for q in self.config.queues if q.path in self.undeclared or q.queue in names]
         try:
-            self._start_user_code()
-            for pool in self.pools:
-                pool.start()
-            self._open_session()
-        except UserCodeError as exc:
-            log.error("%s", exc)
-            return EXIT_USER_CODE
-        except TopologyError as exc:
-            log.error("%s", exc)
-            self._close_connection()
-            return EXIT_TOPOLOGY
-        except BrokerError as exc:
-            log.error("%s", exc)
-            self._close_connection()
-            return EXIT_BROKER
-        try:
-            while True:
-                self._handle(*self.events.get())
-        except Stop as stop:
-            return stop.status
-
-    def _handle(self, kind: str, detail: Any) -> None:
-        if kind == "signal":
-            self._on_signal(detail)
-        elif kind == "connection_closed":
-            connection, reason = detail
-            if connection is not self.connection:
-                return  # an earlier connection, already dealt with
-            self._on_connection_lost(describe_close(reason))
-        elif kind == "channel_closed":
-            index, channel, reason = detail
-            if self.channels.get(index) is channel and self.connection is not None \
-                    and self.connection.is_open:
-                log.error("the broker closed the channel of %s (%s): %s; reopening it",
-                          self.pools[index].entry.path, self.pools[index].entry.queue,
-                          describe_close(reason))
-                self._reopen_channel(index, channel)
-        elif kind == "consumer_cancelled":
-            index, cancelled = detail
-            if self.channels.get(index) is cancelled:
-                log.error("the broker cancelled the consumer of %s (was queue %s deleted?); "
-                          "resubscribing", self.pools[index].entry.path,
-                          self.pools[index].entry.queue)
-                self.channels[index].sync.channel.close()  # the close event reopens it
-        elif kind == "reopen_channel":
-            if self.connection is not None and self.connection.is_open \
-                    and detail not in self.channels:
-                self._reopen_channel(detail, None)
-
-    def _on_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        if signum in GRACEFUL_SIGNALS:
-            log.info("received %s: finishing messages in progress (up to %gs), then stopping",
-                     name, self.config.drain_timeout)
-            raise Stop(self._stop_gracefully())
-        log.info("received %s: stopping now", name)
-        raise Stop(self._stop_now(128 + signum))
-
-    def _reopen_channel(self, index: int, old: Channel | None) -> None:
-        if old is not None:
-            old.acker.close()
-            self.channels.pop(index, None)
-        try:
-            self._open_channel(index)
+            refused = declare_queues(self.connection, self.config, wanted)
+            self.undeclared = {queue.path for queue, _ in refused}
+            failures = [str(exc) for _, exc in refused]
+            for index in broken:
+                try:
+                    self._open_channel(index)
+                except TopologyError as exc:
+                    failures.append(str(exc))
         except BrokerError as exc:
             if self.connection is None or not self.connection.is_open:
                 return  # the connection_closed event takes over
-            log.error("cannot reopen the channel of %s: %s; retrying in %gs",
-                      self.pools[index].entry.path, exc, CHANNEL_REOPEN_DELAY)
-            gevent.spawn_later(CHANNEL_REOPEN_DELAY, self.events.put, ("reopen_channel", index))
+            failures = [f"cannot reopen channels: {exc}"]
+        if failures:
+            for failure in failures:
+                log.error("%s; retrying in %gs", failure, self.repair_delay)
+            self._schedule_repair(self.repair_delay)
+            self.repair_delay = min(self.repair_delay * 2, REPAIR_MAX_DELAY)
+        else:
+            self.repair_delay = REPAIR_FIRST_DELAY
+
+    def _forget_session(self) -> None:
+        """The connection is gone: its delivery tags mean nothing any more."""
+        for index in list(self.channels):
+            self._drop_channel(index)
+        if self.repair_timer is not None:
+            self.repair_timer.kill()
+            self.repair_timer = None
+        self.repair_delay = REPAIR_FIRST_DELAY
+        self.connection = None
 
     def _on_connection_lost(self, reason: str) -> None:
         unsettled = sum(c.acker.unsettled() for c in self.channels.values())
@@ -227,35 +380,39 @@ class Dispatcher:
         self._forget_session()
         if not self.config.reconnect:
             raise Stop(self._stop_now(EXIT_BROKER))
+        now = time.monotonic()
+        if now - self.session_opened_at >= STABLE_SESSION or self.outage_started is None:
+            self.outage_started = now
+            self.reconnect_delay = RECONNECT_FIRST_DELAY
         self._reconnect()
 
     def _reconnect(self) -> None:
-        """Back off exponentially with full jitter until a session opens; signals still work."""
-        started = time.monotonic()
+        """Back off exponentially with full jitter until a session opens; signals still work.
+
+        The backoff and the give-up clock carry over from the last loss unless
+        the session in between stayed up for STABLE_SESSION seconds.
+        """
+        assert self.outage_started is not None
+        lost_at = time.monotonic()
         give_up = self.config.reconnect_give_up_after
-        delay = RECONNECT_FIRST_DELAY
         attempt = 0
         while True:
-            wait = random.uniform(delay / 2, delay)
-            if give_up is not None and time.monotonic() + wait - started > give_up:
+            wait = random.uniform(self.reconnect_delay / 2, self.reconnect_delay)
+            if give_up is not None and time.monotonic() + wait - self.outage_started > give_up:
                 log.error("could not reconnect within reconnect_give_up_after (%gs); exiting",
                           give_up)
                 raise Stop(self._stop_now(EXIT_BROKER))
             self._wait_handling_signals(wait)
+            self.reconnect_delay = min(self.reconnect_delay * 2, RECONNECT_MAX_DELAY)
             attempt += 1
             try:
-                self._open_session()
-            except TopologyError as exc:
-                log.error("%s", exc)
-                self._forget_session()
-                raise Stop(self._stop_now(EXIT_TOPOLOGY)) from None
+                self._step(self._open_session, False)
             except BrokerError as exc:
                 log.warning("reconnect attempt %d failed: %s", attempt, exc)
                 self._close_connection()
                 self._forget_session()
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
-            log.info("reconnected after %.1fs (%d attempt(s))", time.monotonic() - started,
+            log.info("reconnected after %.1fs (%d attempt(s))", time.monotonic() - lost_at,
                      attempt)
             return
 
@@ -273,17 +430,17 @@ class Dispatcher:
     # -- stopping -----------------------------------------------------------------
 
     def _stop_gracefully(self) -> int:
-        for channel in list(self.channels.values()):
-            try:
-                channel.sync.call(channel.sync.channel.basic_cancel, channel.consumer_tag)
-            except BrokerError:
-                pass  # the channel or connection is already gone
+        """Drain within drain_timeout, whatever the broker does; a signal stops at once."""
+        deadline = time.monotonic() + self.config.drain_timeout
+        for pool in self.pools:
+            pool.stopping.set()  # deliveries arriving from now on go straight back
+        for channel in self.channels.values():
+            channel.cancel()
         for pool in self.pools:
             pool.requeue_waiting()
         workers = [w for pool in self.pools for w in pool.stop_workers()]
         drained = gevent.spawn(gevent.joinall, workers)
         drained.link(lambda _: self.events.put(("drained", None)))
-        deadline = time.monotonic() + self.config.drain_timeout
         while True:
             try:
                 kind, detail = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -302,11 +459,17 @@ class Dispatcher:
                 log.error("connection lost while draining: %s; messages finishing now "
                           "will be redelivered", describe_close(detail[1]))
                 self._forget_session()
+            if kind == "channel_closed" and self.channels.get(detail[0]) is detail[1]:
+                self._drop_channel(detail[0])
         for channel in self.channels.values():
             channel.acker.flush()
-        for pool in self.pools:
-            pool.shutdown_instances()
-        self._close_connection()
+        try:
+            self._step(self._shutdown_instances)
+            self._step(self._close_connection)
+        except Interrupted as signal_:
+            log.info("received %s while stopping: stopping now",
+                     signal.Signals(signal_.signum).name)
+            return 128 + signal_.signum
         log.info("stopped")
         return EXIT_OK
 
@@ -314,19 +477,28 @@ class Dispatcher:
         for channel in self.channels.values():
             channel.acker.close()
         for pool in self.pools:
-            pool.kill_workers()
-        for pool in self.pools:
-            pool.shutdown_instances()
+            pool.stopping.set()
+        workers = [w for pool in self.pools for w in pool.workers]
+        gevent.killall(workers, StopNow, block=True, timeout=KILL_TIMEOUT)
+        self._shutdown_instances()
         self._close_connection()
         log.info("stopped")
         return status
 
+    def _shutdown_instances(self) -> None:
+        for pool in self.pools:
+            pool.shutdown_instances()
+
     def _close_connection(self) -> None:
+        """Close the connection, waiting at most CLOSE_TIMEOUT for the broker."""
         connection, self.connection = self.connection, None
         if connection is None or connection.is_closed:
             return
         closed = gevent.event.Event()
         connection.add_on_close_callback(lambda *_: closed.set())
         if not connection.is_closing:
-            connection.close()
-        closed.wait(timeout=10)
+            try:
+                connection.close()
+            except pika.exceptions.AMQPError:
+                return  # closed in the same read
+        closed.wait(timeout=CLOSE_TIMEOUT)

@@ -2,6 +2,10 @@
 
 This module holds the answer to "what happens to a message after ``consume``
 returns or raises": see ``ConsumerPool._handle``.
+
+A worker greenlet lives as long as the process: every exception from user
+code and from settling is contained in ``_handle``, so the number of live
+workers always equals ``consumer_count`` until the dispatcher stops them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.queue
 
 from .acks import Acknowledger
@@ -33,24 +38,34 @@ class ConsumerPool:
         self.cls = cls
         # Unbounded: the broker's prefetch_count is what bounds it.
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
+        # One per slot; None while a failed instance is being replaced.
         self.instances: list[Any] = []
         self.workers: list[gevent.Greenlet] = []
-        self.busy = 0
+        self.busy = 0  # consume calls running now
+        self.stopping = gevent.event.Event()
 
     def create_instances(self) -> None:
         """Construct every instance; a failure here is raised to the caller (start-up)."""
-        self.instances = [self.cls() for _ in range(self.entry.consumer_count)]
+        for _ in range(self.entry.consumer_count):
+            self.instances.append(self.cls())
 
     def start(self) -> None:
         self.workers = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
+
+    def live_workers(self) -> int:
+        return sum(1 for worker in self.workers if not worker.dead)
 
     def on_message(self, acker: Acknowledger) -> Callable[..., None]:
         """The basic_consume callback for one channel. Runs in the I/O loop: never blocks."""
         delivered = acker.delivered
         put = self.work.put_nowait
+        stopping = self.stopping.is_set
 
         def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
             delivered(method.delivery_tag)
+            if stopping():  # arrived after the cancel was sent: give it back at once
+                acker.reject(method.delivery_tag, requeue=True)
+                return
             put((acker, channel, method, properties, body))
 
         return on_message
@@ -58,45 +73,58 @@ class ConsumerPool:
     def _work(self, slot: int) -> None:
         get = self.work.get
         handle = self._handle
-        while True:
-            item = get()
-            if item is None:
-                return
-            handle(slot, item)
+        try:
+            while True:
+                item = get()
+                if item is None:
+                    return
+                handle(slot, item)
+        except StopNow:
+            return  # a fast stop: the broker redelivers what was not settled
 
     def _handle(self, slot: int, item: tuple[Any, ...]) -> None:
         acker, channel, method, properties, body = item
         tag = method.delivery_tag
+        instance = self.instances[slot]
+        if instance is None:  # stopping while a replacement was pending
+            acker.reject(tag, requeue=True)
+            return
         amqp = AMQPProxy(acker, channel, tag)
         self.busy += 1
         try:
-            self.instances[slot].consume(amqp, Message(method, properties, body))
+            instance.consume(amqp, Message(method, properties, body))
         except StopNow:
             raise
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
-            if not amqp.has_responded_to_message:
-                acker.reject(tag, requeue=True)
-            log.error("%s: consume raised %s; delivery tag %d %s", self.entry.consumer,
-                      describe_exception(exc), tag,
-                      "was already settled" if amqp.has_responded_to_message else "requeued")
-            self._replace(slot, exc)
+            failure: BaseException | None = exc
         else:
-            if not amqp.has_responded_to_message:
-                acker.ack(tag)
+            failure = None
         finally:
             self.busy -= 1
+        responded = amqp.has_responded_to_message
+        if failure is None:
+            if not responded:
+                acker.ack(tag)
+            return
+        if not responded:
+            acker.reject(tag, requeue=True)
+        log.error("%s: consume raised %s; delivery tag %d %s", self.entry.consumer,
+                  describe_exception(failure), tag,
+                  "was already settled" if responded else "requeued")
+        self._replace(slot, failure)
 
     def _replace(self, slot: int, exc: BaseException | None) -> None:
         """Shut the failed instance down and put a fresh one in its slot."""
+        instance, self.instances[slot] = self.instances[slot], None
         try:
-            self.instances[slot].shutdown(exc)
+            instance.shutdown(exc)
         except StopNow:
             raise
         except BaseException as shutdown_exc:  # noqa: BLE001
             log.error("%s: shutdown raised %s", self.entry.consumer,
                       describe_exception(shutdown_exc))
         delay = REPLACE_FIRST_DELAY
-        while True:
+        while not self.stopping.is_set():  # no replacement once stopping: nothing to run
             try:
                 self.instances[slot] = self.cls()
                 return
@@ -105,7 +133,7 @@ class ConsumerPool:
             except BaseException as init_exc:  # noqa: BLE001
                 log.error("%s: creating a replacement instance raised %s; retrying in %.1fs",
                           self.entry.consumer, describe_exception(init_exc), delay)
-            gevent.sleep(delay)
+            self.stopping.wait(delay)
             delay = min(delay * 2, REPLACE_MAX_DELAY)
 
     def requeue_waiting(self) -> int:
@@ -122,9 +150,10 @@ class ConsumerPool:
             acker.reject(method.delivery_tag, requeue=True)
             count += 1
 
-    def discard_waiting(self) -> None:
-        """Drop deliveries of a channel that is gone: the broker redelivers them."""
+    def discard_waiting(self) -> int:
+        """Drop deliveries of channels that are gone: the broker redelivers them."""
         kept = []
+        dropped = 0
         while True:
             try:
                 item = self.work.get_nowait()
@@ -132,20 +161,25 @@ class ConsumerPool:
                 break
             if item is None or item[0].open:
                 kept.append(item)
+            else:
+                dropped += 1
         for item in kept:
             self.work.put_nowait(item)
+        return dropped
 
     def stop_workers(self) -> list[gevent.Greenlet]:
         """Ask each worker to exit after its current message; return them to wait on."""
+        self.stopping.set()
         for _ in self.workers:
             self.work.put_nowait(None)
         return self.workers
 
-    def kill_workers(self) -> None:
-        gevent.killall(self.workers, StopNow, block=True, timeout=5)
-
     def shutdown_instances(self) -> None:
-        for instance in self.instances:
+        """``shutdown(None)`` on every instance, once."""
+        for slot, instance in enumerate(self.instances):
+            if instance is None:
+                continue
+            self.instances[slot] = None
             try:
                 instance.shutdown(None)
             except BaseException as exc:  # noqa: BLE001

@@ -83,8 +83,9 @@ def test_sigterm_under_load_then_restart(broker: BrokerHandle, tmp_path: Path) -
 def _fault_while_in_flight(broker: BrokerHandle, tmp_path: Path, name: str, inject,
                            rounds: int = 3) -> DispatcherProcess:
     broker.declare("faults", durable=True)
-    ids = publish_ids(broker, 300)
-    proc = DispatcherProcess(tmp_path, faulty_config(), broker.url, env={"PAUSE": "0.2"})
+    # Enough work (about 8 s at 20 x 0.15 s on average) to be in flight at every fault.
+    ids = publish_ids(broker, 1000)
+    proc = DispatcherProcess(tmp_path, faulty_config(), broker.url, env={"PAUSE": "0.3"})
     reconnect_times = []
     try:
         proc.wait_consuming()

@@ -101,7 +101,8 @@ def test_startup_handler_runs_before_connecting(broker: BrokerHandle, tmp_path: 
 def test_failing_startup_handler_and_constructor(broker: BrokerHandle, tmp_path: Path) -> None:
     broker.declare("q")
     result = run_cli(tmp_path, "--config", "config.yml",
-                     config="startup_handler: testconsumers:bad_startup\n",
+                     config=("startup_handler: testconsumers:bad_startup\n"
+                             "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n"),
                      env={"RABBITMQ_URL": broker.url})
     assert result.returncode == 5
     assert ("config.yml: startup_handler: testconsumers:bad_startup raised RuntimeError: "

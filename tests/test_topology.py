@@ -104,7 +104,8 @@ def test_passive_missing_queue_is_a_clear_error(broker: BrokerHandle, tmp_path: 
 def test_binding_to_missing_exchange_names_the_binding(broker: BrokerHandle,
                                                         tmp_path: Path) -> None:
     config = ("queues:\n  - queue: q\n    bindings:\n      - exchange: nope\n"
-              "        routing_key: k\n")
+              "        routing_key: k\n"
+              "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n")
     result = run_cli(tmp_path, "--config", "config.yml", config=config,
                      env={"RABBITMQ_URL": broker.url})
     assert result.returncode == 4, result

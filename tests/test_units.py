@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gevent
+import pika.exceptions
 import pytest
 
 from amqpdispatcher.acks import Acknowledger
@@ -40,6 +41,71 @@ def test_bad_urls(url: str) -> None:
     assert "pw" not in str(info.value)
 
 
+def test_surrounding_whitespace_is_stripped() -> None:
+    """A secret file's trailing newline is not part of the vhost (or anything else)."""
+    s = parse_url("amqp://u:p@h/prod\n")
+    assert (s.vhost, s.password, s.hosts) == ("prod", "p", (("h", 5672),))
+    assert parse_url("  amqp://u:p@h:5673/\r\n").hosts == (("h", 5673),)
+    assert parse_url("amqp://u:p@h/?heartbeat=30\n").heartbeat == 30
+
+
+def test_percent_encoded_password_characters() -> None:
+    s = parse_url("amqp://u:a%3Fb%23c%40d%2Fe@h/v")
+    assert (s.password, s.hosts, s.vhost) == ("a?b#c@d/e", (("h", 5672),), "v")
+
+
+@pytest.mark.parametrize("url", [
+    "amqp://u:12?pw34@host/",        # was: host 'u', port 12, user guest
+    "amqp://u:pw?x@host/v?heartbeat=5",
+    "amqp://u:12#pw34@host/",        # '#' anywhere
+    "amqp://u:p@host/v#pw",
+    "amqp://u:12/pw34@host/v",       # was: host 'u', port 12, vhost 'pw34@host/v'
+])
+def test_ambiguous_urls_are_rejected(url: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        parse_url(url)
+    message = str(info.value)
+    assert message.startswith("RABBITMQ_URL: ") and "percent-encode" in message
+    assert "pw" not in message and "12" not in message
+
+
+@pytest.mark.parametrize("url", ["amqp://u:p w@h/", "amqp://u:pw@h/v\nx", "amqp://u:p\tw@h/",
+                                 "amqp://u:p\x00w@h/", "amqp://u:p\x7fw@h/"])
+def test_whitespace_and_control_characters_inside_are_rejected(url: str) -> None:
+    with pytest.raises(SettingsError, match="whitespace or a control character") as info:
+        parse_url(url)
+    assert "pw" not in str(info.value) and "p w" not in str(info.value)
+
+
+def test_unknown_query_parameters_are_rejected() -> None:
+    with pytest.raises(SettingsError,
+                       match="unknown query parameter 'heartbeet'; known: heartbeat"):
+        parse_url("amqp://u:pw@h/?heartbeet=5")
+    with pytest.raises(SettingsError, match="unknown query parameter 'ssl'"):
+        parse_url("amqp://u:pw@h/?heartbeat=5&ssl=1")
+    with pytest.raises(SettingsError, match="given twice"):
+        parse_url("amqp://u:pw@h/?heartbeat=5&heartbeat=6")
+    assert parse_url("amqp://u:pw@h/?").heartbeat is None
+
+
+def test_heartbeat_range() -> None:
+    assert parse_url("amqp://u:p@h/?heartbeat=0").heartbeat == 0
+    assert parse_url("amqp://u:p@h/?heartbeat=65535").heartbeat == 65535
+    assert parse_url("amqp://u:p@h/", "65535").heartbeat == 65535
+    with pytest.raises(SettingsError, match="RABBITMQ_URL: heartbeat: expected at most 65535"):
+        parse_url("amqp://u:p@h/?heartbeat=65536")
+    with pytest.raises(SettingsError, match="RABBITMQ_HEARTBEAT: expected at most 65535"):
+        parse_url("amqp://u:p@h/", "65536")
+    for text in ("-1", "1.5", "\u00b2", ""):
+        with pytest.raises(SettingsError, match="RABBITMQ_URL: heartbeat: expected a whole"):
+            parse_url(f"amqp://u:p@h/?heartbeat={text}")
+
+
+def test_non_ascii_digits_in_a_port_are_an_error_not_a_crash() -> None:
+    with pytest.raises(SettingsError, match="a port in the host list is not a number"):
+        parse_url("amqp://u:pw@h:\u00b2/")
+
+
 def test_redacted_url_hides_password() -> None:
     s = parse_url("amqp://u:topsecret@a,b:5/v")
     assert s.redacted_url() == "amqp://u:***@a:5,b:5/v"
@@ -55,7 +121,7 @@ class FakeChannel:
     def __init__(self) -> None:
         self.frames: list[tuple[str, int, bool]] = []
 
-    def basic_ack(self, delivery_tag: int, multiple: bool) -> None:
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
         self.frames.append(("ack", delivery_tag, multiple))
 
     def basic_reject(self, delivery_tag: int, requeue: bool) -> None:
@@ -79,18 +145,46 @@ def test_acks_in_one_loop_iteration_coalesce() -> None:
     assert channel.frames == [("ack", 5, True)]
 
 
-def test_ack_never_covers_an_unfinished_delivery() -> None:
+def test_ack_never_covers_an_unfinished_delivery_nor_waits_for_it() -> None:
     acker, channel = make(4)
     acker.ack(2)
     acker.ack(3)
     gevent.sleep(0)
-    assert channel.frames == []  # 1 is still being consumed
+    # 1 is still being consumed: 2 and 3 are acked alone, at once, rather than held
+    # back (which would keep the prefetch window full: a head-of-line stall).
+    assert channel.frames == [("ack", 2, False), ("ack", 3, False)]
     acker.ack(1)
     gevent.sleep(0)
-    assert channel.frames == [("ack", 3, True)]
+    assert channel.frames[-1] == ("ack", 1, True)  # covers nothing already acked
     acker.ack(4)
     gevent.sleep(0)
     assert channel.frames[-1] == ("ack", 4, True)
+    assert acker.unsettled() == 0
+
+
+def test_acks_below_the_oldest_unsettled_still_coalesce() -> None:
+    acker, channel = make(6)
+    for tag in (1, 2, 3, 5, 6):
+        acker.ack(tag)
+    gevent.sleep(0)
+    assert channel.frames == [("ack", 3, True), ("ack", 5, False), ("ack", 6, False)]
+
+
+def test_settling_on_a_channel_pika_already_closed_never_raises() -> None:
+    class ClosedChannel(FakeChannel):
+        def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
+
+        def basic_reject(self, delivery_tag: int, requeue: bool) -> None:
+            raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
+
+    acker = Acknowledger(ClosedChannel(), 10)
+    acker.delivered(1)
+    acker.delivered(2)
+    acker.ack(1)
+    acker.flush()
+    acker.reject(2, requeue=True)
+    assert not acker.open
 
 
 def test_reject_is_sent_at_once_and_never_swallowed() -> None:

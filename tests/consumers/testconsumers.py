@@ -213,3 +213,101 @@ class Misbehaving:
     def shutdown(self, exception=None):
         if self.raise_in_shutdown:
             raise RuntimeError("shutdown failed too")
+
+
+class BadLogFormat:
+    """Logs with a format its arguments do not fill, as consumer code sometimes does;
+    the second call passes the message body, which the test makes the broker password."""
+
+    def consume(self, amqp, msg):
+        import logging
+
+        log = logging.getLogger("x")
+        log.info("%s %s", "only-one")
+        log.info("body %s %s", text(msg))
+        log.info("consumed body %s", text(msg))
+        record(text(msg))
+
+    def shutdown(self, exception=None):
+        record("shutdown")
+
+
+def slow_startup():
+    record("startup-begin")
+    gevent.sleep(60)
+
+
+class Timed:
+    """'slow' sleeps $SLOW seconds; every other body sleeps 10 ms. Records start and end."""
+
+    slow = float(os.environ.get("SLOW", "60"))
+
+    def consume(self, amqp, msg):
+        body = text(msg)
+        record(f"start:{body}")
+        gevent.sleep(self.slow if body == "slow" else 0.01)
+        record(f"done:{body}")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class _BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("__str__ of this exception raises")
+
+
+def _count(prefix):
+    if not os.path.exists(RECORD_FILE):
+        return 0
+    with open(RECORD_FILE) as handle:
+        return sum(1 for line in handle if line.startswith(prefix))
+
+
+class Hostile:
+    """Bodies name what happens, once per body:
+    'bad-publish': publish to a missing exchange (the broker closes the channel), then
+    go on for 0.5 s; 'hold-*': take 1 s; 'bad-str': raise an exception whose __str__
+    raises; 'barrier-G-N': wait (up to 20 s) until N messages of group G are in consume
+    at once, proving N live worker slots; 'fail-then-no-init': raise, and from then on
+    every construction of the class fails. Records init/shutdown per instance."""
+
+    seen = set()
+    inits_fail = False
+    made = 0
+
+    def __init__(self):
+        if Hostile.inits_fail:
+            raise RuntimeError("cannot construct any more")
+        Hostile.made += 1
+        self.name = f"i{Hostile.made}"
+        record(f"init:{self.name}")
+
+    def consume(self, amqp, msg):
+        body = text(msg)
+        first = body not in Hostile.seen
+        Hostile.seen.add(body)
+        record(f"start:{body}")
+        if first and body == "bad-publish":
+            amqp.publish("no-such-exchange", "k", {}, "x")
+            gevent.sleep(0.5)
+        elif first and body == "bad-str":
+            raise _BadStr()
+        elif first and body == "fail-then-no-init":
+            Hostile.inits_fail = True
+            raise ValueError("failing, and no replacement can be built")
+        elif body.startswith("hold"):
+            gevent.sleep(1)
+        elif body.startswith("barrier-"):
+            _, group, n = body.split("-")
+            for _ in range(400):
+                if _count(f"start:barrier-{group}-") >= int(n):
+                    break
+                gevent.sleep(0.05)
+            else:
+                record(f"timeout:{body}")
+                return
+        record(f"done:{body}")
+
+    def shutdown(self, exception=None):
+        record(f"shutdown:{self.name}")
