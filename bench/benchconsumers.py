@@ -2,6 +2,11 @@
 
 Each counts the messages it handles and, at the N-th, writes the time of the
 first and the last and the bytes seen to $BENCH_OUT.
+
+HeavyTail's k-th call in the process (k = 1, 2, ...) sleeps
+heavy_tail_duration(k): 2 s when k % 100 == 0, else 5 ms. Its duration is a
+function of the call count, not of the message, so bench/run.py can compute
+the in-order bound for exactly the durations the consumer will sleep.
 """
 
 import os
@@ -12,7 +17,16 @@ import gevent
 N = int(os.environ.get("BENCH_N", "0"))
 OUT = os.environ.get("BENCH_OUT", "/dev/null")
 SLEEP = float(os.environ.get("BENCH_SLEEP", "0"))
-_state = {"count": 0, "first": None, "bytes": 0}
+_state = {"count": 0, "first": None, "bytes": 0, "calls": 0}
+
+HEAVY_EVERY = 100  # every 100th call is slow
+HEAVY_SLOW = 2.0
+HEAVY_FAST = 0.005
+
+
+def heavy_tail_duration(k):
+    """Seconds the k-th HeavyTail call in a process sleeps; k counts from 1."""
+    return HEAVY_SLOW if k % HEAVY_EVERY == 0 else HEAVY_FAST
 
 
 def tick(size):
@@ -37,6 +51,25 @@ class NoOp:
 class Sleep:
     def consume(self, amqp, msg):
         gevent.sleep(SLEEP)
+        tick(len(msg.body))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class HeavyTail:
+    """Sleeps heavy_tail_duration(k) on the k-th call in this process (all instances share k).
+
+    The clock starts when the first call starts, not when it ends, so the
+    measured time is the makespan the in-order bound is computed for.
+    """
+
+    def consume(self, amqp, msg):
+        state = _state
+        if state["first"] is None:
+            state["first"] = time.time()
+        state["calls"] += 1
+        gevent.sleep(heavy_tail_duration(state["calls"]))
         tick(len(msg.body))
 
     def shutdown(self, exception=None):

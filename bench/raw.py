@@ -2,6 +2,7 @@
 
 mode "ack": acks inside the delivery callback (the client library's ceiling).
 mode "spawn": spawns one greenlet per delivery, which runs the consumer and acks.
+The consumer is benchconsumers.$BENCH_CONSUMER (default: Sleep if $BENCH_SLEEP, else NoOp).
 """
 
 import os
@@ -15,7 +16,8 @@ from pika.adapters.gevent_connection import GeventConnection
 
 def main():
     mode, queue, prefetch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    consumer = benchconsumers.Sleep() if benchconsumers.SLEEP else benchconsumers.NoOp()
+    default = "Sleep" if benchconsumers.SLEEP else "NoOp"
+    consumer = getattr(benchconsumers, os.environ.get("BENCH_CONSUMER") or default)()
     done = gevent.event.Event()
 
     def on_open(connection):

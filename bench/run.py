@@ -1,6 +1,6 @@
 """The benchmark: this dispatcher against the baselines, on one private broker.
 
-    .venv/bin/python bench/run.py [--runs 3] [--quick]
+    .venv/bin/python bench/run.py [--runs 3] [--quick] [--only 6[,2b...]]
 
 Systems, run interleaved on the same workload:
   dispatcher  this package's console script, with a config file and bench/benchconsumers.py
@@ -10,12 +10,23 @@ Systems, run interleaved on the same workload:
 
 Messages/s are measured inside the consumer, from the first to the last handled
 message. After each run the queue must be empty: nothing unacked, nothing lost.
-Results go to bench/results.md and bench/results.png.
+A throughput run that does not finish within its timeout is reported as failed.
+
+Workload 6 (heavy tail): the k-th call in the consumer process (k from 1) sleeps
+benchconsumers.heavy_tail_duration(k), 2 s when k % 100 == 0, else 5 ms. Its
+yardstick is the in-order bound (in_order_bound): the throughput of an
+overhead-free pool of consumer_count instances taking deliveries in publish
+order, each instance taking the next one as soon as it is free.
+
+A full run writes bench/results.md and bench/results.png; a run with --quick or
+--only writes bench/work/results.md and bench/work/results.png instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
+import math
 import os
 import platform
 import signal
@@ -23,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pika
@@ -32,6 +44,7 @@ REPO = BENCH.parent
 WORK = BENCH / "work"
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchconsumers import heavy_tail_duration  # noqa: E402
 from rabbitnode import Broker  # noqa: E402
 
 LEGACY_PY = WORK / "ad-0.11.0" / "bin" / "python"
@@ -64,12 +77,13 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
 
 def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
-    consumer = "benchconsumers:Sleep" if workload.get("sleep") else "benchconsumers:NoOp"
+    consumer = workload.get("consumer") or ("Sleep" if workload.get("sleep") else "NoOp")
     config = tmp / f"{system}.yml"
     config.write_text(f"queues:\n  - queue: {queue}\n    bindings: []\n"
-                      f"consumers:\n  - consumer: {consumer}\n    queue: {queue}\n"
+                      f"consumers:\n  - consumer: benchconsumers:{consumer}\n"
+                      f"    queue: {queue}\n"
                       f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n")
-    env = {"PYTHONPATH": str(BENCH)}
+    env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer}
     if system == "dispatcher":
         return [SCRIPT, "--config", str(config)], env
     if system == "ad-0.11.0":
@@ -102,16 +116,53 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
     return usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
+def in_order_bound(count: int, instances: int,
+                   duration: Callable[[int], float]) -> tuple[float, float]:
+    """(msg/s, makespan s) of an overhead-free pool of `instances` consumers.
+
+    Deliveries are taken in publish order, the k-th (k from 1) lasting
+    duration(k); each instance takes the next one as soon as it is free.
+    A heap holds the instances' free-times: the k-th delivery starts at the
+    earliest of them. The run ends when the last instance is done.
+    """
+    free = [0.0] * instances
+    for k in range(1, count + 1):
+        heapq.heappush(free, heapq.heappop(free) + duration(k))
+    makespan = max(free)
+    return count / makespan, makespan
+
+
+def wait_requeued(broker: Broker, queue: str, limit: float = 15.0) -> None:
+    """After a killed run: let the broker requeue its unacked deliveries before the next purge."""
+    end = time.monotonic() + limit
+    while counts(broker, queue)[1] and time.monotonic() < end:
+        time.sleep(0.2)
+
+
 def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
-    publish(broker.url, workload["queue"], workload["count"], workload["size"])
+    queue, total = workload["queue"], workload["count"]
+    publish(broker.url, queue, total, workload["size"])
     out = tmp / "out.txt"
     out.unlink(missing_ok=True)
     proc = start(system, workload, broker, tmp, out)
-    deadline = time.monotonic() + workload.get("timeout", 300)
+    timeout = workload.get("timeout", 300)
+    log = tmp / f"{system}.log"
+    deadline = time.monotonic() + timeout
     while not out.exists() or not out.read_text().endswith("\n"):
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None:
+            code = proc.returncode
             finish(proc)
-            return {"error": f"{system} did not finish; see {tmp / (system + '.log')}"}
+            wait_requeued(broker, queue)
+            return {"error": f"exited with code {code} before finishing; see {log}"}
+        if time.monotonic() > deadline:
+            ready, unacked = counts(broker, queue)  # rabbitmqctl: takes about a second
+            late = out.exists() and out.read_text().endswith("\n")
+            finish(proc)
+            wait_requeued(broker, queue)
+            acked = total - ready - unacked
+            return {"error": f"did not finish within {timeout:.0f} s (at the timeout: {acked:,} "
+                             f"of {total:,} acked, {unacked} unacked"
+                             f"{'; it finished just after' if late else ''}); see {log}"}
         time.sleep(0.05)
     first, last, nbytes = out.read_text().split()
     elapsed = float(last) - float(first)
@@ -174,28 +225,66 @@ WORKLOADS = [
      "systems": ["raw-ack", "dispatcher"]},
     {"name": "5. idle for 10 s", "kind": "idle", "queue": "bench_idle", "consumers": 10,
      "prefetch": 100, "seconds": 10, "systems": ["dispatcher", "ad-0.11.0"]},
+    {"name": "6. heavy tail: 10k x 100 B, 50 consumers, prefetch 100, "
+             "every 100th call 2 s, else 5 ms",
+     "kind": "throughput", "queue": "bench_tail", "count": 10000, "size": 100,
+     "consumers": 50, "prefetch": 100, "consumer": "HeavyTail",
+     "duration": heavy_tail_duration, "target": 0.90,
+     "systems": ["raw-spawn", "dispatcher", "ad-0.11.0"],
+     "note": "raw-spawn is a reference only: it runs up to prefetch (100) calls at once, "
+             "not 50, so the 50-instance bound does not hold it."},
 ]
 
+# Heavy tail: a run slower than about a fifth of the in-order bound is reported as
+# not finishing: 5x the bound's makespan, at least 10 s (32 s for 10k, 11 s for 1k).
+BOUND_TIMEOUT_FACTOR = 5
+MIN_TIMEOUT = 10
+
 RUNNERS = {"throughput": run_throughput, "idle": run_idle, "scale": run_scale}
+
+
+def prepare(workload: dict, quick: bool) -> dict:
+    """The workload as run: a tenth of the messages with --quick, and its bound if any."""
+    if quick and "count" in workload:
+        workload = dict(workload, count=max(50, workload["count"] // 10))
+    if "duration" in workload:
+        rate, makespan = in_order_bound(workload["count"], workload["consumers"],
+                                        workload["duration"])
+        timeout = max(MIN_TIMEOUT, math.ceil(BOUND_TIMEOUT_FACTOR * makespan))
+        workload = dict(workload, bound=rate, makespan=makespan, timeout=timeout)
+    return workload
+
+
+def bound_line(workload: dict) -> str:
+    return (f"In-order bound for {workload['count']:,} messages over {workload['consumers']} "
+            f"instances: {workload['bound']:,.0f} msg/s (makespan {workload['makespan']:.2f} s); "
+            f"target: dispatcher >= {workload['target']:.0%} of it; "
+            f"timeout {workload['timeout']} s per run.")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one run, a tenth of the messages")
-    parser.add_argument("--only", help="run only workloads whose name starts with this")
+    parser.add_argument("--only", help="run only workloads whose name starts with one of these "
+                                       "comma-separated prefixes, e.g. 6 or 1,2b")
     args = parser.parse_args()
+    prefixes = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else []
+    selected = [w for w in WORKLOADS if not prefixes
+                or any(w["name"].startswith(p) for p in prefixes)]
+    if not selected:
+        parser.error(f"--only {args.only}: no workload name starts with that; names: "
+                     + "; ".join(w["name"] for w in WORKLOADS))
     ensure_legacy()
     WORK.mkdir(exist_ok=True)
     broker = Broker(name="amqp-dispatcher-bench")
     broker.start()
-    results: dict[str, dict[str, list[dict]]] = {}
+    results: list[tuple[dict, dict[str, list[dict]]]] = []
     try:
-        for workload in WORKLOADS:
-            if args.only and not workload["name"].startswith(args.only):
-                continue
-            if args.quick and "count" in workload:
-                workload = dict(workload, count=max(50, workload["count"] // 10))
+        for workload in selected:
+            workload = prepare(workload, args.quick)
+            if "bound" in workload:
+                print(f"{workload['name']} | {bound_line(workload)}", flush=True)
             runs = 1 if args.quick else args.runs
             per_system: dict[str, list[dict]] = {s: [] for s in workload["systems"]}
             for run in range(runs):  # interleaved: each system once per round
@@ -206,25 +295,36 @@ def main() -> int:
                     print(f"{workload['name']} | {system} | run {run + 1}: {result}",
                           flush=True)
                     per_system[system].append(result)
-            results[workload["name"]] = per_system
+            results.append((workload, per_system))
     finally:
         broker.stop()
-    write_report(results)
+    partial = args.quick or bool(prefixes)
+    write_report(results, WORK if partial else BENCH)
     return 0
 
 
-def write_report(results: dict[str, dict[str, list[dict]]]) -> None:
+def ratio_text(workload: dict, median: float, base_median: float | None,
+               baseline_name: str) -> str:
+    if "bound" in workload:
+        return f"{median / workload['bound']:.0%} of in-order bound"
+    if "ideal" in workload:
+        return f"{median / workload['ideal']:.0%} of ideal"
+    return f"{median / base_median:.2f}x {baseline_name}" if base_median else "-"
+
+
+def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Path) -> None:
     machine = (f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
                f"{time.strftime('%Y-%m-%d')}")
     lines = ["# Benchmark results", "", f"Machine: {machine}", "",
              "Generated by `.venv/bin/python bench/run.py`; ratios are within this run.", ""]
-    chart: dict[str, dict[str, float]] = {}
-    for workload in WORKLOADS:
+    chart: list[tuple[dict, dict[str, float | None]]] = []
+    for workload, per_system in results:
         name = workload["name"]
-        if name not in results:
-            continue
         lines += [f"## {name}", ""]
-        per_system = results[name]
+        if "bound" in workload:
+            lines += [bound_line(workload), ""]
+        if "note" in workload:
+            lines += [workload["note"], ""]
         if workload["kind"] == "throughput":
             lines += ["| system | median msg/s | min-max | MB/s | vs baseline | peak RSS MB "
                       "| CPU s | queue after (ready, unacked) |",
@@ -232,23 +332,29 @@ def write_report(results: dict[str, dict[str, list[dict]]]) -> None:
             baseline_name = workload.get("baseline", "raw-ack")
             base = [r["rate"] for r in per_system.get(baseline_name, []) if "rate" in r]
             base_median = statistics.median(base) if base else None
+            bars: dict[str, float | None] = {}
             for system, runs in per_system.items():
                 ok = [r for r in runs if "rate" in r]
+                failed = [r for r in runs if "rate" not in r]
                 if not ok:
-                    lines.append(f"| {system} | failed: {runs[0].get('error')} | | | | | | |")
+                    bars[system] = None
+                    lines.append(f"| {system} | failed: {failed[0].get('error')} "
+                                 f"| | | | | | |")
                     continue
                 rates = [r["rate"] for r in ok]
                 median = statistics.median(rates)
-                ratio = f"{median / base_median:.2f}x {baseline_name}" if base_median else "-"
-                if "ideal" in workload:
-                    ratio = f"{median / workload['ideal']:.0%} of ideal"
-                chart.setdefault(name, {})[system] = median
+                ratio = ratio_text(workload, median, base_median, baseline_name)
+                if failed:
+                    ratio += (f"; {len(failed)} of {len(runs)} runs failed: "
+                              f"{failed[0].get('error')}")
+                bars[system] = median
                 lines.append(
                     f"| {system} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} "
                     f"| {statistics.median(r['mbps'] for r in ok):.1f} | {ratio} "
                     f"| {max(r['rss'] for r in ok):.0f} "
                     f"| {statistics.median(r['cpu'] for r in ok):.1f} "
                     f"| {', '.join(str(r['left']) for r in ok)} |")
+            chart.append((workload, bars))
         elif workload["kind"] == "idle":
             lines += ["| system | % of a core (median) | peak RSS MB |", "|---|---|---|"]
             for system, runs in per_system.items():
@@ -264,12 +370,14 @@ def write_report(results: dict[str, dict[str, list[dict]]]) -> None:
                 lines.append(f"| {system} | {statistics.median(r['startup_s'] for r in ok):.2f} "
                              f"| {max(r['rss'] for r in ok):.0f} |")
         lines.append("")
-    (BENCH / "results.md").write_text("\n".join(lines))
+    (out_dir / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    draw_chart(chart)
+    print(f"written: {out_dir / 'results.md'}")
+    draw_chart(chart, out_dir / "results.png")
 
 
-def draw_chart(chart: dict[str, dict[str, float]]) -> None:
+def draw_chart(chart: list[tuple[dict, dict[str, float | None]]], path: Path) -> None:
+    """One panel per throughput workload; a dashed line marks its ideal or in-order bound."""
     if not chart:
         return
     try:
@@ -280,15 +388,33 @@ def draw_chart(chart: dict[str, dict[str, float]]) -> None:
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(1, len(chart), figsize=(5 * len(chart), 4), squeeze=False)
-    for ax, (name, systems) in zip(axes[0], chart.items()):
-        ax.bar(list(systems), list(systems.values()),
-               color=["tab:green" if s == "dispatcher" else "tab:gray" for s in systems])
-        ax.set_title(name, fontsize=8)
+    cols = min(3, len(chart))
+    rows = math.ceil(len(chart) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(chart):]:
+        ax.set_visible(False)
+    for ax, (workload, systems) in zip(axes.flat, chart):
+        names = list(systems)
+        heights = [v or 0.0 for v in systems.values()]
+        ax.bar(names, heights,
+               color=["tab:green" if s == "dispatcher" else "tab:gray" for s in names])
+        for i, value in enumerate(systems.values()):
+            if value is None:
+                ax.text(i, 0, "did not\nfinish", ha="center", va="bottom", fontsize=7,
+                        color="tab:red")
+        line = workload.get("bound") or workload.get("ideal")
+        if line:
+            label = "in-order bound" if "bound" in workload else "ideal"
+            ax.axhline(line, color="tab:blue", linestyle="--", linewidth=1)
+            ax.text(len(names) - 0.5, line, f"{label} {line:,.0f}/s", ha="right",
+                    va="bottom", fontsize=7, color="tab:blue")
+            ax.set_ylim(0, max([line, *heights]) * 1.15)
+        ax.set_title(workload["name"], fontsize=8, wrap=True)
         ax.set_ylabel("messages/s (median)")
         ax.tick_params(axis="x", labelsize=7, rotation=20)
     fig.tight_layout()
-    fig.savefig(BENCH / "results.png", dpi=90)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
