@@ -129,6 +129,7 @@ class Dispatcher:
         self.reconnect_delay = RECONNECT_FIRST_DELAY
         self.repair_delay = REPAIR_FIRST_DELAY
         self.repair_timer: gevent.Greenlet | None = None
+        self.repair_due = 0.0
         self.undeclared: set[str] = set()  # paths of config queues the broker refused
 
     # -- the main loop ------------------------------------------------------------
@@ -327,8 +328,14 @@ class Dispatcher:
         return channel
 
     def _schedule_repair(self, delay: float) -> None:
-        if self.repair_timer is None:
-            self.repair_timer = gevent.spawn_later(delay, self.events.put, ("repair", None))
+        """Repair in ``delay`` seconds, or sooner if a repair is already due sooner."""
+        due = time.monotonic() + delay
+        if self.repair_timer is not None:
+            if self.repair_due <= due:
+                return
+            self.repair_timer.kill()
+        self.repair_due = due
+        self.repair_timer = gevent.spawn_later(delay, self.events.put, ("repair", None))
 
     def _repair(self) -> None:
         """Declare the queues the broker refused, and open the entries that are closed.
