@@ -24,21 +24,26 @@ log = logging.getLogger("amqp-dispatcher.connection")
 RPC_TIMEOUT = 30.0
 
 
-# Reply codes with which the broker refuses what the config asks for. Anything
-# else (a lost connection, a timeout, a queue whose node is down) is transient.
-REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 406: "PRECONDITION_FAILED"}
+# Reply codes with which the broker refuses what the config asks for: retrying
+# the same request fails the same way. 405 is an exclusive queue that another
+# connection holds, or that exists without being exclusive.
+REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 405: "RESOURCE_LOCKED",
+                 406: "PRECONDITION_FAILED"}
 
 
 class BrokerError(Exception):
     """The broker could not be reached, or did not do what was asked: one line.
 
-    ``refused`` is true only when the broker explicitly refused the request
-    (see REFUSAL_CODES); retrying the same request will fail the same way.
+    ``channel_only``: the broker closed the channel over this request; the
+    connection, and whatever else uses it, is fine. ``refused``: moreover the
+    broker refused the request itself (see REFUSAL_CODES). Anything else (the
+    connection lost, no answer) is about the connection.
     """
 
-    def __init__(self, message: str, refused: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False, channel_only: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.channel_only = channel_only or refused
 
 
 class TopologyError(BrokerError):
@@ -54,6 +59,11 @@ def is_refusal(reason: Any) -> bool:
         return False  # closed by us, or with the whole connection
     # A durable queue whose node is down is a 404 too, but it comes back on its own.
     return reason.reply_code in REFUSAL_CODES and "down or inaccessible" not in reason.reply_text
+
+
+def _channel_error(reason: Any) -> BrokerError:
+    return BrokerError(describe_close(reason), refused=is_refusal(reason),
+                       channel_only=isinstance(reason, pika.exceptions.ChannelClosedByBroker))
 
 
 def describe_close(reason: Any) -> str:
@@ -123,20 +133,20 @@ class SyncChannel:
     def _on_close(self, channel: Any, reason: Any) -> None:
         self.close_reason = reason
         if self._waiting is not None and not self._waiting.ready():
-            self._waiting.set_exception(
-                BrokerError(describe_close(reason), refused=is_refusal(reason)))
+            self._waiting.set_exception(_channel_error(reason))
 
     def _wait(self, result: gevent.event.AsyncResult) -> Any:
         try:
             return result.get(timeout=RPC_TIMEOUT)
         except gevent.Timeout:
+            self.close()  # never leave a channel behind that nobody tracks
             raise BrokerError(f"no answer from the broker within {RPC_TIMEOUT:.0f}s") from None
         finally:
             self._waiting = None
 
     def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.close_reason is not None:
-            raise BrokerError(describe_close(self.close_reason))
+            raise _channel_error(self.close_reason)
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         self._waiting = result
         try:
@@ -148,7 +158,7 @@ class SyncChannel:
 
     def close(self) -> None:
         """Close without waiting; a channel already closing or closed is left alone."""
-        if self.channel.is_open:
+        if not (self.channel.is_closing or self.channel.is_closed):
             try:
                 self.channel.close()
             except pika.exceptions.AMQPError:
@@ -156,26 +166,30 @@ class SyncChannel:
 
 
 def declare_queues(connection: Any, config: Config,
-                   queues: Iterable[QueueConfig]) -> list[tuple[QueueConfig, TopologyError]]:
+                   queues: Iterable[QueueConfig]) -> list[tuple[QueueConfig, BrokerError]]:
     """Declare these queues of the config and their bindings.
 
-    Returns what the broker refused, one TopologyError per queue (a refusal
-    closes the channel; the next queue gets a new one). Raises BrokerError for
-    anything transient: the connection lost, no answer.
+    Returns, per queue the broker would not declare or bind, why: a
+    TopologyError where it refused the config, a BrokerError where something
+    passing failed on its side (a queue whose node is down). Either closes only
+    that channel; the next queue gets a new one. Raises BrokerError when the
+    connection itself fails: lost, or no answer.
     """
-    refused: list[tuple[QueueConfig, TopologyError]] = []
+    failed: list[tuple[QueueConfig, BrokerError]] = []
     sync: SyncChannel | None = None
     for queue in queues:
         if sync is None:
             sync = SyncChannel.open(connection)
         try:
             _declare_queue(sync, config, queue)
-        except TopologyError as exc:
-            refused.append((queue, exc))
+        except BrokerError as exc:
+            if not exc.channel_only:
+                raise
+            failed.append((queue, exc))
             sync = None
     if sync is not None:
         sync.close()
-    return refused
+    return failed
 
 
 def _declare_queue(sync: SyncChannel, config: Config, queue: QueueConfig) -> None:
@@ -186,19 +200,22 @@ def _declare_queue(sync: SyncChannel, config: Config, queue: QueueConfig) -> Non
                   durable=queue.durable, exclusive=queue.exclusive,
                   auto_delete=queue.auto_delete, arguments=queue.arguments() or None)
     except BrokerError as exc:
-        if exc.refused:
-            raise TopologyError(f"{config.path}: {queue.path}: {what}: broker said {exc}") \
-                from None
-        raise
+        raise config_error(exc, f"{config.path}: {queue.path}: {what}") from None
     for i, binding in enumerate(queue.bindings):
         try:
             sync.call(sync.channel.queue_bind, queue=queue.queue,
                       exchange=binding.exchange, routing_key=binding.routing_key)
         except BrokerError as exc:
-            if exc.refused:
-                raise TopologyError(
-                    f"{config.path}: {queue.path}.bindings[{i}]: cannot bind queue "
-                    f"{queue.queue!r} to exchange {binding.exchange!r}: broker said {exc}"
-                ) from None
-            raise
+            raise config_error(exc, f"{config.path}: {queue.path}.bindings[{i}]: cannot bind "
+                                    f"queue {queue.queue!r} to exchange {binding.exchange!r}") \
+                from None
     log.info("declared queue %s with %d binding(s)", queue.queue, len(queue.bindings))
+
+
+def config_error(exc: BrokerError, what: str) -> BrokerError:
+    """The same failure, told as what the config asked for (file and key path first)."""
+    if exc.refused:
+        return TopologyError(f"{what}: broker said {exc}")
+    if exc.channel_only:
+        return BrokerError(f"{what}: broker said {exc}", channel_only=True)
+    return exc

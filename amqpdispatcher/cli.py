@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from . import __version__
@@ -48,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         return fail([str(exc)])
     redact_password(settings.password)
+    redact_password(settings.password_as_written)
     try:
         config, resolved = load_config(args.config)
     except ConfigError as exc:
         return fail(exc.problems)
+    except KeyboardInterrupt:  # SIGINT while importing the consumer modules
+        return 128 + signal.SIGINT
     if args.validate:
         print(f"{args.config}: OK ({len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")

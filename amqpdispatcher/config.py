@@ -92,7 +92,8 @@ class _Key:
 
     Numbers are never negative, NaN or infinite. ``positive``: more than 0 (so at
     least 1 for an integer). ``maximum``: the largest value accepted. ``non_empty``:
-    a string or list must not be empty (``empty_hint`` says why, if set).
+    a string or list must not be empty (``empty_hint`` says why, if set). ``name``:
+    a queue, exchange or routing key, which AMQP carries in at most 255 bytes.
     """
 
     types: tuple[type, ...]
@@ -103,6 +104,7 @@ class _Key:
     maximum: int | None = None
     non_empty: bool = False
     empty_hint: str = ""
+    name: bool = False
     doc: str = ""
 
 
@@ -122,29 +124,31 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
 }
 
 QUEUE_KEYS: dict[str, _Key] = {
-    "queue": _Key((str,), required=True, nullable=False, non_empty=True, doc="queue name"),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
+                  doc="queue name"),
     "durable": _Key((bool,), default=True, nullable=False),
     "auto_delete": _Key((bool,), default=False, nullable=False),
     "exclusive": _Key((bool,), default=False, nullable=False),
     "passive": _Key((bool,), default=False, nullable=False,
                     doc="only check that the queue exists"),
-    "x_dead_letter_exchange": _Key((str,)),
-    "x_dead_letter_routing_key": _Key((str,)),
-    "x_max_length": _Key((int,), positive=False),
-    "x_expires": _Key((int,), positive=True),
-    "x_message_ttl": _Key((int,)),
+    "x_dead_letter_exchange": _Key((str,), name=True),
+    "x_dead_letter_routing_key": _Key((str,), name=True),
+    # Queue arguments travel as signed 64-bit integers at most.
+    "x_max_length": _Key((int,), positive=False, maximum=2**63 - 1),
+    "x_expires": _Key((int,), positive=True, maximum=2**63 - 1),
+    "x_message_ttl": _Key((int,), maximum=2**63 - 1),
     "bindings": _Key((list,), default=[]),
 }
 
 BINDING_KEYS: dict[str, _Key] = {
-    "exchange": _Key((str,), required=True, nullable=False, non_empty=True,
+    "exchange": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
                      empty_hint="the default exchange cannot be bound"),
-    "routing_key": _Key((str,), required=True, nullable=False),
+    "routing_key": _Key((str,), required=True, nullable=False, name=True),
 }
 
 CONSUMER_KEYS: dict[str, _Key] = {
     "consumer": _Key((str,), required=True, nullable=False, doc="module:Class"),
-    "queue": _Key((str,), required=True, nullable=False, non_empty=True),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True),
     "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
     # basic.qos carries prefetch_count in 16 bits.
     "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
@@ -227,6 +231,8 @@ class _Checker:
                 return f"expected zero or more, got {raw}"
             if spec.maximum is not None and raw > spec.maximum:
                 return f"expected at most {spec.maximum}, got {raw}"
+        if spec.name and isinstance(raw, str) and len(raw.encode("utf-8")) > 255:
+            return f"expected at most 255 bytes (an AMQP name), got {len(raw.encode('utf-8'))}"
         if spec.non_empty and isinstance(raw, list) and not raw:
             return "at least one entry is required, got an empty list"
         if spec.non_empty and isinstance(raw, str) and not raw:

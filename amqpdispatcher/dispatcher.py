@@ -33,7 +33,15 @@ import gevent.queue
 import pika.exceptions
 
 from .acks import Acknowledger
-from .broker import BrokerError, SyncChannel, TopologyError, connect, declare_queues, describe_close
+from .broker import (
+    BrokerError,
+    SyncChannel,
+    TopologyError,
+    config_error,
+    connect,
+    declare_queues,
+    describe_close,
+)
 from .config import Config, Resolved, describe_exception
 from .pool import ConsumerPool, StopNow
 from .settings import Settings
@@ -51,8 +59,11 @@ EXIT_INTERNAL = 70  # a bug in the dispatcher (EX_SOFTWARE); the traceback is lo
 
 # What each signal means: TERM drains (a second TERM stops at once), INT and
 # QUIT stop at once. A stop at once exits 128 + the signal number.
+# HUP, USR1 and USR2 are logged and otherwise ignored (their default action would
+# kill the process without a drain).
 GRACEFUL_SIGNALS = (signal.SIGTERM,)
 FAST_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
@@ -104,6 +115,7 @@ class Channel:
         self.sync = sync
         self.acker = acker
         self.consumer_tag = consumer_tag
+        self.opened_at = time.monotonic()
 
     def cancel(self) -> None:
         """Ask the broker for no more deliveries, without waiting for its answer."""
@@ -127,16 +139,20 @@ class Dispatcher:
         self.session_opened_at = 0.0
         self.outage_started: float | None = None
         self.reconnect_delay = RECONNECT_FIRST_DELAY
-        self.repair_delay = REPAIR_FIRST_DELAY
+        # Queues and entries to retry on their own: config path -> when; and each
+        # one's last backoff delay.
+        self.broken: dict[str, float] = {}
+        self.backoff: dict[str, float] = {}
         self.repair_timer: gevent.Greenlet | None = None
         self.repair_due = 0.0
-        self.undeclared: set[str] = set()  # paths of config queues the broker refused
 
     # -- the main loop ------------------------------------------------------------
 
     def run(self) -> int:
         for signum in GRACEFUL_SIGNALS + FAST_SIGNALS:
             gevent.signal_handler(signum, self.events.put, ("signal", signum))
+        for signum in IGNORED_SIGNALS:
+            gevent.signal_handler(signum, self.events.put, ("ignored_signal", signum))
         try:
             try:
                 self._start()
@@ -169,17 +185,25 @@ class Dispatcher:
 
     def _fail_start(self, status: int, message: str) -> int:
         log.error("%s", message)
-        self._shutdown_instances()
-        self._close_connection()
-        return status
+        return self._finish(status)
 
     def _stop_during_start(self, signum: int) -> int:
         # Nothing was consumed yet (workers start once every entry consumes).
         log.info("received %s during start-up: stopping", signal.Signals(signum).name)
-        self._shutdown_instances()
-        self._close_connection()
+        return self._finish(EXIT_OK if signum in GRACEFUL_SIGNALS else 128 + signum)
+
+    def _finish(self, status: int) -> int:
+        """The last steps of every stop: ``shutdown(None)`` on each instance, then close
+        the connection. A signal meanwhile skips what is left: exit 128 + signal."""
+        try:
+            self._step(self._shutdown_instances)
+            self._step(self._close_connection)
+        except Interrupted as signal_:
+            log.info("received %s while stopping: stopping now",
+                     signal.Signals(signal_.signum).name)
+            return 128 + signal_.signum
         log.info("stopped")
-        return EXIT_OK if signum in GRACEFUL_SIGNALS else 128 + signum
+        return status
 
     def _handle(self, kind: str, detail: Any) -> None:
         if kind == "signal":
@@ -196,16 +220,19 @@ class Dispatcher:
                 pool = self.pools[index]
                 log.error("the broker closed the channel of %s (%s): %s; reopening it",
                           pool.entry.path, pool.entry.queue, describe_close(reason))
-                self._drop_channel(index)
-                self._schedule_repair(0)
+                self._entry_lost(index, self._drop_channel(index))
         elif kind == "consumer_cancelled":
             index, cancelled = detail
             if self.channels.get(index) is cancelled:
                 pool = self.pools[index]
                 log.error("the broker cancelled the consumer of %s (was queue %s deleted?); "
                           "declaring and subscribing again", pool.entry.path, pool.entry.queue)
-                self._drop_channel(index).sync.close()
-                self._schedule_repair(0)
+                dropped = self._drop_channel(index)
+                dropped.sync.close()
+                self._entry_lost(index, dropped)
+        elif kind == "ignored_signal":
+            log.warning("received %s: amqp-dispatcher does not use it; ignored",
+                        signal.Signals(detail).name)
         elif kind == "repair":
             self.repair_timer = None
             if self.connection is not None:
@@ -252,14 +279,18 @@ class Dispatcher:
         if self.resolved.startup_handler is not None:
             try:
                 self.resolved.startup_handler()
-            except Exception as exc:  # noqa: BLE001 - user code
+            except StopNow:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - user code, SystemExit included
                 raise UserCodeError(f"{self.config.path}: startup_handler: "
                                     f"{self.config.startup_handler} raised "
                                     f"{describe_exception(exc)}") from None
         for pool in self.pools:
             try:
                 pool.create_instances()
-            except Exception as exc:  # noqa: BLE001 - user code
+            except StopNow:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - user code, SystemExit included
                 raise UserCodeError(f"{self.config.path}: {pool.entry.path}.consumer: "
                                     f"{pool.entry.consumer}() raised "
                                     f"{describe_exception(exc)}") from None
@@ -267,8 +298,9 @@ class Dispatcher:
     def _open_session(self, at_start: bool) -> None:
         """Connect, declare the topology, and start consuming on every entry.
 
-        At start, anything the broker refuses is raised (TopologyError: exit 4).
-        Later, a refused queue or entry is logged and left to the repair timer,
+        At start, any failure is raised: a refusal as TopologyError (exit 4),
+        anything else as BrokerError (exit 3). Later, a queue or entry that
+        fails on its own channel is logged and retried alone (``_repair``),
         and the rest of the entries consume.
         """
         connection = connect(self.settings)
@@ -276,23 +308,20 @@ class Dispatcher:
         self.session_opened_at = time.monotonic()
         connection.add_on_close_callback(
             lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
-        refused = declare_queues(connection, self.config, self.config.queues)
-        if refused and at_start:
-            for _, exc in refused[:-1]:
+        failed = declare_queues(connection, self.config, self.config.queues)
+        if failed and at_start:
+            for _, exc in failed[:-1]:
                 log.error("%s", exc)
-            raise refused[-1][1]
-        self.undeclared = {queue.path for queue, _ in refused}
-        for _, exc in refused:
-            log.error("%s; retrying in %gs", exc, self.repair_delay)
-        for index in range(len(self.pools)):
+            raise failed[-1][1]
+        for queue, exc in failed:
+            self._retry_later(queue.path, str(exc))
+        for index, pool in enumerate(self.pools):
             try:
                 self._open_channel(index)
-            except TopologyError as exc:
-                if at_start:
+            except BrokerError as exc:
+                if at_start or not exc.channel_only:
                     raise
-                log.error("%s; retrying in %gs", exc, self.repair_delay)
-        if self.undeclared or len(self.channels) < len(self.pools):
-            self._schedule_repair(self.repair_delay)
+                self._retry_later(pool.entry.path, str(exc))
 
     def _open_channel(self, index: int) -> None:
         pool = self.pools[index]
@@ -304,10 +333,9 @@ class Dispatcher:
             consume_ok = sync.call(sync.channel.basic_consume, entry.queue,
                                    pool.on_message(acker))
         except BrokerError as exc:
-            if exc.refused:
-                raise TopologyError(f"{self.config.path}: {entry.path}: cannot consume from "
-                                    f"queue {entry.queue!r}: broker said {exc}") from None
-            raise
+            sync.close()
+            raise config_error(exc, f"{self.config.path}: {entry.path}: cannot consume from "
+                                    f"queue {entry.queue!r}") from None
         channel = Channel(sync, acker, consume_ok.method.consumer_tag)
         sync.channel.add_on_close_callback(
             lambda ch, reason: self.events.put(("channel_closed", (index, channel, reason))))
@@ -327,46 +355,74 @@ class Dispatcher:
                         "broker redelivers them", dropped, self.pools[index].entry.path)
         return channel
 
-    def _schedule_repair(self, delay: float) -> None:
-        """Repair in ``delay`` seconds, or sooner if a repair is already due sooner."""
-        due = time.monotonic() + delay
+    def _entry_lost(self, index: int, channel: Channel) -> None:
+        """Reopen an entry whose channel the broker closed or whose consumer it cancelled:
+        at once if the channel had been up a while, else backing off, so that a
+        message that gets its channel closed every time cannot spin."""
+        path = self.pools[index].entry.path
+        if time.monotonic() - channel.opened_at >= STABLE_SESSION:
+            self.backoff.pop(path, None)
+            self._retry_later(path, None, delay=0)
+        else:
+            self._retry_later(path, "its channel closed again soon after it opened")
+
+    def _retry_later(self, path: str, problem: str | None, delay: float | None = None) -> None:
+        """Retry the queue or entry at this config path on its own, with backoff."""
+        if delay is None:
+            delay = min(max(self.backoff.get(path, 0) * 2, REPAIR_FIRST_DELAY), REPAIR_MAX_DELAY)
+            self.backoff[path] = delay
+        if problem is not None:
+            log.error("%s; retrying in %gs", problem, delay)
+        self.broken[path] = time.monotonic() + delay
+        self._schedule_repair()
+
+    def _schedule_repair(self) -> None:
+        """Have the main loop call _repair when the first retry is due."""
+        due = min(self.broken.values())
         if self.repair_timer is not None:
             if self.repair_due <= due:
                 return
             self.repair_timer.kill()
         self.repair_due = due
-        self.repair_timer = gevent.spawn_later(delay, self.events.put, ("repair", None))
+        self.repair_timer = gevent.spawn_later(max(0.0, due - time.monotonic()),
+                                               self.events.put, ("repair", None))
 
     def _repair(self) -> None:
-        """Declare the queues the broker refused, and open the entries that are closed.
+        """Declare the queues and open the entries whose retry is due.
 
-        An entry's own queue is declared again first: an auto_delete queue is
-        gone once its last consumer's channel closed, and a deleted queue the
-        config declares comes back.
+        An entry's own queue, if the config declares it, is declared again
+        first: an auto_delete queue is gone once its last consumer's channel
+        closed, and a deleted queue the config declares comes back.
         """
-        broken = [i for i in range(len(self.pools)) if i not in self.channels]
-        names = {self.pools[i].entry.queue for i in broken}
-        wanted = [q for q in self.config.queues if q.path in self.undeclared or q.queue in names]
+        now = time.monotonic()
+        due = {path for path, at in self.broken.items() if at <= now}
+        for path in due:
+            del self.broken[path]
+        entries = [i for i, pool in enumerate(self.pools) if pool.entry.path in due]
+        names = {self.pools[i].entry.queue for i in entries}
+        queues = [q for q in self.config.queues if q.path in due or q.queue in names]
         try:
-            refused = declare_queues(self.connection, self.config, wanted)
-            self.undeclared = {queue.path for queue, _ in refused}
-            failures = [str(exc) for _, exc in refused]
-            for index in broken:
+            failed = declare_queues(self.connection, self.config, queues)
+            for queue, exc in failed:
+                self._retry_later(queue.path, str(exc))
+            for queue in queues:
+                if all(queue is not other for other, _ in failed):
+                    self.backoff.pop(queue.path, None)
+            for index in entries:
                 try:
                     self._open_channel(index)
-                except TopologyError as exc:
-                    failures.append(str(exc))
+                except BrokerError as exc:
+                    if not exc.channel_only:
+                        raise
+                    self._retry_later(self.pools[index].entry.path, str(exc))
         except BrokerError as exc:
             if self.connection is None or not self.connection.is_open:
                 return  # the connection_closed event takes over
-            failures = [f"cannot reopen channels: {exc}"]
-        if failures:
-            for failure in failures:
-                log.error("%s; retrying in %gs", failure, self.repair_delay)
-            self._schedule_repair(self.repair_delay)
-            self.repair_delay = min(self.repair_delay * 2, REPAIR_MAX_DELAY)
-        else:
-            self.repair_delay = REPAIR_FIRST_DELAY
+            for path in due:  # no answer: try all of them again later
+                if path not in self.broken:
+                    self._retry_later(path, f"{self.config.path}: {path}: {exc}")
+        if self.broken:
+            self._schedule_repair()
 
     def _forget_session(self) -> None:
         """The connection is gone: its delivery tags mean nothing any more."""
@@ -375,7 +431,7 @@ class Dispatcher:
         if self.repair_timer is not None:
             self.repair_timer.kill()
             self.repair_timer = None
-        self.repair_delay = REPAIR_FIRST_DELAY
+        self.broken.clear()  # the next session declares and opens everything
         self.connection = None
 
     def _on_connection_lost(self, reason: str) -> None:
@@ -470,15 +526,7 @@ class Dispatcher:
                 self._drop_channel(detail[0])
         for channel in self.channels.values():
             channel.acker.flush()
-        try:
-            self._step(self._shutdown_instances)
-            self._step(self._close_connection)
-        except Interrupted as signal_:
-            log.info("received %s while stopping: stopping now",
-                     signal.Signals(signal_.signum).name)
-            return 128 + signal_.signum
-        log.info("stopped")
-        return EXIT_OK
+        return self._finish(EXIT_OK)
 
     def _stop_now(self, status: int) -> int:
         for channel in self.channels.values():
@@ -487,10 +535,7 @@ class Dispatcher:
             pool.stopping.set()
         workers = [w for pool in self.pools for w in pool.workers]
         gevent.killall(workers, StopNow, block=True, timeout=KILL_TIMEOUT)
-        self._shutdown_instances()
-        self._close_connection()
-        log.info("stopped")
-        return status
+        return self._finish(status)
 
     def _shutdown_instances(self) -> None:
         for pool in self.pools:

@@ -182,5 +182,7 @@ class ConsumerPool:
             self.instances[slot] = None
             try:
                 instance.shutdown(None)
+            except StopNow:
+                raise
             except BaseException as exc:  # noqa: BLE001
                 log.error("%s: shutdown raised %s", self.entry.consumer, describe_exception(exc))

@@ -45,6 +45,7 @@ class Settings:
     vhost: str
     heartbeat: int | None
     tls: bool = False
+    password_as_written: str = ""  # in the URL, before percent-decoding: also kept out of logs
 
     def redacted_url(self) -> str:
         scheme = "amqps" if self.tls else "amqp"
@@ -122,7 +123,7 @@ def parse_url(url: str, heartbeat_env: str | None = None) -> Settings:
         raise SettingsError("RABBITMQ_URL: a '/' comes before an '@', so it cannot be parsed "
                             f"unambiguously; {_ENCODE}, and '@' in the vhost")
     userinfo, at, netloc = authority.rpartition("@")
-    user, password = "guest", "guest"
+    user, password, raw_password = "guest", "guest", ""
     if at:
         raw_user, _, raw_password = userinfo.partition(":")
         user, password = unquote(raw_user), unquote(raw_password)
@@ -148,7 +149,8 @@ def parse_url(url: str, heartbeat_env: str | None = None) -> Settings:
     if heartbeat_env:
         heartbeat = _heartbeat(heartbeat_env, "RABBITMQ_HEARTBEAT")
     return Settings(hosts=hosts, user=user, password=password,
-                    vhost=unquote(vhost) or "/", heartbeat=heartbeat, tls=tls)
+                    vhost=unquote(vhost) or "/", heartbeat=heartbeat, tls=tls,
+                    password_as_written=raw_password)
 
 
 def _heartbeat(text: str, where: str, quote_text: bool = True) -> int:

@@ -360,3 +360,130 @@ def test_flapping_connection_backs_off_and_gives_up(broker: BrokerHandle, proxy:
     assert "could not reconnect within reconnect_give_up_after (6s)" in proc.output
     # Backoff 0.5, 1, 2, 4 s (with jitter) fits at most 5 connections in 6 s, not 20.
     assert proxy.connections <= 6, proxy.connections
+
+
+# -- found by trying to break the above ------------------------------------------------
+
+def test_locked_exclusive_queue_after_reconnect_leaves_other_entries_consuming(
+        broker: BrokerHandle, proxy: FaultProxy, tmp_path: Path) -> None:
+    """405 RESOURCE_LOCKED is the broker refusing that one queue, not a lost connection."""
+    broker.declare("work")
+    config = ("queues:\n  - queue: ex\n    exclusive: true\n    durable: false\n"
+              "consumers:\n  - consumer: testconsumers:Recorder\n    queue: ex\n"
+              "  - consumer: testconsumers:Recorder\n    queue: work\n")
+    proc = DispatcherProcess(tmp_path, config, proxy.rewrite_url(broker.url))
+    try:
+        wait_until(lambda: proc.output.count("consuming from") == 2, what="two entries")
+        proxy.refuse(True)
+        proxy.drop_all()
+        # Another connection takes the exclusive queue before the dispatcher is back.
+        wait_until(lambda: _declare_exclusive(broker, "ex"), what="queue taken")
+        proxy.refuse(False)
+        wait_until(lambda: "reconnected after" in proc.output, what="reconnect")
+        broker.publish("work", "still-consuming")
+        wait_until(lambda: "still-consuming" in proc.records(), what="the other entry")
+        assert "405 RESOURCE_LOCKED" in proc.output
+        assert "queues[0]: cannot declare queue 'ex'" in proc.output
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def _declare_exclusive(broker: BrokerHandle, name: str) -> bool:
+    try:
+        broker.channel.queue_declare(name, exclusive=True, durable=False)
+    except Exception:  # noqa: BLE001 - the old connection's queue is not gone yet
+        return False
+    return True
+
+
+def test_exclusive_mismatch_at_start_is_a_config_error(broker: BrokerHandle,
+                                                       tmp_path: Path) -> None:
+    broker.declare("shared", durable=True)
+    config = ("queues:\n  - queue: shared\n    exclusive: true\n"
+              "consumers:\n  - consumer: testconsumers:Recorder\n    queue: shared\n")
+    result = run_cli(tmp_path, "--config", "config.yml", config=config,
+                     env={"RABBITMQ_URL": broker.url})
+    assert result.returncode == 4, result.stderr
+    assert "config.yml: queues[0]: cannot declare queue 'shared'" in result.stderr
+
+
+def test_channel_closed_again_and_again_backs_off(broker: BrokerHandle,
+                                                  tmp_path: Path) -> None:
+    """Before: a message that gets its channel closed every time reopened it at once,
+    forever: hundreds of closes and log lines a second, and its entry stalled."""
+    broker.declare("poison")
+    broker.declare("other")
+    config = ("consumers:\n  - consumer: testconsumers:PoisonPublish\n    queue: poison\n"
+              "  - consumer: testconsumers:Recorder\n    queue: other\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        wait_until(lambda: proc.output.count("consuming from") == 2, what="two entries")
+        broker.publish("poison", "p")
+        wait_until(lambda: proc.output.count("the broker closed the channel") >= 3,
+                   what="the channel closed a few times")
+        closes = proc.output.count("the broker closed the channel")
+        broker.publish("other", "still-consuming")
+        wait_until(lambda: "still-consuming" in proc.records(), what="the other entry")
+        # With backoff 1, 2, 4 s: a handful of closes in the next 6 s, not hundreds.
+        deadline = time.monotonic() + 6
+        wait_until(lambda: time.monotonic() > deadline, timeout=10, what="6 s")
+        assert proc.output.count("the broker closed the channel") - closes <= 4, proc.output
+        assert "retrying in" in proc.output
+    finally:
+        proc.signal(signal.SIGINT)
+        proc.wait()
+
+
+def test_user_code_exiting_at_start_is_a_user_code_failure(broker: BrokerHandle,
+                                                           tmp_path: Path) -> None:
+    """Before: sys.exit(0) in the startup handler ended the daemon with status 0."""
+    broker.declare("q")
+    config = ("startup_handler: testconsumers:exiting_startup\n"
+              "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n")
+    result = run_cli(tmp_path, "--config", "config.yml", config=config,
+                     env={"RABBITMQ_URL": broker.url})
+    assert result.returncode == 5, result.stderr
+    assert "startup_handler: testconsumers:exiting_startup raised SystemExit" in result.stderr
+    record = tmp_path / "record.txt"
+    config = ("consumers:\n  - consumer: testconsumers:ExitOnSecondInit\n    queue: q\n"
+              "    consumer_count: 3\n")
+    result = run_cli(tmp_path, "--config", "config.yml", config=config,
+                     env={"RABBITMQ_URL": broker.url, "RECORD_FILE": str(record)})
+    assert result.returncode == 5, result.stderr
+    assert record.read_text().split() == ["shutdown:i1"]  # the one built was shut down
+
+
+def test_second_signal_acts_while_stopping_during_startup(tmp_path: Path) -> None:
+    """SIGTERM while connecting (instances built), then SIGINT during their slow
+    shutdown(None): before, the second signal waited for it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"
+        config = "consumers:\n  - consumer: testconsumers:SlowShutdown\n    queue: q\n"
+        proc = DispatcherProcess(tmp_path, config, url)
+        try:
+            wait_until(lambda: "init" in proc.records(), what="instance built")
+            proc.signal(signal.SIGTERM)
+            wait_until(lambda: "shutdown-begin" in proc.records(), what="shutdown(None)")
+            proc.signal(signal.SIGINT)
+            assert proc.wait(timeout=5) == 130, proc.output
+        finally:
+            proc.stop()
+
+
+def test_sighup_and_sigusr_are_logged_and_ignored(broker: BrokerHandle,
+                                                  tmp_path: Path) -> None:
+    """Before: their default action killed the process, without a drain."""
+    broker.declare("q")
+    config = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            proc.signal(signum)
+            proc.wait_for_log(f"received {signal.Signals(signum).name}: .* ignored")
+        broker.publish("q", "after")
+        wait_until(lambda: "after" in proc.records(), what="still consuming")
+    finally:
+        assert proc.stop() == 0, proc.output

@@ -218,3 +218,18 @@ def test_bad_log_format_in_consume_is_reported_not_raised(broker: BrokerHandle,
         assert proc.stop() == 0
         broker.node.ctl("delete_user", user, check=False)
     assert SECRET not in proc.output
+
+
+def test_password_as_written_in_the_url_is_redacted_too(logger: logging.Logger) -> None:
+    """Any percent-encoding of it (lower-case hex, needless escapes) stays hidden."""
+    from amqpdispatcher.settings import parse_url
+
+    url = "amqp://u:p%c3%a4ssw%c3%b6rd%65@h/"
+    settings = parse_url(url)
+    assert settings.password == "pässwörde"
+    assert settings.password_as_written == "p%c3%a4ssw%c3%b6rd%65"
+    logs.redact_password(settings.password)
+    logs.redact_password(settings.password_as_written)
+    out = capture(logger)
+    logger.info("url=%s password=%s", url, settings.password)
+    assert out.getvalue() == "INFO url=amqp://u:***@h/ password=***\n"

@@ -113,6 +113,14 @@ BAD = [
      "consumers[0].prefetch_count: expected at most 65535, got 65536"),
     (CONSUMER + "    consumer_count: 1.5\n",
      "consumers[0].consumer_count: expected an integer, got 1.5"),
+    # Names travel as AMQP short strings; queue arguments as 64-bit integers at most.
+    (CONSUMER.replace("queue: a", "queue: " + "q" * 256),
+     "consumers[0].queue: expected at most 255 bytes (an AMQP name), got 256"),
+    (CONSUMER + "queues:\n  - queue: a\n    bindings:\n      - exchange: x\n"
+     "        routing_key: " + "é" * 128 + "\n",
+     "queues[0].bindings[0].routing_key: expected at most 255 bytes (an AMQP name), got 256"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_message_ttl: 99999999999999999999999\n",
+     "queues[0].x_message_ttl: expected at most 9223372036854775807"),
 ]
 
 

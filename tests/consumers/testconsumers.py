@@ -311,3 +311,50 @@ class Hostile:
 
     def shutdown(self, exception=None):
         record(f"shutdown:{self.name}")
+
+
+class PoisonPublish:
+    """Every message publishes to an exchange that does not exist: the broker closes the
+    channel each time, and the message comes back."""
+
+    def consume(self, amqp, msg):
+        record(f"start:{text(msg)}")
+        amqp.publish("no-such-exchange", "k", {}, "x")
+        gevent.sleep(0.2)
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class SlowShutdown:
+    def __init__(self):
+        record("init")
+
+    def consume(self, amqp, msg):
+        record(text(msg))
+
+    def shutdown(self, exception=None):
+        record("shutdown-begin")
+        gevent.sleep(30)
+
+
+def exiting_startup():
+    import sys
+
+    sys.exit(0)
+
+
+class ExitOnSecondInit:
+    made = 0
+
+    def __init__(self):
+        ExitOnSecondInit.made += 1
+        if ExitOnSecondInit.made == 2:
+            raise SystemExit(0)
+        self.name = f"i{ExitOnSecondInit.made}"
+
+    def consume(self, amqp, msg):
+        pass
+
+    def shutdown(self, exception=None):
+        record(f"shutdown:{self.name}")
