@@ -11,6 +11,7 @@ from . import __version__
 from .config import ConfigError, load_config
 from .dispatcher import EXIT_CONFIG, Dispatcher
 from .logs import redact_password, setup_logging
+from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
 
 log = logging.getLogger("amqp-dispatcher")
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(exc.problems)
     if args.validate:
+        for line in time_limit_warnings(config):
+            print(line, file=sys.stderr)
         print(f"{args.config}: OK ({len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")
         return 0

@@ -33,9 +33,19 @@ import gevent.queue
 import pika.exceptions
 
 from .acks import Acknowledger
-from .broker import BrokerError, SyncChannel, TopologyError, connect, declare_queues, describe_close
+from .broker import (
+    BrokerError,
+    SyncChannel,
+    TopologyError,
+    connect,
+    declare_queues,
+    describe_close,
+    is_delivery_ack_timeout,
+)
 from .config import Config, Resolved, describe_exception
 from .pool import ConsumerPool, StopNow
+from .publisher import Publisher, PublisherRef
+from .retry import retry_queues
 from .settings import Settings
 
 log = logging.getLogger("amqp-dispatcher")
@@ -120,7 +130,13 @@ class Dispatcher:
         self.resolved = resolved
         self.settings = settings
         self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
-        self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer])
+        # The config's queues, then the delay and dead-letter queues of retry policies.
+        self.topology = config.queues + retry_queues(config)
+        # Confirmed publishing for the retry policies, one channel per session.
+        self.publisher = PublisherRef()
+        self.needs_publisher = any(entry.retry for entry in config.consumers)
+        self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer],
+                                   self.publisher)
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}
@@ -193,10 +209,25 @@ class Dispatcher:
             # With the whole connection closing, connection_closed follows and says it once.
             if self.channels.get(index) is channel and self.connection is not None \
                     and self.connection.is_open:
-                pool = self.pools[index]
-                log.error("the broker closed the channel of %s (%s): %s; reopening it",
-                          pool.entry.path, pool.entry.queue, describe_close(reason))
+                entry = self.pools[index].entry
+                if is_delivery_ack_timeout(reason):
+                    limit = f"{entry.time_limit:g}s" if entry.time_limit else "not set"
+                    log.error("the broker closed the channel of %s (%s): a delivery stayed "
+                              "unacked past the broker's consumer_timeout (%s); set the "
+                              "entry's time_limit (%s) below it; reopening the channel",
+                              entry.path, entry.queue, describe_close(reason), limit)
+                else:
+                    log.error("the broker closed the channel of %s (%s): %s; reopening it",
+                              entry.path, entry.queue, describe_close(reason))
                 self._drop_channel(index)
+                self._schedule_repair(0)
+        elif kind == "publisher_closed":
+            publisher, reason = detail
+            if self.publisher.current is publisher and self.connection is not None \
+                    and self.connection.is_open:
+                log.error("the broker closed the publishing channel: %s; reopening it",
+                          describe_close(reason))
+                self.publisher.current = None
                 self._schedule_repair(0)
         elif kind == "consumer_cancelled":
             index, cancelled = detail
@@ -276,7 +307,9 @@ class Dispatcher:
         self.session_opened_at = time.monotonic()
         connection.add_on_close_callback(
             lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
-        refused = declare_queues(connection, self.config, self.config.queues)
+        refused = declare_queues(connection, self.config, self.topology)
+        if self.needs_publisher:
+            self._open_publisher()
         if refused and at_start:
             for _, exc in refused[:-1]:
                 log.error("%s", exc)
@@ -293,6 +326,11 @@ class Dispatcher:
                 log.error("%s; retrying in %gs", exc, self.repair_delay)
         if self.undeclared or len(self.channels) < len(self.pools):
             self._schedule_repair(self.repair_delay)
+
+    def _open_publisher(self) -> None:
+        self.publisher.current = Publisher.open_on(
+            self.connection, lambda publisher, reason: self.events.put(
+                ("publisher_closed", (publisher, reason))))
 
     def _open_channel(self, index: int) -> None:
         pool = self.pools[index]
@@ -346,8 +384,10 @@ class Dispatcher:
         """
         broken = [i for i in range(len(self.pools)) if i not in self.channels]
         names = {self.pools[i].entry.queue for i in broken}
-        wanted = [q for q in self.config.queues if q.path in self.undeclared or q.queue in names]
+        wanted = [q for q in self.topology if q.path in self.undeclared or q.queue in names]
         try:
+            if self.needs_publisher and self.publisher.current is None:
+                self._open_publisher()
             refused = declare_queues(self.connection, self.config, wanted)
             self.undeclared = {queue.path for queue, _ in refused}
             failures = [str(exc) for _, exc in refused]
@@ -376,6 +416,7 @@ class Dispatcher:
             self.repair_timer.kill()
             self.repair_timer = None
         self.repair_delay = REPAIR_FIRST_DELAY
+        self.publisher.current = None  # its channel went with the connection
         self.connection = None
 
     def _on_connection_lost(self, reason: str) -> None:
