@@ -88,7 +88,7 @@ class Publisher:
         tags = [tag for tag in self._pending if tag <= method.delivery_tag] \
             if method.multiple else [method.delivery_tag]
         for tag in tags:
-            pending = self._pending.get(tag)
+            pending = self._pending.pop(tag, None)  # settled once, whatever follows
             if pending is not None:
                 pending[0].set(ok and tag not in self._returned)
 
