@@ -332,7 +332,7 @@ class Retried:
         if body.startswith("sleep"):
             gevent.sleep(3600)
         if body.startswith("swallow"):
-            from amqpdispatcher.retry import TimeLimitExceeded
+            from amqpdispatcher import TimeLimitExceeded
 
             for _ in range(2):
                 try:
