@@ -1,3 +1,15 @@
 """amqp-dispatcher: run RabbitMQ consumers from a YAML file, on gevent."""
 
+from typing import Any
+
 __version__ = "1.0.0.dev0"
+
+
+def __getattr__(name: str) -> Any:
+    # amqpdispatcher.TimeLimitExceeded, imported on first use: setup.py imports this
+    # package for __version__ before gevent and pika are installed.
+    if name == "TimeLimitExceeded":
+        from .retry import TimeLimitExceeded
+
+        return TimeLimitExceeded
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,6 +66,14 @@ def _channel_error(reason: Any) -> BrokerError:
                        channel_only=isinstance(reason, pika.exceptions.ChannelClosedByBroker))
 
 
+def is_delivery_ack_timeout(reason: Any) -> bool:
+    """Whether the broker closed a channel because a delivery stayed unacked past its
+    consumer_timeout ("delivery acknowledgement on channel N timed out")."""
+    return (getattr(reason, "reply_code", None) == 406
+            and "delivery acknowledgement" in str(getattr(reason, "reply_text", ""))
+            and "timed out" in str(getattr(reason, "reply_text", "")))
+
+
 def describe_close(reason: Any) -> str:
     code = getattr(reason, "reply_code", None)
     text = getattr(reason, "reply_text", None)

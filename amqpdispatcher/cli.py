@@ -12,6 +12,7 @@ from . import __version__
 from .config import ConfigError, load_config
 from .dispatcher import EXIT_CONFIG, Dispatcher
 from .logs import redact_password, setup_logging
+from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
 
 log = logging.getLogger("amqp-dispatcher")
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # SIGINT while importing the consumer modules
         return 128 + signal.SIGINT
     if args.validate:
+        for line in time_limit_warnings(config):
+            print(line, file=sys.stderr)
         print(f"{args.config}: OK ({len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")
         return 0

@@ -67,11 +67,33 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """A consumer entry's ``retry:`` mapping; see RETRY_KEYS."""
+
+    max_attempts: int = 5
+    delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 300.0
+    dead_letter_queue: str | None = None
+
+    def delay_ms(self, attempt: int) -> int:
+        """Milliseconds a message waits after its ``attempt``-th consume failed (from 1)."""
+        seconds = min(self.delay * self.backoff ** (attempt - 1), self.max_delay)
+        return max(1, round(seconds * 1000))
+
+    def delays_ms(self) -> list[int]:
+        """Every distinct delay, in the order the attempts use them: one queue each."""
+        return list(dict.fromkeys(self.delay_ms(n) for n in range(1, self.max_attempts)))
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     consumer: str
     queue: str
     consumer_count: int = 1
     prefetch_count: int = 1
+    time_limit: float | None = None
+    retry: RetryConfig | None = None
     path: str = "consumers[?]"
 
 
@@ -91,9 +113,10 @@ class _Key:
     """One config key: the types it accepts, its default and its bounds.
 
     Numbers are never negative, NaN or infinite. ``positive``: more than 0 (so at
-    least 1 for an integer). ``maximum``: the largest value accepted. ``non_empty``:
-    a string or list must not be empty (``empty_hint`` says why, if set). ``name``:
-    a queue, exchange or routing key, which AMQP carries in at most 255 bytes.
+    least 1 for an integer). ``minimum``, ``maximum``: the smallest and largest value
+    accepted. ``non_empty``: a string or list must not be empty (``empty_hint`` says
+    why, if set). ``name``: a queue, exchange or routing key, which AMQP carries in at
+    most 255 bytes.
     """
 
     types: tuple[type, ...]
@@ -101,6 +124,7 @@ class _Key:
     required: bool = False
     nullable: bool = True
     positive: bool = False
+    minimum: float | None = None
     maximum: int | None = None
     non_empty: bool = False
     empty_hint: str = ""
@@ -152,6 +176,27 @@ CONSUMER_KEYS: dict[str, _Key] = {
     "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
     # basic.qos carries prefetch_count in 16 bits.
     "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
+    # Beyond 0.4.3: failure handling (amqpdispatcher/retry.py).
+    "time_limit": _Key((float, int), positive=True,
+                       doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
+    "retry": _Key((dict,), doc="retry policy (RETRY_KEYS); absent: reject and requeue at once"),
+}
+
+# x-message-ttl is an unsigned 32-bit number of milliseconds.
+_MAX_DELAY_SECONDS = 4294967
+
+RETRY_KEYS: dict[str, _Key] = {
+    "max_attempts": _Key((int,), default=5, nullable=False, positive=True,
+                         doc="consume attempts per message, the first included"),
+    "delay": _Key((float, int), default=1, nullable=False, positive=True,
+                  maximum=_MAX_DELAY_SECONDS, doc="seconds before the second attempt"),
+    "backoff": _Key((float, int), default=2, nullable=False, minimum=1,
+                    doc="each further delay is multiplied by this"),
+    "max_delay": _Key((float, int), default=300, nullable=False, positive=True,
+                      maximum=_MAX_DELAY_SECONDS, doc="cap on one delay (>= delay)"),
+    "dead_letter_queue": _Key((str,), non_empty=True,
+                              doc="where exhausted messages go (declared durable); "
+                                  "null: reject without requeue"),
 }
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
@@ -227,6 +272,8 @@ class _Checker:
             if spec.positive and not raw > 0:
                 kind = "number" if float in spec.types else "integer"
                 return f"expected a positive {kind}, got {raw}"
+            if spec.minimum is not None and raw < spec.minimum:
+                return f"expected at least {spec.minimum:g}, got {raw}"
             if raw < 0:
                 return f"expected zero or more, got {raw}"
             if spec.maximum is not None and raw > spec.maximum:
@@ -350,7 +397,12 @@ def _parse(path: str) -> tuple[Config, list[str]]:
             checker.problem(f"{key_path}.consumer",
                             f"expected 'module:Class', got {checked['consumer']!r}")
             continue
-        consumers.append(ConsumerConfig(**checked, path=key_path))
+        retry = None
+        if "retry" in checked:
+            retry = _parse_retry(checker, checked.pop("retry"), f"{key_path}.retry")
+            if retry is None:
+                continue
+        consumers.append(ConsumerConfig(**checked, retry=retry, path=key_path))
 
     handler = top.get("startup_handler")
     if handler is not None and not _is_import_path(handler):
@@ -363,6 +415,18 @@ def _parse(path: str) -> tuple[Config, list[str]]:
                     reconnect=top.get("reconnect", True),
                     reconnect_give_up_after=top.get("reconnect_give_up_after"))
     return config, checker.problems
+
+
+def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | None:
+    before = len(checker.problems)
+    checked = checker.mapping(raw, key_path, RETRY_KEYS)
+    if checked is None or len(checker.problems) > before:
+        return None
+    if checked["max_delay"] < checked["delay"]:
+        checker.problem(f"{key_path}.max_delay", f"expected at least delay "
+                        f"({checked['delay']}), got {checked['max_delay']}")
+        return None
+    return RetryConfig(**checked)
 
 
 def _is_import_path(value: str) -> bool:

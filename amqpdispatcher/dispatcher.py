@@ -41,9 +41,12 @@ from .broker import (
     connect,
     declare_queues,
     describe_close,
+    is_delivery_ack_timeout,
 )
 from .config import Config, Resolved, describe_exception
 from .pool import ConsumerPool, StopNow
+from .publisher import Publisher, PublisherRef
+from .retry import retry_queues
 from .settings import Settings
 
 log = logging.getLogger("amqp-dispatcher")
@@ -71,6 +74,7 @@ RECONNECT_MAX_DELAY = 30.0
 # that flaps faster keeps backing off, and reconnect_give_up_after keeps counting.
 STABLE_SESSION = 30.0
 REPAIR_FIRST_DELAY = 1.0
+PUBLISHER = "the publishing channel"  # its key among the queues and entries to repair
 REPAIR_MAX_DELAY = 30.0
 # Bounds on the steps of a stop that wait on the broker or on stuck greenlets.
 CLOSE_TIMEOUT = 5.0
@@ -132,7 +136,13 @@ class Dispatcher:
         self.resolved = resolved
         self.settings = settings
         self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
-        self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer])
+        # The config's queues, then the delay and dead-letter queues of retry policies.
+        self.topology = config.queues + retry_queues(config)
+        # Confirmed publishing for the retry policies, one channel per session.
+        self.publisher = PublisherRef()
+        self.needs_publisher = any(entry.retry for entry in config.consumers)
+        self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer],
+                                   self.publisher)
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}
@@ -217,10 +227,25 @@ class Dispatcher:
             # With the whole connection closing, connection_closed follows and says it once.
             if self.channels.get(index) is channel and self.connection is not None \
                     and self.connection.is_open:
-                pool = self.pools[index]
-                log.error("the broker closed the channel of %s (%s): %s; reopening it",
-                          pool.entry.path, pool.entry.queue, describe_close(reason))
+                entry = self.pools[index].entry
+                if is_delivery_ack_timeout(reason):
+                    limit = f"{entry.time_limit:g}s" if entry.time_limit else "not set"
+                    log.error("the broker closed the channel of %s (%s): a delivery stayed "
+                              "unacked past the broker's consumer_timeout (%s); set the "
+                              "entry's time_limit (%s) below it; reopening the channel",
+                              entry.path, entry.queue, describe_close(reason), limit)
+                else:
+                    log.error("the broker closed the channel of %s (%s): %s; reopening it",
+                              entry.path, entry.queue, describe_close(reason))
                 self._entry_lost(index, self._drop_channel(index))
+        elif kind == "publisher_closed":
+            publisher, reason = detail
+            if self.publisher.current is publisher and self.connection is not None \
+                    and self.connection.is_open:
+                log.error("the broker closed the publishing channel: %s; reopening it",
+                          describe_close(reason))
+                self.publisher.current = None
+                self._retry_later(PUBLISHER, None, delay=0)
         elif kind == "consumer_cancelled":
             index, cancelled = detail
             if self.channels.get(index) is cancelled:
@@ -308,13 +333,15 @@ class Dispatcher:
         self.session_opened_at = time.monotonic()
         connection.add_on_close_callback(
             lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
-        failed = declare_queues(connection, self.config, self.config.queues)
+        failed = declare_queues(connection, self.config, self.topology)
         if failed and at_start:
             for _, exc in failed[:-1]:
                 log.error("%s", exc)
             raise failed[-1][1]
         for queue, exc in failed:
             self._retry_later(queue.path, str(exc))
+        if self.needs_publisher:
+            self._open_publisher()
         for index, pool in enumerate(self.pools):
             try:
                 self._open_channel(index)
@@ -322,6 +349,11 @@ class Dispatcher:
                 if at_start or not exc.channel_only:
                     raise
                 self._retry_later(pool.entry.path, str(exc))
+
+    def _open_publisher(self) -> None:
+        self.publisher.current = Publisher.open_on(
+            self.connection, lambda publisher, reason: self.events.put(
+                ("publisher_closed", (publisher, reason))))
 
     def _open_channel(self, index: int) -> None:
         pool = self.pools[index]
@@ -400,8 +432,13 @@ class Dispatcher:
             del self.broken[path]
         entries = [i for i, pool in enumerate(self.pools) if pool.entry.path in due]
         names = {self.pools[i].entry.queue for i in entries}
-        queues = [q for q in self.config.queues if q.path in due or q.queue in names]
+        # An entry's delay and dead-letter queues come back with it.
+        derived = tuple(f"{self.pools[i].entry.path}.retry" for i in entries)
+        queues = [q for q in self.topology
+                  if q.path in due or q.queue in names or q.path.startswith(derived)]
         try:
+            if PUBLISHER in due:
+                self._open_publisher()
             failed = declare_queues(self.connection, self.config, queues)
             for queue, exc in failed:
                 self._retry_later(queue.path, str(exc))
@@ -432,6 +469,7 @@ class Dispatcher:
             self.repair_timer.kill()
             self.repair_timer = None
         self.broken.clear()  # the next session declares and opens everything
+        self.publisher.current = None  # its channel went with the connection
         self.connection = None
 
     def _on_connection_lost(self, reason: str) -> None:

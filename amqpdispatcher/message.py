@@ -7,6 +7,7 @@ from typing import Any
 import pika
 
 from .acks import Acknowledger
+from .retry import attempt_of
 
 _PROPERTY_NAMES = (
     "content_type", "content_encoding", "headers", "delivery_mode", "priority",
@@ -16,9 +17,10 @@ _PROPERTY_NAMES = (
 
 
 class Message:
-    """One delivery: ``body`` (bytes), ``delivery_info`` and ``properties`` (dicts).
+    """One delivery: ``body`` (bytes), ``delivery_info`` and ``properties`` (dicts), and
+    ``attempt``: 1 on the first delivery, 2 on the first retry, ...
 
-    The dicts are built on first use: most consumers read only the body.
+    These are built on first use: most consumers read only the body.
     """
 
     __slots__ = ("body", "_method", "_props", "_delivery_info", "_properties")
@@ -52,6 +54,10 @@ class Message:
                 if (value := getattr(props, name, None)) is not None
             }
         return self._properties
+
+    @property
+    def attempt(self) -> int:
+        return attempt_of(self._props)
 
     def __repr__(self) -> str:
         return f"<Message delivery_tag={self._method.delivery_tag} {len(self.body)} bytes>"

@@ -1,7 +1,8 @@
 """One consumer entry: ``consumer_count`` worker greenlets, each owning one instance.
 
 This module holds the answer to "what happens to a message after ``consume``
-returns or raises": see ``ConsumerPool._handle``.
+returns or raises": see ``ConsumerPool._handle``; after a failure it asks the
+entry's failure policy (``retry.FailurePolicy``).
 
 A worker greenlet lives as long as the process: every exception from user
 code and from settling is contained in ``_handle``, so the number of live
@@ -21,6 +22,8 @@ import gevent.queue
 from .acks import Acknowledger
 from .config import ConsumerConfig, describe_exception
 from .message import AMQPProxy, Message
+from .publisher import PublisherRef
+from .retry import FailurePolicy, TimeLimit
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -33,9 +36,10 @@ class StopNow(BaseException):
 
 
 class ConsumerPool:
-    def __init__(self, entry: ConsumerConfig, cls: type) -> None:
+    def __init__(self, entry: ConsumerConfig, cls: type, publisher: PublisherRef) -> None:
         self.entry = entry
         self.cls = cls
+        self.policy = FailurePolicy(entry, publisher)
         # Unbounded: the broker's prefetch_count is what bounds it.
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
         # One per slot; None while a failed instance is being replaced.
@@ -73,16 +77,17 @@ class ConsumerPool:
     def _work(self, slot: int) -> None:
         get = self.work.get
         handle = self._handle
+        limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
         try:
             while True:
                 item = get()
                 if item is None:
                     return
-                handle(slot, item)
+                handle(slot, item, limit)
         except StopNow:
             return  # a fast stop: the broker redelivers what was not settled
 
-    def _handle(self, slot: int, item: tuple[Any, ...]) -> None:
+    def _handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
         acker, channel, method, properties, body = item
         tag = method.delivery_tag
         instance = self.instances[slot]
@@ -92,7 +97,10 @@ class ConsumerPool:
         amqp = AMQPProxy(acker, channel, tag)
         self.busy += 1
         try:
-            instance.consume(amqp, Message(method, properties, body))
+            if limit is None:
+                instance.consume(amqp, Message(method, properties, body))
+            else:  # TimeLimitExceeded when consume runs past time_limit
+                limit.run(instance.consume, amqp, Message(method, properties, body))
         except StopNow:
             raise
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
@@ -106,11 +114,11 @@ class ConsumerPool:
             if not responded:
                 acker.ack(tag)
             return
-        if not responded:
-            acker.reject(tag, requeue=True)
-        log.error("%s: consume raised %s; delivery tag %d %s", self.entry.consumer,
-                  describe_exception(failure), tag,
-                  "was already settled" if responded else "requeued")
+        if responded:  # the consumer's own answer stands
+            log.error("%s: consume raised %s; delivery tag %d was already settled",
+                      self.entry.consumer, describe_exception(failure), tag)
+        else:
+            self.policy.failed(acker, method, properties, body, failure)
         self._replace(slot, failure)
 
     def _replace(self, slot: int, exc: BaseException | None) -> None:

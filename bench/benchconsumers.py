@@ -3,6 +3,9 @@
 Each counts the messages it handles and, at the N-th, writes the time of the
 first and the last and the bytes seen to $BENCH_OUT.
 
+Flaky fails (raises) on the first attempt of every FLAKY_EVERY-th call in the
+process: with a retry policy about one message in ten fails once, then succeeds.
+
 HeavyTail's k-th call in the process (k = 1, 2, ...) sleeps
 heavy_tail_duration(k): 2 s when k % 100 == 0, else 5 ms. Its duration is a
 function of the call count, not of the message, so bench/run.py can compute
@@ -70,6 +73,23 @@ class HeavyTail:
             state["first"] = time.time()
         state["calls"] += 1
         gevent.sleep(heavy_tail_duration(state["calls"]))
+        tick(len(msg.body))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+FLAKY_EVERY = 10
+
+
+class Flaky:
+    """Raises on the first attempt of every FLAKY_EVERY-th call; counts successes only."""
+
+    def consume(self, amqp, msg):
+        state = _state
+        state["calls"] += 1
+        if state["calls"] % FLAKY_EVERY == 0 and msg.attempt == 1:
+            raise RuntimeError("flaky")
         tick(len(msg.body))
 
     def shutdown(self, exception=None):

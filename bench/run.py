@@ -12,6 +12,10 @@ Messages/s are measured inside the consumer, from the first to the last handled
 message. After each run the queue must be empty: nothing unacked, nothing lost.
 A throughput run that does not finish within its timeout is reported as failed.
 
+System dispatcher-flaky (workload 7 only): this dispatcher with benchconsumers.Flaky
+(one message in ten fails once) and a retry policy (delay 0.1 s), next to the same
+no-op run without failures.
+
 Workload 6 (heavy tail): the k-th call in the consumer process (k from 1) sleeps
 benchconsumers.heavy_tail_duration(k), 2 s when k % 100 == 0, else 5 ms. Its
 yardstick is the in-order bound (in_order_bound): the throughput of an
@@ -78,13 +82,19 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
 def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
     consumer = workload.get("consumer") or ("Sleep" if workload.get("sleep") else "NoOp")
+    retry = ""
+    if system == "dispatcher-flaky":
+        consumer = "Flaky"
+        retry = "    retry:\n      max_attempts: 3\n      delay: 0.1\n"
     config = tmp / f"{system}.yml"
     config.write_text(f"queues:\n  - queue: {queue}\n    bindings: []\n"
                       f"consumers:\n  - consumer: benchconsumers:{consumer}\n"
                       f"    queue: {queue}\n"
-                      f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n")
+                      f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n{retry}")
     env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer}
-    if system == "dispatcher":
+    if system in ("dispatcher", "dispatcher-flaky"):
+        # This checkout's package, whatever the virtualenv has installed.
+        env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
         return [SCRIPT, "--config", str(config)], env
     if system == "ad-0.11.0":
         env["RABBITMQ_HEARTBEAT"] = "60"
@@ -233,6 +243,14 @@ WORKLOADS = [
      "systems": ["raw-spawn", "dispatcher", "ad-0.11.0"],
      "note": "raw-spawn is a reference only: it runs up to prefetch (100) calls at once, "
              "not 50, so the 50-instance bound does not hold it."},
+    {"name": "7. flaky: no-op 20k x 100 B, 10 consumers, prefetch 100, one message in ten "
+             "fails once (retry after 0.1 s)",
+     "kind": "throughput", "queue": "bench_flaky", "count": 20000, "size": 100,
+     "consumers": 10, "prefetch": 100, "systems": ["dispatcher", "dispatcher-flaky"],
+     "baseline": "dispatcher",
+     "note": "dispatcher: no failures; dispatcher-flaky: 2,000 failures, each one a confirmed "
+             "publish to the delay queue, an ack, an instance replaced, and the message "
+             "consumed again 0.1 s later."},
 ]
 
 # Heavy tail: a run slower than about a fifth of the in-order bound is reported as

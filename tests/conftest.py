@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# The package of the checkout these tests live in, whatever else is installed (the
+# subprocess tests put the same directory on PYTHONPATH).
+sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import BrokerHandle  # noqa: E402

@@ -1,12 +1,27 @@
-"""Pure logic: URL parsing and ack coalescing (a recording fake stands in for the channel)."""
+"""Pure logic: URL parsing, ack coalescing, the failure policy's pieces (recording fakes
+stand in for channels)."""
 
 from __future__ import annotations
 
 import gevent
+import pika
 import pika.exceptions
+import pika.spec
 import pytest
 
 from amqpdispatcher.acks import Acknowledger
+from amqpdispatcher.broker import is_delivery_ack_timeout
+from amqpdispatcher.config import Config, ConsumerConfig, QueueConfig, RetryConfig
+from amqpdispatcher.publisher import Publisher
+from amqpdispatcher.retry import (
+    ATTEMPT_HEADER,
+    TimeLimit,
+    TimeLimitExceeded,
+    attempt_of,
+    dead_letter_headers,
+    retry_headers,
+    retry_queues,
+)
 from amqpdispatcher.settings import SettingsError, parse_url
 
 
@@ -222,3 +237,137 @@ def test_closed_channel_settles_nothing() -> None:
     acker.reject(2, requeue=True)
     gevent.sleep(0)
     assert channel.frames == []
+
+
+# -- the failure policy's pure pieces ----------------------------------------------------
+
+def test_retry_delays_back_off_up_to_max_delay() -> None:
+    retry = RetryConfig(max_attempts=6, delay=0.5, backoff=2, max_delay=3)
+    assert [retry.delay_ms(n) for n in range(1, 6)] == [500, 1000, 2000, 3000, 3000]
+    assert retry.delays_ms() == [500, 1000, 2000, 3000]  # one delay queue each
+    assert RetryConfig(max_attempts=1).delays_ms() == []  # no retry: no delay queue
+    assert RetryConfig(max_attempts=4, delay=1, backoff=1).delays_ms() == [1000]
+    assert RetryConfig(delay=0.0001).delay_ms(1) == 1  # a TTL of 0 would not wait at all
+
+
+def test_retry_queues_are_named_per_delay_and_declared_once() -> None:
+    retry = RetryConfig(max_attempts=3, delay=1, backoff=2, dead_letter_queue="orders.failed")
+    config = Config(path="c.yml", queues=(QueueConfig(queue="orders.failed"),), consumers=(
+        ConsumerConfig("m:C", "orders", retry=retry, path="consumers[0]"),
+        ConsumerConfig("m:D", "orders", retry=retry, path="consumers[1]"),
+        ConsumerConfig("m:E", "other", path="consumers[2]")))
+    queues = retry_queues(config)
+    assert [q.queue for q in queues] == ["orders.retry.1000ms", "orders.retry.2000ms"]
+    assert queues[0].durable
+    assert queues[0].arguments() == {"x-message-ttl": 1000, "x-dead-letter-exchange": "",
+                                     "x-dead-letter-routing-key": "orders"}
+
+
+def test_attempt_header() -> None:
+    assert attempt_of(pika.BasicProperties()) == 1
+    assert attempt_of(pika.BasicProperties(headers={"x-delivery-count": 4})) == 1
+    assert attempt_of(pika.BasicProperties(headers={ATTEMPT_HEADER: 3})) == 3
+    for bad in ("3", 0, -1, True, None):
+        assert attempt_of(pika.BasicProperties(headers={ATTEMPT_HEADER: bad})) == 1
+
+
+class _Method:
+    exchange = "shop"
+    routing_key = "order.created"
+    delivery_tag = 7
+
+
+def test_retry_and_dead_letter_headers() -> None:
+    headers = retry_headers({"x-app": 1}, 1, _Method(), 0.0)
+    assert headers == {"x-app": 1, ATTEMPT_HEADER: 2,
+                       "x-amqp-dispatcher-first-failure": "1970-01-01T00:00:00.000+00:00",
+                       "x-amqp-dispatcher-exchange": "shop",
+                       "x-amqp-dispatcher-routing-key": "order.created"}
+    # Later retries keep the first failure and the original exchange and routing key.
+    again = retry_headers(headers, 2, type("M", (), {"exchange": "", "routing_key": "q"}), 9.0)
+    assert again[ATTEMPT_HEADER] == 3
+    assert again["x-amqp-dispatcher-first-failure"].startswith("1970-01-01T00:00:00.000")
+    assert again["x-amqp-dispatcher-exchange"] == "shop"
+    try:
+        raise ValueError("bad\norder " + "x" * 2000)
+    except ValueError as exc:
+        dead = dead_letter_headers(again, exc, 3, _Method(),
+                                   ConsumerConfig("m:C", "orders"), 61.5)
+    assert dead["x-amqp-dispatcher-attempts"] == 3
+    assert dead["x-amqp-dispatcher-exception-type"] == "ValueError"
+    text = dead["x-amqp-dispatcher-exception"]
+    assert text.startswith("ValueError: bad order xxx") and "\n" not in text
+    assert len(text) == 1000 and text.endswith("...")
+    assert dead["x-amqp-dispatcher-queue"] == "orders"
+    assert dead["x-amqp-dispatcher-consumer"] == "m:C"
+    assert dead["x-amqp-dispatcher-last-failure"] == "1970-01-01T00:01:01.500+00:00"
+    assert dead["x-amqp-dispatcher-first-failure"].startswith("1970-01-01T00:00:00.000")
+
+
+class _ConfirmChannel:
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    def add_on_close_callback(self, callback: object) -> None:
+        pass
+
+    def add_on_return_callback(self, callback: object) -> None:
+        pass
+
+    def basic_publish(self, exchange: str, routing_key: str, body: bytes, properties: object,
+                      mandatory: bool) -> None:
+        self.published.append(routing_key)
+
+
+def _confirm(ack: bool, tag: int, multiple: bool = False) -> object:
+    method = (pika.spec.Basic.Ack if ack else pika.spec.Basic.Nack)(tag, multiple)
+    return type("Frame", (), {"method": method})()
+
+
+def test_publisher_matches_confirms_by_sequence_number() -> None:
+    channel = _ConfirmChannel()
+    publisher = Publisher(type("Sync", (), {"channel": channel})())
+    props = pika.BasicProperties()
+    results = [gevent.spawn(publisher.publish, "", f"k{i}", b"x", props) for i in range(4)]
+    gevent.sleep(0)
+    assert channel.published == ["k0", "k1", "k2", "k3"]
+    publisher._on_confirm(_confirm(False, 2))          # nack of the second only
+    publisher._on_confirm(_confirm(True, 3, True))     # ack of 1 and 3 (2 is settled)
+    # A message returned as unroutable is not published, though its ack follows.
+    publisher._on_return(None, type("R", (), {"routing_key": "k3", "reply_code": 312,
+                                              "reply_text": "NO_ROUTE"})(), props, b"x")
+    publisher._on_confirm(_confirm(True, 4))
+    assert [g.get(timeout=1) for g in results] == [True, False, True, False]
+    publisher._on_close(None, None)
+    assert publisher.publish("", "k", b"x", props) is False  # closed: nothing sent
+    assert channel.published[-1] == "k3"
+
+
+def test_delivery_ack_timeout_is_recognised() -> None:
+    timeout = pika.exceptions.ChannelClosedByBroker(
+        406, "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. "
+             "Timeout value used: 1800000 ms. This timeout value can be configured, see "
+             "consumers doc guide to learn more")
+    assert is_delivery_ack_timeout(timeout)
+    assert not is_delivery_ack_timeout(pika.exceptions.ChannelClosedByBroker(
+        406, "PRECONDITION_FAILED - unknown delivery tag 1"))
+
+
+def test_time_limit_throws_into_the_running_consume_and_again_if_swallowed() -> None:
+    seen: list[str] = []
+
+    def swallowing() -> None:
+        for _ in range(2):
+            try:
+                gevent.sleep(10)
+            except TimeLimitExceeded:
+                seen.append("thrown")
+
+    limit = TimeLimit(0.05)
+    with pytest.raises(TimeLimitExceeded, match="swallowed"):
+        limit.run(swallowing)
+    assert seen == ["thrown", "thrown"]
+    limit.run(gevent.sleep, 0.01)  # stopped after each run: a quick one is untouched
+    gevent.sleep(0.1)
+    with pytest.raises(TimeLimitExceeded, match=r"time_limit \(0.05s\)"):
+        limit.run(gevent.sleep, 10)

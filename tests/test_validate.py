@@ -121,6 +121,32 @@ BAD = [
      "queues[0].bindings[0].routing_key: expected at most 255 bytes (an AMQP name), got 256"),
     (CONSUMER + "queues:\n  - queue: a\n    x_message_ttl: 99999999999999999999999\n",
      "queues[0].x_message_ttl: expected at most 9223372036854775807"),
+    # Failure handling: time_limit and the retry policy.
+    (CONSUMER + "    time_limit: 0\n",
+     "consumers[0].time_limit: expected a positive number, got 0"),
+    (CONSUMER + "    time_limit: 30s\n", "consumers[0].time_limit: expected a number, got '30s'"),
+    (CONSUMER + "    time_limt: 30\n",
+     "consumers[0].time_limt: unknown key (did you mean 'time_limit'?)"),
+    (CONSUMER + "    retry: 3\n", "consumers[0].retry: expected a mapping, got 3"),
+    (CONSUMER + "    retry:\n      max_attempts: 0\n",
+     "consumers[0].retry.max_attempts: expected a positive integer, got 0"),
+    (CONSUMER + "    retry:\n      max_attempts: 2.5\n",
+     "consumers[0].retry.max_attempts: expected an integer, got 2.5"),
+    (CONSUMER + "    retry:\n      delay: 0\n",
+     "consumers[0].retry.delay: expected a positive number, got 0"),
+    (CONSUMER + "    retry:\n      delay: .inf\n",
+     "consumers[0].retry.delay: expected a finite number, got .inf"),
+    (CONSUMER + "    retry:\n      backoff: 0.5\n",
+     "consumers[0].retry.backoff: expected at least 1, got 0.5"),
+    (CONSUMER + "    retry:\n      delay: 10\n      max_delay: 5\n",
+     "consumers[0].retry.max_delay: expected at least delay (10), got 5"),
+    (CONSUMER + "    retry:\n      max_delay: 5000000\n",
+     "consumers[0].retry.max_delay: expected at most 4294967, got 5000000"),
+    (CONSUMER + "    retry:\n      max_attempt: 3\n",
+     "consumers[0].retry.max_attempt: unknown key (did you mean 'max_attempts'?)"),
+    (CONSUMER + "    retry:\n      dead_letter_queue: ''\n",
+     "consumers[0].retry.dead_letter_queue: expected a non-empty string, got ''"),
+    (CONSUMER + "    retry:\n      delay: 1\n      delay: 2\n", "line 6: duplicate key 'delay'"),
 ]
 
 
@@ -151,6 +177,25 @@ def test_bad_config(tmp_path: Path, mode: str, text: str, expected: str) -> None
     assert all(line.startswith("config.yml: ") for line in lines), lines
     assert "Traceback" not in result.stderr + result.stdout
     assert "s3cretpw" not in result.stderr + result.stdout
+
+
+def test_retry_policy_validates_and_time_limits_warn(tmp_path: Path) -> None:
+    text = (CONSUMER + "    time_limit: 0.5\n    retry:\n      max_attempts: 1\n"
+            "      delay: 0.1\n      backoff: 1\n      max_delay: 0.1\n"
+            "      dead_letter_queue: a.failed\n"
+            "  - consumer: testconsumers:Recorder\n    queue: b\n    retry: null\n"
+            "  - consumer: testconsumers:Recorder\n    queue: c\n    time_limit: 1800\n")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
+    assert result.returncode == 0, result.stderr
+    assert "config.yml: OK" in result.stdout
+    # Warnings, not problems: a consume may outlive RabbitMQ's consumer_timeout.
+    assert result.stderr.splitlines() == [
+        "config.yml: consumers[1]: warning: no time_limit: a consume that never returns "
+        "holds its delivery until RabbitMQ's consumer_timeout (30 min by default) closes "
+        "the channel; set time_limit below it",
+        "config.yml: consumers[2].time_limit: warning: 1800s is close to or past RabbitMQ's "
+        "consumer_timeout (30 min by default); keep it comfortably below",
+    ]
 
 
 def test_fractions_of_a_second_and_large_counts_validate(tmp_path: Path) -> None:

@@ -358,3 +358,35 @@ class ExitOnSecondInit:
 
     def shutdown(self, exception=None):
         record(f"shutdown:{self.name}")
+
+
+class Retried:
+    """For the retry policy. Records 'attempt:BODY:N:TIME' on every call (N is
+    msg.attempt, TIME the wall clock). Bodies: 'always-*' raise every time; 'twice-*'
+    raise on attempts 1 and 2; 'sleep-*' sleep an hour (for time_limit); 'swallow-*'
+    sleep, catching the time limit's exception twice, then return; anything else is
+    done at once. Records 'done:BODY' and 'shutdown:EXCEPTION-TYPE'."""
+
+    def consume(self, amqp, msg):
+        import time
+
+        body = text(msg)
+        record(f"attempt:{body}:{msg.attempt}:{time.time():.6f}")
+        if body.startswith("always"):
+            raise ValueError(f"always failing {body}")
+        if body.startswith("twice") and msg.attempt <= 2:
+            raise ValueError(f"failing {body} on attempt {msg.attempt}")
+        if body.startswith("sleep"):
+            gevent.sleep(3600)
+        if body.startswith("swallow"):
+            from amqpdispatcher import TimeLimitExceeded
+
+            for _ in range(2):
+                try:
+                    gevent.sleep(3600)
+                except TimeLimitExceeded:
+                    record(f"swallowed:{body}")
+        record(f"done:{body}")
+
+    def shutdown(self, exception=None):
+        record(f"shutdown:{type(exception).__name__}")

@@ -1,0 +1,321 @@
+"""The failure policy: what happens to a message whose ``consume`` failed.
+
+A failure is ``consume`` raising, or running past the entry's ``time_limit``
+(TimeLimit throws TimeLimitExceeded into it). A delivery the consumer already
+settled itself (``amqp.ack()``, ``nack()``, ``reject()``) never reaches the
+policy. ``FailurePolicy.failed`` decides, for one failed delivery:
+
+- no ``retry:`` on the entry: reject and requeue at once (as 0.4.3);
+- attempts left: publish the message (confirmed) to the delay queue for its
+  next delay, ``<queue>.retry.<ms>ms``, whose message TTL dead-letters it back
+  to the entry's queue through the default exchange; then ack the original;
+- attempts exhausted: publish it (confirmed) to ``dead_letter_queue`` with
+  headers saying why, then ack the original; without a dead-letter queue,
+  reject it without requeue (the queue's own dead-letter exchange decides).
+
+Nothing waits in this process: the delay and the attempt count travel with the
+message on the broker (ATTEMPT_HEADER), so they survive a restart and are the
+same whichever process gets the message next. A publish the broker did not
+confirm leaves the original unacked: it is rejected with requeue, or left to
+the broker if its channel is already gone. A message can be duplicated by a
+crash between the confirm and the ack, never lost.
+
+Failures without a policy can repeat as fast as the broker redelivers; their
+log lines are summarised (FailureLog).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import gevent
+import pika.spec
+
+from .acks import Acknowledger
+from .config import Config, ConsumerConfig, QueueConfig, describe_exception
+from .publisher import PublisherRef
+
+log = logging.getLogger("amqp-dispatcher")
+
+# Headers the policy reads and writes. Not x-delivery-count (a quorum queue's own
+# count of redeliveries, which a retry through a delay queue resets), nor x-death.
+ATTEMPT_HEADER = "x-amqp-dispatcher-attempt"  # the attempt this delivery is, from 1
+FIRST_FAILURE_HEADER = "x-amqp-dispatcher-first-failure"
+LAST_FAILURE_HEADER = "x-amqp-dispatcher-last-failure"
+ATTEMPTS_HEADER = "x-amqp-dispatcher-attempts"  # on a dead-lettered message: attempts made
+EXCEPTION_TYPE_HEADER = "x-amqp-dispatcher-exception-type"
+EXCEPTION_HEADER = "x-amqp-dispatcher-exception"
+QUEUE_HEADER = "x-amqp-dispatcher-queue"
+EXCHANGE_HEADER = "x-amqp-dispatcher-exchange"  # as first published, kept across retries
+ROUTING_KEY_HEADER = "x-amqp-dispatcher-routing-key"
+CONSUMER_HEADER = "x-amqp-dispatcher-consumer"
+MAX_EXCEPTION_TEXT = 1000  # characters of the exception header
+
+# Identical failures (same entry, exception type and place) without a policy are
+# logged once with the traceback, then as one line per this many seconds.
+SUMMARY_INTERVAL = 10.0
+# A consume that swallows TimeLimitExceeded gets it again this often.
+TIME_LIMIT_REPEAT = 1.0
+# A consume running longer than this is close to RabbitMQ's default consumer_timeout
+# (30 minutes), after which the broker closes the channel: --validate warns.
+TIME_LIMIT_WARNING = 25 * 60.0
+
+
+class TimeLimitExceeded(Exception):
+    """Thrown into a consume that ran past its entry's ``time_limit``.
+
+    An Exception, so a consumer's ``shutdown(exc)`` receives it like any failure.
+    A consume that catches it and goes on gets it again every second.
+    """
+
+
+def attempt_of(properties: Any) -> int:
+    """The attempt a delivery is (1 for the first), from its ATTEMPT_HEADER."""
+    headers = getattr(properties, "headers", None)
+    if not headers:
+        return 1
+    value = headers.get(ATTEMPT_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return 1
+
+
+def delay_queue_name(queue: str, delay_ms: int) -> str:
+    """The broker queue where messages of ``queue`` wait ``delay_ms`` before a retry."""
+    return f"{queue}.retry.{delay_ms}ms"
+
+
+def retry_queues(config: Config) -> tuple[QueueConfig, ...]:
+    """The queues the retry policies need, declared with the config's own queues.
+
+    One delay queue per distinct delay (a queue-wide TTL: a short delay never
+    waits behind a long one), durable, dead-lettering back to the entry's queue;
+    and each dead-letter queue, durable. A name declared already is left out.
+    """
+    names = {queue.queue for queue in config.queues}
+    derived: list[QueueConfig] = []
+    for entry in config.consumers:
+        if entry.retry is None:
+            continue
+        for ms in entry.retry.delays_ms():
+            derived.append(QueueConfig(
+                queue=delay_queue_name(entry.queue, ms), x_message_ttl=ms,
+                x_dead_letter_exchange="", x_dead_letter_routing_key=entry.queue,
+                path=f"{entry.path}.retry (delay queue)"))
+        if entry.retry.dead_letter_queue:
+            derived.append(QueueConfig(queue=entry.retry.dead_letter_queue,
+                                       path=f"{entry.path}.retry.dead_letter_queue"))
+    unique = []
+    for queue in derived:
+        if queue.queue not in names:
+            names.add(queue.queue)
+            unique.append(queue)
+    return tuple(unique)
+
+
+def time_limit_warnings(config: Config) -> list[str]:
+    """One line per entry whose consume may outlive the broker's consumer_timeout."""
+    lines = []
+    for entry in config.consumers:
+        if entry.time_limit is None:
+            lines.append(f"{config.path}: {entry.path}: warning: no time_limit: a consume that "
+                         "never returns holds its delivery until RabbitMQ's consumer_timeout "
+                         "(30 min by default) closes the channel; set time_limit below it")
+        elif entry.time_limit > TIME_LIMIT_WARNING:
+            lines.append(f"{config.path}: {entry.path}.time_limit: warning: "
+                         f"{entry.time_limit:g}s is close to or past RabbitMQ's "
+                         "consumer_timeout (30 min by default); keep it comfortably below")
+    return lines
+
+
+class TimeLimit:
+    """One worker's time limit: a repeating hub timer that throws TimeLimitExceeded into
+    the worker greenlet while ``run`` is in consume (as gevent.Timeout does)."""
+
+    __slots__ = ("seconds", "_timer", "_greenlet", "fired")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._timer = gevent.get_hub().loop.timer(seconds, TIME_LIMIT_REPEAT)
+        self._greenlet: Any = None
+        self.fired = False
+
+    def run(self, function: Callable[..., Any], *args: Any) -> None:
+        """Call ``function``; raise TimeLimitExceeded if it ran past the limit, even if
+        it caught the exception and returned."""
+        self.fired = False
+        self._greenlet = gevent.getcurrent()
+        self._timer.start(self._expire)
+        try:
+            function(*args)
+        finally:
+            self._timer.stop()  # before anything else can yield to the hub
+            self._greenlet = None
+        if self.fired:
+            raise TimeLimitExceeded(f"consume ran past time_limit ({self.seconds:g}s) "
+                                    "and swallowed TimeLimitExceeded")
+
+    def _expire(self) -> None:
+        self.fired = True
+        self._greenlet.throw(TimeLimitExceeded(f"consume ran past time_limit "
+                                               f"({self.seconds:g}s)"))
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _location(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+
+
+def retry_headers(headers: dict[str, Any] | None, attempt: int, method: Any,
+                  now: float) -> dict[str, Any]:
+    """The headers of a message going to wait before attempt ``attempt + 1``."""
+    result = dict(headers or {})
+    result[ATTEMPT_HEADER] = attempt + 1
+    result.setdefault(FIRST_FAILURE_HEADER, _utc(now))
+    result.setdefault(EXCHANGE_HEADER, method.exchange)
+    result.setdefault(ROUTING_KEY_HEADER, method.routing_key)
+    return result
+
+
+def dead_letter_headers(headers: dict[str, Any] | None, exc: BaseException, attempt: int,
+                        method: Any, entry: ConsumerConfig, now: float) -> dict[str, Any]:
+    """The headers of a message going to the dead-letter queue after ``attempt`` failures."""
+    result = dict(headers or {})
+    text = describe_exception(exc)
+    if len(text) > MAX_EXCEPTION_TEXT:
+        text = text[:MAX_EXCEPTION_TEXT - 3] + "..."
+    result.update({
+        ATTEMPTS_HEADER: attempt,
+        EXCEPTION_TYPE_HEADER: type(exc).__name__,
+        EXCEPTION_HEADER: text,
+        QUEUE_HEADER: entry.queue,
+        CONSUMER_HEADER: entry.consumer,
+        LAST_FAILURE_HEADER: _utc(now),
+    })
+    result.setdefault(FIRST_FAILURE_HEADER, _utc(now))
+    result.setdefault(EXCHANGE_HEADER, method.exchange)
+    result.setdefault(ROUTING_KEY_HEADER, method.routing_key)
+    return result
+
+
+def _republished(properties: Any, headers: dict[str, Any]) -> pika.spec.BasicProperties:
+    """The delivery's properties, with these headers, persistent."""
+    values = dict(vars(properties))
+    values["headers"] = headers
+    values["delivery_mode"] = 2
+    return pika.spec.BasicProperties(**values)
+
+
+@dataclass
+class _Kind:
+    since: float
+    count: int = 0
+    last: str = ""
+
+
+class FailureLog:
+    """Log lines for failures that may repeat without bound: the first of a kind with
+    its traceback, then at most one summary line per SUMMARY_INTERVAL with a count.
+    A kind quiet for a whole interval starts over."""
+
+    def __init__(self, consumer: str, interval: float = SUMMARY_INTERVAL) -> None:
+        self.consumer = consumer
+        self.interval = interval
+        self._kinds: dict[tuple[str, str], _Kind] = {}
+
+    def failed(self, exc: BaseException, what: str) -> None:
+        """One failure; ``what`` says what happened to the message ("requeued")."""
+        key = (type(exc).__name__, _location(exc))
+        kind = self._kinds.get(key)
+        if kind is not None:
+            kind.count += 1
+            kind.last = what
+            return
+        self._kinds[key] = _Kind(since=time.monotonic())
+        log.error("%s: consume raised %s; %s (identical failures are summarised every %gs)",
+                  self.consumer, describe_exception(exc), what, self.interval,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        gevent.spawn_later(self.interval, self._summarise, key)
+
+    def _summarise(self, key: tuple[str, str]) -> None:
+        kind = self._kinds[key]
+        if not kind.count:
+            del self._kinds[key]
+            return
+        now = time.monotonic()
+        log.error("%s: consume raised %s at %s %d more time(s) in the last %.0fs; last: %s",
+                  self.consumer, key[0], key[1] or "?", kind.count, now - kind.since, kind.last)
+        kind.since, kind.count = now, 0
+        gevent.spawn_later(self.interval, self._summarise, key)
+
+
+class FailurePolicy:
+    """One consumer entry's answer to a failed delivery (see the module docstring)."""
+
+    def __init__(self, entry: ConsumerConfig, publisher: PublisherRef) -> None:
+        self.entry = entry
+        self.retry = entry.retry
+        self.publisher = publisher
+        self.failures = FailureLog(entry.consumer)
+
+    def failed(self, acker: Acknowledger, method: Any, properties: Any, body: bytes,
+               exc: BaseException) -> None:
+        tag = method.delivery_tag
+        retry = self.retry
+        if retry is None:
+            acker.reject(tag, requeue=True)
+            self.failures.failed(exc, "message requeued")
+            return
+        if not acker.open:  # its channel is gone: the broker redelivers it
+            log.warning("%s: consume raised %s; its channel closed meanwhile: the broker "
+                        "redelivers the message", self.entry.consumer, describe_exception(exc))
+            return
+        attempt = attempt_of(properties)
+        now = time.time()
+        if attempt < retry.max_attempts:
+            delay_ms = retry.delay_ms(attempt)
+            queue = delay_queue_name(self.entry.queue, delay_ms)
+            headers = retry_headers(properties.headers, attempt, method, now)
+            if self._move(acker, tag, exc, queue, body, _republished(properties, headers)):
+                log.info("%s: consume raised %s; attempt %d of %d, retrying in %gs",
+                         self.entry.consumer, describe_exception(exc), attempt,
+                         retry.max_attempts, delay_ms / 1000)
+            return
+        if retry.dead_letter_queue is None:
+            acker.reject(tag, requeue=False)
+            log.warning("%s: consume raised %s; attempt %d of %d, giving up: rejected without "
+                        "requeue (the queue's dead-letter exchange, if any, receives it)",
+                        self.entry.consumer, describe_exception(exc), attempt,
+                        retry.max_attempts)
+            return
+        headers = dead_letter_headers(properties.headers, exc, attempt, method, self.entry, now)
+        if self._move(acker, tag, exc, retry.dead_letter_queue, body,
+                      _republished(properties, headers)):
+            log.warning("%s: consume raised %s; attempt %d of %d, giving up: moved to %s",
+                        self.entry.consumer, describe_exception(exc), attempt,
+                        retry.max_attempts, retry.dead_letter_queue)
+
+    def _move(self, acker: Acknowledger, tag: int, exc: BaseException, queue: str,
+              body: bytes, properties: pika.spec.BasicProperties) -> bool:
+        """Publish to ``queue`` and ack the original once confirmed; else requeue it."""
+        if self.publisher.publish("", queue, body, properties):
+            acker.ack(tag)
+            return True
+        acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
+        self.failures.failed(exc, f"could not move the message to {queue} (not confirmed "
+                                  "by the broker); requeued")
+        return False

@@ -1,0 +1,259 @@
+"""The failure policy against the real broker: retries through delay queues, the
+dead-letter queue, time limits, msg.attempt, restarts in a delay, and no log flood."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import BrokerHandle, DispatcherProcess, wait_until
+
+
+def retry_config(queue: str = "q", max_attempts: int = 4, delay: float = 0.5,
+                 backoff: float = 2, dead_letter_queue: str | None = "q.failed",
+                 extra: str = "", declare: bool = True) -> str:
+    dlq = f"      dead_letter_queue: {dead_letter_queue}\n" if dead_letter_queue else ""
+    queues = f"queues:\n  - queue: {queue}\n{extra}" if declare else ""
+    return (f"{queues}consumers:\n  - consumer: testconsumers:Retried\n    queue: {queue}\n"
+            f"    consumer_count: 2\n    prefetch_count: 4\n    retry:\n"
+            f"      max_attempts: {max_attempts}\n      delay: {delay}\n"
+            f"      backoff: {backoff}\n      max_delay: 60\n{dlq}")
+
+
+def attempts(records: list[str], body: str) -> list[tuple[int, float]]:
+    """(msg.attempt, time) of each call for this body, in order."""
+    found = []
+    for line in records:
+        if line.startswith(f"attempt:{body}:"):
+            _, _, number, stamp = line.split(":")
+            found.append((int(number), float(stamp)))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def get_one(broker: BrokerHandle, queue: str) -> tuple[Any, bytes]:
+    method, properties, body = broker.channel.basic_get(queue, auto_ack=True)
+    assert method is not None, f"nothing in {queue}"
+    return properties, body
+
+
+def all_drained(broker: BrokerHandle, *queues: str) -> bool:
+    return all(broker.drained(queue) for queue in queues)
+
+
+DELAY_QUEUES = ("q.retry.500ms", "q.retry.1000ms", "q.retry.2000ms")
+
+
+def test_always_failing_message_is_retried_with_backoff_then_dead_lettered(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    proc = DispatcherProcess(tmp_path, retry_config(), broker.url)
+    try:
+        proc.wait_consuming()
+        for name in DELAY_QUEUES + ("q.failed",):
+            info = broker.queue_info(name)  # declared by the dispatcher
+            assert info["durable"] == "true", info
+        broker.publish("q", "always-1", message_id="m-1", content_type="text/plain",
+                       headers={"x-app": "kept"})
+        wait_until(lambda: len(attempts(proc.records(), "always-1")) == 3, timeout=30,
+                   what="the third attempt")
+        pid = proc.process.pid
+        cpu_before, started = cpu_seconds(pid), time.monotonic()
+        wait_until(lambda: len(attempts(proc.records(), "always-1")) == 4, timeout=30,
+                   what="the fourth attempt")
+        cpu_used, window = cpu_seconds(pid) - cpu_before, time.monotonic() - started
+        wait_until(lambda: broker.counts("q.failed")[0] == 1, what="the dead-lettered message")
+        calls = attempts(proc.records(), "always-1")
+        assert [n for n, _ in calls] == [1, 2, 3, 4]
+        gaps = [b - a for (_, a), (_, b) in zip(calls, calls[1:])]
+        for gap, delay in zip(gaps, (0.5, 1, 2)):
+            assert gap >= delay - 0.01, gaps
+        # Nothing spins while the message waits on the broker: a 2 s delay window.
+        assert window >= 1.9 and cpu_used < 0.3, (window, cpu_used)
+        print(f"\n[always-failing] gaps={[round(g, 3) for g in gaps]} "
+              f"cpu_in_2s_delay={cpu_used:.2f}s")
+        properties, body = get_one(broker, "q.failed")
+        assert body == b"always-1"
+        assert (properties.message_id, properties.content_type) == ("m-1", "text/plain")
+        headers = properties.headers
+        assert headers["x-app"] == "kept"
+        assert headers["x-amqp-dispatcher-attempts"] == 4
+        assert headers["x-amqp-dispatcher-exception-type"] == "ValueError"
+        assert headers["x-amqp-dispatcher-exception"].startswith(
+            "ValueError: always failing always-1 (at testconsumers.py:")
+        assert headers["x-amqp-dispatcher-queue"] == "q"
+        assert headers["x-amqp-dispatcher-exchange"] == ""
+        assert headers["x-amqp-dispatcher-routing-key"] == "q"
+        assert headers["x-amqp-dispatcher-consumer"] == "testconsumers:Retried"
+        first = headers["x-amqp-dispatcher-first-failure"]
+        last = headers["x-amqp-dispatcher-last-failure"]
+        assert first < last, (first, last)
+        assert all_drained(broker, "q", *DELAY_QUEUES)
+        output = proc.output
+        assert output.count("retrying in") == 3
+        assert "attempt 4 of 4, giving up: moved to q.failed" in output
+        assert proc.records().count("shutdown:ValueError") == 4
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_restart_during_a_delay_keeps_the_count(broker: BrokerHandle, tmp_path: Path) -> None:
+    first_dir, second_dir = tmp_path / "one", tmp_path / "two"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    config = retry_config(delay=1)  # delays of 1, 2 and 4 s
+    first = DispatcherProcess(first_dir, config, broker.url)
+    first.wait_consuming()
+    broker.publish("q", "always-r", delivery_mode=2)
+    wait_until(lambda: len(attempts(first.records(), "always-r")) == 2, what="two attempts")
+    first.signal(signal.SIGTERM)  # the message waits 2 s in q.retry.2000ms meanwhile
+    assert first.wait() == 0, first.output
+    assert broker.counts("q.retry.2000ms") == (1, 0)
+    second = DispatcherProcess(second_dir, config, broker.url)
+    try:
+        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=30,
+                   what="dead-lettered by the second process")
+        calls = attempts(first.records(), "always-r") + attempts(second.records(), "always-r")
+        assert [n for n, _ in calls] == [1, 2, 3, 4], calls
+        assert get_one(broker, "q.failed")[0].headers["x-amqp-dispatcher-attempts"] == 4
+        assert all_drained(broker, "q", "q.retry.1000ms", "q.retry.2000ms", "q.retry.4000ms")
+    finally:
+        assert second.stop() == 0, second.output
+
+
+def test_fails_twice_then_succeeds(broker: BrokerHandle, tmp_path: Path) -> None:
+    proc = DispatcherProcess(tmp_path, retry_config(delay=0.2), broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "twice-1")
+        broker.publish("q", "plain-1")
+        wait_until(lambda: "done:twice-1" in proc.records(), what="the third attempt")
+        assert [n for n, _ in attempts(proc.records(), "twice-1")] == [1, 2, 3]
+        assert [n for n, _ in attempts(proc.records(), "plain-1")] == [1]
+        wait_until(lambda: all_drained(broker, "q", "q.failed", "q.retry.200ms",
+                                       "q.retry.400ms"), what="every queue empty")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_time_limit_interrupts_consume_and_the_policy_applies(broker: BrokerHandle,
+                                                              tmp_path: Path) -> None:
+    config = retry_config(max_attempts=2, delay=0.2).replace(
+        "    consumer_count: 2\n", "    consumer_count: 2\n    time_limit: 0.5\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "sleep-1")
+        broker.publish("q", "swallow-1")
+        wait_until(lambda: broker.counts("q.failed")[0] == 2, timeout=30,
+                   what="both messages dead-lettered")
+        records = proc.records()
+        assert [n for n, _ in attempts(records, "sleep-1")] == [1, 2]
+        assert [n for n, _ in attempts(records, "swallow-1")] == [1, 2]
+        # Swallowed, it is thrown again a second later; returning late is still a failure.
+        assert records.count("swallowed:swallow-1") == 4
+        assert "done:swallow-1" in records
+        assert records.count("shutdown:TimeLimitExceeded") == 4
+        for _ in range(2):
+            headers = get_one(broker, "q.failed")[0].headers
+            assert headers["x-amqp-dispatcher-exception-type"] == "TimeLimitExceeded"
+        assert "TimeLimitExceeded: consume ran past time_limit (0.5s)" in proc.output
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_without_dead_letter_queue_the_queues_own_dlx_receives_it(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.channel.exchange_declare("dlx", "fanout")
+    broker.declare("dead")
+    broker.channel.queue_bind("dead", "dlx")
+    config = retry_config(max_attempts=2, delay=0.2, dead_letter_queue=None,
+                          extra="    x_dead_letter_exchange: dlx\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "always-d")
+        wait_until(lambda: broker.counts("dead")[0] == 1, what="the queue's own DLX")
+        assert [n for n, _ in attempts(proc.records(), "always-d")] == [1, 2]
+        assert get_one(broker, "dead")[1] == b"always-d"
+        assert "giving up: rejected without requeue" in proc.output
+        assert all_drained(broker, "q", "q.retry.200ms")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_quorum_queue_counts_its_own_attempts(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q", durable=True, arguments={"x-queue-type": "quorum"})
+    proc = DispatcherProcess(tmp_path, retry_config(max_attempts=3, delay=0.2, declare=False),
+                             broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "always-q")
+        broker.publish("q", "twice-q")
+        wait_until(lambda: broker.counts("q.failed")[0] == 1 and "done:twice-q" in
+                   proc.records(), timeout=30, what="dead-lettered and succeeded")
+        assert [n for n, _ in attempts(proc.records(), "always-q")] == [1, 2, 3]
+        assert [n for n, _ in attempts(proc.records(), "twice-q")] == [1, 2, 3]
+        assert get_one(broker, "q.failed")[0].headers["x-amqp-dispatcher-attempts"] == 3
+        wait_until(lambda: all_drained(broker, "q", "q.retry.200ms", "q.retry.400ms"),
+                   what="every queue empty")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_attempt_is_one_without_a_policy(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q")
+    config = "consumers:\n  - consumer: testconsumers:Retried\n    queue: q\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "plain-a")
+        broker.publish("q", "plain-b", headers={"x-amqp-dispatcher-attempt": 3})
+        wait_until(lambda: {"done:plain-a", "done:plain-b"} <= set(proc.records()),
+                   what="both consumed")
+        assert [n for n, _ in attempts(proc.records(), "plain-a")] == [1]
+        assert [n for n, _ in attempts(proc.records(), "plain-b")] == [3]
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+@pytest.mark.parametrize("policy", [False, True])
+def test_always_failing_message_does_not_flood_the_log(broker: BrokerHandle, tmp_path: Path,
+                                                       policy: bool) -> None:
+    broker.declare("q")
+    config = "consumers:\n  - consumer: testconsumers:Retried\n    queue: q\n"
+    if policy:
+        config += ("    retry:\n      max_attempts: 1000\n      delay: 0.1\n      backoff: 1\n"
+                   "      dead_letter_queue: q.failed\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "always-f")
+        started = time.monotonic()
+        wait_until(lambda: time.monotonic() - started > 11, timeout=15, interval=0.5,
+                   what="11 s of failures")
+        calls = len(attempts(proc.records(), "always-f"))
+        lines = proc.output.splitlines()
+        failure_lines = [line for line in lines if "consume raised" in line]
+        print(f"\n[flood policy={policy}] calls={calls} log_lines={len(lines)} "
+              f"log_bytes={len(proc.output)}")
+        if policy:
+            # One INFO line per retry, each retry at least 0.1 s apart.
+            assert calls <= 120 and len(failure_lines) == calls, (calls, len(failure_lines))
+        else:
+            assert calls > 100, calls  # requeued at once, again and again
+            assert "Traceback" in proc.output
+            # The first failure with its traceback, then one summary after 10 s.
+            assert len(failure_lines) == 2, failure_lines
+            assert "more time(s) in the last" in failure_lines[1]
+            assert len(lines) < 40, len(lines)
+    finally:
+        assert proc.stop() == 0, proc.output
