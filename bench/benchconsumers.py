@@ -94,3 +94,15 @@ class Flaky:
 
     def shutdown(self, exception=None):
         pass
+
+
+class Poison:
+    """Always raises; counts its calls in $BENCH_OUT (one line each) for bench/poison.py."""
+
+    def consume(self, amqp, msg):
+        with open(OUT, "a") as handle:
+            handle.write("x\n")
+        raise ValueError("poison message")
+
+    def shutdown(self, exception=None):
+        pass
