@@ -38,7 +38,8 @@ def _bin(name: str) -> str:
 
 class Broker:
     def __init__(self, name: str | None = None, base_dir: str | None = None,
-                 cookie: str | None = None) -> None:
+                 cookie: str | None = None, conf: str = "", advanced: str = "") -> None:
+        """``conf``: rabbitmq.conf lines; ``advanced``: an advanced.config term."""
         self.name = name or f"adtest-{uuid.uuid4().hex[:8]}"
         self.node = f"{self.name}@localhost"
         self.port = free_port()
@@ -47,6 +48,8 @@ class Broker:
         self.base = Path(base_dir or tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.conf = conf
+        self.advanced = advanced
         if cookie:  # nodes of one cluster share the Erlang cookie
             path = self.base / ".erlang.cookie"
             path.write_text(cookie)
@@ -70,7 +73,10 @@ class Broker:
             RABBITMQ_CONFIG_FILE=str(config),
             RABBITMQ_PID_FILE=str(self.base / "rabbit.pid"),
         )
-        (self.base / "rabbitmq.conf").touch()
+        (self.base / "rabbitmq.conf").write_text(self.conf)
+        if self.advanced:
+            (self.base / "advanced.config").write_text(self.advanced)
+            env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(self.base / "advanced.config")
         return env
 
     def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> str:

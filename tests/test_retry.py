@@ -257,3 +257,51 @@ def test_always_failing_message_does_not_flood_the_log(broker: BrokerHandle, tmp
             assert len(lines) < 40, len(lines)
     finally:
         assert proc.stop() == 0, proc.output
+
+
+def test_broker_delivery_ack_timeout_is_recognised_and_only_that_entry_recovers(
+        tmp_path: Path) -> None:
+    """A private node whose consumer_timeout is 2 s (checked every second while the
+    channel is active): a consume that outlives it gets its channel closed with 406."""
+    import uuid
+
+    from rabbitnode import Broker
+
+    node = Broker(name=f"adtest-ct-{uuid.uuid4().hex[:6]}", conf="consumer_timeout = 2000\n",
+                  advanced="[{rabbit, [{channel_tick_interval, 1000}]}].\n")
+    node.start()
+    broker = BrokerHandle(node, "/")
+    proc = None
+    try:
+        broker.declare("slow")
+        broker.declare("steady")
+        config = ("consumers:\n  - consumer: testconsumers:Misbehaving\n    queue: slow\n"
+                  "    consumer_count: 3\n    prefetch_count: 3\n"
+                  "  - consumer: testconsumers:Recorder\n    queue: steady\n")
+        proc = DispatcherProcess(tmp_path, config, node.url)
+        wait_until(lambda: proc.output.count("consuming from") == 2, what="two entries")
+        broker.publish("slow", "hang-forever")
+        i = 0
+
+        def timed_out() -> bool:
+            nonlocal i
+            i += 1  # keep both channels busy: the broker checks active channels
+            broker.publish("slow", f"s{i}")
+            broker.publish("steady", f"t{i}")
+            return "consumer_timeout" in proc.output
+
+        wait_until(timed_out, timeout=30, interval=0.2, what="the broker's 406")
+        assert "the broker closed the channel of consumers[0] (slow): a delivery stayed " \
+               "unacked past the broker's consumer_timeout" in proc.output
+        assert "time_limit (not set)" in proc.output
+        broker.publish("slow", "after-timeout")
+        broker.publish("steady", "steady-after")
+        wait_until(lambda: {"done:after-timeout", "steady-after"} <= set(proc.records()),
+                   what="both entries consuming after the 406")
+        assert "the broker closed the channel of consumers[1]" not in proc.output
+    finally:
+        if proc is not None:
+            proc.signal(signal.SIGINT)
+            proc.wait()
+        broker.close()
+        node.stop()
