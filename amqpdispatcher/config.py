@@ -78,12 +78,27 @@ class RetryConfig:
 
     def delay_ms(self, attempt: int) -> int:
         """Milliseconds a message waits after its ``attempt``-th consume failed (from 1)."""
-        seconds = min(self.delay * self.backoff ** (attempt - 1), self.max_delay)
+        try:
+            seconds = min(self.delay * self.backoff ** (attempt - 1), self.max_delay)
+        except OverflowError:  # thousands of attempts: long past max_delay
+            seconds = self.max_delay
         return max(1, round(seconds * 1000))
 
     def delays_ms(self) -> list[int]:
-        """Every distinct delay, in the order the attempts use them: one queue each."""
-        return list(dict.fromkeys(self.delay_ms(n) for n in range(1, self.max_attempts)))
+        """Every distinct delay, in the order the attempts use them: one queue each
+        (at most MAX_DELAY_QUEUES + 1: validation refuses a policy that needs more)."""
+        delays: list[int] = []
+        for attempt in range(1, self.max_attempts):
+            ms = self.delay_ms(attempt)
+            if ms not in delays:
+                delays.append(ms)
+            if ms >= round(self.max_delay * 1000) or self.backoff == 1 \
+                    or len(delays) > MAX_DELAY_QUEUES:
+                break  # every later attempt waits the same
+        return delays
+
+
+MAX_DELAY_QUEUES = 64
 
 
 @dataclass(frozen=True)
@@ -403,6 +418,7 @@ def _parse(path: str) -> tuple[Config, list[str]]:
             if retry is None:
                 continue
         consumers.append(ConsumerConfig(**checked, retry=retry, path=key_path))
+        _check_retry_names(checker, queues, consumers[-1])
 
     handler = top.get("startup_handler")
     if handler is not None and not _is_import_path(handler):
@@ -426,7 +442,36 @@ def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | No
         checker.problem(f"{key_path}.max_delay", f"expected at least delay "
                         f"({checked['delay']}), got {checked['max_delay']}")
         return None
-    return RetryConfig(**checked)
+    retry = RetryConfig(**checked)
+    if len(retry.delays_ms()) > MAX_DELAY_QUEUES:
+        checker.problem(key_path, f"needs more than {MAX_DELAY_QUEUES} delay queues (one per "
+                        "distinct delay): raise backoff or lower max_delay")
+        return None
+    return retry
+
+
+def _check_retry_names(checker: _Checker, config_queues: list[QueueConfig],
+                       entry: ConsumerConfig) -> None:
+    """The queues a retry policy adds must not collide with the entry's own queue or a
+    queue of the config, and must fit in an AMQP name."""
+    retry = entry.retry
+    if retry is None:
+        return
+    key_path = f"{entry.path}.retry"
+    if retry.dead_letter_queue == entry.queue:
+        checker.problem(f"{key_path}.dead_letter_queue", f"{entry.queue!r} is the entry's own "
+                        "queue: a message that keeps failing would come straight back")
+    # The name delay queues get (retry.delay_queue_name, kept in step).
+    longest = f"{entry.queue}.retry.{round(retry.max_delay * 1000)}ms"
+    if len(longest.encode("utf-8")) > 255:
+        checker.problem(f"{entry.path}.queue", "too long for a retry policy: its delay "
+                        "queues are named '<queue>.retry.<ms>ms', over 255 bytes")
+    taken = {q.queue: q.path for q in config_queues}
+    prefix = f"{entry.queue}.retry."
+    for name, path in taken.items():
+        if name.startswith(prefix) and name.endswith("ms"):
+            checker.problem(f"{path}.queue", f"{name!r} is a delay queue of {key_path}: "
+                            "the dispatcher declares it with its own TTL; use another name")
 
 
 def _is_import_path(value: str) -> bool:
@@ -448,8 +493,11 @@ def describe_exception(exc: BaseException) -> str:
     tb = exc.__traceback__
     where = ""
     while tb is not None:
-        if tb.tb_next is None:
-            where = f" (at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
+        name = os.path.basename(tb.tb_frame.f_code.co_filename)
+        # The last frame not in gevent: an exception thrown into a waiting greenlet
+        # (TimeLimitExceeded) "happens" inside gevent's switch.
+        if "gevent" not in name and "gevent" not in tb.tb_frame.f_globals.get("__name__", ""):
+            where = f" (at {name}:{tb.tb_lineno})"
         tb = tb.tb_next
     try:
         message = " ".join(str(exc).split())  # one line, whatever the text holds

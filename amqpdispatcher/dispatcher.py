@@ -240,12 +240,13 @@ class Dispatcher:
                 self._entry_lost(index, self._drop_channel(index))
         elif kind == "publisher_closed":
             publisher, reason = detail
+            opened_at = publisher.opened_at
             if self.publisher.current is publisher and self.connection is not None \
                     and self.connection.is_open:
                 log.error("the broker closed the publishing channel: %s; reopening it",
                           describe_close(reason))
-                self.publisher.current = None
-                self._retry_later(PUBLISHER, None, delay=0)
+                self.publisher.set(None)
+                self._reopen_later(PUBLISHER, opened_at)
         elif kind == "consumer_cancelled":
             index, cancelled = detail
             if self.channels.get(index) is cancelled:
@@ -351,9 +352,9 @@ class Dispatcher:
                 self._retry_later(pool.entry.path, str(exc))
 
     def _open_publisher(self) -> None:
-        self.publisher.current = Publisher.open_on(
+        self.publisher.set(Publisher.open_on(
             self.connection, lambda publisher, reason: self.events.put(
-                ("publisher_closed", (publisher, reason))))
+                ("publisher_closed", (publisher, reason)))))
 
     def _open_channel(self, index: int) -> None:
         pool = self.pools[index]
@@ -391,12 +392,16 @@ class Dispatcher:
         """Reopen an entry whose channel the broker closed or whose consumer it cancelled:
         at once if the channel had been up a while, else backing off, so that a
         message that gets its channel closed every time cannot spin."""
-        path = self.pools[index].entry.path
-        if time.monotonic() - channel.opened_at >= STABLE_SESSION:
+        self._reopen_later(self.pools[index].entry.path, channel.opened_at)
+
+    def _reopen_later(self, path: str, opened_at: float) -> None:
+        """Reopen a channel (an entry's, or the publishing one) the broker closed."""
+        if time.monotonic() - opened_at >= STABLE_SESSION:
             self.backoff.pop(path, None)
             self._retry_later(path, None, delay=0)
         else:
-            self._retry_later(path, "its channel closed again soon after it opened")
+            self._retry_later(path, f"{self.config.path}: {path}: its channel closed again "
+                                    "soon after it opened")
 
     def _retry_later(self, path: str, problem: str | None, delay: float | None = None) -> None:
         """Retry the queue or entry at this config path on its own, with backoff."""
@@ -469,7 +474,7 @@ class Dispatcher:
             self.repair_timer.kill()
             self.repair_timer = None
         self.broken.clear()  # the next session declares and opens everything
-        self.publisher.current = None  # its channel went with the connection
+        self.publisher.set(None)  # its channel went with the connection
         self.connection = None
 
     def _on_connection_lost(self, reason: str) -> None:
@@ -547,7 +552,8 @@ class Dispatcher:
                 kind, detail = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except gevent.queue.Empty:
                 busy = sum(pool.busy for pool in self.pools)
-                log.error("drain_timeout (%gs) ran out with %d message(s) still in consume; "
+                log.error("drain_timeout (%gs) ran out with %d message(s) still in consume "
+                          "(or waiting for a publisher confirm); "
                           "they go back to the queue", self.config.drain_timeout, busy)
                 return self._stop_now(EXIT_DRAIN_TIMEOUT)
             if kind == "drained":

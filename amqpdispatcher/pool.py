@@ -95,30 +95,33 @@ class ConsumerPool:
             acker.reject(tag, requeue=True)
             return
         amqp = AMQPProxy(acker, channel, tag)
-        self.busy += 1
+        self.busy += 1  # a delivery in hand: in consume, or being settled by the policy
         try:
             if limit is None:
                 instance.consume(amqp, Message(method, properties, body))
             else:  # TimeLimitExceeded when consume runs past time_limit
                 limit.run(instance.consume, amqp, Message(method, properties, body))
         except StopNow:
+            self.busy -= 1
             raise
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
             failure: BaseException | None = exc
         else:
             failure = None
-        finally:
-            self.busy -= 1
         responded = amqp.has_responded_to_message
         if failure is None:
+            self.busy -= 1
             if not responded:
                 acker.ack(tag)
             return
-        if responded:  # the consumer's own answer stands
-            log.error("%s: consume raised %s; delivery tag %d was already settled",
-                      self.entry.consumer, describe_exception(failure), tag)
-        else:
-            self.policy.failed(acker, method, properties, body, failure)
+        try:
+            if responded:  # the consumer's own answer stands
+                log.error("%s: consume raised %s; delivery tag %d was already settled",
+                          self.entry.consumer, describe_exception(failure), tag)
+            else:  # may wait for a publisher confirm
+                self.policy.failed(acker, method, properties, body, failure)
+        finally:
+            self.busy -= 1
         self._replace(slot, failure)
 
     def _replace(self, slot: int, exc: BaseException | None) -> None:

@@ -21,6 +21,7 @@ session; pools reach the current one through a PublisherRef.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,11 +35,16 @@ from .broker import SyncChannel
 log = logging.getLogger("amqp-dispatcher.publisher")
 
 PUBLISH_TIMEOUT = 30.0
+WAIT_FOR_CHANNEL = 5.0
+# A content header frame: frame header (7), class, weight, body size (12), end (1).
+HEADER_FRAME_OVERHEAD = 20
 
 
 class Publisher:
-    def __init__(self, sync: SyncChannel) -> None:
+    def __init__(self, sync: SyncChannel, frame_max: int = 131072) -> None:
         self.sync = sync
+        self.frame_max = frame_max
+        self.opened_at = time.monotonic()
         self.open = True
         self._next = 1  # sequence number of the next publish
         # sequence number -> (result, routing key, body), oldest first.
@@ -52,7 +58,7 @@ class Publisher:
         """Open a channel in confirm mode; ``on_close(publisher, reason)`` is called from
         the I/O loop if the channel closes. Raises BrokerError."""
         sync = SyncChannel.open(connection)
-        publisher = cls(sync)
+        publisher = cls(sync, connection.params.frame_max)
         sync.call(sync.channel.confirm_delivery, ack_nack_callback=publisher._on_confirm)
         sync.channel.add_on_close_callback(lambda _, reason: on_close(publisher, reason))
         return publisher
@@ -99,8 +105,9 @@ class Publisher:
         for seq, (_, routing_key, sent) in self._pending.items():
             if seq not in self._returned and routing_key == method.routing_key and sent == body:
                 self._returned.add(seq)
-                log.error("the broker returned a message published to %r: %s %s (was the "
-                          "queue deleted?)", routing_key, method.reply_code, method.reply_text)
+                # The caller's failure log says so, summarised: this could repeat fast.
+                log.debug("the broker returned a message published to %r: %s %s",
+                          routing_key, method.reply_code, method.reply_text)
                 return
 
     def _on_close(self, channel: Any, reason: Any) -> None:
@@ -114,15 +121,36 @@ class Publisher:
 
 
 class PublisherRef:
-    """The current session's Publisher, or None between sessions; the dispatcher sets it."""
+    """The current session's Publisher, or None while there is none; the dispatcher
+    sets it with ``set``."""
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "_ready")
 
     def __init__(self) -> None:
         self.current: Publisher | None = None
+        self._ready = gevent.event.Event()
+
+    def set(self, publisher: Publisher | None) -> None:
+        self.current = publisher
+        if publisher is None:
+            self._ready.clear()
+        else:
+            self._ready.set()
+
+    def fits(self, properties: pika.spec.BasicProperties) -> bool:
+        """Whether a message with these properties fits the connection's frame size: a
+        content header over it makes the broker close the whole connection."""
+        publisher = self.current
+        if publisher is None:
+            return True
+        size = sum(len(part) for part in properties.encode()) + HEADER_FRAME_OVERHEAD
+        return size <= publisher.frame_max
 
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: pika.spec.BasicProperties) -> bool:
+        # While the channel is being reopened, wait a little rather than fail at once
+        # (the caller would requeue the message, and it would fail again at once).
+        self._ready.wait(WAIT_FOR_CHANNEL)
         publisher = self.current
         if publisher is None:
             return False

@@ -135,14 +135,16 @@ def time_limit_warnings(config: Config) -> list[str]:
 
 
 class TimeLimit:
-    """One worker's time limit: a repeating hub timer that throws TimeLimitExceeded into
-    the worker greenlet while ``run`` is in consume (as gevent.Timeout does)."""
+    """One worker's time limit: a repeating hub timer, new for every call, that throws
+    TimeLimitExceeded into the worker greenlet while ``run`` is in consume (as
+    gevent.Timeout does). A consume that never yields cannot be interrupted, but
+    when it returns past the limit it still counts as a failure."""
 
-    __slots__ = ("seconds", "_timer", "_greenlet", "fired")
+    __slots__ = ("seconds", "_loop", "_greenlet", "fired")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._timer = gevent.get_hub().loop.timer(seconds, TIME_LIMIT_REPEAT)
+        self._loop = gevent.get_hub().loop
         self._greenlet: Any = None
         self.fired = False
 
@@ -151,15 +153,22 @@ class TimeLimit:
         it caught the exception and returned."""
         self.fired = False
         self._greenlet = gevent.getcurrent()
-        self._timer.start(self._expire)
+        # A fresh timer each call: a stopped libev timer restarts with what was left.
+        timer = self._loop.timer(self.seconds, TIME_LIMIT_REPEAT)
+        started = time.monotonic()
+        timer.start(self._expire)
         try:
             function(*args)
         finally:
-            self._timer.stop()  # before anything else can yield to the hub
+            timer.stop()  # before anything else can yield to the hub
+            timer.close()
             self._greenlet = None
         if self.fired:
             raise TimeLimitExceeded(f"consume ran past time_limit ({self.seconds:g}s) "
                                     "and swallowed TimeLimitExceeded")
+        if time.monotonic() - started > self.seconds:
+            raise TimeLimitExceeded(f"consume ran past time_limit ({self.seconds:g}s) "
+                                    "without yielding to be interrupted")
 
     def _expire(self) -> None:
         self.fired = True
@@ -312,10 +321,12 @@ class FailurePolicy:
     def _move(self, acker: Acknowledger, tag: int, exc: BaseException, queue: str,
               body: bytes, properties: pika.spec.BasicProperties) -> bool:
         """Publish to ``queue`` and ack the original once confirmed; else requeue it."""
-        if self.publisher.publish("", queue, body, properties):
+        if self.publisher.fits(properties) and self.publisher.publish("", queue, body,
+                                                                      properties):
             acker.ack(tag)
             return True
         acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
-        self.failures.failed(exc, f"could not move the message to {queue} (not confirmed "
-                                  "by the broker); requeued")
+        self.failures.failed(exc, f"could not move the message to {queue} (headers too "
+                                  "large for a frame, not confirmed by the broker, or "
+                                  "returned as unroutable: was the queue deleted?); requeued")
         return False

@@ -305,3 +305,51 @@ def test_broker_delivery_ack_timeout_is_recognised_and_only_that_entry_recovers(
             proc.wait()
         broker.close()
         node.stop()
+
+
+def test_publishing_channel_refused_again_and_again_backs_off(broker: BrokerHandle,
+                                                              tmp_path: Path) -> None:
+    """Before: the broker refusing every republish (write permission revoked) closed
+    the publishing channel, which was reopened at once: 6,000 lines and a busy core in
+    10 s. Now each reopening waits 1, 2, 4 ... s and the failing message waits with it."""
+    import uuid
+
+    user = f"u{uuid.uuid4().hex[:8]}"
+    broker.node.ctl("add_user", user, "pw-for-test")
+    broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", ".*", ".*")
+    url = broker.url.replace("guest:guest", f"{user}:pw-for-test")
+    proc = DispatcherProcess(tmp_path, retry_config(), url)
+    try:
+        proc.wait_consuming()
+        broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", "^$", ".*")
+        broker.publish("q", "always-denied")
+        wait_until(lambda: proc.output.count("closed the publishing channel") >= 2,
+                   what="the publishing channel refused")
+        started, cpu_before = time.monotonic(), cpu_seconds(proc.process.pid)
+        closes = proc.output.count("closed the publishing channel")
+        wait_until(lambda: time.monotonic() - started > 6, timeout=10, what="6 s")
+        assert proc.output.count("closed the publishing channel") - closes <= 4, proc.output
+        assert cpu_seconds(proc.process.pid) - cpu_before < 1.5
+        broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", ".*", ".*")
+        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=90,
+                   what="dead-lettered once the broker accepts publishes again")
+    finally:
+        assert proc.stop() == 0, proc.output
+        broker.node.ctl("delete_user", user)
+
+
+def test_headers_too_large_to_republish_never_cost_the_connection(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Before: the republished header frame went past frame_max and the broker closed
+    the whole connection, again at every reconnect."""
+    proc = DispatcherProcess(tmp_path, retry_config(), broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "always-big", headers={"blob": "x" * 130_800})
+        proc.wait_for_log("headers too large for a frame")
+        broker.publish("q", "fine")
+        wait_until(lambda: "done:fine" in proc.records(), what="still consuming")
+        assert "connection to the broker lost" not in proc.output
+    finally:
+        proc.signal(signal.SIGINT)
+        proc.wait()

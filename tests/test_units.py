@@ -371,3 +371,31 @@ def test_time_limit_throws_into_the_running_consume_and_again_if_swallowed() -> 
     gevent.sleep(0.1)
     with pytest.raises(TimeLimitExceeded, match=r"time_limit \(0.05s\)"):
         limit.run(gevent.sleep, 10)
+
+
+def test_time_limit_gives_every_call_its_whole_budget() -> None:
+    """Before: one libev timer per worker, stopped and started again, kept only what was
+    left of the budget: the second 0.3 s call under a 0.5 s limit was interrupted."""
+    limit = TimeLimit(0.5)
+    for _ in range(3):
+        limit.run(gevent.sleep, 0.3)
+    with pytest.raises(TimeLimitExceeded):
+        limit.run(gevent.sleep, 2)
+    limit.run(gevent.sleep, 0.3)  # after a fired limit, the next call has 0.5 s again
+
+
+def test_time_limit_counts_a_call_that_never_yields_as_a_failure() -> None:
+    import time
+
+    with pytest.raises(TimeLimitExceeded, match="without yielding"):
+        TimeLimit(0.05).run(time.sleep, 0.1)
+
+
+def test_retry_delays_never_overflow_nor_loop_long() -> None:
+    from amqpdispatcher.config import RetryConfig
+
+    many = RetryConfig(max_attempts=2000, delay=0.5, backoff=2, max_delay=300)
+    assert many.delays_ms()[-1] == 300_000 and len(many.delays_ms()) == 11
+    assert many.delay_ms(1999) == 300_000
+    flat = RetryConfig(max_attempts=30_000_000, delay=1, backoff=1, max_delay=300)
+    assert flat.delays_ms() == [1000]

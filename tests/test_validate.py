@@ -147,6 +147,15 @@ BAD = [
     (CONSUMER + "    retry:\n      dead_letter_queue: ''\n",
      "consumers[0].retry.dead_letter_queue: expected a non-empty string, got ''"),
     (CONSUMER + "    retry:\n      delay: 1\n      delay: 2\n", "line 6: duplicate key 'delay'"),
+    # Names a retry policy would collide with, or make too long.
+    (CONSUMER + "    retry:\n      dead_letter_queue: a\n",
+     "consumers[0].retry.dead_letter_queue: 'a' is the entry's own queue"),
+    (CONSUMER + "    retry: {}\nqueues:\n  - queue: a.retry.1000ms\n",
+     "queues[0].queue: 'a.retry.1000ms' is a delay queue of consumers[0].retry"),
+    (CONSUMER.replace("queue: a", "queue: " + "q" * 245) + "    retry: {}\n",
+     "consumers[0].queue: too long for a retry policy"),
+    (CONSUMER + "    retry:\n      max_attempts: 1000\n      delay: 0.001\n      backoff: 1.01\n"
+     "      max_delay: 4000000\n", "consumers[0].retry: needs more than 64 delay queues"),
 ]
 
 
