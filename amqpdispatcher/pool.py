@@ -56,9 +56,6 @@ class ConsumerPool:
     def start(self) -> None:
         self.workers = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
 
-    def live_workers(self) -> int:
-        return sum(1 for worker in self.workers if not worker.dead)
-
     def on_message(self, acker: Acknowledger) -> Callable[..., None]:
         """The basic_consume callback for one channel. Runs in the I/O loop: never blocks."""
         delivered = acker.delivered
