@@ -30,6 +30,7 @@ from typing import Any
 
 import gevent
 import gevent.queue
+import gevent.util
 import pika.exceptions
 
 from .acks import Acknowledger
@@ -61,12 +62,13 @@ EXIT_DRAIN_TIMEOUT = 6
 EXIT_INTERNAL = 70  # a bug in the dispatcher (EX_SOFTWARE); the traceback is logged
 
 # What each signal means: TERM drains (a second TERM stops at once), INT and
-# QUIT stop at once. A stop at once exits 128 + the signal number.
-# HUP, USR1 and USR2 are logged and otherwise ignored (their default action would
-# kill the process without a drain).
+# QUIT stop at once. A stop at once exits 128 + the signal number. USR1 logs the
+# stack of every greenlet, at once, in any phase. HUP and USR2 are logged and
+# otherwise ignored (their default action would kill the process without a drain).
 GRACEFUL_SIGNALS = (signal.SIGTERM,)
 FAST_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+STACKS_SIGNAL = signal.SIGUSR1
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
@@ -110,6 +112,12 @@ def _run_step(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool
         return False, Interrupted(0)  # killed by Dispatcher._step; nobody reads it
     except BaseException as exc:  # noqa: BLE001 - re-raised in the main greenlet
         return False, exc
+
+
+def _log_stacks() -> None:
+    """SIGUSR1: where every greenlet is (which instance is in which line of consume)."""
+    log.warning("received SIGUSR1: the stack of every greenlet follows\n%s",
+                "\n".join(gevent.util.format_run_info()))
 
 
 class Channel:
@@ -163,6 +171,9 @@ class Dispatcher:
             gevent.signal_handler(signum, self.events.put, ("signal", signum))
         for signum in IGNORED_SIGNALS:
             gevent.signal_handler(signum, self.events.put, ("ignored_signal", signum))
+        # Read-only, so it runs in the hub's callback rather than waiting for the main
+        # loop: it answers even while the main greenlet waits on the broker.
+        gevent.signal_handler(STACKS_SIGNAL, _log_stacks)
         try:
             try:
                 self._start()

@@ -55,6 +55,8 @@ class ConsumerPool:
 
     def start(self) -> None:
         self.workers = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
+        for slot, worker in enumerate(self.workers):  # named in SIGUSR1's stack dump
+            worker.name = f"{self.entry.path} {self.entry.consumer} slot {slot}"
 
     def on_message(self, acker: Acknowledger) -> Callable[..., None]:
         """The basic_consume callback for one channel. Runs in the I/O loop: never blocks."""

@@ -473,18 +473,37 @@ def test_second_signal_acts_while_stopping_during_startup(tmp_path: Path) -> Non
             proc.stop()
 
 
-def test_sighup_and_sigusr_are_logged_and_ignored(broker: BrokerHandle,
-                                                  tmp_path: Path) -> None:
+def test_sighup_and_sigusr2_are_logged_and_ignored(broker: BrokerHandle,
+                                                   tmp_path: Path) -> None:
     """Before: their default action killed the process, without a drain."""
     broker.declare("q")
     config = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n"
     proc = DispatcherProcess(tmp_path, config, broker.url)
     try:
         proc.wait_consuming()
-        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        for signum in (signal.SIGHUP, signal.SIGUSR2):
             proc.signal(signum)
             proc.wait_for_log(f"received {signal.Signals(signum).name}: .* ignored")
         broker.publish("q", "after")
         wait_until(lambda: "after" in proc.records(), what="still consuming")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_sigusr1_logs_where_every_consume_is(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q")
+    config = ("consumers:\n  - consumer: testconsumers:Hostile\n    queue: q\n"
+              "    consumer_count: 2\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "hold-stack")
+        wait_until(lambda: "start:hold-stack" in proc.records(), what="a consume in progress")
+        proc.signal(signal.SIGUSR1)
+        proc.wait_for_log("received SIGUSR1: the stack of every greenlet follows")
+        proc.wait_for_log(r"consumers\[0\] testconsumers:Hostile slot 1")
+        proc.wait_for_log(r"testconsumers.py\", line \d+, in consume")
+        wait_until(lambda: "done:hold-stack" in proc.records(), what="the consume finished")
+        assert proc.process.poll() is None
     finally:
         assert proc.stop() == 0, proc.output
