@@ -114,6 +114,16 @@ def _run_step(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool
         return False, exc
 
 
+def _run_user_code(call: Callable[[], Any], what: str) -> None:
+    """Start-up user code: any failure, SystemExit included, is a one-line UserCodeError."""
+    try:
+        call()
+    except StopNow:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - user code
+        raise UserCodeError(f"{what} raised {describe_exception(exc)}") from None
+
+
 def _log_stacks() -> None:
     """SIGUSR1: where every greenlet is (which instance is in which line of consume)."""
     log.warning("received SIGUSR1: the stack of every greenlet follows\n%s",
@@ -314,23 +324,11 @@ class Dispatcher:
 
     def _start_user_code(self) -> None:
         if self.resolved.startup_handler is not None:
-            try:
-                self.resolved.startup_handler()
-            except StopNow:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - user code, SystemExit included
-                raise UserCodeError(f"{self.config.path}: startup_handler: "
-                                    f"{self.config.startup_handler} raised "
-                                    f"{describe_exception(exc)}") from None
+            _run_user_code(self.resolved.startup_handler, f"{self.config.path}: startup_handler: "
+                           f"{self.config.startup_handler}")
         for pool in self.pools:
-            try:
-                pool.create_instances()
-            except StopNow:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - user code, SystemExit included
-                raise UserCodeError(f"{self.config.path}: {pool.entry.path}.consumer: "
-                                    f"{pool.entry.consumer}() raised "
-                                    f"{describe_exception(exc)}") from None
+            _run_user_code(pool.create_instances, f"{self.config.path}: {pool.entry.path}."
+                           f"consumer: {pool.entry.consumer}()")
 
     def _open_session(self, at_start: bool) -> None:
         """Connect, declare the topology, and start consuming on every entry.
