@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -77,3 +78,105 @@ def test_failover_to_another_node(cluster: list[Broker], tmp_path: Path) -> None
         victim.ctl("start_app")
     finally:
         assert proc.stop() == 0, proc.output
+
+
+class _Publisher:
+    """Publishes ids with publisher confirms from a thread, to whichever node of the
+    cluster answers; only confirmed ids count as published."""
+
+    def __init__(self, nodes: list[Broker], queue: str) -> None:
+        self.nodes = nodes
+        self.queue = queue
+        self.confirmed: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stopping.is_set():
+            for node in self.nodes:
+                try:
+                    connection = pika.BlockingConnection(pika.URLParameters(node.url))
+                    channel = connection.channel()
+                    channel.confirm_delivery()
+                    while not self.stopping.is_set():
+                        body = f"id{n}"
+                        channel.basic_publish("", self.queue, body.encode(),
+                                              pika.BasicProperties(delivery_mode=2),
+                                              mandatory=True)
+                        self.confirmed.append(body)  # basic_publish returned: confirmed
+                        n += 1
+                        self.stopping.wait(0.005)
+                    connection.close()
+                    return
+                except pika.exceptions.AMQPError:
+                    n += 1  # that id may or may not be on the broker: never counted
+                    continue
+
+
+def test_three_daemons_survive_each_node_stopped_in_turn(cluster: list[Broker],
+                                                         tmp_path: Path) -> None:
+    """Scale-out: three daemons share a quorum queue on a three-node cluster; the node
+    each one is connected to is stopped in turn under load, then started again."""
+    connection = pika.BlockingConnection(pika.URLParameters(cluster[0].url))
+    connection.channel().queue_declare("scale_out", durable=True,
+                                       arguments={"x-queue-type": "quorum"})
+    connection.close()
+    hosts = ",".join(f"127.0.0.1:{node.port}" for node in cluster)
+    config = ("queues:\n  - queue: scale_out\n    passive: true\n"
+              "consumers:\n  - consumer: testconsumers:Faulty\n    queue: scale_out\n"
+              "    consumer_count: 10\n    prefetch_count: 20\n")
+    daemons = []
+    for i in range(3):
+        (tmp_path / f"d{i}").mkdir()
+        daemons.append(DispatcherProcess(tmp_path / f"d{i}", config,
+                                         f"amqp://guest:guest@{hosts}/%2F",
+                                         env={"PAUSE": "0.1", "FAIL_RATE": "0.02"}))
+    publisher = _Publisher(cluster, "scale_out")
+
+    def done() -> collections.Counter[str]:
+        return collections.Counter(r[5:] for d in daemons for r in d.records()
+                                   if r.startswith("done:"))
+
+    failovers = []
+    try:
+        for daemon in daemons:
+            daemon.wait_consuming()
+        publisher.thread.start()
+        wait_until(lambda: len(done()) > 100, what="messages handled")
+        for daemon in daemons:
+            victim = connected_node(cluster, daemon.output)
+            reconnects = daemon.output.count("reconnected after")
+            started = time.monotonic()
+            victim.ctl("stop_app")
+            wait_until(lambda d=daemon, r=reconnects: d.output.count("reconnected after") > r,
+                       timeout=90, what="failover")
+            failovers.append(time.monotonic() - started)
+            handled = len(done())
+            wait_until(lambda h=handled: len(done()) > h + 50, what="handling after failover")
+            victim.ctl("start_app")
+            victim.ctl("await_startup")
+            wait_until(lambda: _members_online(cluster[0]) == 3, timeout=60,
+                       what="the quorum queue's three members online")
+        publisher.stopping.set()
+        publisher.thread.join(timeout=60)
+        ids = set(publisher.confirmed)
+        wait_until(lambda: ids <= set(done()), timeout=120, what="every confirmed id handled")
+        counts = done()
+        duplicates = sum(counts[i] - 1 for i in ids)
+        print(f"\n[scale-out] daemons=3 published={len(ids)} lost={len(ids - set(counts))} "
+              f"duplicates={duplicates} failover_s={','.join(f'{f:.1f}' for f in failovers)}")
+        assert all(d.process.poll() is None for d in daemons)
+    finally:
+        publisher.stopping.set()
+        statuses = [d.stop() for d in daemons]
+    assert statuses == [0, 0, 0], [d.output[-2000:] for d in daemons]
+
+
+def _members_online(node: Broker) -> int:
+    out = node.ctl("list_queues", "-q", "--no-table-headers", "name", "online")
+    for line in out.splitlines():
+        name, _, online = line.partition("\t")
+        if name == "scale_out":
+            return online.count("@")
+    return 0
