@@ -1,0 +1,151 @@
+"""The ``consumers:`` section: each entry's keys, defaults and checks, and its
+``retry:`` policy (RETRY_KEYS; the policy itself runs in amqpdispatcher/retry.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .imports import _is_import_path
+from .keys import _Checker, _Key
+from .queues import QueueConfig
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """A consumer entry's ``retry:`` mapping; see RETRY_KEYS."""
+
+    max_attempts: int = 5
+    delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 300.0
+    dead_letter_queue: str | None = None
+
+    def delay_ms(self, attempt: int) -> int:
+        """Milliseconds a message waits after its ``attempt``-th consume failed (from 1)."""
+        try:
+            seconds = min(self.delay * self.backoff ** (attempt - 1), self.max_delay)
+        except OverflowError:  # thousands of attempts: long past max_delay
+            seconds = self.max_delay
+        return max(1, round(seconds * 1000))
+
+    def delays_ms(self) -> list[int]:
+        """Every distinct delay, in the order the attempts use them: one queue each
+        (at most MAX_DELAY_QUEUES + 1: validation refuses a policy that needs more)."""
+        delays: list[int] = []
+        for attempt in range(1, self.max_attempts):
+            ms = self.delay_ms(attempt)
+            if ms not in delays:
+                delays.append(ms)
+            if ms >= round(self.max_delay * 1000) or self.backoff == 1 \
+                    or len(delays) > MAX_DELAY_QUEUES:
+                break  # every later attempt waits the same
+        return delays
+
+
+MAX_DELAY_QUEUES = 64
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    consumer: str
+    queue: str
+    consumer_count: int = 1
+    prefetch_count: int = 1
+    time_limit: float | None = None
+    retry: RetryConfig | None = None
+    path: str = "consumers[?]"
+
+
+CONSUMER_KEYS: dict[str, _Key] = {
+    "consumer": _Key((str,), required=True, nullable=False, doc="module:Class"),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True),
+    "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
+    # basic.qos carries prefetch_count in 16 bits.
+    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
+    # Beyond 0.4.3: failure handling (amqpdispatcher/retry.py).
+    "time_limit": _Key((float, int), positive=True,
+                       doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
+    "retry": _Key((dict,), doc="retry policy (RETRY_KEYS); absent: reject and requeue at once"),
+}
+
+# x-message-ttl is an unsigned 32-bit number of milliseconds.
+_MAX_DELAY_SECONDS = 4294967
+
+RETRY_KEYS: dict[str, _Key] = {
+    "max_attempts": _Key((int,), default=5, nullable=False, positive=True,
+                         doc="consume attempts per message, the first included"),
+    "delay": _Key((float, int), default=1, nullable=False, positive=True,
+                  maximum=_MAX_DELAY_SECONDS, doc="seconds before the second attempt"),
+    "backoff": _Key((float, int), default=2, nullable=False, minimum=1,
+                    doc="each further delay is multiplied by this"),
+    "max_delay": _Key((float, int), default=300, nullable=False, positive=True,
+                      maximum=_MAX_DELAY_SECONDS, doc="cap on one delay (>= delay)"),
+    "dead_letter_queue": _Key((str,), non_empty=True,
+                              doc="where exhausted messages go (declared durable); "
+                                  "null: reject without requeue"),
+}
+
+
+def parse_consumers(checker: _Checker, entries: list[Any],
+                    queues: list[QueueConfig]) -> list[ConsumerConfig]:
+    """The ``consumers:`` entries without problems; problems go to ``checker``."""
+    consumers: list[ConsumerConfig] = []
+    for i, entry in enumerate(entries):
+        key_path = f"consumers[{i}]"
+        checked = checker.mapping(entry, key_path, CONSUMER_KEYS)
+        if checked is None or "consumer" not in checked or "queue" not in checked:
+            continue
+        if not _is_import_path(checked["consumer"]):
+            checker.problem(f"{key_path}.consumer",
+                            f"expected 'module:Class', got {checked['consumer']!r}")
+            continue
+        retry = None
+        if "retry" in checked:
+            retry = _parse_retry(checker, checked.pop("retry"), f"{key_path}.retry")
+            if retry is None:
+                continue
+        consumers.append(ConsumerConfig(**checked, retry=retry, path=key_path))
+        _check_retry_names(checker, queues, consumers[-1])
+    return consumers
+
+
+def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | None:
+    before = len(checker.problems)
+    checked = checker.mapping(raw, key_path, RETRY_KEYS)
+    if checked is None or len(checker.problems) > before:
+        return None
+    if checked["max_delay"] < checked["delay"]:
+        checker.problem(f"{key_path}.max_delay", f"expected at least delay "
+                        f"({checked['delay']}), got {checked['max_delay']}")
+        return None
+    retry = RetryConfig(**checked)
+    if len(retry.delays_ms()) > MAX_DELAY_QUEUES:
+        checker.problem(key_path, f"needs more than {MAX_DELAY_QUEUES} delay queues (one per "
+                        "distinct delay): raise backoff or lower max_delay")
+        return None
+    return retry
+
+
+def _check_retry_names(checker: _Checker, config_queues: list[QueueConfig],
+                       entry: ConsumerConfig) -> None:
+    """The queues a retry policy adds must not collide with the entry's own queue or a
+    queue of the config, and must fit in an AMQP name."""
+    retry = entry.retry
+    if retry is None:
+        return
+    key_path = f"{entry.path}.retry"
+    if retry.dead_letter_queue == entry.queue:
+        checker.problem(f"{key_path}.dead_letter_queue", f"{entry.queue!r} is the entry's own "
+                        "queue: a message that keeps failing would come straight back")
+    # The name delay queues get (retry.delay_queue_name, kept in step).
+    longest = f"{entry.queue}.retry.{round(retry.max_delay * 1000)}ms"
+    if len(longest.encode("utf-8")) > 255:
+        checker.problem(f"{entry.path}.queue", "too long for a retry policy: its delay "
+                        "queues are named '<queue>.retry.<ms>ms', over 255 bytes")
+    taken = {q.queue: q.path for q in config_queues}
+    prefix = f"{entry.queue}.retry."
+    for name, path in taken.items():
+        if name.startswith(prefix) and name.endswith("ms"):
+            checker.problem(f"{path}.queue", f"{name!r} is a delay queue of {key_path}: "
+                            "the dispatcher declares it with its own TTL; use another name")

@@ -1,0 +1,98 @@
+"""Importing what a config names (the startup handler and consumer classes) and
+describing what user code raised, in one line."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .keys import ConfigError, _Checker
+
+if TYPE_CHECKING:
+    from .top_level import Config
+
+
+def _is_import_path(value: str) -> bool:
+    module, sep, attr = value.partition(":")
+    return bool(sep and module and attr)
+
+
+def import_object(spec: str) -> Any:
+    """Import 'module:attr' (attr may be dotted). Raises ImportError or AttributeError."""
+    module_name, _, attr_path = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line: the exception and where in user code it was raised."""
+    tb = exc.__traceback__
+    where = ""
+    while tb is not None:
+        name = os.path.basename(tb.tb_frame.f_code.co_filename)
+        # The last frame not in gevent: an exception thrown into a waiting greenlet
+        # (TimeLimitExceeded) "happens" inside gevent's switch.
+        if "gevent" not in name and "gevent" not in tb.tb_frame.f_globals.get("__name__", ""):
+            where = f" (at {name}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    try:
+        message = " ".join(str(exc).split())  # one line, whatever the text holds
+    except Exception:  # noqa: BLE001 - user code: an exception whose __str__ raises
+        message = "<str() of the exception raised>"
+    return f"{type(exc).__name__}{': ' + message if message else ''}{where}"
+
+
+def _import(checker: _Checker, key_path: str, spec: str) -> Any:
+    try:
+        return import_object(spec)
+    except ModuleNotFoundError as exc:
+        checker.problem(key_path, f"cannot import {spec!r}: no module named {exc.name!r}"
+                        " (is it on PYTHONPATH?)")
+    except AttributeError:
+        module_name, _, attr = spec.partition(":")
+        checker.problem(key_path, f"cannot import {spec!r}: module {module_name!r} has no {attr!r}")
+    except Exception as exc:  # noqa: BLE001 - user code ran at import time and failed
+        checker.problem(key_path, f"importing {spec!r} raised {describe_exception(exc)}")
+    return None
+
+
+@dataclass
+class Resolved:
+    """The imported objects a config names."""
+
+    startup_handler: Callable[[], Any] | None = None
+    consumer_classes: dict[str, type] = field(default_factory=dict)
+
+
+def check_imports(config: Config) -> Resolved:
+    """Import the startup handler and consumer classes; raise ConfigError on problems."""
+    checker = _Checker(config.path)
+    resolved = Resolved()
+    if config.startup_handler:
+        handler = _import(checker, "startup_handler", config.startup_handler)
+        if handler is not None and not callable(handler):
+            checker.problem("startup_handler", f"{config.startup_handler!r} is not callable")
+        elif handler is not None:
+            resolved.startup_handler = handler
+    for entry in config.consumers:
+        cls = _import(checker, f"{entry.path}.consumer", entry.consumer)
+        if cls is None:
+            continue
+        if not inspect.isclass(cls):
+            checker.problem(f"{entry.path}.consumer", f"{entry.consumer!r} is not a class")
+            continue
+        missing = [m for m in ("consume", "shutdown") if not callable(getattr(cls, m, None))]
+        if missing:
+            checker.problem(f"{entry.path}.consumer",
+                            f"{entry.consumer!r} has no {' and no '.join(missing)} method")
+            continue
+        resolved.consumer_classes[entry.consumer] = cls
+    if checker.problems:
+        raise ConfigError(checker.problems)
+    return resolved

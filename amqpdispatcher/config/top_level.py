@@ -1,0 +1,78 @@
+"""The file as a whole: the top-level keys (TOP_LEVEL_KEYS), ``Config``, and
+``load_config``, which reads the file and checks every section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .consumers import ConsumerConfig, parse_consumers
+from .imports import Resolved, _is_import_path, check_imports
+from .keys import ConfigError, _Checker, _Key, _read_yaml
+from .queues import QueueConfig, parse_queues
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    startup_handler: str | None = None
+    queues: tuple[QueueConfig, ...] = ()
+    consumers: tuple[ConsumerConfig, ...] = ()
+    drain_timeout: float = 30.0
+    reconnect: bool = True
+    reconnect_give_up_after: float | None = None
+
+
+TOP_LEVEL_KEYS: dict[str, _Key] = {
+    "startup_handler": _Key((str,), doc="module:function called once before connecting"),
+    "queues": _Key((list,), default=[], doc="queues to declare and bind"),
+    "consumers": _Key((list,), required=True, nullable=False, non_empty=True,
+                      doc="consumer classes to run"),
+    # Beyond 0.4.3: process lifecycle.
+    "drain_timeout": _Key((float, int), default=30, nullable=False, positive=True,
+                          doc="seconds SIGTERM waits for consume calls in progress"),
+    "reconnect": _Key((bool,), default=True, nullable=False,
+                      doc="reconnect on connection loss (false: exit 3, as 0.4.3)"),
+    "reconnect_give_up_after": _Key((float, int), positive=True,
+                                    doc="seconds of failed reconnecting before exit 3; "
+                                        "null: never give up"),
+}
+
+
+def load_config(path: str) -> tuple[Config, Resolved]:
+    """Read, check and import everything the config names; raise ConfigError listing
+    every problem found (shape, types and imports together)."""
+    config, problems = _parse(path)
+    try:
+        resolved = check_imports(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return config, resolved
+
+
+def _parse(path: str) -> tuple[Config, list[str]]:
+    """Check the config file's shape; entries with problems are left out of the result."""
+    data = _read_yaml(path)
+    checker = _Checker(path)
+    if data is None:  # empty, or only comments
+        raise ConfigError([f"{path}: the file has no keys (it is empty or only comments); "
+                           "at least one consumer entry is required"])
+    top = checker.mapping(data, "", TOP_LEVEL_KEYS)
+    if top is None:
+        raise ConfigError(checker.problems)
+
+    queues = parse_queues(checker, top.get("queues", []))
+    consumers = parse_consumers(checker, top.get("consumers", []), queues)
+
+    handler = top.get("startup_handler")
+    if handler is not None and not _is_import_path(handler):
+        checker.problem("startup_handler", f"expected 'module:function', got {handler!r}")
+        handler = None
+
+    config = Config(path=path, startup_handler=handler, queues=tuple(queues),
+                    consumers=tuple(consumers),
+                    drain_timeout=float(top.get("drain_timeout", 30)),
+                    reconnect=top.get("reconnect", True),
+                    reconnect_give_up_after=top.get("reconnect_give_up_after"))
+    return config, checker.problems
