@@ -11,10 +11,10 @@ setup(
     license="BSD",
     python_requires=">=3.9",
     packages=find_packages(include=["amqpdispatcher", "amqpdispatcher.*"]),
-    package_data={"amqpdispatcher": ["py.typed"]},
+    package_data={"amqpdispatcher": ["py.typed", "config-schema.json"]},
     install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1"],
     extras_require={
-        "test": ["pytest>=7", "supervisor>=4.2", "ruff", "mypy", "types-PyYAML"],
+        "test": ["pytest>=7", "supervisor>=4.2", "ruff", "mypy", "types-PyYAML", "jsonschema>=4"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"]},

@@ -4,7 +4,8 @@ A config is read in two steps, both of which report problems as one line each,
 naming the file and the key path (``config.yml: consumers[1].prefetch_count:
 ...``):
 
-1. ``load_config`` parses the YAML and checks the shape and types of every key.
+1. ``load_config`` parses the YAML and checks the shape and types of every key
+   (``load_config_dict`` does the same for a config given as a dict).
 2. ``check_imports`` imports the startup handler and consumer classes and
    checks that they are what the daemon needs.
 
@@ -14,7 +15,8 @@ One module per section, each with its key table (the single source of truth for
 its keys): ``top_level`` (TOP_LEVEL_KEYS, ``Config``, ``load_config``),
 ``queues`` (QUEUE_KEYS, BINDING_KEYS), ``consumers`` (CONSUMER_KEYS,
 RETRY_KEYS); ``keys`` holds the machinery they share and ``imports`` the
-importing of user code. Every name is importable from this package.
+importing of user code; ``schema`` makes the JSON Schema of the file from the key
+tables. Every name is importable from this package.
 """
 
 from .consumers import (
@@ -31,7 +33,6 @@ from .consumers import (
 from .imports import (
     Resolved,
     _import,
-    _is_import_path,
     check_imports,
     describe_exception,
     import_object,
@@ -42,18 +43,21 @@ from .keys import (
     _Checker,
     _describe,
     _DuplicateKeyError,
+    _is_import_path,
     _Key,
     _read_yaml,
     _UniqueKeyLoader,
 )
 from .queues import BINDING_KEYS, QUEUE_KEYS, Binding, QueueConfig, parse_queues
-from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config
+from .schema import config_schema, schema_text
+from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config, load_config_dict
 
 __all__ = [
     "BINDING_KEYS", "CONSUMER_KEYS", "MAX_DELAY_QUEUES", "QUEUE_KEYS", "RETRY_KEYS",
     "TOP_LEVEL_KEYS", "Binding", "Config", "ConfigError", "ConsumerConfig", "QueueConfig",
-    "Resolved", "RetryConfig", "check_imports", "describe_exception", "import_object",
-    "load_config", "parse_consumers", "parse_queues",
+    "Resolved", "RetryConfig", "check_imports", "config_schema", "describe_exception",
+    "import_object", "load_config", "load_config_dict", "parse_consumers", "parse_queues",
+    "schema_text",
     "_MAX_DELAY_SECONDS", "_TYPE_NAMES", "_Checker", "_DuplicateKeyError", "_Key",
     "_UniqueKeyLoader", "_check_retry_names", "_describe", "_import", "_is_import_path",
     "_parse", "_parse_retry", "_read_yaml",

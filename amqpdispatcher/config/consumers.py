@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .imports import _is_import_path
 from .keys import _Checker, _Key
 from .queues import QueueConfig
 
@@ -57,18 +56,6 @@ class ConsumerConfig:
     path: str = "consumers[?]"
 
 
-CONSUMER_KEYS: dict[str, _Key] = {
-    "consumer": _Key((str,), required=True, nullable=False, doc="module:Class"),
-    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True),
-    "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
-    # basic.qos carries prefetch_count in 16 bits.
-    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
-    # Beyond 0.4.3: failure handling (amqpdispatcher/retry.py).
-    "time_limit": _Key((float, int), positive=True,
-                       doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
-    "retry": _Key((dict,), doc="retry policy (RETRY_KEYS); absent: reject and requeue at once"),
-}
-
 # x-message-ttl is an unsigned 32-bit number of milliseconds.
 _MAX_DELAY_SECONDS = 4294967
 
@@ -86,6 +73,20 @@ RETRY_KEYS: dict[str, _Key] = {
                                   "null: reject without requeue"),
 }
 
+CONSUMER_KEYS: dict[str, _Key] = {
+    "consumer": _Key((str,), required=True, nullable=False, import_path="module:Class",
+                     doc="the consumer class, module:Class"),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True),
+    "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
+    # basic.qos carries prefetch_count in 16 bits.
+    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
+    # Beyond 0.4.3: failure handling (amqpdispatcher/retry.py).
+    "time_limit": _Key((float, int), positive=True,
+                       doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
+    "retry": _Key((dict,), entries=RETRY_KEYS,
+                  doc="retry policy (RETRY_KEYS); absent: reject and requeue at once"),
+}
+
 
 def parse_consumers(checker: _Checker, entries: list[Any],
                     queues: list[QueueConfig]) -> list[ConsumerConfig]:
@@ -95,10 +96,6 @@ def parse_consumers(checker: _Checker, entries: list[Any],
         key_path = f"consumers[{i}]"
         checked = checker.mapping(entry, key_path, CONSUMER_KEYS)
         if checked is None or "consumer" not in checked or "queue" not in checked:
-            continue
-        if not _is_import_path(checked["consumer"]):
-            checker.problem(f"{key_path}.consumer",
-                            f"expected 'module:Class', got {checked['consumer']!r}")
             continue
         retry = None
         if "retry" in checked:

@@ -16,11 +16,6 @@ if TYPE_CHECKING:
     from .top_level import Config
 
 
-def _is_import_path(value: str) -> bool:
-    module, sep, attr = value.partition(":")
-    return bool(sep and module and attr)
-
-
 def import_object(spec: str) -> Any:
     """Import 'module:attr' (attr may be dotted). Raises ImportError or AttributeError."""
     module_name, _, attr_path = spec.partition(":")

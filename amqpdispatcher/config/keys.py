@@ -29,7 +29,10 @@ class _Key:
     least 1 for an integer). ``minimum``, ``maximum``: the smallest and largest value
     accepted. ``non_empty``: a string or list must not be empty (``empty_hint`` says
     why, if set). ``name``: a queue, exchange or routing key, which AMQP carries in at
-    most 255 bytes.
+    most 255 bytes. ``import_path``: the form of a 'module:attr' value, as the problem
+    line shows it ('module:Class'). ``entries``: the key table of a mapping, or of each
+    entry of a list (the JSON Schema, config/schema.py, describes what is inside from
+    it; a list or mapping without one is free-form there).
     """
 
     types: tuple[type, ...]
@@ -42,7 +45,14 @@ class _Key:
     non_empty: bool = False
     empty_hint: str = ""
     name: bool = False
+    import_path: str = ""
+    entries: dict[str, _Key] | None = None
     doc: str = ""
+
+
+def _is_import_path(value: str) -> bool:
+    module, sep, attr = value.partition(":")
+    return bool(sep and module and attr)
 
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
@@ -124,6 +134,8 @@ class _Checker:
                 return f"expected zero or more, got {raw}"
             if spec.maximum is not None and raw > spec.maximum:
                 return f"expected at most {spec.maximum}, got {raw}"
+        if spec.import_path and isinstance(raw, str) and not _is_import_path(raw):
+            return f"expected {spec.import_path!r}, got {raw!r}"
         if spec.name and isinstance(raw, str) and len(raw.encode("utf-8")) > 255:
             return f"expected at most 255 bytes (an AMQP name), got {len(raw.encode('utf-8'))}"
         if spec.non_empty and isinstance(raw, list) and not raw:

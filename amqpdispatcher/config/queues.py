@@ -41,6 +41,12 @@ class QueueConfig:
         return {k: v for k, v in candidates.items() if v is not None}
 
 
+BINDING_KEYS: dict[str, _Key] = {
+    "exchange": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
+                     empty_hint="the default exchange cannot be bound"),
+    "routing_key": _Key((str,), required=True, nullable=False, name=True),
+}
+
 QUEUE_KEYS: dict[str, _Key] = {
     "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
                   doc="queue name"),
@@ -55,13 +61,8 @@ QUEUE_KEYS: dict[str, _Key] = {
     "x_max_length": _Key((int,), positive=False, maximum=2**63 - 1),
     "x_expires": _Key((int,), positive=True, maximum=2**63 - 1),
     "x_message_ttl": _Key((int,), maximum=2**63 - 1),
-    "bindings": _Key((list,), default=[]),
-}
-
-BINDING_KEYS: dict[str, _Key] = {
-    "exchange": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
-                     empty_hint="the default exchange cannot be bound"),
-    "routing_key": _Key((str,), required=True, nullable=False, name=True),
+    "bindings": _Key((list,), default=[], entries=BINDING_KEYS,
+                     doc="exchanges the queue is bound to"),
 }
 
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from .consumers import ConsumerConfig, parse_consumers
-from .imports import Resolved, _is_import_path, check_imports
+from .consumers import CONSUMER_KEYS, ConsumerConfig, parse_consumers
+from .imports import Resolved, check_imports
 from .keys import ConfigError, _Checker, _Key, _read_yaml
-from .queues import QueueConfig, parse_queues
+from .queues import QUEUE_KEYS, QueueConfig, parse_queues
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,11 @@ class Config:
 
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
-    "startup_handler": _Key((str,), doc="module:function called once before connecting"),
-    "queues": _Key((list,), default=[], doc="queues to declare and bind"),
+    "startup_handler": _Key((str,), import_path="module:function",
+                            doc="module:function called once before connecting"),
+    "queues": _Key((list,), default=[], entries=QUEUE_KEYS, doc="queues to declare and bind"),
     "consumers": _Key((list,), required=True, nullable=False, non_empty=True,
-                      doc="consumer classes to run"),
+                      entries=CONSUMER_KEYS, doc="consumer classes to run"),
     # Beyond 0.4.3: process lifecycle.
     "drain_timeout": _Key((float, int), default=30, nullable=False, positive=True,
                           doc="seconds SIGTERM waits for consume calls in progress"),
@@ -41,7 +44,16 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
 def load_config(path: str) -> tuple[Config, Resolved]:
     """Read, check and import everything the config names; raise ConfigError listing
     every problem found (shape, types and imports together)."""
-    config, problems = _parse(path)
+    return _load(*_parse(path))
+
+
+def load_config_dict(data: Mapping[str, Any], name: str = "<dict>") -> tuple[Config, Resolved]:
+    """``load_config`` for a config given as a dict (what ``yaml.safe_load`` returns for
+    the file); problem lines name ``name`` where they would name the file."""
+    return _load(*_parse_data(dict(data), name))
+
+
+def _load(config: Config, problems: list[str]) -> tuple[Config, Resolved]:
     try:
         resolved = check_imports(config)
     except ConfigError as exc:
@@ -54,10 +66,14 @@ def load_config(path: str) -> tuple[Config, Resolved]:
 def _parse(path: str) -> tuple[Config, list[str]]:
     """Check the config file's shape; entries with problems are left out of the result."""
     data = _read_yaml(path)
-    checker = _Checker(path)
     if data is None:  # empty, or only comments
         raise ConfigError([f"{path}: the file has no keys (it is empty or only comments); "
                            "at least one consumer entry is required"])
+    return _parse_data(data, path)
+
+
+def _parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
+    checker = _Checker(path)
     top = checker.mapping(data, "", TOP_LEVEL_KEYS)
     if top is None:
         raise ConfigError(checker.problems)
@@ -65,13 +81,8 @@ def _parse(path: str) -> tuple[Config, list[str]]:
     queues = parse_queues(checker, top.get("queues", []))
     consumers = parse_consumers(checker, top.get("consumers", []), queues)
 
-    handler = top.get("startup_handler")
-    if handler is not None and not _is_import_path(handler):
-        checker.problem("startup_handler", f"expected 'module:function', got {handler!r}")
-        handler = None
-
-    config = Config(path=path, startup_handler=handler, queues=tuple(queues),
-                    consumers=tuple(consumers),
+    config = Config(path=path, startup_handler=top.get("startup_handler"),
+                    queues=tuple(queues), consumers=tuple(consumers),
                     drain_timeout=float(top.get("drain_timeout", 30)),
                     reconnect=top.get("reconnect", True),
                     reconnect_give_up_after=top.get("reconnect_give_up_after"))
