@@ -1,15 +1,24 @@
 """amqp-dispatcher: run RabbitMQ consumers from a YAML file, on gevent."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "1.0.0.dev0"
 
+if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ below
+    from .api import Dispatcher as Dispatcher
+    from .config import ConfigError as ConfigError
+    from .retry import TimeLimitExceeded as TimeLimitExceeded
+    from .settings import SettingsError as SettingsError
+
+# The public names, each imported on first use: setup.py imports this package for
+# __version__ before gevent and pika are installed, and importing it stays cheap.
+_LAZY = {"Dispatcher": "api", "ConfigError": "config", "SettingsError": "settings",
+         "TimeLimitExceeded": "retry"}
+
 
 def __getattr__(name: str) -> Any:
-    # amqpdispatcher.TimeLimitExceeded, imported on first use: setup.py imports this
-    # package for __version__ before gevent and pika are installed.
-    if name == "TimeLimitExceeded":
-        from .retry import TimeLimitExceeded
+    if name in _LAZY:
+        import importlib
 
-        return TimeLimitExceeded
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

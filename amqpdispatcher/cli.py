@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
 
-from . import __version__
-from .config import ConfigError, load_config
-from .dispatcher import EXIT_CONFIG, Dispatcher
+from . import __version__, preflight
+from .api import Dispatcher
+from .config import ConfigError, load_config, schema_text
+from .dispatcher import EXIT_CONFIG
 from .logs import redact_password, setup_logging
 from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
 
 log = logging.getLogger("amqp-dispatcher")
+
+
+def seconds(text: str) -> float:
+    """--exit-when-drained: a number of seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more seconds, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +42,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--validate", action="store_true",
                         help="check the config and imports, without connecting; "
                              "exit 1 if there is any problem")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config against the broker, changing nothing there: "
+                             "queues, exchanges, arguments, permissions; exit 1 if it would "
+                             "not start")
+    parser.add_argument("--exit-when-drained", type=seconds, metavar="SECONDS",
+                        help="stop (exit 0) once every consumer's queue has been empty and "
+                             "nothing in flight for SECONDS")
+    parser.add_argument("--print-schema", action="store_true",
+                        help="print the JSON Schema of the config file and exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
 
@@ -41,6 +63,9 @@ def fail(lines: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_schema:
+        sys.stdout.write(schema_text())
+        return 0
     # Like `python -m`: consumer modules in the working directory are importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -63,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")
         return 0
-    return Dispatcher(config, resolved, settings).run()
+    if args.check:
+        return preflight.check(config, settings)
+    return Dispatcher.from_config(config, resolved, settings,
+                                  exit_when_drained=args.exit_when_drained).run()
 
 
 def run() -> None:

@@ -176,7 +176,9 @@ class Dispatcher:
 
     # -- the main loop ------------------------------------------------------------
 
-    def run(self) -> int:
+    def handle_signals(self) -> None:
+        """Act on the process's signals as the table above says (the command line does;
+        a program embedding the dispatcher may keep its own: amqpdispatcher/api.py)."""
         for signum in GRACEFUL_SIGNALS + FAST_SIGNALS:
             gevent.signal_handler(signum, self.events.put, ("signal", signum))
         for signum in IGNORED_SIGNALS:
@@ -184,6 +186,10 @@ class Dispatcher:
         # Read-only, so it runs in the hub's callback rather than waiting for the main
         # loop: it answers even while the main greenlet waits on the broker.
         gevent.signal_handler(STACKS_SIGNAL, _log_stacks)
+
+    def run(self) -> int:
+        """Start, then consume until an event ``("signal", signum)`` stops it; return the
+        exit status."""
         try:
             try:
                 self._start()
