@@ -390,3 +390,20 @@ class Retried:
 
     def shutdown(self, exception=None):
         record(f"shutdown:{type(exception).__name__}")
+
+
+class LoggedSleeper:
+    """Sleeps $SLEEP seconds, then logs 'consume done: BODY' at WARNING (in the
+    dispatcher's own output, so a test can see what came first) and records."""
+
+    delay = float(os.environ.get("SLEEP", "0.5"))
+
+    def consume(self, amqp, msg):
+        import logging
+
+        gevent.sleep(self.delay)
+        logging.getLogger("testconsumers").warning("consume done: %s", text(msg))
+        record(text(msg))
+
+    def shutdown(self, exception=None):
+        pass

@@ -1,0 +1,480 @@
+"""Operations: --exit-when-drained, the library API, --print-schema and --check."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from helpers import REPO, TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
+from test_validate import BAD, GOOD
+
+from amqpdispatcher.config import TOP_LEVEL_KEYS, ConfigError, _Key, config_schema
+
+# For --check: seed() puts on the broker what it needs.
+CHECK_CONFIG = """
+queues:
+  - queue: existing
+    x_max_length: 10
+    bindings:
+      - exchange: events
+        routing_key: order.*
+  - queue: fresh
+    x_dead_letter_exchange: dlx
+    exclusive: false
+    bindings:
+      - exchange: events
+        routing_key: fresh.*
+  - queue: outside
+    passive: true
+consumers:
+  - consumer: testconsumers:Recorder
+    queue: existing
+    retry:
+      max_attempts: 2
+      delay: 1
+  - consumer: testconsumers:Recorder
+    queue: undeclared
+  - consumer: testconsumers:Recorder
+    queue: fresh
+"""
+
+# -- --exit-when-drained ------------------------------------------------------------
+
+
+def test_exit_when_drained_exits_0_with_the_queue_empty(broker: BrokerHandle,
+                                                         tmp_path: Path) -> None:
+    broker.declare("jobs", durable=True)
+    for i in range(50):
+        broker.publish("jobs", f"m{i}")
+    config = ("queues:\n  - queue: jobs\nconsumers:\n  - consumer: testconsumers:Recorder\n"
+              "    queue: jobs\n    consumer_count: 4\n    prefetch_count: 8\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--exit-when-drained", "0.5"))
+    assert proc.wait() == 0, proc.output
+    assert sorted(proc.records()) == sorted(f"m{i}" for i in range(50))
+    assert broker.drained("jobs")
+    assert "exit-when-drained: the consumers' queues have been empty" in proc.output
+
+
+def test_exit_when_drained_waits_for_a_consume_in_progress(broker: BrokerHandle,
+                                                           tmp_path: Path) -> None:
+    broker.declare("slow", durable=True)
+    broker.publish("slow", "long-one")
+    config = ("queues:\n  - queue: slow\nconsumers:\n  - consumer: testconsumers:LoggedSleeper\n"
+              "    queue: slow\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, env={"SLEEP": "2"},
+                             args=("--exit-when-drained", "0.3"))
+    assert proc.wait() == 0, proc.output
+    output = proc.output
+    # The queue was empty all along; the message in consume was not done until it returned.
+    assert output.index("consume done: long-one") < output.index("exit-when-drained:"), output
+    assert broker.drained("slow")
+
+
+def test_exit_when_drained_waits_for_messages_in_a_retry_delay_queue(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    broker.publish("q", "twice-x")
+    config = ("queues:\n  - queue: q\nconsumers:\n  - consumer: testconsumers:Retried\n"
+              "    queue: q\n    retry:\n      max_attempts: 5\n      delay: 1\n"
+              "      backoff: 1\n      max_delay: 1\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--exit-when-drained", "0.3"))
+    assert proc.wait() == 0, proc.output
+    # Failed twice, waited 1 s in q.retry.1000ms each time, then done.
+    records = proc.records()
+    assert [line.split(":")[2] for line in records if line.startswith("attempt:")] \
+        == ["1", "2", "3"], records
+    assert "done:twice-x" in records
+    assert broker.drained("q") and broker.drained("q.retry.1000ms")
+
+
+def test_exit_when_drained_never_while_the_queue_is_missing(broker: BrokerHandle,
+                                                            tmp_path: Path) -> None:
+    """A consumer queue that does not exist is not empty: its entry is being repaired."""
+    broker.declare("here")
+    config = ("consumers:\n  - consumer: testconsumers:Recorder\n    queue: here\n"
+              "  - consumer: testconsumers:Recorder\n    queue: later\n")
+    broker.declare("later")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--exit-when-drained", "0.5"))
+    try:
+        proc.wait_consuming()
+        broker.channel.queue_delete("later")
+        proc.wait_for_log(r"cancelled the consumer of consumers\[1\]")
+        # The repair's second try comes a second or more later: twice the drain time.
+        proc.wait_for_log(r"queue 'later'.*retrying in 2s")
+        assert proc.process.poll() is None, proc.output
+        broker.declare("later")
+        broker.publish("later", "finally")
+        assert proc.wait() == 0, proc.output
+        assert proc.records() == ["finally"]
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
+def test_exit_when_drained_takes_seconds(tmp_path: Path, value: str) -> None:
+    result = run_cli(tmp_path, "--exit-when-drained", value, config=GOOD)
+    assert result.returncode == 2
+    assert "--exit-when-drained: expected zero or more seconds" in result.stderr
+
+
+# -- the library API ----------------------------------------------------------------
+
+API_SCRIPT = """
+import logging, os, sys
+import gevent
+from amqpdispatcher import Dispatcher
+
+logging.basicConfig(level=logging.INFO)
+config = {
+    "queues": [{"queue": "api"}],
+    "consumers": [{"consumer": "testconsumers:Recorder", "queue": "api",
+                   "consumer_count": 2}],
+}
+dispatcher = Dispatcher(config, url=sys.argv[1])
+
+def stop_after(count):
+    path = os.environ["RECORD_FILE"]
+    while not os.path.exists(path) or len(open(path).read().split()) < count:
+        gevent.sleep(0.05)
+    dispatcher.stop()
+
+gevent.spawn(stop_after, 10)
+status = dispatcher.run(handle_signals=False)
+print("run returned", status)
+sys.exit(status)
+"""
+
+API_DRAINED_SCRIPT = """
+import sys
+from amqpdispatcher import Dispatcher
+
+dispatcher = Dispatcher(sys.argv[2], url=sys.argv[1], exit_when_drained=0.2)
+sys.exit(dispatcher.run())
+"""
+
+
+def run_script(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "script.py").write_text(text)
+    env = dict(os.environ, RECORD_FILE=str(tmp_path / "record.txt"),
+               PYTHONPATH=os.pathsep.join([str(TESTS / "consumers"), str(REPO)]))
+    env.pop("RABBITMQ_URL", None)
+    return subprocess.run([sys.executable, "script.py", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_library_api_from_a_dict_stopped_from_another_greenlet(broker: BrokerHandle,
+                                                               tmp_path: Path) -> None:
+    broker.declare("api", durable=True)
+    for i in range(25):
+        broker.publish("api", f"m{i}")
+    result = run_script(tmp_path, API_SCRIPT, broker.url)
+    assert result.returncode == 0, result.stderr
+    assert "run returned 0" in result.stdout
+    assert "stop() called" in result.stderr
+    handled = (tmp_path / "record.txt").read_text().split()
+    assert len(handled) >= 10
+    # Graceful: what was not handled is back in the queue, nothing unacked or lost.
+    wait_until(lambda: broker.counts("api") == (25 - len(handled), 0), what="the rest back")
+
+
+def test_library_api_from_a_path_exits_when_drained(broker: BrokerHandle,
+                                                    tmp_path: Path) -> None:
+    broker.declare("jobs", durable=True)
+    broker.publish("jobs", "one")
+    (tmp_path / "config.yml").write_text(
+        "consumers:\n  - consumer: testconsumers:Recorder\n    queue: jobs\n")
+    result = run_script(tmp_path, API_DRAINED_SCRIPT, broker.url, "config.yml")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "record.txt").read_text().split() == ["one"]
+    assert broker.drained("jobs")
+
+
+def test_library_api_reports_config_problems_naming_the_dict() -> None:
+    from amqpdispatcher import Dispatcher, SettingsError
+
+    with pytest.raises(ConfigError) as raised:
+        Dispatcher({"consumers": [{"consumer": "nocolon", "queue": ""}]},
+                   url="amqp://u:pw@127.0.0.1:1/")
+    assert raised.value.problems == [
+        "<dict>: consumers[0].consumer: expected 'module:Class', got 'nocolon'",
+        "<dict>: consumers[0].queue: expected a non-empty string, got ''",
+    ]
+    with pytest.raises(SettingsError):
+        Dispatcher({"consumers": []}, url="http://nowhere/")
+
+
+# -- --print-schema -----------------------------------------------------------------
+
+# The malformed configs of test_validate.py that the schema cannot refuse (README,
+# "Config schema", says which kinds): each expected problem line, as there.
+BEYOND_SCHEMA = {
+    # YAML itself: a language server reports these on its own.
+    "YAML syntax error: line 2, column 1",
+    "line 5: duplicate key 'prefetch_count'",
+    "line 5: duplicate key 'consumers'",
+    "line 9: duplicate key 'exchange'",
+    "line 6: duplicate key 'delay'",
+    # Imports.
+    "consumers[0].consumer: cannot import 'nosuchmodule:C': no module named 'nosuchmodule'",
+    "consumers[0].consumer: cannot import 'testconsumers:Nope': module 'testconsumers' has no",
+    "consumers[0].consumer: 'testconsumers:not_a_class' is not a class",
+    "consumers[0].consumer: 'testconsumers:NoShutdown' has no shutdown method",
+    "consumers[0].consumer: importing 'brokenimport:C' raised RuntimeError: "
+    "this module fails at import",
+    "startup_handler: 'testconsumers:not_a_class' is not callable",
+    "startup_handler: cannot import 'nosuch:thing'",
+    # NaN and infinity (YAML's .nan and .inf; JSON has neither).
+    "drain_timeout: expected a finite number, got .nan",
+    "drain_timeout: expected a finite number, got .inf",
+    "reconnect_give_up_after: expected a finite number, got .inf",
+    # 128 characters, but 256 bytes of UTF-8.
+    "queues[0].bindings[0].routing_key: expected at most 255 bytes (an AMQP name), got 256",
+    # Across keys and entries.
+    "consumers[0].retry.max_delay: expected at least delay (10), got 5",
+    "consumers[0].retry.dead_letter_queue: 'a' is the entry's own queue",
+    "queues[0].queue: 'a.retry.1000ms' is a delay queue of consumers[0].retry",
+    "consumers[0].queue: too long for a retry policy",
+    "consumers[0].retry: needs more than 64 delay queues",
+}
+
+
+def schema_errors(text: str) -> list[str] | None:
+    """The key paths the schema finds fault with in a config text, written as the
+    validator writes them ("" for the file as a whole); None if it is not YAML."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    paths = []
+    for error in jsonschema.Draft7Validator(config_schema()).iter_errors(data):
+        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}"
+                       for part in error.absolute_path).lstrip(".")
+        # Unknown and missing keys are faults of the mapping that holds them.
+        if error.validator == "additionalProperties":
+            names = set(error.instance) - set(error.schema["properties"])
+        elif error.validator == "required":
+            names = set(error.validator_value) - set(error.instance)
+        else:
+            names = {""}
+        paths += [f"{path}.{name}".strip(".") for name in sorted(names)]
+    return paths
+
+
+def key_path(problem: str) -> str:
+    """The key path a problem line of the validator names ("" for the whole file)."""
+    head = problem.partition(": ")[0]
+    return head if re.fullmatch(r"[a-z_]+(\[\d+\])?(\.[a-z_]+(\[\d+\])?)*", head) else ""
+
+
+def readme_config() -> str:
+    """The README's key reference ("Every key, with its default")."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Config file"):]
+    return re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+
+
+def test_print_schema_prints_the_shipped_schema(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "--print-schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    jsonschema.Draft7Validator.check_schema(schema)
+    shipped = REPO / "amqpdispatcher" / "config-schema.json"
+    assert result.stdout == shipped.read_text(), (
+        "amqpdispatcher/config-schema.json is out of date: run "
+        "amqp-dispatcher --print-schema > amqpdispatcher/config-schema.json")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("amqp-dispatcher-config.yml", (REPO / "amqp-dispatcher-config.yml").read_text()),
+    ("README.md key reference", readme_config()),
+    ("test_validate.GOOD", GOOD),
+    ("test_ops.CHECK_CONFIG", CHECK_CONFIG),
+])
+def test_schema_accepts_the_example_configs(name: str, text: str) -> None:
+    assert schema_errors(text) == []
+
+
+@pytest.mark.parametrize("text, expected", BAD, ids=[e for _, e in BAD])
+def test_schema_rejects_the_malformed_configs(text: str, expected: str) -> None:
+    """The schema finds fault where the validator does, save what is beyond it."""
+    found = schema_errors(text) or []
+    if expected in BEYOND_SCHEMA:
+        assert key_path(expected) not in found, \
+            f"the schema finds this now: take it out of BEYOND_SCHEMA ({found})"
+    else:
+        assert key_path(expected) in found, found
+
+
+def test_every_list_and_mapping_key_describes_its_entries() -> None:
+    """Else the schema cannot say what is inside: give the _Key its ``entries``."""
+    def walk(keys: dict[str, _Key], path: str) -> list[str]:
+        missing = []
+        for name, spec in keys.items():
+            if list in spec.types or dict in spec.types:
+                if spec.entries is None:
+                    missing.append(f"{path}{name}")
+                else:
+                    missing += walk(spec.entries, f"{path}{name}.")
+        return missing
+
+    assert walk(TOP_LEVEL_KEYS, "") == []
+
+
+# -- --check ------------------------------------------------------------------------
+
+
+
+def seed(broker: BrokerHandle) -> None:
+    """What CHECK_CONFIG expects on the broker, and a message waiting in a queue."""
+    broker.channel.exchange_declare("events", "topic")
+    broker.channel.exchange_declare("dlx", "fanout")
+    broker.declare("existing", durable=True, arguments={"x-max-length": 10})
+    broker.declare("outside")
+    broker.declare("undeclared")
+    broker.publish("existing", "waiting")
+
+
+def broker_state(broker: BrokerHandle) -> dict[str, list[str]]:
+    def listing(*args: str) -> list[str]:
+        out = broker.node.ctl(*args, "-p", broker.vhost, "-q", "--no-table-headers")
+        return sorted(out.splitlines())
+
+    return {
+        "queues": listing("list_queues", "name", "durable", "auto_delete", "exclusive",
+                          "arguments", "messages_ready", "messages_unacknowledged",
+                          "consumers"),
+        "exchanges": listing("list_exchanges", "name", "type", "durable", "auto_delete",
+                             "arguments"),
+        "bindings": listing("list_bindings", "source_name", "destination_name",
+                            "routing_key", "arguments"),
+    }
+
+
+def check(tmp_path: Path, url: str, config: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(tmp_path, "--check", "--config", "config.yml", config=config,
+                   env={"RABBITMQ_URL": url})
+
+
+def test_check_passes_a_good_config_and_changes_nothing(broker: BrokerHandle,
+                                                        tmp_path: Path) -> None:
+    seed(broker)
+    before = broker_state(broker)
+    result = check(tmp_path, broker.url, CHECK_CONFIG)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout == (f"config.yml: OK: amqp://guest:***@127.0.0.1:{broker.node.port}/"
+                             f"{broker.vhost} has what the config needs (3 queue(s), "
+                             "2 binding(s), 3 consumer(s))\n")
+    assert broker_state(broker) == before
+    method, _, body = broker.channel.basic_get("existing", auto_ack=True)
+    assert body == b"waiting" and not method.redelivered  # never delivered to --check
+
+
+def test_check_reports_an_argument_mismatch_and_a_missing_exchange(broker: BrokerHandle,
+                                                                   tmp_path: Path) -> None:
+    seed(broker)
+    config = (CHECK_CONFIG.replace("x_max_length: 10", "x_max_length: 20")
+              .replace("exchange: events\n        routing_key: fresh.*",
+                       "exchange: nope\n        routing_key: fresh.*"))
+    before = broker_state(broker)
+    result = check(tmp_path, broker.url, config)
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("config.yml: queues[0]: queue 'existing' exists with other "
+                               "flags or arguments: broker said 406 PRECONDITION_FAILED"), lines
+    assert re.search(r"inequivalent arg 'x-max-length'.*'20'.*'10'", lines[0]), lines
+    assert lines[1] == ("config.yml: queues[1].bindings[0]: exchange 'nope' does not exist "
+                        "(the dispatcher binds to it, it does not declare it)")
+    assert result.stdout == ""
+    assert broker_state(broker) == before
+
+
+def test_check_reports_missing_queues(broker: BrokerHandle, tmp_path: Path) -> None:
+    seed(broker)
+    broker.channel.queue_delete("outside")
+    broker.channel.queue_delete("undeclared")
+    result = check(tmp_path, broker.url, CHECK_CONFIG)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "config.yml: queues[2]: queue 'outside' does not exist (passive: true only checks "
+        "that it does)",
+        "config.yml: consumers[1].queue: queue 'undeclared' does not exist, and the config "
+        "does not declare it",
+    ]
+
+
+def test_check_reports_missing_permissions_without_the_password(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    seed(broker)
+    user, password = f"u{uuid.uuid4().hex[:8]}", "s3cret-pass"
+    broker.node.ctl("add_user", user, password)
+    # May declare and read only 'existing' and its delay queue; may write anywhere.
+    mine = "^existing(\\.retry\\..*)?$"
+    broker.node.ctl("set_permissions", "-p", broker.vhost, user, mine, ".*", mine)
+    url = broker.url.replace("guest:guest", f"{user}:{password}")
+    before = broker_state(broker)
+    try:
+        result = check(tmp_path, url, CHECK_CONFIG)
+    finally:
+        broker.node.ctl("delete_user", user)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    expected = [
+        "config.yml: queues[1]: the user may not declare queue 'fresh' (it needs configure",
+        f"config.yml: queues[0].bindings[0]: the user '{user}' may not bind queue 'existing' "
+        "to exchange 'events' (it needs write on the queue and read on the exchange)",
+        f"config.yml: queues[1].bindings[0]: the user '{user}' may not bind queue 'fresh'",
+        f"config.yml: consumers[1]: the user '{user}' may not consume from queue 'undeclared'",
+        f"config.yml: consumers[2]: the user '{user}' may not consume from queue 'fresh'",
+    ]
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected):
+        assert line.startswith(start), (start, lines)
+        assert "403 ACCESS_REFUSED" in line, line
+    assert password not in result.stdout + result.stderr
+    assert broker_state(broker) == before
+
+
+def test_check_without_permission_to_publish_retries(broker: BrokerHandle,
+                                                     tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    user = f"u{uuid.uuid4().hex[:8]}"
+    broker.node.ctl("add_user", user, "pw-for-test")
+    broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", "^q$", ".*")
+    url = broker.url.replace("guest:guest", f"{user}:pw-for-test")
+    try:
+        result = check(tmp_path, url, "consumers:\n  - consumer: testconsumers:Recorder\n"
+                       "    queue: q\n    retry: {}\n")
+    finally:
+        broker.node.ctl("delete_user", user)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        f"config.yml: consumers[0].retry: the user '{user}' may not publish to the default "
+        "exchange, as a retry policy does (it needs write on amq.default): broker said 403")
+
+
+def test_check_with_no_broker_is_one_line(tmp_path: Path) -> None:
+    result = check(tmp_path, "amqp://u:s3cretpw@127.0.0.1:1/", GOOD)
+    assert result.returncode == 1
+    assert result.stderr.startswith("config.yml: cannot check: no broker reachable at "
+                                    "amqp://u:***@127.0.0.1:1/%2F"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "s3cretpw" not in result.stdout + result.stderr
+
+
+def test_check_reports_config_problems_first(tmp_path: Path) -> None:
+    result = check(tmp_path, "amqp://u:s3cretpw@127.0.0.1:1/",
+                   "consumers:\n  - consumer: testconsumers:Recorder\n    queue: ''\n")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "config.yml: consumers[0].queue: expected a non-empty string, got ''"]
+
