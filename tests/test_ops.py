@@ -13,6 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from faultproxy import FaultProxy
 from helpers import REPO, TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
 from test_validate import BAD, GOOD
 
@@ -116,6 +117,33 @@ def test_exit_when_drained_never_while_the_queue_is_missing(broker: BrokerHandle
         assert proc.records() == ["finally"]
     finally:
         proc.stop()
+
+
+def test_exit_when_drained_never_while_disconnected(broker: BrokerHandle,
+                                                    tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    config = ("queues:\n  - queue: q\nconsumers:\n  - consumer: testconsumers:LoggedSleeper\n"
+              "    queue: q\n")
+    with FaultProxy("127.0.0.1", broker.node.port) as proxy:
+        proc = DispatcherProcess(tmp_path, config, proxy.rewrite_url(broker.url),
+                                 env={"SLEEP": "1"}, args=("--exit-when-drained", "0.3"))
+        try:
+            proc.wait_consuming()
+            broker.publish("q", "m1")
+            wait_until(lambda: broker.counts("q") == (0, 1), what="m1 in consume")
+            proxy.refuse(True)
+            proxy.drop_all()
+            # The consume ends, with nothing else to do, while reconnecting fails: the
+            # third failed attempt comes 1.75 s or more after the loss.
+            proc.wait_for_log("consume done: m1")
+            proc.wait_for_log("reconnect attempt 3 failed")
+            assert proc.process.poll() is None, proc.output
+            proxy.refuse(False)
+            assert proc.wait() == 0, proc.output  # m1 redelivered, consumed, then done
+            assert broker.drained("q")
+            assert "reconnected after" in proc.output
+        finally:
+            proc.stop()
 
 
 @pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
