@@ -14,7 +14,8 @@ setup(
     package_data={"amqpdispatcher": ["py.typed"]},
     install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1"],
     extras_require={
-        "test": ["pytest>=7", "supervisor>=4.2", "ruff", "mypy", "types-PyYAML"],
+        "test": ["pytest>=7", "supervisor>=4.2", "trustme>=1.0", "ruff", "mypy",
+                 "types-PyYAML"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"]},

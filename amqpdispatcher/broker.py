@@ -9,6 +9,8 @@ connection closed by the broker into an exception.
 from __future__ import annotations
 
 import logging
+import re
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,11 +19,15 @@ import pika.exceptions
 from pika.adapters.gevent_connection import GeventConnection
 
 from .config import Config, QueueConfig
-from .settings import Settings
+from .settings import Settings, ssl_reason
 
 log = logging.getLogger("amqp-dispatcher.connection")
 
 RPC_TIMEOUT = 30.0
+
+# pika keeps only the repr of an SSL error that ends the stream during the handshake
+# (a broker that wants a client certificate): "... SSLError(1, '[SSL: ...] ...')".
+_LOST_SSL = re.compile(r"(SSL\w*Error)\(\d+, '(.*?)'\)")
 
 
 # Reply codes with which the broker refuses what the config asks for: retrying
@@ -111,6 +117,11 @@ def _connect_failure(exc: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         exc = inner
+    if isinstance(exc, ssl.SSLError):
+        return f"{type(exc).__name__}: {ssl_reason(str(exc))}"
+    lost_ssl = _LOST_SSL.search(str(exc))
+    if lost_ssl:
+        return f"{lost_ssl[1]}: {ssl_reason(lost_ssl[2])}"
     return f"{type(exc).__name__}: {exc}"
 
 
