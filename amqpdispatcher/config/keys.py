@@ -128,7 +128,7 @@ class _Checker:
                 kind = "number" if float in spec.types else "integer"
                 return f"expected a positive {kind}, got {raw}"
             if spec.minimum is not None and raw < spec.minimum:
-                return f"expected at least {spec.minimum:g}, got {raw}"
+                return f"expected at least {spec.minimum}, got {raw}"
             if spec.minimum is None and raw < 0:
                 return f"expected zero or more, got {raw}"
             if spec.maximum is not None and raw > spec.maximum:
