@@ -11,9 +11,10 @@ prefetch is waiting), the acks collected since the last flush are sent:
   full and the broker would stop delivering to every instance of the entry
   until the slow one finished (a head-of-line stall).
 
-Nacks and rejects are sent at once. A multiple ack only ever covers tags the
-broker still holds as unacknowledged, so tags already rejected or acked singly
-below it are untouched.
+Nacks and rejects are sent at once; on a stream, which takes neither (RabbitMQ
+closes the connection over them) and keeps every message anyway, they are acks.
+A multiple ack only ever covers tags the broker still holds as unacknowledged,
+so tags already rejected or acked singly below it are untouched.
 
 When the channel is gone (connection lost, channel closed), the tags mean
 nothing on any other channel: settling is a no-op and the broker redelivers.
@@ -33,12 +34,13 @@ log = logging.getLogger("amqp-dispatcher.acks")
 
 
 class Acknowledger:
-    __slots__ = ("channel", "open", "_unsettled", "_to_ack", "_flush_at", "_scheduled",
-                 "_loop")
+    __slots__ = ("channel", "open", "stream", "_unsettled", "_to_ack", "_flush_at",
+                 "_scheduled", "_loop")
 
-    def __init__(self, channel: Any, prefetch_count: int) -> None:
+    def __init__(self, channel: Any, prefetch_count: int, stream: bool = False) -> None:
         self.channel = channel
         self.open = True
+        self.stream = stream
         # Delivered and not yet settled by the consumer; at most prefetch_count of them.
         self._unsettled: set[int] = set()
         self._to_ack: list[int] = []  # settled with an ack since the last flush
@@ -62,6 +64,9 @@ class Acknowledger:
             self._loop.run_callback(self.flush)
 
     def reject(self, tag: int, requeue: bool) -> None:
+        if self.stream:
+            self.ack(tag)
+            return
         if not self.open:
             return
         self._unsettled.discard(tag)

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate:
         for line in time_limit_warnings(config):
             print(line, file=sys.stderr)
-        print(f"{args.config}: OK ({len(config.queues)} queue(s), "
+        exchanges = f"{len(config.exchanges)} exchange(s), " if config.exchanges else ""
+        print(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")
         return 0
     return Dispatcher(config, resolved, settings).run()

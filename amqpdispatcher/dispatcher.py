@@ -36,11 +36,12 @@ import pika.exceptions
 from .acks import Acknowledger
 from .broker import (
     BrokerError,
+    Declared,
     SyncChannel,
     TopologyError,
     config_error,
     connect,
-    declare_queues,
+    declare_topology,
     describe_close,
     is_delivery_ack_timeout,
 )
@@ -167,8 +168,8 @@ class Dispatcher:
         self.session_opened_at = 0.0
         self.outage_started: float | None = None
         self.reconnect_delay = RECONNECT_FIRST_DELAY
-        # Queues and entries to retry on their own: config path -> when; and each
-        # one's last backoff delay.
+        # Exchanges, queues and entries to retry on their own: config path -> when; and
+        # each one's last backoff delay.
         self.broken: dict[str, float] = {}
         self.backoff: dict[str, float] = {}
         self.repair_timer: gevent.Greenlet | None = None
@@ -343,13 +344,14 @@ class Dispatcher:
         self.session_opened_at = time.monotonic()
         connection.add_on_close_callback(
             lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
-        failed = declare_queues(connection, self.config, self.topology)
+        failed = declare_topology(connection, self.config, self.config.exchanges,
+                                  self.topology)
         if failed and at_start:
             for _, exc in failed[:-1]:
                 log.error("%s", exc)
             raise failed[-1][1]
-        for queue, exc in failed:
-            self._retry_later(queue.path, str(exc))
+        for item, exc in failed:
+            self._retry_later(item.path, str(exc))
         if self.needs_publisher:
             self._open_publisher()
         for index, pool in enumerate(self.pools):
@@ -371,9 +373,10 @@ class Dispatcher:
         sync = SyncChannel.open(self.connection)
         try:
             sync.call(sync.channel.basic_qos, prefetch_count=entry.prefetch_count)
-            acker = Acknowledger(sync.channel, entry.prefetch_count)
+            acker = Acknowledger(sync.channel, entry.prefetch_count, stream=entry.stream)
             consume_ok = sync.call(sync.channel.basic_consume, entry.queue,
-                                   pool.on_message(acker))
+                                   pool.on_message(acker), exclusive=entry.exclusive,
+                                   arguments=entry.consume_arguments() or None)
         except BrokerError as exc:
             sync.close()
             raise config_error(exc, f"{self.config.path}: {entry.path}: cannot consume from "
@@ -413,7 +416,7 @@ class Dispatcher:
                                     "soon after it opened")
 
     def _retry_later(self, path: str, problem: str | None, delay: float | None = None) -> None:
-        """Retry the queue or entry at this config path on its own, with backoff."""
+        """Retry the exchange, queue or entry at this config path on its own, with backoff."""
         if delay is None:
             delay = min(max(self.backoff.get(path, 0) * 2, REPAIR_FIRST_DELAY), REPAIR_MAX_DELAY)
             self.backoff[path] = delay
@@ -434,11 +437,14 @@ class Dispatcher:
                                                self.events.put, ("repair", None))
 
     def _repair(self) -> None:
-        """Declare the queues and open the entries whose retry is due.
+        """Declare the exchanges and queues and open the entries whose retry is due.
 
         An entry's own queue, if the config declares it, is declared again
         first: an auto_delete queue is gone once its last consumer's channel
-        closed, and a deleted queue the config declares comes back.
+        closed, and a deleted queue the config declares comes back. So are the
+        config's exchanges that a queue declared again binds to (an auto_delete
+        exchange is gone once its last binding went with such a queue), and the
+        bindings to an exchange declared again (deleting an exchange deletes them).
         """
         now = time.monotonic()
         due = {path for path, at in self.broken.items() if at <= now}
@@ -448,17 +454,26 @@ class Dispatcher:
         names = {self.pools[i].entry.queue for i in entries}
         # An entry's delay and dead-letter queues come back with it.
         derived = tuple(f"{self.pools[i].entry.path}.retry" for i in entries)
-        queues = [q for q in self.topology
-                  if q.path in due or q.queue in names or q.path.startswith(derived)]
+        repaired = {e.exchange for e in self.config.exchanges if e.path in due}
+
+        def bound_to_repaired(item: Declared) -> bool:
+            return any(binding.exchange in repaired for binding in item.bindings)
+
+        queues = [q for q in self.topology if q.path in due or q.queue in names
+                  or q.path.startswith(derived) or bound_to_repaired(q)]
+        sources = {binding.exchange for queue in queues for binding in queue.bindings}
+        exchanges = [e for e in self.config.exchanges
+                     if e.path in due or e.exchange in sources or bound_to_repaired(e)]
         try:
             if PUBLISHER in due:
                 self._open_publisher()
-            failed = declare_queues(self.connection, self.config, queues)
-            for queue, exc in failed:
-                self._retry_later(queue.path, str(exc))
-            for queue in queues:
-                if all(queue is not other for other, _ in failed):
-                    self.backoff.pop(queue.path, None)
+            failed = declare_topology(self.connection, self.config, exchanges, queues)
+            for item, exc in failed:
+                self._retry_later(item.path, str(exc))
+            declared: list[Declared] = [*exchanges, *queues]
+            for item in declared:
+                if all(item is not other for other, _ in failed):
+                    self.backoff.pop(item.path, None)
             for index in entries:
                 try:
                     self._open_channel(index)

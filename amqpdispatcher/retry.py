@@ -5,7 +5,8 @@ A failure is ``consume`` raising, or running past the entry's ``time_limit``
 settled itself (``amqp.ack()``, ``nack()``, ``reject()``) never reaches the
 policy. ``FailurePolicy.failed`` decides, for one failed delivery:
 
-- no ``retry:`` on the entry: reject and requeue at once (as 0.4.3);
+- no ``retry:`` on the entry: reject and requeue at once (as 0.4.3); on a
+  stream, ack (a stream takes no reject, and keeps the message anyway);
 - attempts left: publish the message (confirmed) to the delay queue for its
   next delay, ``<queue>.retry.<ms>ms``, whose message TTL dead-letters it back
   to the entry's queue through the default exchange; then ack the original;
@@ -280,6 +281,9 @@ class FailurePolicy:
         self.retry = entry.retry
         self.publisher = publisher
         self.failures = FailureLog(entry.consumer)
+        # Without a retry policy; on a stream the reject is an ack (see acks.py).
+        self.without_retry = ("message acked (a stream keeps it, and does not deliver it "
+                              "again)" if entry.stream else "message requeued")
 
     def failed(self, acker: Acknowledger, method: Any, properties: Any, body: bytes,
                exc: BaseException) -> None:
@@ -287,7 +291,7 @@ class FailurePolicy:
         retry = self.retry
         if retry is None:
             acker.reject(tag, requeue=True)
-            self.failures.failed(exc, "message requeued")
+            self.failures.failed(exc, self.without_retry)
             return
         if not acker.open:  # its channel is gone: the broker redelivers it
             log.warning("%s: consume raised %s; its channel closed meanwhile: the broker "

@@ -10,8 +10,14 @@ import pika.spec
 import pytest
 
 from amqpdispatcher.acks import Acknowledger
-from amqpdispatcher.broker import is_delivery_ack_timeout
-from amqpdispatcher.config import Config, ConsumerConfig, QueueConfig, RetryConfig
+from amqpdispatcher.broker import describe_inequivalent, is_delivery_ack_timeout
+from amqpdispatcher.config import (
+    Config,
+    ConsumerConfig,
+    ExchangeConfig,
+    QueueConfig,
+    RetryConfig,
+)
 from amqpdispatcher.publisher import Publisher
 from amqpdispatcher.retry import (
     ATTEMPT_HEADER,
@@ -399,3 +405,81 @@ def test_retry_delays_never_overflow_nor_loop_long() -> None:
     assert many.delay_ms(1999) == 300_000
     flat = RetryConfig(max_attempts=30_000_000, delay=1, backoff=1, max_delay=300)
     assert flat.delays_ms() == [1000]
+
+
+# The broker's 406 texts, as RabbitMQ 3.10 words them.
+INEQUIVALENT = "PRECONDITION_FAILED - inequivalent arg '{}' for {} '{}' in vhost 'v': {}"
+
+
+@pytest.mark.parametrize("arg, received_current, item, expected", [
+    ("x-max-length", "received '20' but current is '10'", QueueConfig("q", path="queues[0]"),
+     "c.yml: queues[0].x_max_length: queue 'q' already exists with x-max-length 10, the "
+     "config asks for 20"),
+    ("x-message-ttl", "received the value '5' of type 'signedint' but current is none",
+     QueueConfig("q", path="queues[1]"),
+     "c.yml: queues[1].x_message_ttl: queue 'q' already exists without x-message-ttl, the "
+     "config asks for 5"),
+    ("x-queue-type", "received none but current is the value 'quorum' of type 'longstr'",
+     QueueConfig("q", path="queues[0]"),
+     "c.yml: queues[0].x_queue_type: queue 'q' already exists with x-queue-type quorum, the "
+     "config does not set it"),
+    ("durable", "received 'false' but current is 'true'", QueueConfig("q", path="queues[0]"),
+     "c.yml: queues[0].durable: queue 'q' already exists with durable true, the config asks "
+     "for false"),
+    ("x-max-age", "received the value '1D' of type 'longstr' but current is the value '7D' "
+     "of type 'longstr'", QueueConfig("q", path="queues[2]"),
+     "c.yml: queues[2].arguments.x-max-age: queue 'q' already exists with x-max-age 7D"),
+    ("x-dead-letter-exchange", "received '' but current is 'dlx'",
+     QueueConfig("q", path="queues[0]"), "with x-dead-letter-exchange dlx, the config asks "
+     "for ''"),
+    ("x-message-ttl", "received '1000' but current is '500'",
+     QueueConfig("o.retry.1000ms", path="consumers[0].retry (delay queue)"),
+     "c.yml: consumers[0].retry (delay queue): queue 'o.retry.1000ms' already exists"),
+    ("type", "received 'fanout' but current is 'topic'",
+     ExchangeConfig("e", "fanout", path="exchanges[0]"),
+     "c.yml: exchanges[0].type: exchange 'e' already exists with type topic, the config asks "
+     "for fanout (an exchange's type and arguments cannot change"),
+    ("alternate-exchange", "received the value 'ae' of type 'longstr' but current is none",
+     ExchangeConfig("e", "topic", path="exchanges[1]"),
+     "c.yml: exchanges[1].arguments.alternate-exchange: exchange 'e' already exists without "
+     "alternate-exchange, the config asks for ae"),
+])
+def test_inequivalent_arguments_are_one_line(arg: str, received_current: str,
+                                             item: QueueConfig | ExchangeConfig,
+                                             expected: str) -> None:
+    kind = "queue" if isinstance(item, QueueConfig) else "exchange"
+    name = item.queue if isinstance(item, QueueConfig) else item.exchange
+    line = describe_inequivalent("c.yml", item, "406 " + INEQUIVALENT.format(
+        arg, kind, name, received_current))
+    assert line is not None and expected in line, line
+
+
+def test_other_refusals_are_not_inequivalence() -> None:
+    text = ("406 PRECONDITION_FAILED - invalid arg 'x-max-priority' for queue 'q' in vhost "
+            "'/' of queue type rabbit_quorum_queue")
+    assert describe_inequivalent("c.yml", QueueConfig("q"), text) is None
+
+
+def test_consume_arguments() -> None:
+    from datetime import date, datetime, timezone
+
+    assert ConsumerConfig("m:C", "q").consume_arguments() == {}
+    assert ConsumerConfig("m:C", "q", priority=-3, stream_offset="first").consume_arguments() \
+        == {"x-priority": -3, "x-stream-offset": "first"}
+    # A YAML date is its midnight, UTC: pika sends only a datetime as a timestamp.
+    assert ConsumerConfig("m:C", "q", stream_offset=date(2024, 5, 1)).consume_arguments() == {
+        "x-stream-offset": datetime(2024, 5, 1, tzinfo=timezone.utc)}
+    assert ConsumerConfig("m:C", "q", stream_offset=0).consume_arguments() == {
+        "x-stream-offset": 0}
+
+
+def test_rejects_on_a_stream_are_acks() -> None:
+    """RabbitMQ closes the connection over a reject or nack on a stream."""
+    channel = FakeChannel()
+    acker = Acknowledger(channel, 10, stream=True)
+    for tag in (1, 2):
+        acker.delivered(tag)
+    acker.reject(1, requeue=True)
+    acker.reject(2, requeue=False)
+    acker.flush()
+    assert channel.frames == [("ack", 2, True)]

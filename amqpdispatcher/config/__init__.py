@@ -12,9 +12,9 @@ Neither step connects to a broker; ``--validate`` runs both and stops there.
 
 One module per section, each with its key table (the single source of truth for
 its keys): ``top_level`` (TOP_LEVEL_KEYS, ``Config``, ``load_config``),
-``queues`` (QUEUE_KEYS, BINDING_KEYS), ``consumers`` (CONSUMER_KEYS,
-RETRY_KEYS); ``keys`` holds the machinery they share and ``imports`` the
-importing of user code. Every name is importable from this package.
+``exchanges`` (EXCHANGE_KEYS), ``queues`` (QUEUE_KEYS, BINDING_KEYS),
+``consumers`` (CONSUMER_KEYS, RETRY_KEYS); ``keys`` holds the machinery they
+share and ``imports`` the importing of user code. Every name is importable from this package.
 """
 
 from .consumers import (
@@ -28,6 +28,7 @@ from .consumers import (
     _parse_retry,
     parse_consumers,
 )
+from .exchanges import BUILT_IN_TYPES, EXCHANGE_KEYS, ExchangeConfig, parse_exchanges
 from .imports import (
     Resolved,
     _import,
@@ -46,14 +47,24 @@ from .keys import (
     _read_yaml,
     _UniqueKeyLoader,
 )
-from .queues import BINDING_KEYS, QUEUE_KEYS, Binding, QueueConfig, parse_queues
+from .queues import (
+    BINDING_KEYS,
+    NAMED_ARGUMENTS,
+    QUEUE_KEYS,
+    Binding,
+    QueueConfig,
+    argument_name,
+    parse_bindings,
+    parse_queues,
+)
 from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config
 
 __all__ = [
-    "BINDING_KEYS", "CONSUMER_KEYS", "MAX_DELAY_QUEUES", "QUEUE_KEYS", "RETRY_KEYS",
-    "TOP_LEVEL_KEYS", "Binding", "Config", "ConfigError", "ConsumerConfig", "QueueConfig",
-    "Resolved", "RetryConfig", "check_imports", "describe_exception", "import_object",
-    "load_config", "parse_consumers", "parse_queues",
+    "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "MAX_DELAY_QUEUES",
+    "NAMED_ARGUMENTS", "QUEUE_KEYS", "RETRY_KEYS", "TOP_LEVEL_KEYS", "Binding", "Config",
+    "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",
+    "RetryConfig", "argument_name", "check_imports", "describe_exception", "import_object",
+    "load_config", "parse_bindings", "parse_consumers", "parse_exchanges", "parse_queues",
     "_MAX_DELAY_SECONDS", "_TYPE_NAMES", "_Checker", "_DuplicateKeyError", "_Key",
     "_UniqueKeyLoader", "_check_retry_names", "_describe", "_import", "_is_import_path",
     "_parse", "_parse_retry", "_read_yaml",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .consumers import ConsumerConfig, parse_consumers
+from .exchanges import ExchangeConfig, parse_exchanges
 from .imports import Resolved, _is_import_path, check_imports
 from .keys import ConfigError, _Checker, _Key, _read_yaml
 from .queues import QueueConfig, parse_queues
@@ -15,6 +16,7 @@ from .queues import QueueConfig, parse_queues
 class Config:
     path: str
     startup_handler: str | None = None
+    exchanges: tuple[ExchangeConfig, ...] = ()
     queues: tuple[QueueConfig, ...] = ()
     consumers: tuple[ConsumerConfig, ...] = ()
     drain_timeout: float = 30.0
@@ -24,6 +26,7 @@ class Config:
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
     "startup_handler": _Key((str,), doc="module:function called once before connecting"),
+    "exchanges": _Key((list,), default=[], doc="exchanges to declare before the queues"),
     "queues": _Key((list,), default=[], doc="queues to declare and bind"),
     "consumers": _Key((list,), required=True, nullable=False, non_empty=True,
                       doc="consumer classes to run"),
@@ -62,6 +65,7 @@ def _parse(path: str) -> tuple[Config, list[str]]:
     if top is None:
         raise ConfigError(checker.problems)
 
+    exchanges = parse_exchanges(checker, top.get("exchanges", []))
     queues = parse_queues(checker, top.get("queues", []))
     consumers = parse_consumers(checker, top.get("consumers", []), queues)
 
@@ -70,7 +74,8 @@ def _parse(path: str) -> tuple[Config, list[str]]:
         checker.problem("startup_handler", f"expected 'module:function', got {handler!r}")
         handler = None
 
-    config = Config(path=path, startup_handler=handler, queues=tuple(queues),
+    config = Config(path=path, startup_handler=handler, exchanges=tuple(exchanges),
+                    queues=tuple(queues),
                     consumers=tuple(consumers),
                     drain_timeout=float(top.get("drain_timeout", 30)),
                     reconnect=top.get("reconnect", True),
