@@ -113,6 +113,14 @@ class ConsumerConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The ``http:`` mapping: where /metrics, /healthz and /readyz listen (HTTP_KEYS)."""
+
+    address: str = "127.0.0.1"
+    port: int = 9800
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     startup_handler: str | None = None
@@ -121,6 +129,8 @@ class Config:
     drain_timeout: float = 30.0
     reconnect: bool = True
     reconnect_give_up_after: float | None = None
+    http: HttpConfig | None = None
+    stats_interval: float = 60.0
 
 
 @dataclass
@@ -160,6 +170,18 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "reconnect_give_up_after": _Key((float, int), positive=True,
                                     doc="seconds of failed reconnecting before exit 3; "
                                         "null: never give up"),
+    # Beyond 0.4.3: observability (amqpdispatcher/metrics.py, amqpdispatcher/http.py).
+    "http": _Key((dict,), doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
+                              "absent: no port opened"),
+    "stats_interval": _Key((float, int), default=60, nullable=False,
+                           doc="seconds between the INFO stats lines; 0: none"),
+}
+
+HTTP_KEYS: dict[str, _Key] = {
+    "address": _Key((str,), default="127.0.0.1", nullable=False, non_empty=True,
+                    doc="address to listen on"),
+    "port": _Key((int,), default=9800, nullable=False, positive=True, maximum=65535,
+                 doc="TCP port to listen on"),
 }
 
 QUEUE_KEYS: dict[str, _Key] = {
@@ -425,11 +447,18 @@ def _parse(path: str) -> tuple[Config, list[str]]:
         checker.problem("startup_handler", f"expected 'module:function', got {handler!r}")
         handler = None
 
+    http = None
+    if "http" in top:
+        checked_http = checker.mapping(top["http"], "http", HTTP_KEYS)
+        if checked_http is not None:
+            http = HttpConfig(**checked_http)
+
     config = Config(path=path, startup_handler=handler, queues=tuple(queues),
                     consumers=tuple(consumers),
                     drain_timeout=float(top.get("drain_timeout", 30)),
                     reconnect=top.get("reconnect", True),
-                    reconnect_give_up_after=top.get("reconnect_give_up_after"))
+                    reconnect_give_up_after=top.get("reconnect_give_up_after"),
+                    http=http, stats_interval=float(top.get("stats_interval", 60)))
     return config, checker.problems
 
 

@@ -12,6 +12,7 @@ import pytest
 from amqpdispatcher.acks import Acknowledger
 from amqpdispatcher.broker import is_delivery_ack_timeout
 from amqpdispatcher.config import Config, ConsumerConfig, QueueConfig, RetryConfig
+from amqpdispatcher.metrics import OUTCOMES
 from amqpdispatcher.publisher import Publisher
 from amqpdispatcher.retry import (
     ATTEMPT_HEADER,
@@ -145,7 +146,7 @@ class FakeChannel:
 
 def make(tags: int, prefetch: int = 100) -> tuple[Acknowledger, FakeChannel]:
     channel = FakeChannel()
-    acker = Acknowledger(channel, prefetch)
+    acker = Acknowledger(channel, prefetch, [0] * len(OUTCOMES))
     for tag in range(1, tags + 1):
         acker.delivered(tag)
     return acker, channel
@@ -193,7 +194,7 @@ def test_settling_on_a_channel_pika_already_closed_never_raises() -> None:
         def basic_reject(self, delivery_tag: int, requeue: bool) -> None:
             raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
 
-    acker = Acknowledger(ClosedChannel(), 10)
+    acker = Acknowledger(ClosedChannel(), 10, [0] * len(OUTCOMES))
     acker.delivered(1)
     acker.delivered(2)
     acker.ack(1)
