@@ -430,3 +430,23 @@ class Outcomes:
 
     def shutdown(self, exception=None):
         pass
+
+
+class LogsBody:
+    """Logs each body at INFO (logger 'x'), then records it; the first call of a body
+    starting with 'fail' raises instead, with the body in the exception."""
+
+    seen = set()
+
+    def consume(self, amqp, msg):
+        import logging
+
+        body = text(msg)
+        logging.getLogger("x").info("consumed body %s", body)
+        if body.startswith("fail") and body not in LogsBody.seen:
+            LogsBody.seen.add(body)
+            raise ValueError(f"failing {body}")
+        record(body)
+
+    def shutdown(self, exception=None):
+        pass
