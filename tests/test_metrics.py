@@ -263,6 +263,38 @@ def test_readyz_follows_the_broker_healthz_stays_up_until_stopping(tmp_path: Pat
         node.stop()
 
 
+def test_a_settle_after_the_connection_was_lost_counts_as_dropped(broker: BrokerHandle,
+                                                                  tmp_path: Path) -> None:
+    port = free_port()
+    release = tmp_path / "release"
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url,
+                             env={"RELEASE_FILE": str(release)})
+    labels = {"queue": "probed", "consumer": "testconsumers:Outcomes"}
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        broker.publish("probed", "hold-1")
+        wait_until(lambda: value(scrape(port), "amqp_dispatcher_in_flight", **labels) == 1,
+                   what="the message in consume")
+        broker.node.ctl("close_all_connections", "-p", broker.vhost, "metrics test")
+        wait_until(lambda: value(scrape(port), "amqp_dispatcher_reconnects_total") == 1,
+                   what="a reconnect")
+        release.touch()  # the first call returns: its ack cannot be sent any more
+        wait_until(lambda: proc.records() == ["probed:hold-1:1:returned"] * 2,
+                   what="the message handled again after its redelivery")
+        wait_until(lambda: broker.drained("probed"), what="the redelivered message acked")
+
+        def outcomes() -> dict[str, float]:
+            samples = scrape(port)
+            return {outcome: value(samples, "amqp_dispatcher_messages_total", **labels,
+                                   outcome=outcome) for outcome in OUTCOMES}
+
+        wait_until(lambda: outcomes() == {"ack": 1, "requeue": 0, "reject": 0, "retry": 0,
+                                          "dead_letter": 0, "dropped": 1},
+                   timeout=10, what="one dropped, one ack")
+    finally:
+        assert proc.stop() == 0
+
+
 def test_unknown_path_and_method(broker: BrokerHandle, tmp_path: Path) -> None:
     port = free_port()
     proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url)
