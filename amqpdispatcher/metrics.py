@@ -76,6 +76,7 @@ class Durations:
 
     @staticmethod
     def total(many: Sequence[Durations]) -> Durations:
+        """One histogram adding up several (entries sharing a series)."""
         result = Durations()
         for one in many:
             result.counts = [a + b for a, b in zip(result.counts, one.counts)]
@@ -107,10 +108,6 @@ class EntryMetrics:
     def handled(self) -> int:
         """Deliveries settled so far (or dropped), whatever the outcome."""
         return sum(self.outcomes)
-
-
-def _labels(pool: ConsumerPool) -> tuple[str, str]:
-    return pool.entry.queue, pool.entry.consumer
 
 
 class DispatcherCollector(Collector):
@@ -147,7 +144,7 @@ class DispatcherCollector(Collector):
             labels=labels)
         groups: dict[tuple[str, str], list[int]] = {}
         for index, pool in enumerate(d.pools):
-            groups.setdefault(_labels(pool), []).append(index)
+            groups.setdefault((pool.entry.queue, pool.entry.consumer), []).append(index)
         for key, indexes in groups.items():
             pools = [d.pools[i] for i in indexes]
             for outcome, name in enumerate(OUTCOMES):

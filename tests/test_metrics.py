@@ -481,3 +481,38 @@ def test_duration_buckets_are_cumulative_and_inclusive() -> None:
     assert buckets["0.0025"] == 2 and buckets["0.005"] == 3
     assert buckets["300.0"] == 3 and buckets["+Inf"] == 4
     assert durations.sum == pytest.approx(400.0045)
+
+
+def test_entries_with_the_same_queue_and_consumer_share_one_series() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from amqpdispatcher.config import ConsumerConfig
+    from amqpdispatcher.metrics import EntryMetrics, registry
+
+    def pool(queue: str, acks: int, busy: int) -> SimpleNamespace:
+        metrics = EntryMetrics(timed=True)
+        metrics.outcomes[ACK] = acks
+        metrics.durations.observe(0.002)
+        return SimpleNamespace(entry=ConsumerConfig("m:C", queue), metrics=metrics, busy=busy,
+                               live_instances=lambda: 1)
+
+    dispatcher = SimpleNamespace(pools=[pool("a", 3, 1), pool("a", 4, 0), pool("b", 5, 2)],
+                                 channels={0: object(), 2: object()}, reconnects=2,
+                                 is_connected=lambda: True)
+    samples: Samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(
+            generate_latest(registry(dispatcher)).decode())
+        for sample in family.samples}
+    a, b = {"queue": "a", "consumer": "m:C"}, {"queue": "b", "consumer": "m:C"}
+    assert value(samples, "amqp_dispatcher_messages_total", **a, outcome="ack") == 7
+    assert value(samples, "amqp_dispatcher_messages_total", **b, outcome="ack") == 5
+    assert value(samples, "amqp_dispatcher_in_flight", **a) == 1
+    assert value(samples, "amqp_dispatcher_instances", **a) == 2
+    assert value(samples, "amqp_dispatcher_consuming", **a) == 1  # one of its two entries
+    assert value(samples, "amqp_dispatcher_consume_seconds_bucket", **a, le="0.0025") == 2
+    assert value(samples, "amqp_dispatcher_consume_seconds_count", **b) == 1
+    assert value(samples, "amqp_dispatcher_reconnects_total") == 2
+    assert value(samples, "amqp_dispatcher_connected") == 1
