@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["amqpdispatcher", "amqpdispatcher.*"]),
     package_data={"amqpdispatcher": ["py.typed"]},
-    install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1"],
+    install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1", "prometheus-client>=0.17"],
     extras_require={
         "test": ["pytest>=7", "supervisor>=4.2", "trustme>=1.0", "ruff", "mypy",
                  "types-PyYAML"],

@@ -11,6 +11,7 @@ import sys
 from . import __version__
 from .config import ConfigError, load_config
 from .dispatcher import EXIT_CONFIG, Dispatcher
+from .http import ListenError
 from .logs import redact_password, setup_logging
 from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
@@ -64,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")
         return 0
-    return Dispatcher(config, resolved, settings).run()
+    dispatcher = Dispatcher(config, resolved, settings)
+    try:
+        dispatcher.listen()
+    except ListenError as exc:
+        return fail([str(exc)])
+    return dispatcher.run()
 
 
 def run() -> None:

@@ -46,6 +46,8 @@ from .broker import (
     is_delivery_ack_timeout,
 )
 from .config import Config, Resolved, describe_exception
+from .http import HttpEndpoint
+from .metrics import StatsLog
 from .pool import ConsumerPool, StopNow
 from .publisher import Publisher, PublisherRef
 from .retry import retry_queues
@@ -161,7 +163,7 @@ class Dispatcher:
         self.publisher = PublisherRef()
         self.needs_publisher = any(entry.retry for entry in config.consumers)
         self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer],
-                                   self.publisher)
+                                   self.publisher, timed=config.http is not None)
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}
@@ -174,6 +176,20 @@ class Dispatcher:
         self.backoff: dict[str, float] = {}
         self.repair_timer: gevent.Greenlet | None = None
         self.repair_due = 0.0
+        # Observability: /metrics, /healthz, /readyz (config key http) and the stats line.
+        self.stopping = False
+        self.reconnects = 0
+        self.http = HttpEndpoint(self, config.http, config.path) if config.http else None
+        self.stats = StatsLog(self.pools, config.stats_interval)
+
+    def listen(self) -> None:
+        """Open the HTTP endpoint, if configured, before anything else: a port in use
+        raises http.ListenError (exit 1)."""
+        if self.http is not None:
+            self.http.listen()
+
+    def is_connected(self) -> bool:
+        return self.connection is not None and self.connection.is_open
 
     # -- the main loop ------------------------------------------------------------
 
@@ -214,6 +230,7 @@ class Dispatcher:
             raise Stop(self._fail_start(EXIT_BROKER, str(exc))) from None
         for pool in self.pools:
             pool.start()
+        self.stats.start()
 
     def _fail_start(self, status: int, message: str) -> int:
         log.error("%s", message)
@@ -227,6 +244,8 @@ class Dispatcher:
     def _finish(self, status: int) -> int:
         """The last steps of every stop: ``shutdown(None)`` on each instance, then close
         the connection. A signal meanwhile skips what is left: exit 128 + signal."""
+        self.stopping = True
+        self.stats.stop()
         try:
             self._step(self._shutdown_instances)
             self._step(self._close_connection)
@@ -234,6 +253,9 @@ class Dispatcher:
             log.info("received %s while stopping: stopping now",
                      signal.Signals(signal_.signum).name)
             return 128 + signal_.signum
+        finally:
+            if self.http is not None:
+                self.http.stop()
         log.info("stopped")
         return status
 
@@ -373,7 +395,8 @@ class Dispatcher:
         sync = SyncChannel.open(self.connection)
         try:
             sync.call(sync.channel.basic_qos, prefetch_count=entry.prefetch_count)
-            acker = Acknowledger(sync.channel, entry.prefetch_count, stream=entry.stream)
+            acker = Acknowledger(sync.channel, entry.prefetch_count, pool.metrics.outcomes,
+                                 stream=entry.stream)
             consume_ok = sync.call(sync.channel.basic_consume, entry.queue,
                                    pool.on_message(acker), exclusive=entry.exclusive,
                                    arguments=entry.consume_arguments() or None)
@@ -542,6 +565,7 @@ class Dispatcher:
                 self._close_connection()
                 self._forget_session()
                 continue
+            self.reconnects += 1
             log.info("reconnected after %.1fs (%d attempt(s))", time.monotonic() - lost_at,
                      attempt)
             return
@@ -561,6 +585,7 @@ class Dispatcher:
 
     def _stop_gracefully(self) -> int:
         """Drain within drain_timeout, whatever the broker does; a signal stops at once."""
+        self.stopping = True
         deadline = time.monotonic() + self.config.drain_timeout
         for pool in self.pools:
             pool.stopping.set()  # deliveries arriving from now on go straight back
@@ -597,6 +622,7 @@ class Dispatcher:
         return self._finish(EXIT_OK)
 
     def _stop_now(self, status: int) -> int:
+        self.stopping = True
         for channel in self.channels.values():
             channel.acker.close()
         for pool in self.pools:

@@ -40,6 +40,8 @@ import pika.spec
 
 from .acks import Acknowledger
 from .config import Config, ConsumerConfig, QueueConfig, describe_exception
+from .logs import delivery_fields
+from .metrics import DEAD_LETTER, RETRY
 from .publisher import PublisherRef
 
 log = logging.getLogger("amqp-dispatcher")
@@ -247,8 +249,9 @@ class FailureLog:
         self.interval = interval
         self._kinds: dict[tuple[str, str], _Kind] = {}
 
-    def failed(self, exc: BaseException, what: str) -> None:
-        """One failure; ``what`` says what happened to the message ("requeued")."""
+    def failed(self, exc: BaseException, what: str, fields: dict[str, Any]) -> None:
+        """One failure; ``what`` says what happened to the message ("requeued");
+        ``fields``: the delivery's (logs.delivery_fields), for a line that is logged."""
         key = (type(exc).__name__, _location(exc))
         kind = self._kinds.get(key)
         if kind is not None:
@@ -258,7 +261,7 @@ class FailureLog:
         self._kinds[key] = _Kind(since=time.monotonic())
         log.error("%s: consume raised %s; %s (identical failures are summarised every %gs)",
                   self.consumer, describe_exception(exc), what, self.interval,
-                  exc_info=(type(exc), exc, exc.__traceback__))
+                  exc_info=(type(exc), exc, exc.__traceback__), extra=fields)
         gevent.spawn_later(self.interval, self._summarise, key)
 
     def _summarise(self, key: tuple[str, str]) -> None:
@@ -289,48 +292,63 @@ class FailurePolicy:
                exc: BaseException) -> None:
         tag = method.delivery_tag
         retry = self.retry
+        attempt = attempt_of(properties)
         if retry is None:
             acker.reject(tag, requeue=True)
-            self.failures.failed(exc, self.without_retry)
+            outcome = "ack" if self.entry.stream else "requeue"
+            self.failures.failed(exc, self.without_retry,
+                                 self._fields(acker, tag, outcome, attempt))
             return
         if not acker.open:  # its channel is gone: the broker redelivers it
+            acker.drop()
             log.warning("%s: consume raised %s; its channel closed meanwhile: the broker "
-                        "redelivers the message", self.entry.consumer, describe_exception(exc))
+                        "redelivers the message", self.entry.consumer, describe_exception(exc),
+                        extra=self._fields(acker, tag, "dropped", attempt))
             return
-        attempt = attempt_of(properties)
         now = time.time()
         if attempt < retry.max_attempts:
             delay_ms = retry.delay_ms(attempt)
             queue = delay_queue_name(self.entry.queue, delay_ms)
             headers = retry_headers(properties.headers, attempt, method, now)
-            if self._move(acker, tag, exc, queue, body, _republished(properties, headers)):
+            if self._move(acker, tag, attempt, exc, queue, body,
+                          _republished(properties, headers), RETRY):
                 log.info("%s: consume raised %s; attempt %d of %d, retrying in %gs",
                          self.entry.consumer, describe_exception(exc), attempt,
-                         retry.max_attempts, delay_ms / 1000)
+                         retry.max_attempts, delay_ms / 1000,
+                         extra=self._fields(acker, tag, "retry", attempt))
             return
         if retry.dead_letter_queue is None:
             acker.reject(tag, requeue=False)
             log.warning("%s: consume raised %s; attempt %d of %d, giving up: rejected without "
                         "requeue (the queue's dead-letter exchange, if any, receives it)",
                         self.entry.consumer, describe_exception(exc), attempt,
-                        retry.max_attempts)
+                        retry.max_attempts, extra=self._fields(acker, tag, "reject", attempt))
             return
         headers = dead_letter_headers(properties.headers, exc, attempt, method, self.entry, now)
-        if self._move(acker, tag, exc, retry.dead_letter_queue, body,
-                      _republished(properties, headers)):
+        if self._move(acker, tag, attempt, exc, retry.dead_letter_queue, body,
+                      _republished(properties, headers), DEAD_LETTER):
             log.warning("%s: consume raised %s; attempt %d of %d, giving up: moved to %s",
                         self.entry.consumer, describe_exception(exc), attempt,
-                        retry.max_attempts, retry.dead_letter_queue)
+                        retry.max_attempts, retry.dead_letter_queue,
+                        extra=self._fields(acker, tag, "dead_letter", attempt))
 
-    def _move(self, acker: Acknowledger, tag: int, exc: BaseException, queue: str,
-              body: bytes, properties: pika.spec.BasicProperties) -> bool:
-        """Publish to ``queue`` and ack the original once confirmed; else requeue it."""
+    def _fields(self, acker: Acknowledger, tag: int, outcome: str,
+                attempt: int) -> dict[str, Any]:
+        """The log line's delivery fields; the outcome is "dropped" if the settle could
+        not be sent."""
+        return delivery_fields(self.entry, tag, outcome if acker.open else "dropped", attempt)
+
+    def _move(self, acker: Acknowledger, tag: int, attempt: int, exc: BaseException, queue: str,
+              body: bytes, properties: pika.spec.BasicProperties, outcome: int) -> bool:
+        """Publish to ``queue`` and ack the original once confirmed, counted as ``outcome``
+        (metrics.RETRY or DEAD_LETTER); else requeue it."""
         if self.publisher.fits(properties) and self.publisher.publish("", queue, body,
                                                                       properties):
-            acker.ack(tag)
+            acker.ack_now(tag, outcome)
             return True
         acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
         self.failures.failed(exc, f"could not move the message to {queue} (headers too "
                                   "large for a frame, not confirmed by the broker, or "
-                                  "returned as unroutable: was the queue deleted?); requeued")
+                                  "returned as unroutable: was the queue deleted?); requeued",
+                             self._fields(acker, tag, "requeue", attempt))
         return False

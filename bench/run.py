@@ -12,6 +12,10 @@ Messages/s are measured inside the consumer, from the first to the last handled
 message. After each run the queue must be empty: nothing unacked, nothing lost.
 A throughput run that does not finish within its timeout is reported as failed.
 
+System dispatcher-http (workload 1 only): this dispatcher with the `http` endpoint on
+(which also times every consume call for the histogram), /metrics fetched once a
+second by the benchmark process from the moment the dispatcher starts.
+
 System dispatcher-flaky (workload 7 only): this dispatcher with benchconsumers.Flaky
 (one message in ten fails once) and a retry policy (delay 0.1 s), next to the same
 no-op run without failures.
@@ -37,7 +41,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +55,7 @@ WORK = BENCH / "work"
 sys.path.insert(0, str(REPO / "tests"))
 
 from benchconsumers import heavy_tail_duration  # noqa: E402
-from rabbitnode import Broker  # noqa: E402
+from rabbitnode import Broker, free_port  # noqa: E402
 
 LEGACY_PY = WORK / "ad-0.11.0" / "bin" / "python"
 SCRIPT = str(Path(sys.executable).parent / "amqp-dispatcher")
@@ -79,20 +85,22 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
     return int(info["messages_ready"]), int(info["messages_unacknowledged"])
 
 
-def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str, str]]:
+def command(system: str, workload: dict, tmp: Path,
+            http_port: int | None) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
     consumer = workload.get("consumer") or ("Sleep" if workload.get("sleep") else "NoOp")
     retry = ""
     if system == "dispatcher-flaky":
         consumer = "Flaky"
         retry = "    retry:\n      max_attempts: 3\n      delay: 0.1\n"
+    http = f"http:\n  port: {http_port}\n" if http_port else ""
     config = tmp / f"{system}.yml"
-    config.write_text(f"queues:\n  - queue: {queue}\n    bindings: []\n"
+    config.write_text(f"{http}queues:\n  - queue: {queue}\n    bindings: []\n"
                       f"consumers:\n  - consumer: benchconsumers:{consumer}\n"
                       f"    queue: {queue}\n"
                       f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n{retry}")
     env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer}
-    if system in ("dispatcher", "dispatcher-flaky"):
+    if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
         return [SCRIPT, "--config", str(config)], env
@@ -105,13 +113,48 @@ def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str
 
 
 def start(system: str, workload: dict, broker: Broker, tmp: Path,
-          out: Path) -> subprocess.Popen[bytes]:
-    argv, env = command(system, workload, tmp)
+          out: Path, http_port: int | None = None) -> subprocess.Popen[bytes]:
+    argv, env = command(system, workload, tmp, http_port)
     full_env = dict(os.environ, RABBITMQ_URL=broker.url, BENCH_N=str(workload.get("count", 0)),
                     BENCH_OUT=str(out), BENCH_SLEEP=str(workload.get("sleep", 0)), **env)
     log = open(tmp / f"{system}.log", "wb")
     return subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
+
+
+class Scraper:
+    """Fetches /metrics once a second in a thread, as Prometheus would, from the moment
+    the port answers; keeps when each scrape started and how long it took."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.scrapes: list[tuple[float, float]] = []  # (wall clock start, seconds)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            started, wall = time.monotonic(), time.time()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                self.scrapes.append((wall, time.monotonic() - started))
+                pause = 1.0 - (time.monotonic() - started)
+            except OSError:
+                pause = 0.05  # not listening yet
+            if self.stopped.wait(max(0.0, pause)):
+                return
+
+    def stop(self, result: dict) -> dict:
+        """The result with the scrapes made within its measured window, and their median
+        duration (ms) over the whole run."""
+        self.stopped.set()
+        self.thread.join()
+        window = result.get("window", (0.0, 0.0))
+        return dict(result, scrapes=sum(window[0] <= t <= window[1] for t, _ in self.scrapes),
+                    scrape_ms=statistics.median(s for _, s in self.scrapes) * 1000
+                    if self.scrapes else None)
 
 
 def finish(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
@@ -154,7 +197,16 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
     publish(broker.url, queue, total, workload["size"])
     out = tmp / "out.txt"
     out.unlink(missing_ok=True)
-    proc = start(system, workload, broker, tmp, out)
+    http_port = free_port() if system == "dispatcher-http" else None
+    proc = start(system, workload, broker, tmp, out, http_port)
+    scraper = Scraper(http_port) if http_port else None
+    result = _measure(system, workload, broker, tmp, proc, out)
+    return scraper.stop(result) if scraper is not None else result
+
+
+def _measure(system: str, workload: dict, broker: Broker, tmp: Path,
+             proc: subprocess.Popen[bytes], out: Path) -> dict:
+    queue, total = workload["queue"], workload["count"]
     timeout = workload.get("timeout", 300)
     log = tmp / f"{system}.log"
     deadline = time.monotonic() + timeout
@@ -180,7 +232,7 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
     remaining = counts(broker, workload["queue"])
     rss, cpu = finish(proc)
     return {"rate": workload["count"] / elapsed, "mbps": int(nbytes) / elapsed / 1e6,
-            "rss": rss, "cpu": cpu, "left": remaining}
+            "rss": rss, "cpu": cpu, "left": remaining, "window": (float(first), float(last))}
 
 
 def run_idle(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
@@ -220,7 +272,10 @@ def run_scale(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
 WORKLOADS = [
     {"name": "1. no-op 30k x 100 B, 10 consumers, prefetch 100", "kind": "throughput",
      "queue": "bench_noop", "count": 30000, "size": 100, "consumers": 10, "prefetch": 100,
-     "systems": ["raw-ack", "raw-spawn", "dispatcher", "ad-0.11.0"]},
+     "systems": ["raw-ack", "raw-spawn", "dispatcher", "dispatcher-http", "ad-0.11.0"],
+     "note": "dispatcher-http: the same with the `http` endpoint on (each consume call "
+             "timed for the histogram) and /metrics fetched once a second by the "
+             "benchmark from the dispatcher's start."},
     {"name": "2a. sleep 0.05 s, 20k, 200 consumers, prefetch 200", "kind": "throughput",
      "queue": "bench_io", "count": 20000, "size": 100, "consumers": 200, "prefetch": 200,
      "sleep": 0.05, "systems": ["raw-spawn", "dispatcher", "ad-0.11.0"], "baseline": "raw-spawn"},
@@ -351,6 +406,7 @@ def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Pat
             base = [r["rate"] for r in per_system.get(baseline_name, []) if "rate" in r]
             base_median = statistics.median(base) if base else None
             bars: dict[str, float | None] = {}
+            scraped: list[str] = []
             for system, runs in per_system.items():
                 ok = [r for r in runs if "rate" in r]
                 failed = [r for r in runs if "rate" not in r]
@@ -366,6 +422,14 @@ def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Pat
                     ratio += (f"; {len(failed)} of {len(runs)} runs failed: "
                               f"{failed[0].get('error')}")
                 bars[system] = median
+                if "scrapes" in ok[0]:
+                    window = statistics.median(r["window"][1] - r["window"][0] for r in ok)
+                    took = [r["scrape_ms"] for r in ok if r["scrape_ms"] is not None]
+                    scraped.append(f"{system}: {sum(r['scrapes'] for r in ok)} scrape(s) of "
+                                   f"/metrics within its {len(ok)} measured window(s) "
+                                   f"(median {window:.2f} s); a scrape took "
+                                   + (f"{statistics.median(took):.1f} ms (median)" if took
+                                      else "(none answered)"))
                 lines.append(
                     f"| {system} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} "
                     f"| {statistics.median(r['mbps'] for r in ok):.1f} | {ratio} "
@@ -373,6 +437,8 @@ def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Pat
                     f"| {statistics.median(r['cpu'] for r in ok):.1f} "
                     f"| {', '.join(str(r['left']) for r in ok)} |")
             chart.append((workload, bars))
+            if scraped:
+                lines += [""] + scraped
         elif workload["kind"] == "idle":
             lines += ["| system | % of a core (median) | peak RSS MB |", "|---|---|---|"]
             for system, runs in per_system.items():

@@ -18,6 +18,7 @@ from amqpdispatcher.config import (
     QueueConfig,
     RetryConfig,
 )
+from amqpdispatcher.metrics import OUTCOMES
 from amqpdispatcher.publisher import Publisher
 from amqpdispatcher.retry import (
     ATTEMPT_HEADER,
@@ -151,7 +152,7 @@ class FakeChannel:
 
 def make(tags: int, prefetch: int = 100) -> tuple[Acknowledger, FakeChannel]:
     channel = FakeChannel()
-    acker = Acknowledger(channel, prefetch)
+    acker = Acknowledger(channel, prefetch, [0] * len(OUTCOMES))
     for tag in range(1, tags + 1):
         acker.delivered(tag)
     return acker, channel
@@ -199,7 +200,7 @@ def test_settling_on_a_channel_pika_already_closed_never_raises() -> None:
         def basic_reject(self, delivery_tag: int, requeue: bool) -> None:
             raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
 
-    acker = Acknowledger(ClosedChannel(), 10)
+    acker = Acknowledger(ClosedChannel(), 10, [0] * len(OUTCOMES))
     acker.delivered(1)
     acker.delivered(2)
     acker.ack(1)
@@ -476,7 +477,7 @@ def test_consume_arguments() -> None:
 def test_rejects_on_a_stream_are_acks() -> None:
     """RabbitMQ closes the connection over a reject or nack on a stream."""
     channel = FakeChannel()
-    acker = Acknowledger(channel, 10, stream=True)
+    acker = Acknowledger(channel, 10, [0] * len(OUTCOMES), stream=True)
     for tag in (1, 2):
         acker.delivered(tag)
     acker.reject(1, requeue=True)

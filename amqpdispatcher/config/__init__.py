@@ -13,7 +13,7 @@ Neither step connects to a broker; ``--validate`` runs both and stops there.
 One module per section, each with its key table (the single source of truth for
 its keys): ``top_level`` (TOP_LEVEL_KEYS, ``Config``, ``load_config``),
 ``exchanges`` (EXCHANGE_KEYS), ``queues`` (QUEUE_KEYS, BINDING_KEYS),
-``consumers`` (CONSUMER_KEYS, RETRY_KEYS); ``keys`` holds the machinery they
+``consumers`` (CONSUMER_KEYS, RETRY_KEYS), ``http`` (HTTP_KEYS); ``keys`` holds the machinery they
 share and ``imports`` the importing of user code. Every name is importable from this package.
 """
 
@@ -29,6 +29,7 @@ from .consumers import (
     parse_consumers,
 )
 from .exchanges import BUILT_IN_TYPES, EXCHANGE_KEYS, ExchangeConfig, parse_exchanges
+from .http import HTTP_KEYS, HttpConfig, parse_http
 from .imports import (
     Resolved,
     _import,
@@ -60,7 +61,8 @@ from .queues import (
 from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config
 
 __all__ = [
-    "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "MAX_DELAY_QUEUES",
+    "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
+    "HttpConfig", "MAX_DELAY_QUEUES", "parse_http",
     "NAMED_ARGUMENTS", "QUEUE_KEYS", "RETRY_KEYS", "TOP_LEVEL_KEYS", "Binding", "Config",
     "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",
     "RetryConfig", "argument_name", "check_imports", "describe_exception", "import_object",

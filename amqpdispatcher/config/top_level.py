@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .consumers import ConsumerConfig, parse_consumers
 from .exchanges import ExchangeConfig, parse_exchanges
+from .http import HttpConfig, parse_http
 from .imports import Resolved, _is_import_path, check_imports
 from .keys import ConfigError, _Checker, _Key, _read_yaml
 from .queues import QueueConfig, parse_queues
@@ -22,6 +23,8 @@ class Config:
     drain_timeout: float = 30.0
     reconnect: bool = True
     reconnect_give_up_after: float | None = None
+    http: HttpConfig | None = None
+    stats_interval: float = 60.0
 
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
@@ -38,6 +41,11 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "reconnect_give_up_after": _Key((float, int), positive=True,
                                     doc="seconds of failed reconnecting before exit 3; "
                                         "null: never give up"),
+    # Beyond 0.4.3: observability (amqpdispatcher/metrics.py, amqpdispatcher/http.py).
+    "http": _Key((dict,), doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
+                              "absent: no port opened"),
+    "stats_interval": _Key((float, int), default=60, nullable=False,
+                           doc="seconds between the INFO stats lines; 0: none"),
 }
 
 
@@ -79,5 +87,7 @@ def _parse(path: str) -> tuple[Config, list[str]]:
                     consumers=tuple(consumers),
                     drain_timeout=float(top.get("drain_timeout", 30)),
                     reconnect=top.get("reconnect", True),
-                    reconnect_give_up_after=top.get("reconnect_give_up_after"))
+                    reconnect_give_up_after=top.get("reconnect_give_up_after"),
+                    http=parse_http(checker, top["http"]) if "http" in top else None,
+                    stats_interval=float(top.get("stats_interval", 60)))
     return config, checker.problems

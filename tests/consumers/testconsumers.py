@@ -390,3 +390,63 @@ class Retried:
 
     def shutdown(self, exception=None):
         record(f"shutdown:{type(exception).__name__}")
+
+
+class Outcomes:
+    """For the metrics tests. Records 'QUEUE:BODY:ATTEMPT:WHAT' for every call, WHAT
+    being what the call did to its message: 'returned' (the dispatcher acks it),
+    'acked', 'nacked', 'rejected' (without requeue) or 'raised'. Bodies: 'ack-*' ack;
+    'nack-*' nack on their first call, then return; 'drop-*' reject without requeue;
+    'fail-*' raise on their first call, then return; 'always-*' raise every time;
+    'hold-*' wait until $RELEASE_FILE exists, then return; anything else returns.
+    "First" is per queue and body."""
+
+    seen = set()
+
+    def consume(self, amqp, msg):
+        body = text(msg)
+        kind = body.split("-")[0]
+        prefix = f"{msg.delivery_info['routing_key']}:{body}"
+        first = prefix not in Outcomes.seen
+        Outcomes.seen.add(prefix)
+        prefix += f":{msg.attempt}"
+        if kind == "ack":
+            amqp.ack()
+            record(f"{prefix}:acked")
+        elif kind == "nack" and first:
+            amqp.nack()
+            record(f"{prefix}:nacked")
+        elif kind == "drop":
+            amqp.reject(requeue=False)
+            record(f"{prefix}:rejected")
+        elif (kind == "fail" and first) or kind == "always":
+            record(f"{prefix}:raised")
+            raise ValueError(f"failing {body}")
+        else:
+            if kind == "hold":
+                while not os.path.exists(os.environ["RELEASE_FILE"]):
+                    gevent.sleep(0.02)
+            record(f"{prefix}:returned")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class LogsBody:
+    """Logs each body at INFO (logger 'x'), then records it; the first call of a body
+    starting with 'fail' raises instead, with the body in the exception."""
+
+    seen = set()
+
+    def consume(self, amqp, msg):
+        import logging
+
+        body = text(msg)
+        logging.getLogger("x").info("consumed body %s", body)
+        if body.startswith("fail") and body not in LogsBody.seen:
+            LogsBody.seen.add(body)
+            raise ValueError(f"failing {body}")
+        record(body)
+
+    def shutdown(self, exception=None):
+        pass
