@@ -121,6 +121,7 @@ class Config:
     drain_timeout: float = 30.0
     reconnect: bool = True
     reconnect_give_up_after: float | None = None
+    publisher_confirms: bool = True
 
 
 @dataclass
@@ -160,6 +161,10 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "reconnect_give_up_after": _Key((float, int), positive=True,
                                     doc="seconds of failed reconnecting before exit 3; "
                                         "null: never give up"),
+    # Beyond 0.4.3: publishing.
+    "publisher_confirms": _Key((bool,), default=True, nullable=False,
+                               doc="amqp.publish waits for the broker's confirm and raises "
+                                   "if it does not take the message"),
 }
 
 QUEUE_KEYS: dict[str, _Key] = {
@@ -429,7 +434,8 @@ def _parse(path: str) -> tuple[Config, list[str]]:
                     consumers=tuple(consumers),
                     drain_timeout=float(top.get("drain_timeout", 30)),
                     reconnect=top.get("reconnect", True),
-                    reconnect_give_up_after=top.get("reconnect_give_up_after"))
+                    reconnect_give_up_after=top.get("reconnect_give_up_after"),
+                    publisher_confirms=top.get("publisher_confirms", True))
     return config, checker.problems
 
 

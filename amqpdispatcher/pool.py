@@ -22,7 +22,7 @@ import gevent.queue
 from .acks import Acknowledger
 from .config import ConsumerConfig, describe_exception
 from .message import AMQPProxy, Message
-from .publisher import PublisherRef
+from .publisher import Publisher
 from .retry import FailurePolicy, TimeLimit
 
 log = logging.getLogger("amqp-dispatcher")
@@ -36,9 +36,10 @@ class StopNow(BaseException):
 
 
 class ConsumerPool:
-    def __init__(self, entry: ConsumerConfig, cls: type, publisher: PublisherRef) -> None:
+    def __init__(self, entry: ConsumerConfig, cls: type, publisher: Publisher) -> None:
         self.entry = entry
         self.cls = cls
+        self.publisher = publisher  # amqp.publish's and the policy's channel
         self.policy = FailurePolicy(entry, publisher)
         # Unbounded: the broker's prefetch_count is what bounds it.
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
@@ -69,7 +70,7 @@ class ConsumerPool:
             if stopping():  # arrived after the cancel was sent: give it back at once
                 acker.reject(method.delivery_tag, requeue=True)
                 return
-            put((acker, channel, method, properties, body))
+            put((acker, method, properties, body))
 
         return on_message
 
@@ -87,13 +88,13 @@ class ConsumerPool:
             return  # a fast stop: the broker redelivers what was not settled
 
     def _handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
-        acker, channel, method, properties, body = item
+        acker, method, properties, body = item
         tag = method.delivery_tag
         instance = self.instances[slot]
         if instance is None:  # stopping while a replacement was pending
             acker.reject(tag, requeue=True)
             return
-        amqp = AMQPProxy(acker, channel, tag)
+        amqp = AMQPProxy(acker, self.publisher, tag)
         self.busy += 1  # a delivery in hand: in consume, or being settled by the policy
         try:
             if limit is None:
@@ -156,7 +157,7 @@ class ConsumerPool:
                 return count
             if item is None:
                 continue
-            acker, _, method, _, _ = item
+            acker, method, _, _ = item
             acker.reject(method.delivery_tag, requeue=True)
             count += 1
 
