@@ -12,6 +12,12 @@ Messages/s are measured inside the consumer, from the first to the last handled
 message. After each run the queue must be empty: nothing unacked, nothing lost.
 A throughput run that does not finish within its timeout is reported as failed.
 
+Systems publish-confirms and publish-no-confirms (workload 8 only): this dispatcher
+with benchconsumers.Republish, which publishes one message per input to the
+workload's output queue, with publisher_confirms true (the default: each publish
+waits for the broker's confirm) and false; next to the same no-op run without
+publishing. Every input must have been published to the output queue.
+
 System dispatcher-flaky (workload 7 only): this dispatcher with benchconsumers.Flaky
 (one message in ten fails once) and a retry policy (delay 0.1 s), next to the same
 no-op run without failures.
@@ -63,11 +69,13 @@ def ensure_legacy() -> None:
                     "pika<1.0", "six"], check=True)
 
 
-def publish(url: str, queue: str, count: int, size: int) -> None:
+def publish(url: str, queue: str, count: int, size: int, empty: tuple[str, ...] = ()) -> None:
+    """Put ``count`` messages in ``queue``, emptied first with the ``empty`` queues."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    channel.queue_declare(queue, durable=True)
-    channel.queue_purge(queue)
+    for name in (queue, *empty):
+        channel.queue_declare(name, durable=True)
+        channel.queue_purge(name)
     body = b"x" * size
     for _ in range(count):
         channel.basic_publish("", queue, body)
@@ -82,17 +90,23 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
 def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
     consumer = workload.get("consumer") or ("Sleep" if workload.get("sleep") else "NoOp")
-    retry = ""
+    retry = top = ""
+    queues = f"  - queue: {queue}\n    bindings: []\n"
     if system == "dispatcher-flaky":
         consumer = "Flaky"
         retry = "    retry:\n      max_attempts: 3\n      delay: 0.1\n"
+    if system.startswith("publish-"):
+        consumer = "Republish"
+        queues += f"  - queue: {workload['output']}\n"
+        top = f"publisher_confirms: {str(system == 'publish-confirms').lower()}\n"
     config = tmp / f"{system}.yml"
-    config.write_text(f"queues:\n  - queue: {queue}\n    bindings: []\n"
+    config.write_text(f"{top}queues:\n{queues}"
                       f"consumers:\n  - consumer: benchconsumers:{consumer}\n"
                       f"    queue: {queue}\n"
                       f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n{retry}")
-    env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer}
-    if system in ("dispatcher", "dispatcher-flaky"):
+    env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer,
+           "BENCH_PUBLISH_TO": workload.get("output", "")}
+    if system in ("dispatcher", "dispatcher-flaky", "publish-confirms", "publish-no-confirms"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
         return [SCRIPT, "--config", str(config)], env
@@ -151,7 +165,8 @@ def wait_requeued(broker: Broker, queue: str, limit: float = 15.0) -> None:
 
 def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
     queue, total = workload["queue"], workload["count"]
-    publish(broker.url, queue, total, workload["size"])
+    output = workload.get("output") if system.startswith("publish-") else None
+    publish(broker.url, queue, total, workload["size"], (output,) if output else ())
     out = tmp / "out.txt"
     out.unlink(missing_ok=True)
     proc = start(system, workload, broker, tmp, out)
@@ -179,6 +194,12 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
     time.sleep(0.5)  # the last acks reach the broker
     remaining = counts(broker, workload["queue"])
     rss, cpu = finish(proc)
+    if output:  # every input published: without confirms, the last may still be arriving
+        end = time.monotonic() + 10
+        while (published := counts(broker, output)[0]) < total and time.monotonic() < end:
+            time.sleep(0.2)
+        if published != total:
+            return {"error": f"{published:,} of {total:,} inputs published to {output}"}
     return {"rate": workload["count"] / elapsed, "mbps": int(nbytes) / elapsed / 1e6,
             "rss": rss, "cpu": cpu, "left": remaining}
 
@@ -251,6 +272,17 @@ WORKLOADS = [
      "note": "dispatcher: no failures; dispatcher-flaky: 2,000 failures, each one a confirmed "
              "publish to the delay queue, an ack, an instance replaced, and the message "
              "consumed again 0.1 s later."},
+    {"name": "8. publish from consume: 20k x 100 B, 50 consumers, prefetch 100, one publish "
+             "per input, with and without publisher confirms",
+     "kind": "throughput", "queue": "bench_publish", "output": "bench_publish.out",
+     "count": 20000, "size": 100, "consumers": 50, "prefetch": 100,
+     "systems": ["dispatcher", "publish-confirms", "publish-no-confirms"],
+     "baseline": "dispatcher",
+     "note": "dispatcher: no-op, no publish; publish-confirms: each consume publishes one "
+             "message to bench_publish.out and waits for the broker's confirm "
+             "(publisher_confirms: true, the default), 50 of them in flight at once; "
+             "publish-no-confirms: the same with publisher_confirms: false. Every run must "
+             "leave one message per input in bench_publish.out."},
 ]
 
 # Heavy tail: a run slower than about a fifth of the in-order bound is reported as
