@@ -32,6 +32,16 @@ _LOST_SSL = re.compile(r"(SSL\w*Error)\(\d+, '(.*?)'\)")
 # What declare_topology declares: each has the ``path`` of its config entry.
 Declared = Union[ExchangeConfig, QueueConfig]
 
+# Backoff for the consuming and the publishing connection alike: reconnecting waits
+# a random time up to this delay, doubling from the first to the max. A connection
+# (or channel) that stayed up STABLE_SESSION seconds starts over from the first.
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 30.0
+STABLE_SESSION = 30.0
+# A channel the broker closed again soon after it opened is reopened after 1, 2, 4 ... s.
+REOPEN_FIRST_DELAY = 1.0
+REOPEN_MAX_DELAY = 30.0
+
 
 # Reply codes with which the broker refuses what the config asks for: retrying
 # the same request fails the same way. 405 is an exclusive queue that another
@@ -94,10 +104,18 @@ def describe_close(reason: Any) -> str:
     return str(reason) or type(reason).__name__
 
 
-def connect(settings: Settings, timeout: float = 60.0) -> GeventConnection:
-    """Open a connection to the first host, tried in random order, that accepts one."""
+def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> GeventConnection:
+    """Open a connection to the first host, tried in random order, that accepts one.
+
+    ``purpose`` ("publisher") is added to the connection_name client property,
+    so operators can tell the process's connections apart.
+    """
     failures = []
     for params in settings.connection_parameters():
+        if purpose:
+            properties = dict(params.client_properties or {})
+            properties["connection_name"] = f"{properties.get('connection_name', '')} {purpose}"
+            params.client_properties = properties
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         GeventConnection(params, on_open_callback=result.set,
                          on_open_error_callback=lambda _, exc, r=result: r.set(exc))
@@ -106,8 +124,12 @@ def connect(settings: Settings, timeout: float = 60.0) -> GeventConnection:
         except gevent.Timeout:
             outcome = TimeoutError(f"no answer within {timeout:.0f}s")
         if not isinstance(outcome, BaseException):
-            log.info("connected to %s:%s vhost %s", params.host, params.port,
-                     params.virtual_host)
+            if purpose:
+                log.info("opened the %s connection to %s:%s vhost %s", purpose, params.host,
+                         params.port, params.virtual_host)
+            else:
+                log.info("connected to %s:%s vhost %s", params.host, params.port,
+                         params.virtual_host)
             return outcome
         reason = _connect_failure(outcome)
         log.warning("cannot connect to %s:%s: %s", params.host, params.port, reason)

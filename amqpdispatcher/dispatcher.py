@@ -17,6 +17,10 @@ A consumer entry whose channel cannot be opened (its queue is missing, the
 broker refuses it) is retried on its own with backoff ("repair"); the other
 entries consume meanwhile. Only at start does a refusal stop the process
 (status 4): then it is a config error, not an incident.
+
+Publishing (``amqp.publish``, the retry policies) has a connection of its own,
+owned by ``publisher.PublishingConnection``: opened by the first publish,
+repaired on its own, and closed here at stop, after the drain.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ import pika.exceptions
 
 from .acks import Acknowledger
 from .broker import (
+    RECONNECT_FIRST_DELAY,
+    RECONNECT_MAX_DELAY,
+    REOPEN_FIRST_DELAY,
+    REOPEN_MAX_DELAY,
+    STABLE_SESSION,
     BrokerError,
     Declared,
     SyncChannel,
@@ -49,7 +58,7 @@ from .config import Config, Resolved, describe_exception
 from .http import HttpEndpoint
 from .metrics import StatsLog
 from .pool import ConsumerPool, StopNow
-from .publisher import Publisher, PublisherRef
+from .publisher import PublishingConnection
 from .retry import retry_queues
 from .settings import Settings
 
@@ -73,14 +82,10 @@ FAST_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 STACKS_SIGNAL = signal.SIGUSR1
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 
-RECONNECT_FIRST_DELAY = 0.5
-RECONNECT_MAX_DELAY = 30.0
-# A session that stayed up this long resets the reconnect backoff; a connection
-# that flaps faster keeps backing off, and reconnect_give_up_after keeps counting.
-STABLE_SESSION = 30.0
-REPAIR_FIRST_DELAY = 1.0
-PUBLISHER = "the publishing channel"  # its key among the queues and entries to repair
-REPAIR_MAX_DELAY = 30.0
+# The backoff delays (RECONNECT_*, REOPEN_*, STABLE_SESSION) are in broker.py: the
+# publishing connection backs off the same way. A session that stayed up
+# STABLE_SESSION resets the reconnect backoff; a connection that flaps faster keeps
+# backing off, and reconnect_give_up_after keeps counting.
 # Bounds on the steps of a stop that wait on the broker or on stuck greenlets.
 CLOSE_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
@@ -159,11 +164,11 @@ class Dispatcher:
         self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
         # The config's queues, then the delay and dead-letter queues of retry policies.
         self.topology = config.queues + retry_queues(config)
-        # Confirmed publishing for the retry policies, one channel per session.
-        self.publisher = PublisherRef()
-        self.needs_publisher = any(entry.retry for entry in config.consumers)
+        # amqp.publish and the retry policies publish on a connection of their own.
+        self.publishing = PublishingConnection(settings, config.publisher_confirms)
         self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer],
-                                   self.publisher, timed=config.http is not None)
+                                   self.publishing.publisher(f"{entry.path} ({entry.queue})"),
+                                   timed=config.http is not None)
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}
@@ -243,12 +248,12 @@ class Dispatcher:
 
     def _finish(self, status: int) -> int:
         """The last steps of every stop: ``shutdown(None)`` on each instance, then close
-        the connection. A signal meanwhile skips what is left: exit 128 + signal."""
+        the connections. A signal meanwhile skips what is left: exit 128 + signal."""
         self.stopping = True
         self.stats.stop()
         try:
             self._step(self._shutdown_instances)
-            self._step(self._close_connection)
+            self._step(self._close_connections)
         except Interrupted as signal_:
             log.info("received %s while stopping: stopping now",
                      signal.Signals(signal_.signum).name)
@@ -282,15 +287,6 @@ class Dispatcher:
                     log.error("the broker closed the channel of %s (%s): %s; reopening it",
                               entry.path, entry.queue, describe_close(reason))
                 self._entry_lost(index, self._drop_channel(index))
-        elif kind == "publisher_closed":
-            publisher, reason = detail
-            opened_at = publisher.opened_at
-            if self.publisher.current is publisher and self.connection is not None \
-                    and self.connection.is_open:
-                log.error("the broker closed the publishing channel: %s; reopening it",
-                          describe_close(reason))
-                self.publisher.set(None)
-                self._reopen_later(PUBLISHER, opened_at)
         elif kind == "consumer_cancelled":
             index, cancelled = detail
             if self.channels.get(index) is cancelled:
@@ -374,8 +370,6 @@ class Dispatcher:
             raise failed[-1][1]
         for item, exc in failed:
             self._retry_later(item.path, str(exc))
-        if self.needs_publisher:
-            self._open_publisher()
         for index, pool in enumerate(self.pools):
             try:
                 self._open_channel(index)
@@ -383,11 +377,6 @@ class Dispatcher:
                 if at_start or not exc.channel_only:
                     raise
                 self._retry_later(pool.entry.path, str(exc))
-
-    def _open_publisher(self) -> None:
-        self.publisher.set(Publisher.open_on(
-            self.connection, lambda publisher, reason: self.events.put(
-                ("publisher_closed", (publisher, reason)))))
 
     def _open_channel(self, index: int) -> None:
         pool = self.pools[index]
@@ -427,11 +416,8 @@ class Dispatcher:
         """Reopen an entry whose channel the broker closed or whose consumer it cancelled:
         at once if the channel had been up a while, else backing off, so that a
         message that gets its channel closed every time cannot spin."""
-        self._reopen_later(self.pools[index].entry.path, channel.opened_at)
-
-    def _reopen_later(self, path: str, opened_at: float) -> None:
-        """Reopen a channel (an entry's, or the publishing one) the broker closed."""
-        if time.monotonic() - opened_at >= STABLE_SESSION:
+        path = self.pools[index].entry.path
+        if time.monotonic() - channel.opened_at >= STABLE_SESSION:
             self.backoff.pop(path, None)
             self._retry_later(path, None, delay=0)
         else:
@@ -441,7 +427,7 @@ class Dispatcher:
     def _retry_later(self, path: str, problem: str | None, delay: float | None = None) -> None:
         """Retry the exchange, queue or entry at this config path on its own, with backoff."""
         if delay is None:
-            delay = min(max(self.backoff.get(path, 0) * 2, REPAIR_FIRST_DELAY), REPAIR_MAX_DELAY)
+            delay = min(max(self.backoff.get(path, 0) * 2, REOPEN_FIRST_DELAY), REOPEN_MAX_DELAY)
             self.backoff[path] = delay
         if problem is not None:
             log.error("%s; retrying in %gs", problem, delay)
@@ -488,8 +474,6 @@ class Dispatcher:
         exchanges = [e for e in self.config.exchanges
                      if e.path in due or e.exchange in sources or bound_to_repaired(e)]
         try:
-            if PUBLISHER in due:
-                self._open_publisher()
             failed = declare_topology(self.connection, self.config, exchanges, queues)
             for item, exc in failed:
                 self._retry_later(item.path, str(exc))
@@ -521,7 +505,6 @@ class Dispatcher:
             self.repair_timer.kill()
             self.repair_timer = None
         self.broken.clear()  # the next session declares and opens everything
-        self.publisher.set(None)  # its channel went with the connection
         self.connection = None
 
     def _on_connection_lost(self, reason: str) -> None:
@@ -635,8 +618,15 @@ class Dispatcher:
         for pool in self.pools:
             pool.shutdown_instances()
 
+    def _close_connections(self) -> None:
+        """Close the consuming and the publishing connection side by side (the drain is
+        over: no publish is in flight), waiting at most CLOSE_TIMEOUT for the broker."""
+        publishing = gevent.spawn(self.publishing.close)
+        self._close_connection()
+        publishing.join(timeout=CLOSE_TIMEOUT)
+
     def _close_connection(self) -> None:
-        """Close the connection, waiting at most CLOSE_TIMEOUT for the broker."""
+        """Close the consuming connection, waiting at most CLOSE_TIMEOUT for the broker."""
         connection, self.connection = self.connection, None
         if connection is None or connection.is_closed:
             return

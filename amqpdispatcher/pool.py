@@ -25,7 +25,7 @@ from .config import ConsumerConfig, describe_exception
 from .logs import delivery_fields
 from .message import AMQPProxy, Message
 from .metrics import EntryMetrics
-from .publisher import PublisherRef
+from .publisher import Publisher
 from .retry import FailurePolicy, TimeLimit, attempt_of
 
 log = logging.getLogger("amqp-dispatcher")
@@ -39,10 +39,11 @@ class StopNow(BaseException):
 
 
 class ConsumerPool:
-    def __init__(self, entry: ConsumerConfig, cls: type, publisher: PublisherRef,
+    def __init__(self, entry: ConsumerConfig, cls: type, publisher: Publisher,
                  timed: bool = False) -> None:
         self.entry = entry
         self.cls = cls
+        self.publisher = publisher  # amqp.publish's and the policy's channel
         # timed: measure each consume call's duration (only when /metrics can show it).
         self.metrics = EntryMetrics(timed)
         self.policy = FailurePolicy(entry, publisher)
@@ -75,7 +76,7 @@ class ConsumerPool:
             if stopping():  # arrived after the cancel was sent: give it back at once
                 acker.reject(method.delivery_tag, requeue=True)
                 return
-            put((acker, channel, method, properties, body))
+            put((acker, method, properties, body))
 
         return on_message
 
@@ -93,13 +94,13 @@ class ConsumerPool:
             return  # a fast stop: the broker redelivers what was not settled
 
     def _handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
-        acker, channel, method, properties, body = item
+        acker, method, properties, body = item
         tag = method.delivery_tag
         instance = self.instances[slot]
         if instance is None:  # stopping while a replacement was pending
             acker.reject(tag, requeue=True)
             return
-        amqp = AMQPProxy(acker, channel, tag)
+        amqp = AMQPProxy(acker, self.publisher, tag)
         durations = self.metrics.durations
         self.busy += 1  # a delivery in hand: in consume, or being settled by the policy
         if durations is not None:
@@ -170,7 +171,7 @@ class ConsumerPool:
                 return count
             if item is None:
                 continue
-            acker, _, method, _, _ = item
+            acker, method, _, _ = item
             acker.reject(method.delivery_tag, requeue=True)
             count += 1
 

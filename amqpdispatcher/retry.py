@@ -17,9 +17,9 @@ policy. ``FailurePolicy.failed`` decides, for one failed delivery:
 Nothing waits in this process: the delay and the attempt count travel with the
 message on the broker (ATTEMPT_HEADER), so they survive a restart and are the
 same whichever process gets the message next. A publish the broker did not
-confirm leaves the original unacked: it is rejected with requeue, or left to
-the broker if its channel is already gone. A message can be duplicated by a
-crash between the confirm and the ack, never lost.
+confirm (``publisher.PublishError``) leaves the original unacked: it is rejected
+with requeue, or left to the broker if its channel is already gone. A message can
+be duplicated by a crash between the confirm and the ack, never lost.
 
 Failures without a policy can repeat as fast as the broker redelivers; their
 log lines are summarised (FailureLog).
@@ -42,7 +42,7 @@ from .acks import Acknowledger
 from .config import Config, ConsumerConfig, QueueConfig, describe_exception
 from .logs import delivery_fields
 from .metrics import DEAD_LETTER, RETRY
-from .publisher import PublisherRef
+from .publisher import Publisher, PublishError, PublishReturned
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -279,7 +279,7 @@ class FailureLog:
 class FailurePolicy:
     """One consumer entry's answer to a failed delivery (see the module docstring)."""
 
-    def __init__(self, entry: ConsumerConfig, publisher: PublisherRef) -> None:
+    def __init__(self, entry: ConsumerConfig, publisher: Publisher) -> None:
         self.entry = entry
         self.retry = entry.retry
         self.publisher = publisher
@@ -342,13 +342,14 @@ class FailurePolicy:
               body: bytes, properties: pika.spec.BasicProperties, outcome: int) -> bool:
         """Publish to ``queue`` and ack the original once confirmed, counted as ``outcome``
         (metrics.RETRY or DEAD_LETTER); else requeue it."""
-        if self.publisher.fits(properties) and self.publisher.publish("", queue, body,
-                                                                      properties):
-            acker.ack_now(tag, outcome)
-            return True
-        acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
-        self.failures.failed(exc, f"could not move the message to {queue} (headers too "
-                                  "large for a frame, not confirmed by the broker, or "
-                                  "returned as unroutable: was the queue deleted?); requeued",
-                             self._fields(acker, tag, "requeue", attempt))
-        return False
+        try:
+            self.publisher.publish("", queue, body, properties, mandatory=True)
+        except PublishError as not_moved:
+            acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
+            hint = " (was the queue deleted?)" if isinstance(not_moved, PublishReturned) else ""
+            self.failures.failed(exc, f"could not move the message to {queue}: "
+                                      f"{not_moved}{hint}; requeued",
+                                 self._fields(acker, tag, "requeue", attempt))
+            return False
+        acker.ack_now(tag, outcome)
+        return True

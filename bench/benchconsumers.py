@@ -3,6 +3,9 @@
 Each counts the messages it handles and, at the N-th, writes the time of the
 first and the last and the bytes seen to $BENCH_OUT.
 
+Republish publishes each message's body to $BENCH_PUBLISH_TO through the default
+exchange (one publish per input, as a consumer that forwards work does).
+
 Flaky fails (raises) on the first attempt of every FLAKY_EVERY-th call in the
 process: with a retry policy about one message in ten fails once, then succeeds.
 
@@ -20,6 +23,7 @@ import gevent
 N = int(os.environ.get("BENCH_N", "0"))
 OUT = os.environ.get("BENCH_OUT", "/dev/null")
 SLEEP = float(os.environ.get("BENCH_SLEEP", "0"))
+PUBLISH_TO = os.environ.get("BENCH_PUBLISH_TO", "")
 _state = {"count": 0, "first": None, "bytes": 0, "calls": 0}
 
 HEAVY_EVERY = 100  # every 100th call is slow
@@ -45,6 +49,15 @@ def tick(size):
 
 class NoOp:
     def consume(self, amqp, msg):
+        tick(len(msg.body))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class Republish:
+    def consume(self, amqp, msg):
+        amqp.publish("", PUBLISH_TO, None, msg.body)
         tick(len(msg.body))
 
     def shutdown(self, exception=None):

@@ -16,6 +16,12 @@ System dispatcher-http (workload 1 only): this dispatcher with the `http` endpoi
 (which also times every consume call for the histogram), /metrics fetched once a
 second by the benchmark process from the moment the dispatcher starts.
 
+Systems publish-confirms and publish-no-confirms (workload 8 only): this dispatcher
+with benchconsumers.Republish, which publishes one message per input to the
+workload's output queue, with publisher_confirms true (the default: each publish
+waits for the broker's confirm) and false; next to the same no-op run without
+publishing. Every input must have been published to the output queue.
+
 System dispatcher-flaky (workload 7 only): this dispatcher with benchconsumers.Flaky
 (one message in ten fails once) and a retry policy (delay 0.1 s), next to the same
 no-op run without failures.
@@ -69,11 +75,13 @@ def ensure_legacy() -> None:
                     "pika<1.0", "six"], check=True)
 
 
-def publish(url: str, queue: str, count: int, size: int) -> None:
+def publish(url: str, queue: str, count: int, size: int, empty: tuple[str, ...] = ()) -> None:
+    """Put ``count`` messages in ``queue``, emptied first with the ``empty`` queues."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    channel.queue_declare(queue, durable=True)
-    channel.queue_purge(queue)
+    for name in (queue, *empty):
+        channel.queue_declare(name, durable=True)
+        channel.queue_purge(name)
     body = b"x" * size
     for _ in range(count):
         channel.basic_publish("", queue, body)
@@ -89,18 +97,26 @@ def command(system: str, workload: dict, tmp: Path,
             http_port: int | None) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
     consumer = workload.get("consumer") or ("Sleep" if workload.get("sleep") else "NoOp")
-    retry = ""
+    retry = top = ""
+    queues = f"  - queue: {queue}\n    bindings: []\n"
     if system == "dispatcher-flaky":
         consumer = "Flaky"
         retry = "    retry:\n      max_attempts: 3\n      delay: 0.1\n"
-    http = f"http:\n  port: {http_port}\n" if http_port else ""
+    if system.startswith("publish-"):
+        consumer = "Republish"
+        queues += f"  - queue: {workload['output']}\n"
+        top = f"publisher_confirms: {str(system == 'publish-confirms').lower()}\n"
+    if http_port:
+        top += f"http:\n  port: {http_port}\n"
     config = tmp / f"{system}.yml"
-    config.write_text(f"{http}queues:\n  - queue: {queue}\n    bindings: []\n"
+    config.write_text(f"{top}queues:\n{queues}"
                       f"consumers:\n  - consumer: benchconsumers:{consumer}\n"
                       f"    queue: {queue}\n"
                       f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n{retry}")
-    env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer}
-    if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http"):
+    env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer,
+           "BENCH_PUBLISH_TO": workload.get("output", "")}
+    if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http", "publish-confirms",
+                  "publish-no-confirms"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
         return [SCRIPT, "--config", str(config)], env
@@ -194,7 +210,8 @@ def wait_requeued(broker: Broker, queue: str, limit: float = 15.0) -> None:
 
 def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
     queue, total = workload["queue"], workload["count"]
-    publish(broker.url, queue, total, workload["size"])
+    output = workload.get("output") if system.startswith("publish-") else None
+    publish(broker.url, queue, total, workload["size"], (output,) if output else ())
     out = tmp / "out.txt"
     out.unlink(missing_ok=True)
     http_port = free_port() if system == "dispatcher-http" else None
@@ -207,6 +224,7 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
 def _measure(system: str, workload: dict, broker: Broker, tmp: Path,
              proc: subprocess.Popen[bytes], out: Path) -> dict:
     queue, total = workload["queue"], workload["count"]
+    output = workload.get("output") if system.startswith("publish-") else None
     timeout = workload.get("timeout", 300)
     log = tmp / f"{system}.log"
     deadline = time.monotonic() + timeout
@@ -231,6 +249,12 @@ def _measure(system: str, workload: dict, broker: Broker, tmp: Path,
     time.sleep(0.5)  # the last acks reach the broker
     remaining = counts(broker, workload["queue"])
     rss, cpu = finish(proc)
+    if output:  # every input published: without confirms, the last may still be arriving
+        end = time.monotonic() + 10
+        while (published := counts(broker, output)[0]) < total and time.monotonic() < end:
+            time.sleep(0.2)
+        if published != total:
+            return {"error": f"{published:,} of {total:,} inputs published to {output}"}
     return {"rate": workload["count"] / elapsed, "mbps": int(nbytes) / elapsed / 1e6,
             "rss": rss, "cpu": cpu, "left": remaining, "window": (float(first), float(last))}
 
@@ -306,6 +330,17 @@ WORKLOADS = [
      "note": "dispatcher: no failures; dispatcher-flaky: 2,000 failures, each one a confirmed "
              "publish to the delay queue, an ack, an instance replaced, and the message "
              "consumed again 0.1 s later."},
+    {"name": "8. publish from consume: 20k x 100 B, 50 consumers, prefetch 100, one publish "
+             "per input, with and without publisher confirms",
+     "kind": "throughput", "queue": "bench_publish", "output": "bench_publish.out",
+     "count": 20000, "size": 100, "consumers": 50, "prefetch": 100,
+     "systems": ["dispatcher", "publish-confirms", "publish-no-confirms"],
+     "baseline": "dispatcher",
+     "note": "dispatcher: no-op, no publish; publish-confirms: each consume publishes one "
+             "message to bench_publish.out and waits for the broker's confirm "
+             "(publisher_confirms: true, the default), 50 of them in flight at once; "
+             "publish-no-confirms: the same with publisher_confirms: false. Every run must "
+             "leave one message per input in bench_publish.out."},
 ]
 
 # Heavy tail: a run slower than about a fifth of the in-order bound is reported as

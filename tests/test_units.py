@@ -3,6 +3,8 @@ stand in for channels)."""
 
 from __future__ import annotations
 
+import time
+
 import gevent
 import pika
 import pika.exceptions
@@ -19,7 +21,13 @@ from amqpdispatcher.config import (
     RetryConfig,
 )
 from amqpdispatcher.metrics import OUTCOMES
-from amqpdispatcher.publisher import Publisher
+from amqpdispatcher.publisher import (
+    ConfirmChannel,
+    PublishError,
+    PublishNacked,
+    PublishReturned,
+    PublishTimeout,
+)
 from amqpdispatcher.retry import (
     ATTEMPT_HEADER,
     TimeLimit,
@@ -311,7 +319,7 @@ def test_retry_and_dead_letter_headers() -> None:
     assert dead["x-amqp-dispatcher-first-failure"].startswith("1970-01-01T00:00:00.000")
 
 
-class _ConfirmChannel:
+class _FakeChannel:
     def __init__(self) -> None:
         self.published: list[str] = []
 
@@ -331,23 +339,46 @@ def _confirm(ack: bool, tag: int, multiple: bool = False) -> object:
     return type("Frame", (), {"method": method})()
 
 
-def test_publisher_matches_confirms_by_sequence_number() -> None:
-    channel = _ConfirmChannel()
-    publisher = Publisher(type("Sync", (), {"channel": channel})())
+def _outcome(publish: gevent.Greenlet) -> type | None:
+    publish.join(timeout=1)
+    assert publish.ready()
+    return None if publish.successful() else type(publish.exception)
+
+
+def test_confirm_channel_matches_confirms_by_sequence_number() -> None:
+    channel = _FakeChannel()
+    unclaimed: list[object] = []
+    confirms = ConfirmChannel(channel, 131072, unclaimed.append)
     props = pika.BasicProperties()
-    results = [gevent.spawn(publisher.publish, "", f"k{i}", b"x", props) for i in range(4)]
+    deadline = time.monotonic() + 5
+    publishes = [gevent.spawn(confirms.publish, "", f"k{i}", b"x", props, True, True, deadline)
+                 for i in range(4)]
     gevent.sleep(0)
     assert channel.published == ["k0", "k1", "k2", "k3"]
-    publisher._on_confirm(_confirm(False, 2))          # nack of the second only
-    publisher._on_confirm(_confirm(True, 3, True))     # ack of 1 and 3 (2 is settled)
+    confirms._on_confirm(_confirm(False, 2))          # nack of the second only
+    confirms._on_confirm(_confirm(True, 3, True))     # ack of 1 and 3 (2 is settled)
     # A message returned as unroutable is not published, though its ack follows.
-    publisher._on_return(None, type("R", (), {"routing_key": "k3", "reply_code": 312,
-                                              "reply_text": "NO_ROUTE"})(), props, b"x")
-    publisher._on_confirm(_confirm(True, 4))
-    assert [g.get(timeout=1) for g in results] == [True, False, True, False]
-    publisher._on_close(None, None)
-    assert publisher.publish("", "k", b"x", props) is False  # closed: nothing sent
-    assert channel.published[-1] == "k3"
+    returned = type("R", (), {"exchange": "", "routing_key": "k3", "reply_code": 312,
+                              "reply_text": "NO_ROUTE"})()
+    confirms._on_return(None, returned, props, b"x")
+    confirms._on_confirm(_confirm(True, 4))
+    assert [_outcome(p) for p in publishes] == [None, PublishNacked, None, PublishReturned]
+    assert unclaimed == []
+    confirms._on_return(None, returned, props, b"x")  # nobody waits for it: reported
+    assert unclaimed == [returned]
+    # Not waited for (publisher_confirms: false): returns once written.
+    confirms.publish("", "k5", b"x", props, False, False, deadline)
+    assert channel.published[-1] == "k5"
+    waiting = gevent.spawn(confirms.publish, "", "k6", b"x", props, False, True, deadline)
+    gevent.sleep(0)
+    confirms._on_close(None, pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND"))
+    assert _outcome(waiting) is PublishError
+    with pytest.raises(PublishError):  # closed: nothing sent
+        confirms.publish("", "k", b"x", props, False, True, deadline)
+    assert channel.published[-1] == "k6"
+    with pytest.raises(PublishTimeout):  # no answer by the deadline
+        ConfirmChannel(_FakeChannel(), 131072, unclaimed.append).publish(
+            "", "k", b"x", props, False, True, time.monotonic() + 0.05)
 
 
 def test_delivery_ack_timeout_is_recognised() -> None:

@@ -23,6 +23,7 @@ class Config:
     drain_timeout: float = 30.0
     reconnect: bool = True
     reconnect_give_up_after: float | None = None
+    publisher_confirms: bool = True
     http: HttpConfig | None = None
     stats_interval: float = 60.0
 
@@ -41,6 +42,10 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "reconnect_give_up_after": _Key((float, int), positive=True,
                                     doc="seconds of failed reconnecting before exit 3; "
                                         "null: never give up"),
+    # Beyond 0.4.3: publishing.
+    "publisher_confirms": _Key((bool,), default=True, nullable=False,
+                               doc="amqp.publish waits for the broker's confirm and raises "
+                                   "if it does not take the message"),
     # Beyond 0.4.3: observability (amqpdispatcher/metrics.py, amqpdispatcher/http.py).
     "http": _Key((dict,), doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
                               "absent: no port opened"),
@@ -88,6 +93,7 @@ def _parse(path: str) -> tuple[Config, list[str]]:
                     drain_timeout=float(top.get("drain_timeout", 30)),
                     reconnect=top.get("reconnect", True),
                     reconnect_give_up_after=top.get("reconnect_give_up_after"),
+                    publisher_confirms=top.get("publisher_confirms", True),
                     http=parse_http(checker, top["http"]) if "http" in top else None,
                     stats_interval=float(top.get("stats_interval", 60)))
     return config, checker.problems

@@ -21,6 +21,13 @@ def text(msg):
     return msg.body.decode()
 
 
+def break_channel(amqp):
+    """Ack, on the delivery's own channel, a tag the broker never sent: it closes that
+    channel (406 PRECONDITION_FAILED - unknown delivery tag). A publish to a missing
+    exchange no longer does: publishing has a connection of its own."""
+    amqp._acker.channel.basic_ack(delivery_tag=10**9)
+
+
 class Recorder:
     def consume(self, amqp, msg):
         record(text(msg))
@@ -202,8 +209,8 @@ class Misbehaving:
             if body == "init-raises":
                 Misbehaving.broken_inits = 2
                 raise ValueError("consume failed")
-            if body == "bad-publish":
-                amqp.publish("no-such-exchange", "k", {}, "x")
+            if body == "break-channel":
+                break_channel(amqp)
                 gevent.sleep(0.5)  # the broker closes the channel meanwhile
         if body.startswith("hang"):
             record(f"hanging:{body}")
@@ -266,7 +273,7 @@ def _count(prefix):
 
 class Hostile:
     """Bodies name what happens, once per body:
-    'bad-publish': publish to a missing exchange (the broker closes the channel), then
+    'break-channel': get the broker to close the delivery's channel, then
     go on for 0.5 s; 'hold-*': take 1 s; 'bad-str': raise an exception whose __str__
     raises; 'barrier-G-N': wait (up to 20 s) until N messages of group G are in consume
     at once, proving N live worker slots; 'fail-then-no-init': raise, and from then on
@@ -288,8 +295,8 @@ class Hostile:
         first = body not in Hostile.seen
         Hostile.seen.add(body)
         record(f"start:{body}")
-        if first and body == "bad-publish":
-            amqp.publish("no-such-exchange", "k", {}, "x")
+        if first and body == "break-channel":
+            break_channel(amqp)
             gevent.sleep(0.5)
         elif first and body == "bad-str":
             raise _BadStr()
@@ -313,13 +320,13 @@ class Hostile:
         record(f"shutdown:{self.name}")
 
 
-class PoisonPublish:
-    """Every message publishes to an exchange that does not exist: the broker closes the
-    channel each time, and the message comes back."""
+class PoisonAck:
+    """Every message gets the broker to close its channel (break_channel), and the
+    message comes back."""
 
     def consume(self, amqp, msg):
         record(f"start:{text(msg)}")
-        amqp.publish("no-such-exchange", "k", {}, "x")
+        break_channel(amqp)
         gevent.sleep(0.2)
 
     def shutdown(self, exception=None):
