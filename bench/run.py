@@ -12,6 +12,15 @@ Messages/s are measured inside the consumer, from the first to the last handled
 message. After each run the queue must be empty: nothing unacked, nothing lost.
 A throughput run that does not finish within its timeout is reported as failed.
 
+System dispatcher-p2 (workloads 1 and 8): this dispatcher with --processes 2, an
+arbiter and two worker processes. Each worker reports its share of the messages
+(benchconsumers, $BENCH_SPLIT); the rate is the total over the time from the
+first message any worker handled to the last, and the workers' first messages
+wait until every worker consumes (they start some 0.1 s apart). Its CPU is the
+arbiter's and the workers' together; its peak RSS the largest of one process.
+Workload 8 (2 ms of CPU per message) is where one process is one core: target
+dispatcher-p2 >= 1.6x dispatcher on two cores, which the broker shares.
+
 System dispatcher-flaky (workload 7 only): this dispatcher with benchconsumers.Flaky
 (one message in ten fails once) and a retry policy (delay 0.1 s), next to the same
 no-op run without failures.
@@ -79,6 +88,10 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
     return int(info["messages_ready"]), int(info["messages_unacknowledged"])
 
 
+# Systems whose messages are handled by several processes, each reporting its share.
+SPLIT_SYSTEMS = ("dispatcher-p2",)
+
+
 def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
     consumer = workload.get("consumer") or ("Sleep" if workload.get("sleep") else "NoOp")
@@ -92,9 +105,12 @@ def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str
                       f"    queue: {queue}\n"
                       f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n{retry}")
     env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer}
-    if system in ("dispatcher", "dispatcher-flaky"):
+    if system in ("dispatcher", "dispatcher-flaky", "dispatcher-p2"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
+        if system in SPLIT_SYSTEMS:
+            env["BENCH_SPLIT"] = "1"
+            return [SCRIPT, "--processes", "2", "--config", str(config)], env
         return [SCRIPT, "--config", str(config)], env
     if system == "ad-0.11.0":
         env["RABBITMQ_HEARTBEAT"] = "60"
@@ -107,11 +123,22 @@ def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str
 def start(system: str, workload: dict, broker: Broker, tmp: Path,
           out: Path) -> subprocess.Popen[bytes]:
     argv, env = command(system, workload, tmp)
+    go = tmp / "go"
+    go.unlink(missing_ok=True)
     full_env = dict(os.environ, RABBITMQ_URL=broker.url, BENCH_N=str(workload.get("count", 0)),
-                    BENCH_OUT=str(out), BENCH_SLEEP=str(workload.get("sleep", 0)), **env)
-    log = open(tmp / f"{system}.log", "wb")
-    return subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                    BENCH_OUT=str(out), BENCH_SLEEP=str(workload.get("sleep", 0)),
+                    BENCH_GO=str(go), **env)
+    log_path = tmp / f"{system}.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
+    if system in SPLIT_SYSTEMS:  # the workers' clocks start once every one consumes
+        deadline = time.monotonic() + 60
+        while "workers consuming" not in log_path.read_text(errors="replace") \
+                and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+    return proc
 
 
 def finish(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
@@ -149,16 +176,34 @@ def wait_requeued(broker: Broker, queue: str, limit: float = 15.0) -> None:
         time.sleep(0.2)
 
 
+def handled(out: Path, total: int, split: bool) -> tuple[float, float, int] | None:
+    """(time of the first message, of the last, bytes) once all `total` were handled."""
+    if not split:
+        if not out.exists() or not out.read_text().endswith("\n"):
+            return None
+        first, last, nbytes = out.read_text().split()
+        return float(first), float(last), int(nbytes)
+    shares = [path.read_text().split() for path in out.parent.glob(f"{out.name}.*")
+              if not path.name.endswith(".tmp")]
+    if sum(int(count) for _, _, count, _ in shares) < total:
+        return None
+    return (min(float(first) for first, _, _, _ in shares),
+            max(float(last) for _, last, _, _ in shares),
+            sum(int(nbytes) for _, _, _, nbytes in shares))
+
+
 def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
     queue, total = workload["queue"], workload["count"]
     publish(broker.url, queue, total, workload["size"])
     out = tmp / "out.txt"
-    out.unlink(missing_ok=True)
+    for old in (out, *tmp.glob("out.txt.*")):
+        old.unlink(missing_ok=True)
+    split = system in SPLIT_SYSTEMS
     proc = start(system, workload, broker, tmp, out)
     timeout = workload.get("timeout", 300)
     log = tmp / f"{system}.log"
     deadline = time.monotonic() + timeout
-    while not out.exists() or not out.read_text().endswith("\n"):
+    while (result := handled(out, total, split)) is None:
         if proc.poll() is not None:
             code = proc.returncode
             finish(proc)
@@ -166,7 +211,7 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
             return {"error": f"exited with code {code} before finishing; see {log}"}
         if time.monotonic() > deadline:
             ready, unacked = counts(broker, queue)  # rabbitmqctl: takes about a second
-            late = out.exists() and out.read_text().endswith("\n")
+            late = handled(out, total, split) is not None
             finish(proc)
             wait_requeued(broker, queue)
             acked = total - ready - unacked
@@ -174,8 +219,8 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
                              f"of {total:,} acked, {unacked} unacked"
                              f"{'; it finished just after' if late else ''}); see {log}"}
         time.sleep(0.05)
-    first, last, nbytes = out.read_text().split()
-    elapsed = float(last) - float(first)
+    first, last, nbytes = result
+    elapsed = last - first
     time.sleep(0.5)  # the last acks reach the broker
     remaining = counts(broker, workload["queue"])
     rss, cpu = finish(proc)
@@ -220,7 +265,9 @@ def run_scale(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
 WORKLOADS = [
     {"name": "1. no-op 30k x 100 B, 10 consumers, prefetch 100", "kind": "throughput",
      "queue": "bench_noop", "count": 30000, "size": 100, "consumers": 10, "prefetch": 100,
-     "systems": ["raw-ack", "raw-spawn", "dispatcher", "ad-0.11.0"]},
+     "systems": ["raw-ack", "raw-spawn", "dispatcher", "dispatcher-p2", "ad-0.11.0"],
+     "note": "dispatcher-p2 (--processes 2) must not be slower than dispatcher: a no-op "
+             "consumer is bound by the broker and the client, not by one core."},
     {"name": "2a. sleep 0.05 s, 20k, 200 consumers, prefetch 200", "kind": "throughput",
      "queue": "bench_io", "count": 20000, "size": 100, "consumers": 200, "prefetch": 200,
      "sleep": 0.05, "systems": ["raw-spawn", "dispatcher", "ad-0.11.0"], "baseline": "raw-spawn"},
@@ -251,6 +298,13 @@ WORKLOADS = [
      "note": "dispatcher: no failures; dispatcher-flaky: 2,000 failures, each one a confirmed "
              "publish to the delay queue, an ack, an instance replaced, and the message "
              "consumed again 0.1 s later."},
+    {"name": "8. CPU-bound: 2 ms of CPU per message, 4k x 100 B, 4 consumers, prefetch 20, "
+             "--processes 1 vs 2",
+     "kind": "throughput", "queue": "bench_cpu", "count": 4000, "size": 100,
+     "consumers": 4, "prefetch": 20, "consumer": "CpuBound",
+     "systems": ["dispatcher", "dispatcher-p2"], "baseline": "dispatcher",
+     "note": "One process is one core: about 500 msg/s at most. Target: dispatcher-p2 "
+             "(--processes 2) >= 1.6x dispatcher on two cores, which the broker shares."},
 ]
 
 # Heavy tail: a run slower than about a fifth of the in-order bound is reported as
@@ -415,7 +469,8 @@ def draw_chart(chart: list[tuple[dict, dict[str, float | None]]], path: Path) ->
         names = list(systems)
         heights = [v or 0.0 for v in systems.values()]
         ax.bar(names, heights,
-               color=["tab:green" if s == "dispatcher" else "tab:gray" for s in names])
+               color=["tab:green" if s.startswith("dispatcher") else "tab:gray"
+                      for s in names])
         for i, value in enumerate(systems.values()):
             if value is None:
                 ax.text(i, 0, "did not\nfinish", ha="center", va="bottom", fontsize=7,
