@@ -4,10 +4,15 @@ generation takes over, the old one drains; a config with problems changes nothin
 from __future__ import annotations
 
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+
+from amqpdispatcher.config import ConfigError, load_config
+from amqpdispatcher.reload import load_afresh
 
 # A consumer module the tests write next to the config (the working directory is on
 # sys.path), then rewrite to deploy new code.
@@ -123,3 +128,56 @@ def test_sighup_whose_new_generation_cannot_start_keeps_the_old(broker: BrokerHa
         wait_until(lambda: "done:v1:after" in proc.records(), what="the old generation consumes")
     finally:
         assert proc.stop() == 0, proc.output
+
+
+def test_sigterm_during_the_handover_lets_the_old_generation_finish(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """The old generation already drains: SIGTERM must not reach it as a second one."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, config(1, consumer="testconsumers:Timed"), broker.url,
+                             env={"SLOW": "2"})
+    try:
+        proc.wait_consuming()
+        broker.publish("jobs", "slow")
+        wait_until(lambda: "start:slow" in proc.records(), what="a slow consume in progress")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.output
+    finally:
+        proc.stop()
+    assert proc.records() == ["start:slow", "done:slow"]
+    assert "stopping now" not in proc.output
+    assert broker.counts("jobs") == (0, 0)
+
+
+def test_load_afresh_imports_the_consumer_package_again_or_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: the consumer's top-level package is imported again; on a problem the
+    modules in use are put back."""
+    package = tmp_path / "reloadpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("VERSION = 1\n")
+    (package / "consumer.py").write_text(
+        "from reloadpkg.helper import VERSION\n"
+        "class Consumer:\n    def consume(self, amqp, msg): pass\n"
+        "    def shutdown(self, exception=None): pass\n")
+    path = tmp_path / "config.yml"
+    path.write_text("consumers:\n  - consumer: reloadpkg.consumer:Consumer\n    queue: q\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    running, resolved = load_config(str(path))
+    assert sys.modules["reloadpkg.helper"].VERSION == 1
+    (package / "helper.py").write_text("VERSION = 2  # a new release\n")
+    _, fresh = load_afresh(running)
+    new_helper = sys.modules["reloadpkg.helper"]
+    assert new_helper.VERSION == 2  # a module of the package the config does not name
+    assert fresh.consumer_classes != resolved.consumer_classes
+    (package / "consumer.py").write_text("raise RuntimeError('broken release')\n")
+    with pytest.raises(ConfigError, match="broken release"):
+        load_afresh(running)
+    assert sys.modules["reloadpkg.helper"] is new_helper
+    assert sys.modules["reloadpkg.consumer"].Consumer is \
+        fresh.consumer_classes["reloadpkg.consumer:Consumer"]
+    for name in [name for name in sys.modules if name.startswith("reloadpkg")]:
+        del sys.modules[name]
