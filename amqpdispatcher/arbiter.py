@@ -54,6 +54,8 @@ RESPAWN_FIRST_DELAY = 1.0
 RESPAWN_MAX_DELAY = 30.0
 # A worker that was up this long is replaced at once, and its backoff starts over.
 STABLE_WORKER = 30.0
+# The loop wakes on every signal (SIGCHLD included) and link; it also polls its
+# children this often, should a wake-up ever be missed.
 LOOP_TIMEOUT = 1.0
 
 # What each signal means to the arbiter: the method of Arbiter the main loop calls.

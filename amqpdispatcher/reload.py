@@ -31,7 +31,7 @@ import gevent
 import gevent.queue
 import gevent.util
 
-from .config import Config, ConfigError, Resolved, load_config
+from .config import Config, ConfigError, Resolved, describe_exception, load_config
 from .dispatcher import EXIT_INTERNAL, Dispatcher
 from .settings import Settings
 from .worker import ArbiterLink
@@ -187,6 +187,10 @@ class Generations:
                 log.error("%s", line)
             log.error("SIGHUP: %s has problems (above): carrying on with the running config",
                       path)
+            return
+        except BaseException as exc:  # noqa: BLE001 - user code at import: sys.exit() too
+            log.error("SIGHUP: importing the consumer code raised %s: carrying on with the "
+                      "running config", describe_exception(exc))
             return
         self.candidate = Generation(Dispatcher(config, resolved, self.settings))
         self._launch(self.candidate)

@@ -16,11 +16,11 @@ import yaml
 from helpers import REPO, SCRIPT
 
 from amqpdispatcher.cli import parse_args
-from amqpdispatcher.config import TOP_LEVEL_KEYS
+from amqpdispatcher.config import Config
 from amqpdispatcher.dispatcher import CLOSE_TIMEOUT
 
 EXAMPLES = REPO / "examples"
-DEFAULT_DRAIN_TIMEOUT = TOP_LEVEL_KEYS["drain_timeout"].default
+DEFAULT_DRAIN_TIMEOUT = Config(path="").drain_timeout
 
 
 def test_systemd_unit_reloads_and_outlasts_the_drain(tmp_path: Path) -> None:

@@ -126,6 +126,13 @@ def test_sighup_whose_new_generation_cannot_start_keeps_the_old(broker: BrokerHa
         proc.wait_for_log(r"SIGHUP: the new generation did not start \(status 5")
         broker.publish("jobs", "after")
         wait_until(lambda: "done:v1:after" in proc.records(), what="the old generation consumes")
+        # Consumer code that exits as it is imported does not take the process with it.
+        proc.config_path.write_text(config(1))
+        (tmp_path / "reloadable.py").write_text("import sys\nsys.exit(3)\n")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("SIGHUP: importing the consumer code raised SystemExit: 3")
+        broker.publish("jobs", "later")
+        wait_until(lambda: "done:v1:later" in proc.records(), what="the old generation consumes")
     finally:
         assert proc.stop() == 0, proc.output
 
