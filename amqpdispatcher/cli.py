@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 
 from . import __version__
+from .arbiter import Arbiter
 from .config import ConfigError, load_config
-from .dispatcher import EXIT_CONFIG, Dispatcher
+from .dispatcher import EXIT_CONFIG
 from .http import ListenError
 from .logs import redact_password, setup_logging
+from .reload import Generations
 from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
+from .worker import ArbiterLink
 
 log = logging.getLogger("amqp-dispatcher")
+
+
+def processes(text: str) -> int:
+    """--processes: a positive whole number, or auto (one per core)."""
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', "
+                                         f"got {text!r}")
+    return int(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--validate", action="store_true",
                         help="check the config and imports, without connecting; "
                              "exit 1 if there is any problem")
+    parser.add_argument("--processes", default=1, type=processes, metavar="N",
+                        help="run N worker processes under an arbiter; auto: one per core "
+                             "(default: 1, a single process)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
 
@@ -42,6 +59,7 @@ def fail(lines: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    link = ArbiterLink.from_environ()  # set when this process is a worker of --processes
     # Like `python -m`: consumer modules in the working directory are importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -52,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail([str(exc)])
     redact_password(settings.password)
     redact_password(settings.password_as_written)
+    if args.processes > 1 and not args.validate:
+        return Arbiter(args.config, args.processes).run()
     try:
         config, resolved = load_config(args.config)
     except ConfigError as exc:
@@ -65,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")
         return 0
-    dispatcher = Dispatcher(config, resolved, settings)
+    if link is not None:
+        settings = dataclasses.replace(settings, worker=link.name)
+    generations = Generations(config, resolved, settings, link)
     try:
-        dispatcher.listen()
+        generations.listen()
     except ListenError as exc:
         return fail([str(exc)])
-    return dispatcher.run()
+    return generations.run()
 
 
 def run() -> None:

@@ -34,7 +34,6 @@ from typing import Any
 
 import gevent
 import gevent.queue
-import gevent.util
 import pika.exceptions
 
 from .acks import Acknowledger
@@ -55,7 +54,6 @@ from .broker import (
     is_delivery_ack_timeout,
 )
 from .config import Config, Resolved, describe_exception
-from .http import HttpEndpoint
 from .metrics import StatsLog
 from .pool import ConsumerPool, StopNow
 from .publisher import PublishingConnection
@@ -73,14 +71,12 @@ EXIT_USER_CODE = 5
 EXIT_DRAIN_TIMEOUT = 6
 EXIT_INTERNAL = 70  # a bug in the dispatcher (EX_SOFTWARE); the traceback is logged
 
-# What each signal means: TERM drains (a second TERM stops at once), INT and
-# QUIT stop at once. A stop at once exits 128 + the signal number. USR1 logs the
-# stack of every greenlet, at once, in any phase. HUP and USR2 are logged and
-# otherwise ignored (their default action would kill the process without a drain).
-GRACEFUL_SIGNALS = (signal.SIGTERM,)
+# What a signal means to a dispatcher (reload.py owns the process's signals and
+# passes each on to the dispatchers it concerns): TERM drains (a second TERM stops
+# at once); HUP, passed on to a dispatcher a reload has replaced, drains too; INT
+# and QUIT stop at once. A stop at once exits 128 + the signal number.
+GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 FAST_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
-STACKS_SIGNAL = signal.SIGUSR1
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 
 # The backoff delays (RECONNECT_*, REOPEN_*, STABLE_SESSION) are in broker.py: the
 # publishing connection backs off the same way. A session that stayed up
@@ -132,12 +128,6 @@ def _run_user_code(call: Callable[[], Any], what: str) -> None:
         raise UserCodeError(f"{what} raised {describe_exception(exc)}") from None
 
 
-def _log_stacks() -> None:
-    """SIGUSR1: where every greenlet is (which instance is in which line of consume)."""
-    log.warning("received SIGUSR1: the stack of every greenlet follows\n%s",
-                "\n".join(gevent.util.format_run_info()))
-
-
 class Channel:
     """One consumer entry's channel on the current connection."""
 
@@ -181,36 +171,27 @@ class Dispatcher:
         self.backoff: dict[str, float] = {}
         self.repair_timer: gevent.Greenlet | None = None
         self.repair_due = 0.0
-        # Observability: /metrics, /healthz, /readyz (config key http) and the stats line.
+        # Observability: what /metrics, /healthz and /readyz (http.py) read, and the
+        # stats line.
         self.stopping = False
         self.reconnects = 0
-        self.http = HttpEndpoint(self, config.http, config.path) if config.http else None
         self.stats = StatsLog(self.pools, config.stats_interval)
-
-    def listen(self) -> None:
-        """Open the HTTP endpoint, if configured, before anything else: a port in use
-        raises http.ListenError (exit 1)."""
-        if self.http is not None:
-            self.http.listen()
 
     def is_connected(self) -> bool:
         return self.connection is not None and self.connection.is_open
 
     # -- the main loop ------------------------------------------------------------
 
-    def run(self) -> int:
-        for signum in GRACEFUL_SIGNALS + FAST_SIGNALS:
-            gevent.signal_handler(signum, self.events.put, ("signal", signum))
-        for signum in IGNORED_SIGNALS:
-            gevent.signal_handler(signum, self.events.put, ("ignored_signal", signum))
-        # Read-only, so it runs in the hub's callback rather than waiting for the main
-        # loop: it answers even while the main greenlet waits on the broker.
-        gevent.signal_handler(STACKS_SIGNAL, _log_stacks)
+    def run(self, started: Callable[[], None] | None = None) -> int:
+        """Start, then consume until a signal (an event ``("signal", signum)``) stops it;
+        return the exit status. ``started`` is called once every entry consumes."""
         try:
             try:
                 self._start()
             except Interrupted as signal_:
                 return self._stop_during_start(signal_.signum)
+            if started is not None:
+                started()
             while True:
                 try:
                     self._handle(*self.events.get())
@@ -258,9 +239,6 @@ class Dispatcher:
             log.info("received %s while stopping: stopping now",
                      signal.Signals(signal_.signum).name)
             return 128 + signal_.signum
-        finally:
-            if self.http is not None:
-                self.http.stop()
         log.info("stopped")
         return status
 
@@ -296,9 +274,6 @@ class Dispatcher:
                 dropped = self._drop_channel(index)
                 dropped.sync.close()
                 self._entry_lost(index, dropped)
-        elif kind == "ignored_signal":
-            log.warning("received %s: amqp-dispatcher does not use it; ignored",
-                        signal.Signals(detail).name)
         elif kind == "repair":
             self.repair_timer = None
             if self.connection is not None:

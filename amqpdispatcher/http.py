@@ -47,11 +47,15 @@ class ListenError(Exception):
 
 
 class HttpEndpoint:
-    def __init__(self, dispatcher: Dispatcher, config: HttpConfig, config_path: str) -> None:
-        self.dispatcher = dispatcher
+    """Serves the process's current dispatcher generation (``current()``): a SIGHUP
+    reload hands the endpoint over with the rest, on the same port."""
+
+    def __init__(self, current: Callable[[], Dispatcher], config: HttpConfig,
+                 config_path: str) -> None:
+        self.current = current
         self.config = config
         self.config_path = config_path
-        self.metrics_app = make_wsgi_app(metrics.registry(dispatcher))
+        self.metrics_app = make_wsgi_app(metrics.registry(current))
         # No access log: a scrape a second would drown everything else.
         self.server = WSGIServer((config.address, config.port), self.app,
                                  spawn=MAX_CONNECTIONS, log=None, error_log=log)
@@ -86,13 +90,13 @@ class HttpEndpoint:
             return _json(start_response, "405 Method Not Allowed", {"error": "use GET"},
                          [("Allow", "GET, HEAD")])
         if path == "/healthz":
-            if self.dispatcher.stopping:
+            if self.current().stopping:
                 return _json(start_response, "503 Service Unavailable", {"status": "stopping"})
             return _json(start_response, "200 OK", {"status": "ok"})
         return self._readyz(start_response)
 
     def _readyz(self, start_response: StartResponse) -> Iterable[bytes]:
-        d = self.dispatcher
+        d = self.current()
         not_consuming = [{"entry": pool.entry.path, "queue": pool.entry.queue,
                           "consumer": pool.entry.consumer}
                          for index, pool in enumerate(d.pools) if index not in d.channels]

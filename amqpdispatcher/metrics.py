@@ -20,16 +20,17 @@ benchmark machine: a list increment ~16 ns and a bucket lookup ~60 ns, against
 ~230 ns for a labelled Counter child's ``inc()`` and ~500 ns for a Histogram's
 ``observe()``, which take a lock each).
 
-Each Dispatcher has a registry of its own (``registry``), never the
-process-wide default: several dispatchers may live in one process, and a
-supervisor of worker processes can gather their registries' output.
+The registry (``registry``) is the process's own, never prometheus_client's
+process-wide default, and reads whichever dispatcher generation is current: a
+SIGHUP reload replaces the generation, and its counters start over (Prometheus'
+``rate()`` and ``increase()`` take a counter reset in their stride).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import gevent
@@ -114,11 +115,11 @@ class DispatcherCollector(Collector):
     """Reads a Dispatcher's state at scrape time. Entries with the same queue and
     consumer share one series (their numbers are added up)."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, current: Callable[[], Dispatcher]) -> None:
+        self.current = current  # the process's current generation (a reload replaces it)
 
     def collect(self) -> Iterator[Metric]:
-        d = self.dispatcher
+        d = self.current()
         labels = ["queue", "consumer"]
         messages = CounterMetricFamily(
             "amqp_dispatcher_messages_total", "Deliveries settled, by outcome: ack, requeue "
@@ -169,11 +170,12 @@ class DispatcherCollector(Collector):
                                   value=d.reconnects)
 
 
-def registry(dispatcher: Dispatcher) -> CollectorRegistry:
-    """A registry of the dispatcher's own: its metrics, and the process, platform and
-    garbage collector metrics of prometheus_client's default collectors."""
+def registry(current: Callable[[], Dispatcher]) -> CollectorRegistry:
+    """A registry of the process's own: the current dispatcher's metrics, and the
+    process, platform and garbage collector metrics of prometheus_client's default
+    collectors."""
     result = CollectorRegistry()
-    result.register(DispatcherCollector(dispatcher))
+    result.register(DispatcherCollector(current))
     ProcessCollector(registry=result)
     PlatformCollector(registry=result)
     GCCollector(registry=result)

@@ -70,6 +70,7 @@ class Settings:
     heartbeat: int | None
     tls: TLSOptions | None = None  # None: amqp://, no TLS
     password_as_written: str = ""  # in the URL, before percent-decoding: also kept out of logs
+    worker: str = ""  # "2/4" in a worker process of --processes 4: named in connection_name
 
     def redacted_url(self) -> str:
         scheme = "amqps" if self.tls else "amqp"
@@ -79,6 +80,8 @@ class Settings:
     def connection_parameters(self) -> list[pika.ConnectionParameters]:
         """One parameter set per host, in a fresh random order."""
         name = f"amqp-dispatcher {socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
+        if self.worker:
+            name += f" worker {self.worker}"
         credentials = pika.PlainCredentials(self.user, self.password)
         # Without a server_hostname, pika checks each host against its own name.
         ssl_options = (pika.SSLOptions(self.tls.context, self.tls.server_name)

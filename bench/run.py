@@ -22,6 +22,15 @@ workload's output queue, with publisher_confirms true (the default: each publish
 waits for the broker's confirm) and false; next to the same no-op run without
 publishing. Every input must have been published to the output queue.
 
+System dispatcher-p2 (workloads 1 and 9): this dispatcher with --processes 2, an
+arbiter and two worker processes. Each worker reports its share of the messages
+(benchconsumers, $BENCH_SPLIT); the rate is the total over the time from the
+first message any worker handled to the last, and the workers' first messages
+wait until every worker consumes (they start some 0.1 s apart). Its CPU is the
+arbiter's and the workers' together; its peak RSS the largest of one process.
+Workload 9 (2 ms of CPU per message) is where one process is one core: target
+dispatcher-p2 >= 1.6x dispatcher on two cores, which the broker shares.
+
 System dispatcher-flaky (workload 7 only): this dispatcher with benchconsumers.Flaky
 (one message in ten fails once) and a retry policy (delay 0.1 s), next to the same
 no-op run without failures.
@@ -93,6 +102,10 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
     return int(info["messages_ready"]), int(info["messages_unacknowledged"])
 
 
+# Systems whose messages are handled by several processes, each reporting its share.
+SPLIT_SYSTEMS = ("dispatcher-p2",)
+
+
 def command(system: str, workload: dict, tmp: Path,
             http_port: int | None) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
@@ -115,10 +128,13 @@ def command(system: str, workload: dict, tmp: Path,
                       f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n{retry}")
     env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer,
            "BENCH_PUBLISH_TO": workload.get("output", "")}
-    if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http", "publish-confirms",
-                  "publish-no-confirms"):
+    if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http", "dispatcher-p2",
+                  "publish-confirms", "publish-no-confirms"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
+        if system in SPLIT_SYSTEMS:
+            env["BENCH_SPLIT"] = "1"
+            return [SCRIPT, "--processes", "2", "--config", str(config)], env
         return [SCRIPT, "--config", str(config)], env
     if system == "ad-0.11.0":
         env["RABBITMQ_HEARTBEAT"] = "60"
@@ -131,11 +147,22 @@ def command(system: str, workload: dict, tmp: Path,
 def start(system: str, workload: dict, broker: Broker, tmp: Path,
           out: Path, http_port: int | None = None) -> subprocess.Popen[bytes]:
     argv, env = command(system, workload, tmp, http_port)
+    go = tmp / "go"
+    go.unlink(missing_ok=True)
     full_env = dict(os.environ, RABBITMQ_URL=broker.url, BENCH_N=str(workload.get("count", 0)),
-                    BENCH_OUT=str(out), BENCH_SLEEP=str(workload.get("sleep", 0)), **env)
-    log = open(tmp / f"{system}.log", "wb")
-    return subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                    BENCH_OUT=str(out), BENCH_SLEEP=str(workload.get("sleep", 0)),
+                    BENCH_GO=str(go), **env)
+    log_path = tmp / f"{system}.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
+    if system in SPLIT_SYSTEMS:  # the workers' clocks start once every one consumes
+        deadline = time.monotonic() + 60
+        while "workers consuming" not in log_path.read_text(errors="replace") \
+                and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+    return proc
 
 
 class Scraper:
@@ -208,12 +235,29 @@ def wait_requeued(broker: Broker, queue: str, limit: float = 15.0) -> None:
         time.sleep(0.2)
 
 
+def handled(out: Path, total: int, split: bool) -> tuple[float, float, int] | None:
+    """(time of the first message, of the last, bytes) once all `total` were handled."""
+    if not split:
+        if not out.exists() or not out.read_text().endswith("\n"):
+            return None
+        first, last, nbytes = out.read_text().split()
+        return float(first), float(last), int(nbytes)
+    shares = [path.read_text().split() for path in out.parent.glob(f"{out.name}.*")
+              if not path.name.endswith(".tmp")]
+    if sum(int(count) for _, _, count, _ in shares) < total:
+        return None
+    return (min(float(first) for first, _, _, _ in shares),
+            max(float(last) for _, last, _, _ in shares),
+            sum(int(nbytes) for _, _, _, nbytes in shares))
+
+
 def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
     queue, total = workload["queue"], workload["count"]
     output = workload.get("output") if system.startswith("publish-") else None
     publish(broker.url, queue, total, workload["size"], (output,) if output else ())
     out = tmp / "out.txt"
-    out.unlink(missing_ok=True)
+    for old in (out, *tmp.glob("out.txt.*")):
+        old.unlink(missing_ok=True)
     http_port = free_port() if system == "dispatcher-http" else None
     proc = start(system, workload, broker, tmp, out, http_port)
     scraper = Scraper(http_port) if http_port else None
@@ -225,10 +269,11 @@ def _measure(system: str, workload: dict, broker: Broker, tmp: Path,
              proc: subprocess.Popen[bytes], out: Path) -> dict:
     queue, total = workload["queue"], workload["count"]
     output = workload.get("output") if system.startswith("publish-") else None
+    split = system in SPLIT_SYSTEMS
     timeout = workload.get("timeout", 300)
     log = tmp / f"{system}.log"
     deadline = time.monotonic() + timeout
-    while not out.exists() or not out.read_text().endswith("\n"):
+    while (result := handled(out, total, split)) is None:
         if proc.poll() is not None:
             code = proc.returncode
             finish(proc)
@@ -236,7 +281,7 @@ def _measure(system: str, workload: dict, broker: Broker, tmp: Path,
             return {"error": f"exited with code {code} before finishing; see {log}"}
         if time.monotonic() > deadline:
             ready, unacked = counts(broker, queue)  # rabbitmqctl: takes about a second
-            late = out.exists() and out.read_text().endswith("\n")
+            late = handled(out, total, split) is not None
             finish(proc)
             wait_requeued(broker, queue)
             acked = total - ready - unacked
@@ -244,8 +289,8 @@ def _measure(system: str, workload: dict, broker: Broker, tmp: Path,
                              f"of {total:,} acked, {unacked} unacked"
                              f"{'; it finished just after' if late else ''}); see {log}"}
         time.sleep(0.05)
-    first, last, nbytes = out.read_text().split()
-    elapsed = float(last) - float(first)
+    first, last, nbytes = result
+    elapsed = last - first
     time.sleep(0.5)  # the last acks reach the broker
     remaining = counts(broker, workload["queue"])
     rss, cpu = finish(proc)
@@ -296,10 +341,13 @@ def run_scale(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
 WORKLOADS = [
     {"name": "1. no-op 30k x 100 B, 10 consumers, prefetch 100", "kind": "throughput",
      "queue": "bench_noop", "count": 30000, "size": 100, "consumers": 10, "prefetch": 100,
-     "systems": ["raw-ack", "raw-spawn", "dispatcher", "dispatcher-http", "ad-0.11.0"],
+     "systems": ["raw-ack", "raw-spawn", "dispatcher", "dispatcher-http", "dispatcher-p2",
+                 "ad-0.11.0"],
      "note": "dispatcher-http: the same with the `http` endpoint on (each consume call "
              "timed for the histogram) and /metrics fetched once a second by the "
-             "benchmark from the dispatcher's start."},
+             "benchmark from the dispatcher's start. dispatcher-p2 (--processes 2) must not "
+             "be slower than dispatcher: a no-op consumer is bound by the broker and the "
+             "client, not by one core."},
     {"name": "2a. sleep 0.05 s, 20k, 200 consumers, prefetch 200", "kind": "throughput",
      "queue": "bench_io", "count": 20000, "size": 100, "consumers": 200, "prefetch": 200,
      "sleep": 0.05, "systems": ["raw-spawn", "dispatcher", "ad-0.11.0"], "baseline": "raw-spawn"},
@@ -341,6 +389,13 @@ WORKLOADS = [
              "(publisher_confirms: true, the default), 50 of them in flight at once; "
              "publish-no-confirms: the same with publisher_confirms: false. Every run must "
              "leave one message per input in bench_publish.out."},
+    {"name": "9. CPU-bound: 2 ms of CPU per message, 4k x 100 B, 4 consumers, prefetch 20, "
+             "--processes 1 vs 2",
+     "kind": "throughput", "queue": "bench_cpu", "count": 4000, "size": 100,
+     "consumers": 4, "prefetch": 20, "consumer": "CpuBound",
+     "systems": ["dispatcher", "dispatcher-p2"], "baseline": "dispatcher",
+     "note": "One process is one core: about 500 msg/s at most. Target: dispatcher-p2 "
+             "(--processes 2) >= 1.6x dispatcher on two cores, which the broker shares."},
 ]
 
 # Heavy tail: a run slower than about a fifth of the in-order bound is reported as
@@ -516,7 +571,8 @@ def draw_chart(chart: list[tuple[dict, dict[str, float | None]]], path: Path) ->
         names = list(systems)
         heights = [v or 0.0 for v in systems.values()]
         ax.bar(names, heights,
-               color=["tab:green" if s == "dispatcher" else "tab:gray" for s in names])
+               color=["tab:green" if s.startswith("dispatcher") else "tab:gray"
+                      for s in names])
         for i, value in enumerate(systems.values()):
             if value is None:
                 ax.text(i, 0, "did not\nfinish", ha="center", va="bottom", fontsize=7,

@@ -504,7 +504,7 @@ def test_entries_with_the_same_queue_and_consumer_share_one_series() -> None:
     samples: Samples = {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(
-            generate_latest(registry(dispatcher)).decode())
+            generate_latest(registry(lambda: dispatcher)).decode())
         for sample in family.samples}
     a, b = {"queue": "a", "consumer": "m:C"}, {"queue": "b", "consumer": "m:C"}
     assert value(samples, "amqp_dispatcher_messages_total", **a, outcome="ack") == 7
