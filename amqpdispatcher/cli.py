@@ -24,8 +24,10 @@ log = logging.getLogger("amqp-dispatcher")
 
 
 def processes(text: str) -> int:
-    """--processes: a positive whole number, or auto (one per core)."""
+    """--processes: a positive whole number, or auto (one per core this process may use)."""
     if text == "auto":
+        if hasattr(os, "sched_getaffinity"):  # honours taskset and cpusets
+            return len(os.sched_getaffinity(0))
         return os.cpu_count() or 1
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', "

@@ -13,6 +13,8 @@ from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from test_reload import config as reload_config
 from test_reload import reloadable
 
+from amqpdispatcher.cli import parse_args
+
 
 def workers(proc: DispatcherProcess, state: str = "consuming") -> dict[int, list[int]]:
     """Worker number -> the pids that logged ``state``, oldest first."""
@@ -165,6 +167,7 @@ def test_bad_config_is_reported_once_with_status_1(tmp_path: Path) -> None:
         result = run_cli(tmp_path, "--processes", bad, "--config", "config.yml")
         assert result.returncode == 2
         assert "--processes: expected a positive whole number or 'auto'" in result.stderr
+    assert parse_args(["--processes", "auto"]).processes == len(os.sched_getaffinity(0))
 
 
 def test_workers_drain_and_stop_when_the_arbiter_is_killed(broker: BrokerHandle,
