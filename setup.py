@@ -12,9 +12,10 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["amqpdispatcher", "amqpdispatcher.*"]),
     package_data={"amqpdispatcher": ["py.typed", "config-schema.json"]},
-    install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1"],
+    install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1", "prometheus-client>=0.17"],
     extras_require={
-        "test": ["pytest>=7", "supervisor>=4.2", "ruff", "mypy", "types-PyYAML", "jsonschema>=4"],
+        "test": ["pytest>=7", "supervisor>=4.2", "trustme>=1.0", "ruff", "mypy",
+                 "types-PyYAML", "jsonschema>=4"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"]},

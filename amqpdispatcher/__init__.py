@@ -7,13 +7,19 @@ __version__ = "1.0.0.dev0"
 if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ below
     from .api import Dispatcher as Dispatcher
     from .config import ConfigError as ConfigError
+    from .publisher import PublishError as PublishError
+    from .publisher import PublishNacked as PublishNacked
+    from .publisher import PublishReturned as PublishReturned
+    from .publisher import PublishTimeout as PublishTimeout
     from .retry import TimeLimitExceeded as TimeLimitExceeded
     from .settings import SettingsError as SettingsError
 
 # The public names, each imported on first use: setup.py imports this package for
 # __version__ before gevent and pika are installed, and importing it stays cheap.
 _LAZY = {"Dispatcher": "api", "ConfigError": "config", "SettingsError": "settings",
-         "TimeLimitExceeded": "retry"}
+         "TimeLimitExceeded": "retry", "PublishError": "publisher",
+         "PublishNacked": "publisher", "PublishReturned": "publisher",
+         "PublishTimeout": "publisher"}
 
 
 def __getattr__(name: str) -> Any:

@@ -11,14 +11,19 @@ prefetch is waiting), the acks collected since the last flush are sent:
   full and the broker would stop delivering to every instance of the entry
   until the slow one finished (a head-of-line stall).
 
-Nacks and rejects are sent at once. A multiple ack only ever covers tags the
-broker still holds as unacknowledged, so tags already rejected or acked singly
-below it are untouched.
+Nacks and rejects are sent at once; on a stream, which takes neither (RabbitMQ
+closes the connection over them) and keeps every message anyway, they are acks.
+A multiple ack only ever covers tags the broker still holds as unacknowledged,
+so tags already rejected or acked singly below it are untouched.
 
 When the channel is gone (connection lost, channel closed), the tags mean
 nothing on any other channel: settling is a no-op and the broker redelivers.
 pika's errors for a channel that closed under us end up the same way; they
 never reach the worker that settles.
+
+Each delivery's outcome is counted here (metrics.OUTCOMES), as its frame is
+sent: plain acks once per flush, the rest one by one; a settle that cannot be
+sent counts as ``dropped`` instead.
 """
 
 from __future__ import annotations
@@ -29,16 +34,21 @@ from typing import Any
 import gevent
 import pika.exceptions
 
+from .metrics import ACK, DROPPED, REJECT, REQUEUE
+
 log = logging.getLogger("amqp-dispatcher.acks")
 
 
 class Acknowledger:
-    __slots__ = ("channel", "open", "_unsettled", "_to_ack", "_flush_at", "_scheduled",
-                 "_loop")
+    __slots__ = ("channel", "open", "stream", "outcomes", "_unsettled", "_to_ack",
+                 "_flush_at", "_scheduled", "_loop")
 
-    def __init__(self, channel: Any, prefetch_count: int) -> None:
+    def __init__(self, channel: Any, prefetch_count: int, outcomes: list[int],
+                 stream: bool = False) -> None:
         self.channel = channel
         self.open = True
+        self.stream = stream
+        self.outcomes = outcomes  # the entry's EntryMetrics.outcomes
         # Delivered and not yet settled by the consumer; at most prefetch_count of them.
         self._unsettled: set[int] = set()
         self._to_ack: list[int] = []  # settled with an ack since the last flush
@@ -52,6 +62,7 @@ class Acknowledger:
 
     def ack(self, tag: int) -> None:
         if not self.open:
+            self.outcomes[DROPPED] += 1
             return
         self._unsettled.discard(tag)
         self._to_ack.append(tag)
@@ -62,13 +73,33 @@ class Acknowledger:
             self._loop.run_callback(self.flush)
 
     def reject(self, tag: int, requeue: bool) -> None:
+        if self.stream:  # a stream cannot requeue or drop: a reject is an ack there
+            self.ack(tag)
+            return
+        self._send_now(self.channel.basic_reject, tag, REQUEUE if requeue else REJECT,
+                       requeue=requeue)
+
+    def ack_now(self, tag: int, outcome: int) -> None:
+        """Ack at once, counted as ``outcome``: the failure policy's ack of a message it
+        moved to a delay or dead-letter queue (metrics.RETRY, metrics.DEAD_LETTER)."""
+        self._send_now(self.channel.basic_ack, tag, outcome)
+
+    def drop(self) -> None:
+        """A delivery of this closed channel that will never be settled: count it."""
+        self.outcomes[DROPPED] += 1
+
+    def _send_now(self, send: Any, tag: int, outcome: int, **kwargs: Any) -> None:
         if not self.open:
+            self.outcomes[DROPPED] += 1
             return
         self._unsettled.discard(tag)
         try:
-            self.channel.basic_reject(delivery_tag=tag, requeue=requeue)
+            send(delivery_tag=tag, **kwargs)
         except pika.exceptions.AMQPError:
             self._channel_gone()
+            self.outcomes[DROPPED] += 1
+            return
+        self.outcomes[outcome] += 1
 
     def flush(self) -> None:
         self._scheduled = False
@@ -80,15 +111,20 @@ class Acknowledger:
         try:
             if oldest is None or highest < oldest:  # the common case: no gap
                 self.channel.basic_ack(delivery_tag=highest, multiple=True)
-                return
-            below = [tag for tag in to_ack if tag < oldest]
-            if below:
-                self.channel.basic_ack(delivery_tag=max(below), multiple=True)
-            for tag in to_ack:
-                if tag > oldest:
-                    self.channel.basic_ack(delivery_tag=tag)
+            else:
+                below = [tag for tag in to_ack if tag < oldest]
+                if below:
+                    self.channel.basic_ack(delivery_tag=max(below), multiple=True)
+                for tag in to_ack:
+                    if tag > oldest:
+                        self.channel.basic_ack(delivery_tag=tag)
         except pika.exceptions.AMQPError:
+            # Nothing was sent: pika refuses the frames of a closed channel, and it
+            # cannot close between these calls (nothing here yields).
             self._channel_gone()
+            self.outcomes[DROPPED] += len(to_ack)
+            return
+        self.outcomes[ACK] += len(to_ack)
 
     def unsettled(self) -> int:
         """Deliveries the broker still holds as unacknowledged on this channel."""
@@ -103,6 +139,7 @@ class Acknowledger:
         """The channel is gone: its delivery tags can no longer be settled."""
         self.open = False
         lost = self.unsettled()
+        self.outcomes[DROPPED] += len(self._to_ack)  # acked by the consumer, never sent
         self._unsettled.clear()
         self._to_ack.clear()
         if lost:

@@ -6,25 +6,27 @@
     status = dispatcher.run()                       # blocks; the exit status
     dispatcher.stop()                               # from another greenlet: as SIGTERM
 
-The command line (cli.py) builds one with ``Dispatcher.from_config`` from the
-config it has checked; the work itself is the main loop's (dispatcher.py).
+It is the process the command line runs (cli.py builds one with
+``Dispatcher.from_config`` from the config it has checked): reload.py's
+Generations (the signals, SIGHUP reload, the HTTP endpoint, the dispatcher
+generations doing the work), and with ``exit_when_drained`` drain.py's watch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from typing import Any, Union
 
 import gevent
 
-from . import dispatcher as core
 from .config import Config, Resolved, load_config, load_config_dict
 from .drain import DrainWatch
 from .logs import redact_password
+from .reload import Generations
 from .settings import Settings, parse_url, settings_from_env
+from .worker import ArbiterLink
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -32,12 +34,13 @@ ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
 
 class Dispatcher:
-    """The consumers of one config, on one connection, in this process.
+    """The consumers of one config, in this process.
 
     ``config``: the path of a YAML config file, or the config as a dict (what
     ``yaml.safe_load`` returns for such a file; problem lines then name
-    ``<dict>``). Imports the consumer classes and the startup handler (the
-    caller's ``sys.path`` decides where they are found).
+    ``<dict>``, and SIGHUP, with no file to read again, is ignored). Imports the
+    consumer classes and the startup handler (the caller's ``sys.path`` decides
+    where they are found).
 
     ``url``: the broker, as ``RABBITMQ_URL`` is written (README, "Environment
     variables"); by default ``RABBITMQ_URL`` and ``RABBITMQ_HEARTBEAT`` from the
@@ -61,43 +64,48 @@ class Dispatcher:
             checked, resolved = load_config_dict(config)
         else:
             checked, resolved = load_config(os.fspath(config))
-        self._init(checked, resolved, settings, exit_when_drained)
+        self._init(checked, resolved, settings, exit_when_drained, None,
+                   reloadable=not isinstance(config, Mapping))
 
     @classmethod
     def from_config(cls, config: Config, resolved: Resolved, settings: Settings, *,
-                    exit_when_drained: float | None = None) -> Dispatcher:
-        """From a config ``load_config`` has read and imported (the command line's way)."""
+                    exit_when_drained: float | None = None,
+                    link: ArbiterLink | None = None) -> Dispatcher:
+        """From a config ``load_config`` has read and imported (the command line's way;
+        ``link``: this process is a worker of ``--processes``)."""
         self = cls.__new__(cls)
-        self._init(config, resolved, settings, exit_when_drained)
+        self._init(config, resolved, settings, exit_when_drained, link, reloadable=True)
         return self
 
     def _init(self, config: Config, resolved: Resolved, settings: Settings,
-              exit_when_drained: float | None) -> None:
+              exit_when_drained: float | None, link: ArbiterLink | None,
+              reloadable: bool) -> None:
         if exit_when_drained is not None and not exit_when_drained >= 0:
             raise ValueError(f"exit_when_drained: expected zero or more seconds, "
                              f"got {exit_when_drained!r}")
-        self.config = config
         self.exit_when_drained = exit_when_drained
-        self._core = core.Dispatcher(config, resolved, settings)
+        self._generations = Generations(config, resolved, settings, link, reloadable)
 
     def run(self, *, handle_signals: bool = True) -> int:
         """Start and consume until stopped; return the exit status (README, "Exit
         statuses"): 0 after a graceful stop. Call it once, in the thread of the gevent
         hub that will run the dispatcher (normally the main thread).
 
-        ``handle_signals``: act on SIGTERM, SIGINT, SIGQUIT, SIGUSR1 and ignore SIGHUP
-        and SIGUSR2 as the command line does (README, "Process lifecycle"); pass False
-        in a program that handles signals itself, and call ``stop`` instead.
+        With an ``http`` key in the config, the endpoint's port is bound first:
+        ``amqpdispatcher.http.ListenError`` (one line) if it cannot be.
+
+        ``handle_signals``: act on SIGTERM, SIGINT, SIGQUIT, SIGHUP (reload), SIGUSR1
+        and SIGUSR2 as the command line does (README, "Process lifecycle"), until
+        ``run`` returns; pass False in a program that handles signals itself, and call
+        ``stop`` instead.
         """
-        if handle_signals:
-            self._core.handle_signals()
+        self._generations.listen()
         watch = None
         if self.exit_when_drained is not None:
-            watch = gevent.spawn(DrainWatch(self._core, self.exit_when_drained,
-                                            self._stop_gracefully).run)
+            watch = gevent.spawn(DrainWatch(self._generations, self.exit_when_drained).run)
             watch.name = "exit-when-drained"
         try:
-            return self._core.run()
+            return self._generations.run(handle_signals)
         finally:
             if watch is not None:
                 watch.kill()
@@ -108,7 +116,4 @@ class Dispatcher:
         while stopping stops at once, as a second SIGTERM does. Call it from another
         greenlet of the same thread, before or during ``run``."""
         log.info("stop() called: stopping as on SIGTERM")
-        self._stop_gracefully()
-
-    def _stop_gracefully(self) -> None:
-        self._core.events.put(("signal", signal.SIGTERM))
+        self._generations.stop()

@@ -9,19 +9,38 @@ connection closed by the broker into an exception.
 from __future__ import annotations
 
 import logging
+import re
+import ssl
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Union
 
 import gevent.event
 import pika.exceptions
 from pika.adapters.gevent_connection import GeventConnection
 
-from .config import Config, QueueConfig
-from .settings import Settings
+from .config import EXCHANGE_KEYS, QUEUE_KEYS, Config, ExchangeConfig, QueueConfig
+from .settings import Settings, ssl_reason
 
 log = logging.getLogger("amqp-dispatcher.connection")
 
 RPC_TIMEOUT = 30.0
+
+# pika keeps only the repr of an SSL error that ends the stream during the handshake
+# (a broker that wants a client certificate): "... SSLError(1, '[SSL: ...] ...')".
+_LOST_SSL = re.compile(r"(SSL\w*Error)\(\d+, '(.*?)'\)")
+
+# What declare_topology declares: each has the ``path`` of its config entry.
+Declared = Union[ExchangeConfig, QueueConfig]
+
+# Backoff for the consuming and the publishing connection alike: reconnecting waits
+# a random time up to this delay, doubling from the first to the max. A connection
+# (or channel) that stayed up STABLE_SESSION seconds starts over from the first.
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 30.0
+STABLE_SESSION = 30.0
+# A channel the broker closed again soon after it opened is reopened after 1, 2, 4 ... s.
+REOPEN_FIRST_DELAY = 1.0
+REOPEN_MAX_DELAY = 30.0
 
 
 # Reply codes with which the broker refuses what the config asks for: retrying
@@ -47,10 +66,13 @@ class BrokerError(Exception):
 
 
 class TopologyError(BrokerError):
-    """The broker refused a queue, binding or consumer that the config asks for."""
+    """The broker refused an exchange, queue, binding or consumer that the config asks
+    for. ``connection_closed``: it closed the whole connection over it (an unknown
+    exchange type), not only the channel."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, connection_closed: bool = False) -> None:
         super().__init__(message, refused=True)
+        self.channel_only = not connection_closed
 
 
 def is_refusal(reason: Any) -> bool:
@@ -82,10 +104,18 @@ def describe_close(reason: Any) -> str:
     return str(reason) or type(reason).__name__
 
 
-def connect(settings: Settings, timeout: float = 60.0) -> GeventConnection:
-    """Open a connection to the first host, tried in random order, that accepts one."""
+def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> GeventConnection:
+    """Open a connection to the first host, tried in random order, that accepts one.
+
+    ``purpose`` ("publisher") is added to the connection_name client property,
+    so operators can tell the process's connections apart.
+    """
     failures = []
     for params in settings.connection_parameters():
+        if purpose:
+            properties = dict(params.client_properties or {})
+            properties["connection_name"] = f"{properties.get('connection_name', '')} {purpose}"
+            params.client_properties = properties
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         GeventConnection(params, on_open_callback=result.set,
                          on_open_error_callback=lambda _, exc, r=result: r.set(exc))
@@ -94,8 +124,12 @@ def connect(settings: Settings, timeout: float = 60.0) -> GeventConnection:
         except gevent.Timeout:
             outcome = TimeoutError(f"no answer within {timeout:.0f}s")
         if not isinstance(outcome, BaseException):
-            log.info("connected to %s:%s vhost %s", params.host, params.port,
-                     params.virtual_host)
+            if purpose:
+                log.info("opened the %s connection to %s:%s vhost %s", purpose, params.host,
+                         params.port, params.virtual_host)
+            else:
+                log.info("connected to %s:%s vhost %s", params.host, params.port,
+                         params.virtual_host)
             return outcome
         reason = _connect_failure(outcome)
         log.warning("cannot connect to %s:%s: %s", params.host, params.port, reason)
@@ -111,6 +145,11 @@ def _connect_failure(exc: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         exc = inner
+    if isinstance(exc, ssl.SSLError):
+        return f"{type(exc).__name__}: {ssl_reason(str(exc))}"
+    lost_ssl = _LOST_SSL.search(str(exc))
+    if lost_ssl:
+        return f"{lost_ssl[1]}: {ssl_reason(lost_ssl[2])}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -173,31 +212,74 @@ class SyncChannel:
                 pass  # closed in the same read
 
 
-def declare_queues(connection: Any, config: Config,
-                   queues: Iterable[QueueConfig]) -> list[tuple[QueueConfig, BrokerError]]:
-    """Declare these queues of the config and their bindings.
+def declare_topology(connection: Any, config: Config, exchanges: Iterable[ExchangeConfig],
+                     queues: Iterable[QueueConfig]) -> list[tuple[Declared, BrokerError]]:
+    """Declare these exchanges of the config, then their bindings to other exchanges,
+    then these queues and their bindings.
 
-    Returns, per queue the broker would not declare or bind, why: a
+    Returns, per exchange or queue the broker would not declare or bind, why: a
     TopologyError where it refused the config, a BrokerError where something
     passing failed on its side (a queue whose node is down). Either closes only
-    that channel; the next queue gets a new one. Raises BrokerError when the
-    connection itself fails: lost, or no answer.
+    that channel; the next one gets a new channel. Raises BrokerError when the
+    connection itself fails: lost, no answer, or closed by the broker over an
+    exchange type it does not know (a TopologyError then).
     """
-    failed: list[tuple[QueueConfig, BrokerError]] = []
+    failed: list[tuple[Declared, BrokerError]] = []
     sync: SyncChannel | None = None
-    for queue in queues:
+    # Every exchange exists before any binding names it as its source.
+    steps: list[tuple[Declared, Callable[[SyncChannel, Config, Any], None]]] = []
+    steps += [(exchange, _declare_exchange) for exchange in exchanges]
+    steps += [(exchange, _bind_exchange) for exchange in exchanges if exchange.bindings]
+    steps += [(queue, _declare_queue) for queue in queues]
+    for item, step in steps:
+        if any(item is other for other, _ in failed):
+            continue  # an exchange that was not declared is not bound
         if sync is None:
             sync = SyncChannel.open(connection)
         try:
-            _declare_queue(sync, config, queue)
+            step(sync, config, item)
         except BrokerError as exc:
             if not exc.channel_only:
                 raise
-            failed.append((queue, exc))
+            failed.append((item, exc))
             sync = None
     if sync is not None:
         sync.close()
     return failed
+
+
+def _declare_exchange(sync: SyncChannel, config: Config, exchange: ExchangeConfig) -> None:
+    what = (f"exchange {exchange.exchange!r} does not exist (passive: true only checks it)"
+            if exchange.passive else
+            f"cannot declare exchange {exchange.exchange!r} of type {exchange.type!r}")
+    try:
+        sync.call(sync.channel.exchange_declare, exchange=exchange.exchange,
+                  exchange_type=exchange.type or "direct", passive=exchange.passive,
+                  durable=exchange.durable, auto_delete=exchange.auto_delete,
+                  internal=exchange.internal, arguments=exchange.arguments or None)
+    except BrokerError as exc:
+        reason = sync.close_reason
+        if isinstance(reason, pika.exceptions.ConnectionClosedByBroker) \
+                and reason.reply_code == 503 and "unknown exchange type" in reason.reply_text:
+            # The broker closes the whole connection over it; a config error all the same.
+            raise TopologyError(f"{config.path}: {exchange.path}.type: {what}: broker said "
+                                f"{exc} (is the plugin that provides it enabled?)",
+                                connection_closed=True) from None
+        raise config_error(exc, f"{config.path}: {exchange.path}: {what}",
+                           config.path, exchange) from None
+    log.info("declared exchange %s (%s)", exchange.exchange, exchange.type or "passive")
+
+
+def _bind_exchange(sync: SyncChannel, config: Config, exchange: ExchangeConfig) -> None:
+    for i, binding in enumerate(exchange.bindings):
+        try:
+            sync.call(sync.channel.exchange_bind, destination=exchange.exchange,
+                      source=binding.exchange, routing_key=binding.routing_key,
+                      arguments=binding.arguments or None)
+        except BrokerError as exc:
+            raise config_error(exc, f"{config.path}: {exchange.path}.bindings[{i}]: cannot bind "
+                                    f"exchange {exchange.exchange!r} to exchange "
+                                    f"{binding.exchange!r}") from None
 
 
 def _declare_queue(sync: SyncChannel, config: Config, queue: QueueConfig) -> None:
@@ -208,11 +290,13 @@ def _declare_queue(sync: SyncChannel, config: Config, queue: QueueConfig) -> Non
                   durable=queue.durable, exclusive=queue.exclusive,
                   auto_delete=queue.auto_delete, arguments=queue.arguments() or None)
     except BrokerError as exc:
-        raise config_error(exc, f"{config.path}: {queue.path}: {what}") from None
+        raise config_error(exc, f"{config.path}: {queue.path}: {what}", config.path,
+                           queue) from None
     for i, binding in enumerate(queue.bindings):
         try:
             sync.call(sync.channel.queue_bind, queue=queue.queue,
-                      exchange=binding.exchange, routing_key=binding.routing_key)
+                      exchange=binding.exchange, routing_key=binding.routing_key,
+                      arguments=binding.arguments or None)
         except BrokerError as exc:
             raise config_error(exc, f"{config.path}: {queue.path}.bindings[{i}]: cannot bind "
                                     f"queue {queue.queue!r} to exchange {binding.exchange!r}") \
@@ -220,10 +304,56 @@ def _declare_queue(sync: SyncChannel, config: Config, queue: QueueConfig) -> Non
     log.info("declared queue %s with %d binding(s)", queue.queue, len(queue.bindings))
 
 
-def config_error(exc: BrokerError, what: str) -> BrokerError:
-    """The same failure, told as what the config asked for (file and key path first)."""
+# RabbitMQ's text for a declaration that differs from what exists, e.g.
+# "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in vhost 'v':
+# received '20' but current is '10'". A value is none, 'V', or the value 'V' of type 'T'.
+_VALUE = r"(none|(?:the value )?'(?:.*?)'(?: of type '[\w-]+')?)"
+_INEQUIVALENT = re.compile(r"inequivalent arg '(?P<arg>[^']*)' for (?P<kind>queue|exchange) "
+                           rf"'.*' in vhost '.*': received {_VALUE} but current is {_VALUE}$")
+
+
+def _value(text: str) -> str | None:
+    if text == "none":
+        return None
+    value = text.removeprefix("the value ").split("' of type '")[0].strip("'")
+    return value or "''"
+
+
+def describe_inequivalent(config_path: str, item: Declared, reply_text: str) -> str | None:
+    """The one line for the broker's 406 "inequivalent arg" refusal of a queue or exchange
+    of the config (a queue's or exchange's arguments and flags cannot change once it
+    exists), naming the config key and both values; None for any other reply."""
+    match = _INEQUIVALENT.search(reply_text)
+    if match is None:
+        return None
+    arg, kind = match.group("arg"), match.group("kind")
+    asked, current = _value(match.group(3)), _value(match.group(4))
+    name = item.queue if isinstance(item, QueueConfig) else item.exchange
+    key = arg.replace("-", "_")
+    if isinstance(item, QueueConfig) and key not in QUEUE_KEYS:
+        key = f"arguments.{arg}"
+    elif isinstance(item, ExchangeConfig) and key not in EXCHANGE_KEYS:
+        key = f"arguments.{arg}"
+    # An entry of the config's own lists ("queues[0]") gets the key; a queue the
+    # dispatcher derives (a retry policy's delay queue) is named by its entry alone.
+    where = f"{item.path}.{key}" if item.path.endswith("]") else item.path
+    exists = f"{kind} {name!r} already exists " + (
+        f"with {arg} {current}" if current is not None else f"without {arg}")
+    wants = (f"the config asks for {asked}" if asked is not None
+             else "the config does not set it")
+    fixed = "a queue's arguments" if kind == "queue" else "an exchange's type and arguments"
+    return (f"{config_path}: {where}: {exists}, {wants} ({fixed} cannot change: delete it or "
+            "change the config)")
+
+
+def config_error(exc: BrokerError, what: str, config_path: str = "",
+                 item: Declared | None = None) -> BrokerError:
+    """The same failure, told as what the config asked for (file and key path first);
+    for a queue or exchange that exists with other arguments, the line of
+    describe_inequivalent."""
     if exc.refused:
-        return TopologyError(f"{what}: broker said {exc}")
+        inequivalent = item and describe_inequivalent(config_path, item, str(exc))
+        return TopologyError(inequivalent or f"{what}: broker said {exc}")
     if exc.channel_only:
         return BrokerError(f"{what}: broker said {exc}", channel_only=True)
     return exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -11,13 +12,28 @@ import sys
 
 from . import __version__, preflight
 from .api import Dispatcher
+from .arbiter import Arbiter
 from .config import ConfigError, load_config, schema_text
 from .dispatcher import EXIT_CONFIG
+from .http import ListenError
 from .logs import redact_password, setup_logging
 from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
+from .worker import ArbiterLink
 
 log = logging.getLogger("amqp-dispatcher")
+
+
+def processes(text: str) -> int:
+    """--processes: a positive whole number, or auto (one per core this process may use)."""
+    if text == "auto":
+        if hasattr(os, "sched_getaffinity"):  # honours taskset and cpusets
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', "
+                                         f"got {text!r}")
+    return int(text)
 
 
 def seconds(text: str) -> float:
@@ -42,9 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--validate", action="store_true",
                         help="check the config and imports, without connecting; "
                              "exit 1 if there is any problem")
+    parser.add_argument("--processes", default=1, type=processes, metavar="N",
+                        help="run N worker processes under an arbiter; auto: one per core "
+                             "(default: 1, a single process)")
     parser.add_argument("--check", action="store_true",
                         help="check the config against the broker, changing nothing there: "
-                             "queues, exchanges, arguments, permissions; exit 1 if it would "
+                             "exchanges, queues, arguments, permissions; exit 1 if it would "
                              "not start")
     parser.add_argument("--exit-when-drained", type=seconds, metavar="SECONDS",
                         help="stop (exit 0) once every consumer's queue has been empty and "
@@ -66,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_schema:
         sys.stdout.write(schema_text())
         return 0
+    link = ArbiterLink.from_environ()  # set when this process is a worker of --processes
     # Like `python -m`: consumer modules in the working directory are importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -76,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail([str(exc)])
     redact_password(settings.password)
     redact_password(settings.password_as_written)
+    if args.processes > 1 and not (args.validate or args.check):
+        return Arbiter(args.config, args.processes).run()
     try:
         config, resolved = load_config(args.config)
     except ConfigError as exc:
@@ -85,13 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate:
         for line in time_limit_warnings(config):
             print(line, file=sys.stderr)
-        print(f"{args.config}: OK ({len(config.queues)} queue(s), "
+        exchanges = f"{len(config.exchanges)} exchange(s), " if config.exchanges else ""
+        print(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
               f"{len(config.consumers)} consumer(s))")
         return 0
     if args.check:
         return preflight.check(config, settings)
-    return Dispatcher.from_config(config, resolved, settings,
-                                  exit_when_drained=args.exit_when_drained).run()
+    if link is not None:
+        settings = dataclasses.replace(settings, worker=link.name)
+    dispatcher = Dispatcher.from_config(config, resolved, settings,
+                                        exit_when_drained=args.exit_when_drained, link=link)
+    try:
+        return dispatcher.run()
+    except ListenError as exc:
+        return fail([str(exc)])
 
 
 def run() -> None:

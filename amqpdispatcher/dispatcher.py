@@ -17,6 +17,10 @@ A consumer entry whose channel cannot be opened (its queue is missing, the
 broker refuses it) is retried on its own with backoff ("repair"); the other
 entries consume meanwhile. Only at start does a refusal stop the process
 (status 4): then it is a config error, not an incident.
+
+Publishing (``amqp.publish``, the retry policies) has a connection of its own,
+owned by ``publisher.PublishingConnection``: opened by the first publish,
+repaired on its own, and closed here at stop, after the drain.
 """
 
 from __future__ import annotations
@@ -30,23 +34,29 @@ from typing import Any
 
 import gevent
 import gevent.queue
-import gevent.util
 import pika.exceptions
 
 from .acks import Acknowledger
 from .broker import (
+    RECONNECT_FIRST_DELAY,
+    RECONNECT_MAX_DELAY,
+    REOPEN_FIRST_DELAY,
+    REOPEN_MAX_DELAY,
+    STABLE_SESSION,
     BrokerError,
+    Declared,
     SyncChannel,
     TopologyError,
     config_error,
     connect,
-    declare_queues,
+    declare_topology,
     describe_close,
     is_delivery_ack_timeout,
 )
 from .config import Config, Resolved, describe_exception
+from .metrics import StatsLog
 from .pool import ConsumerPool, StopNow
-from .publisher import Publisher, PublisherRef
+from .publisher import PublishingConnection
 from .retry import retry_queues
 from .settings import Settings
 
@@ -61,23 +71,17 @@ EXIT_USER_CODE = 5
 EXIT_DRAIN_TIMEOUT = 6
 EXIT_INTERNAL = 70  # a bug in the dispatcher (EX_SOFTWARE); the traceback is logged
 
-# What each signal means: TERM drains (a second TERM stops at once), INT and
-# QUIT stop at once. A stop at once exits 128 + the signal number. USR1 logs the
-# stack of every greenlet, at once, in any phase. HUP and USR2 are logged and
-# otherwise ignored (their default action would kill the process without a drain).
-GRACEFUL_SIGNALS = (signal.SIGTERM,)
+# What a signal means to a dispatcher (reload.py owns the process's signals and
+# passes each on to the dispatchers it concerns): TERM drains (a second TERM stops
+# at once); HUP, passed on to a dispatcher a reload has replaced, drains too; INT
+# and QUIT stop at once. A stop at once exits 128 + the signal number.
+GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 FAST_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
-STACKS_SIGNAL = signal.SIGUSR1
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 
-RECONNECT_FIRST_DELAY = 0.5
-RECONNECT_MAX_DELAY = 30.0
-# A session that stayed up this long resets the reconnect backoff; a connection
-# that flaps faster keeps backing off, and reconnect_give_up_after keeps counting.
-STABLE_SESSION = 30.0
-REPAIR_FIRST_DELAY = 1.0
-PUBLISHER = "the publishing channel"  # its key among the queues and entries to repair
-REPAIR_MAX_DELAY = 30.0
+# The backoff delays (RECONNECT_*, REOPEN_*, STABLE_SESSION) are in broker.py: the
+# publishing connection backs off the same way. A session that stayed up
+# STABLE_SESSION resets the reconnect backoff; a connection that flaps faster keeps
+# backing off, and reconnect_give_up_after keeps counting.
 # Bounds on the steps of a stop that wait on the broker or on stuck greenlets.
 CLOSE_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
@@ -124,12 +128,6 @@ def _run_user_code(call: Callable[[], Any], what: str) -> None:
         raise UserCodeError(f"{what} raised {describe_exception(exc)}") from None
 
 
-def _log_stacks() -> None:
-    """SIGUSR1: where every greenlet is (which instance is in which line of consume)."""
-    log.warning("received SIGUSR1: the stack of every greenlet follows\n%s",
-                "\n".join(gevent.util.format_run_info()))
-
-
 class Channel:
     """One consumer entry's channel on the current connection."""
 
@@ -156,45 +154,44 @@ class Dispatcher:
         self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
         # The config's queues, then the delay and dead-letter queues of retry policies.
         self.topology = config.queues + retry_queues(config)
-        # Confirmed publishing for the retry policies, one channel per session.
-        self.publisher = PublisherRef()
-        self.needs_publisher = any(entry.retry for entry in config.consumers)
+        # amqp.publish and the retry policies publish on a connection of their own.
+        self.publishing = PublishingConnection(settings, config.publisher_confirms)
         self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer],
-                                   self.publisher)
+                                   self.publishing.publisher(f"{entry.path} ({entry.queue})"),
+                                   timed=config.http is not None)
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}
         self.session_opened_at = 0.0
         self.outage_started: float | None = None
         self.reconnect_delay = RECONNECT_FIRST_DELAY
-        # Queues and entries to retry on their own: config path -> when; and each
-        # one's last backoff delay.
+        # Exchanges, queues and entries to retry on their own: config path -> when; and
+        # each one's last backoff delay.
         self.broken: dict[str, float] = {}
         self.backoff: dict[str, float] = {}
         self.repair_timer: gevent.Greenlet | None = None
         self.repair_due = 0.0
+        # Observability: what /metrics, /healthz and /readyz (http.py) read, and the
+        # stats line.
+        self.stopping = False
+        self.reconnects = 0
+        self.stats = StatsLog(self.pools, config.stats_interval)
+
+    def is_connected(self) -> bool:
+        return self.connection is not None and self.connection.is_open
 
     # -- the main loop ------------------------------------------------------------
 
-    def handle_signals(self) -> None:
-        """Act on the process's signals as the table above says (the command line does;
-        a program embedding the dispatcher may keep its own: amqpdispatcher/api.py)."""
-        for signum in GRACEFUL_SIGNALS + FAST_SIGNALS:
-            gevent.signal_handler(signum, self.events.put, ("signal", signum))
-        for signum in IGNORED_SIGNALS:
-            gevent.signal_handler(signum, self.events.put, ("ignored_signal", signum))
-        # Read-only, so it runs in the hub's callback rather than waiting for the main
-        # loop: it answers even while the main greenlet waits on the broker.
-        gevent.signal_handler(STACKS_SIGNAL, _log_stacks)
-
-    def run(self) -> int:
-        """Start, then consume until an event ``("signal", signum)`` stops it; return the
-        exit status."""
+    def run(self, started: Callable[[], None] | None = None) -> int:
+        """Start, then consume until a signal (an event ``("signal", signum)``) stops it;
+        return the exit status. ``started`` is called once every entry consumes."""
         try:
             try:
                 self._start()
             except Interrupted as signal_:
                 return self._stop_during_start(signal_.signum)
+            if started is not None:
+                started()
             while True:
                 try:
                     self._handle(*self.events.get())
@@ -219,6 +216,7 @@ class Dispatcher:
             raise Stop(self._fail_start(EXIT_BROKER, str(exc))) from None
         for pool in self.pools:
             pool.start()
+        self.stats.start()
 
     def _fail_start(self, status: int, message: str) -> int:
         log.error("%s", message)
@@ -231,10 +229,12 @@ class Dispatcher:
 
     def _finish(self, status: int) -> int:
         """The last steps of every stop: ``shutdown(None)`` on each instance, then close
-        the connection. A signal meanwhile skips what is left: exit 128 + signal."""
+        the connections. A signal meanwhile skips what is left: exit 128 + signal."""
+        self.stopping = True
+        self.stats.stop()
         try:
             self._step(self._shutdown_instances)
-            self._step(self._close_connection)
+            self._step(self._close_connections)
         except Interrupted as signal_:
             log.info("received %s while stopping: stopping now",
                      signal.Signals(signal_.signum).name)
@@ -265,15 +265,6 @@ class Dispatcher:
                     log.error("the broker closed the channel of %s (%s): %s; reopening it",
                               entry.path, entry.queue, describe_close(reason))
                 self._entry_lost(index, self._drop_channel(index))
-        elif kind == "publisher_closed":
-            publisher, reason = detail
-            opened_at = publisher.opened_at
-            if self.publisher.current is publisher and self.connection is not None \
-                    and self.connection.is_open:
-                log.error("the broker closed the publishing channel: %s; reopening it",
-                          describe_close(reason))
-                self.publisher.set(None)
-                self._reopen_later(PUBLISHER, opened_at)
         elif kind == "consumer_cancelled":
             index, cancelled = detail
             if self.channels.get(index) is cancelled:
@@ -283,9 +274,6 @@ class Dispatcher:
                 dropped = self._drop_channel(index)
                 dropped.sync.close()
                 self._entry_lost(index, dropped)
-        elif kind == "ignored_signal":
-            log.warning("received %s: amqp-dispatcher does not use it; ignored",
-                        signal.Signals(detail).name)
         elif kind == "repair":
             self.repair_timer = None
             if self.connection is not None:
@@ -349,15 +337,14 @@ class Dispatcher:
         self.session_opened_at = time.monotonic()
         connection.add_on_close_callback(
             lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
-        failed = declare_queues(connection, self.config, self.topology)
+        failed = declare_topology(connection, self.config, self.config.exchanges,
+                                  self.topology)
         if failed and at_start:
             for _, exc in failed[:-1]:
                 log.error("%s", exc)
             raise failed[-1][1]
-        for queue, exc in failed:
-            self._retry_later(queue.path, str(exc))
-        if self.needs_publisher:
-            self._open_publisher()
+        for item, exc in failed:
+            self._retry_later(item.path, str(exc))
         for index, pool in enumerate(self.pools):
             try:
                 self._open_channel(index)
@@ -366,20 +353,17 @@ class Dispatcher:
                     raise
                 self._retry_later(pool.entry.path, str(exc))
 
-    def _open_publisher(self) -> None:
-        self.publisher.set(Publisher.open_on(
-            self.connection, lambda publisher, reason: self.events.put(
-                ("publisher_closed", (publisher, reason)))))
-
     def _open_channel(self, index: int) -> None:
         pool = self.pools[index]
         entry = pool.entry
         sync = SyncChannel.open(self.connection)
         try:
             sync.call(sync.channel.basic_qos, prefetch_count=entry.prefetch_count)
-            acker = Acknowledger(sync.channel, entry.prefetch_count)
+            acker = Acknowledger(sync.channel, entry.prefetch_count, pool.metrics.outcomes,
+                                 stream=entry.stream)
             consume_ok = sync.call(sync.channel.basic_consume, entry.queue,
-                                   pool.on_message(acker))
+                                   pool.on_message(acker), exclusive=entry.exclusive,
+                                   arguments=entry.consume_arguments() or None)
         except BrokerError as exc:
             sync.close()
             raise config_error(exc, f"{self.config.path}: {entry.path}: cannot consume from "
@@ -407,11 +391,8 @@ class Dispatcher:
         """Reopen an entry whose channel the broker closed or whose consumer it cancelled:
         at once if the channel had been up a while, else backing off, so that a
         message that gets its channel closed every time cannot spin."""
-        self._reopen_later(self.pools[index].entry.path, channel.opened_at)
-
-    def _reopen_later(self, path: str, opened_at: float) -> None:
-        """Reopen a channel (an entry's, or the publishing one) the broker closed."""
-        if time.monotonic() - opened_at >= STABLE_SESSION:
+        path = self.pools[index].entry.path
+        if time.monotonic() - channel.opened_at >= STABLE_SESSION:
             self.backoff.pop(path, None)
             self._retry_later(path, None, delay=0)
         else:
@@ -419,9 +400,9 @@ class Dispatcher:
                                     "soon after it opened")
 
     def _retry_later(self, path: str, problem: str | None, delay: float | None = None) -> None:
-        """Retry the queue or entry at this config path on its own, with backoff."""
+        """Retry the exchange, queue or entry at this config path on its own, with backoff."""
         if delay is None:
-            delay = min(max(self.backoff.get(path, 0) * 2, REPAIR_FIRST_DELAY), REPAIR_MAX_DELAY)
+            delay = min(max(self.backoff.get(path, 0) * 2, REOPEN_FIRST_DELAY), REOPEN_MAX_DELAY)
             self.backoff[path] = delay
         if problem is not None:
             log.error("%s; retrying in %gs", problem, delay)
@@ -440,11 +421,14 @@ class Dispatcher:
                                                self.events.put, ("repair", None))
 
     def _repair(self) -> None:
-        """Declare the queues and open the entries whose retry is due.
+        """Declare the exchanges and queues and open the entries whose retry is due.
 
         An entry's own queue, if the config declares it, is declared again
         first: an auto_delete queue is gone once its last consumer's channel
-        closed, and a deleted queue the config declares comes back.
+        closed, and a deleted queue the config declares comes back. So are the
+        config's exchanges that a queue declared again binds to (an auto_delete
+        exchange is gone once its last binding went with such a queue), and the
+        bindings to an exchange declared again (deleting an exchange deletes them).
         """
         now = time.monotonic()
         due = {path for path, at in self.broken.items() if at <= now}
@@ -454,17 +438,24 @@ class Dispatcher:
         names = {self.pools[i].entry.queue for i in entries}
         # An entry's delay and dead-letter queues come back with it.
         derived = tuple(f"{self.pools[i].entry.path}.retry" for i in entries)
-        queues = [q for q in self.topology
-                  if q.path in due or q.queue in names or q.path.startswith(derived)]
+        repaired = {e.exchange for e in self.config.exchanges if e.path in due}
+
+        def bound_to_repaired(item: Declared) -> bool:
+            return any(binding.exchange in repaired for binding in item.bindings)
+
+        queues = [q for q in self.topology if q.path in due or q.queue in names
+                  or q.path.startswith(derived) or bound_to_repaired(q)]
+        sources = {binding.exchange for queue in queues for binding in queue.bindings}
+        exchanges = [e for e in self.config.exchanges
+                     if e.path in due or e.exchange in sources or bound_to_repaired(e)]
         try:
-            if PUBLISHER in due:
-                self._open_publisher()
-            failed = declare_queues(self.connection, self.config, queues)
-            for queue, exc in failed:
-                self._retry_later(queue.path, str(exc))
-            for queue in queues:
-                if all(queue is not other for other, _ in failed):
-                    self.backoff.pop(queue.path, None)
+            failed = declare_topology(self.connection, self.config, exchanges, queues)
+            for item, exc in failed:
+                self._retry_later(item.path, str(exc))
+            declared: list[Declared] = [*exchanges, *queues]
+            for item in declared:
+                if all(item is not other for other, _ in failed):
+                    self.backoff.pop(item.path, None)
             for index in entries:
                 try:
                     self._open_channel(index)
@@ -489,7 +480,6 @@ class Dispatcher:
             self.repair_timer.kill()
             self.repair_timer = None
         self.broken.clear()  # the next session declares and opens everything
-        self.publisher.set(None)  # its channel went with the connection
         self.connection = None
 
     def _on_connection_lost(self, reason: str) -> None:
@@ -533,6 +523,7 @@ class Dispatcher:
                 self._close_connection()
                 self._forget_session()
                 continue
+            self.reconnects += 1
             log.info("reconnected after %.1fs (%d attempt(s))", time.monotonic() - lost_at,
                      attempt)
             return
@@ -552,6 +543,7 @@ class Dispatcher:
 
     def _stop_gracefully(self) -> int:
         """Drain within drain_timeout, whatever the broker does; a signal stops at once."""
+        self.stopping = True
         deadline = time.monotonic() + self.config.drain_timeout
         for pool in self.pools:
             pool.stopping.set()  # deliveries arriving from now on go straight back
@@ -588,6 +580,7 @@ class Dispatcher:
         return self._finish(EXIT_OK)
 
     def _stop_now(self, status: int) -> int:
+        self.stopping = True
         for channel in self.channels.values():
             channel.acker.close()
         for pool in self.pools:
@@ -600,8 +593,15 @@ class Dispatcher:
         for pool in self.pools:
             pool.shutdown_instances()
 
+    def _close_connections(self) -> None:
+        """Close the consuming and the publishing connection side by side (the drain is
+        over: no publish is in flight), waiting at most CLOSE_TIMEOUT for the broker."""
+        publishing = gevent.spawn(self.publishing.close)
+        self._close_connection()
+        publishing.join(timeout=CLOSE_TIMEOUT)
+
     def _close_connection(self) -> None:
-        """Close the connection, waiting at most CLOSE_TIMEOUT for the broker."""
+        """Close the consuming connection, waiting at most CLOSE_TIMEOUT for the broker."""
         connection, self.connection = self.connection, None
         if connection is None or connection.is_closed:
             return

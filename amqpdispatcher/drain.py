@@ -9,27 +9,30 @@ The work is done when, for SECONDS without a break:
 - no delivery is in this process: none waits for a worker, none is in
   ``consume`` or with the failure policy, none is settled but not yet acked;
 - the dispatcher is connected and every entry consumes: while disconnected or
-  repairing, nothing is known, so the work is never done.
+  repairing, nothing is known, so the work is never done; nor while a SIGHUP
+  reload is in progress (a new generation starting, a replaced one draining).
 
-DrainWatch samples this every min(1 s, SECONDS / 4), asking the broker on a
-channel of its own (a passive ``queue.declare`` answers with the number of
-messages ready) between two looks at the pools; then it calls ``on_drained``,
-which stops the dispatcher as SIGTERM does. A message that arrives and is
-handled entirely between two samples goes unseen: the stretch is then measured
-from a sample before it.
+DrainWatch follows the process's current generation (reload.py's
+Generations), whose config says which queues to look at. It samples every
+min(1 s, SECONDS / 4), asking the broker on a channel of its own (a passive
+``queue.declare`` answers with the number of messages ready) between two looks
+at the pools; then it calls ``Generations.stop``, the graceful stop of SIGTERM.
+A message that arrives and is handled entirely between two samples goes
+unseen: the stretch is then measured from a sample before it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gevent
 
 from .broker import BrokerError, SyncChannel
+from .config import Config
 from .dispatcher import Dispatcher
+from .reload import Generations
 from .retry import delay_queue_name
 
 log = logging.getLogger("amqp-dispatcher")
@@ -38,23 +41,26 @@ MAX_INTERVAL = 1.0
 MIN_INTERVAL = 0.05  # for SECONDS 0: stop at the first sample that finds the work done
 
 
+def watched_queues(config: Config) -> tuple[list[str], list[str]]:
+    """The consumers' queues, and the delay queues of their retry policies."""
+    consumers = config.consumers
+    queues = list(dict.fromkeys(entry.queue for entry in consumers))
+    delay_queues = list(dict.fromkeys(
+        delay_queue_name(entry.queue, ms)
+        for entry in consumers if entry.retry for ms in entry.retry.delays_ms()))
+    return queues, delay_queues
+
+
 class DrainWatch:
-    def __init__(self, dispatcher: Dispatcher, seconds: float,
-                 on_drained: Callable[[], None]) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, generations: Generations, seconds: float) -> None:
+        self.generations = generations
         self.seconds = seconds
         self.interval = max(MIN_INTERVAL, min(MAX_INTERVAL, seconds / 4))
-        self.on_drained = on_drained
-        consumers = dispatcher.config.consumers
-        self.queues = list(dict.fromkeys(entry.queue for entry in consumers))
-        self.delay_queues = list(dict.fromkeys(
-            delay_queue_name(entry.queue, ms)
-            for entry in consumers if entry.retry for ms in entry.retry.delays_ms()))
         self._sync: SyncChannel | None = None
         self._connection: Any = None
 
     def run(self) -> None:
-        """The watching greenlet's body: returns once it has called ``on_drained``."""
+        """The watching greenlet's body: returns once it has stopped the process."""
         idle_since: float | None = None
         try:
             while True:
@@ -68,7 +74,7 @@ class DrainWatch:
                 if now - idle_since >= self.seconds:
                     log.info("exit-when-drained: the consumers' queues have been empty with "
                              "nothing in flight for %gs; stopping as on SIGTERM", self.seconds)
-                    self.on_drained()
+                    self.generations.stop()
                     return
         finally:
             self._close()
@@ -76,33 +82,23 @@ class DrainWatch:
     def _done(self) -> bool:
         # The pools before and after asking the broker: a message ready when asked may
         # have been delivered to this process by the time the answer comes.
-        if not self._idle():
+        dispatcher = self.generations.settled()
+        if dispatcher is None or not _idle(dispatcher):
             return False
+        queues, delay_queues = watched_queues(dispatcher.config)
         try:
-            if any(self._ready(name) != 0 for name in self.queues):
+            if any(self._ready(dispatcher, name) != 0 for name in queues):
                 return False
-            if any(self._ready(name) for name in self.delay_queues):
+            if any(self._ready(dispatcher, name) for name in delay_queues):
                 return False
         except BrokerError:
             self._close()  # the connection's trouble: the dispatcher deals with it
             return False
-        return self._idle()
+        return self.generations.settled() is dispatcher and _idle(dispatcher)
 
-    def _idle(self) -> bool:
-        """Connected, every entry consuming, and no delivery in this process."""
-        dispatcher = self.dispatcher
-        connection = dispatcher.connection
-        if connection is None or not connection.is_open or dispatcher.broken \
-                or len(dispatcher.channels) != len(dispatcher.pools):
-            return False
-        if any(pool.stopping.is_set() or pool.busy or pool.work.qsize()
-               for pool in dispatcher.pools):
-            return False
-        return not any(channel.acker.unsettled() for channel in dispatcher.channels.values())
-
-    def _ready(self, queue: str) -> int | None:
+    def _ready(self, dispatcher: Dispatcher, queue: str) -> int | None:
         """Messages ready in the queue; None if it does not exist."""
-        connection = self.dispatcher.connection
+        connection = dispatcher.connection
         if self._sync is None or self._sync.close_reason is not None \
                 or self._connection is not connection:
             self._close()
@@ -121,3 +117,15 @@ class DrainWatch:
         if self._sync is not None:
             self._sync.close()
             self._sync = None
+
+
+def _idle(dispatcher: Dispatcher) -> bool:
+    """Connected, every entry consuming, and no delivery in this generation."""
+    connection = dispatcher.connection
+    if connection is None or not connection.is_open or dispatcher.broken \
+            or dispatcher.stopping or len(dispatcher.channels) != len(dispatcher.pools):
+        return False
+    if any(pool.stopping.is_set() or pool.busy or pool.work.qsize()
+           for pool in dispatcher.pools):
+        return False
+    return not any(channel.acker.unsettled() for channel in dispatcher.channels.values())

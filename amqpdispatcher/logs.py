@@ -1,9 +1,11 @@
-"""Logging set-up: LOGGING_FILE_CONFIG, or a default format; password redaction."""
+"""Logging set-up: LOGGING_FILE_CONFIG, or a default text or JSON format (LOG_FORMAT);
+the fields of lines about a delivery; password redaction."""
 
 from __future__ import annotations
 
 import configparser
 import copy
+import json
 import logging
 import logging.config
 import logging.handlers
@@ -11,18 +13,72 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .settings import SettingsError
 
+if TYPE_CHECKING:
+    from .config import ConsumerConfig
+
 DEFAULT_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+# Attributes a line about one delivery carries (delivery_fields); JSON logs show them.
+DELIVERY_FIELDS = ("queue", "consumer", "delivery_tag", "outcome", "attempt")
+
+
+def delivery_fields(entry: ConsumerConfig, delivery_tag: int, outcome: str | None,
+                    attempt: int) -> dict[str, Any]:
+    """The ``extra=`` of a log line about one delivery. ``outcome`` as in the metrics
+    (metrics.OUTCOMES); None when the consumer settled the delivery itself."""
+    fields = {"queue": entry.queue, "consumer": entry.consumer, "delivery_tag": delivery_tag,
+              "attempt": attempt}
+    if outcome is not None:
+        fields["outcome"] = outcome
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, pid, the
+    delivery fields where the record has them, and the traceback or stack if any.
+    Strings are redacted before they are JSON-encoded: an escaped password (a quote, a
+    backslash, a non-ASCII letter in it) would no longer match in the encoded line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+                            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+            "pid": record.process,
+        }
+        for name in DELIVERY_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = redact(value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = redact(record.exc_text)
+        if record.stack_info:
+            line["stack"] = redact(self.formatStack(record.stack_info))
+        return json.dumps(line, default=str)
 
 
 def setup_logging(environ: Mapping[str, str] = os.environ) -> None:
     path = environ.get("LOGGING_FILE_CONFIG")
     if not path:
-        logging.basicConfig(level=logging.INFO, format=DEFAULT_FORMAT)
+        log_format = environ.get("LOG_FORMAT", "").strip().lower() or "text"
+        if log_format not in LOG_FORMATS:
+            raise SettingsError(f"LOG_FORMAT: expected 'text' or 'json', got "
+                                f"{environ['LOG_FORMAT']!r}")
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter() if log_format == "json"
+                             else logging.Formatter(DEFAULT_FORMAT))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         # pika narrates every connection step, and logs each failure it reports to us
         # at ERROR; the amqp-dispatcher loggers say what matters, once.
         logging.getLogger("pika").setLevel(logging.CRITICAL)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pika
-
 from .acks import Acknowledger
+from .publisher import Publisher
 from .retry import attempt_of
 
 _PROPERTY_NAMES = (
@@ -70,11 +69,11 @@ class AlreadyRespondedError(Exception):
 class AMQPProxy:
     """The ``amqp`` argument of ``consume``: settle this delivery, or publish."""
 
-    __slots__ = ("_acker", "_channel", "tag", "_response")
+    __slots__ = ("_acker", "_publisher", "tag", "_response")
 
-    def __init__(self, acker: Acknowledger, channel: Any, tag: int) -> None:
+    def __init__(self, acker: Acknowledger, publisher: Publisher, tag: int) -> None:
         self._acker = acker
-        self._channel = channel
+        self._publisher = publisher
         self.tag = tag
         self._response: str | None = None
 
@@ -103,8 +102,15 @@ class AMQPProxy:
         self._acker.reject(self.tag, requeue=requeue)
 
     def publish(self, exchange: str, routing_key: str, headers: dict[str, Any] | None,
-                body: bytes | str) -> None:
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        properties = pika.BasicProperties(headers=headers or None)
-        self._channel.basic_publish(exchange, routing_key, body, properties)
+                body: bytes | str, *, mandatory: bool = False, **properties: Any) -> None:
+        """Publish on the process's publishing connection (0.4.3's four arguments, then
+        optional AMQP properties by name: see publisher.PROPERTY_CHECKS).
+
+        With publisher_confirms (the default) returns once the broker confirmed, and
+        raises amqpdispatcher.PublishError (PublishNacked, PublishReturned with
+        ``mandatory=True``, PublishTimeout) when it did not; bad arguments raise
+        TypeError or ValueError. Either way, unless caught, the input message is
+        handled as a failure.
+        """
+        self._publisher.publish_message(exchange, routing_key, headers, body, mandatory,
+                                        properties)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import gevent
@@ -21,9 +22,11 @@ import gevent.queue
 
 from .acks import Acknowledger
 from .config import ConsumerConfig, describe_exception
+from .logs import delivery_fields
 from .message import AMQPProxy, Message
-from .publisher import PublisherRef
-from .retry import FailurePolicy, TimeLimit
+from .metrics import EntryMetrics
+from .publisher import Publisher
+from .retry import FailurePolicy, TimeLimit, attempt_of
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -36,9 +39,13 @@ class StopNow(BaseException):
 
 
 class ConsumerPool:
-    def __init__(self, entry: ConsumerConfig, cls: type, publisher: PublisherRef) -> None:
+    def __init__(self, entry: ConsumerConfig, cls: type, publisher: Publisher,
+                 timed: bool = False) -> None:
         self.entry = entry
         self.cls = cls
+        self.publisher = publisher  # amqp.publish's and the policy's channel
+        # timed: measure each consume call's duration (only when /metrics can show it).
+        self.metrics = EntryMetrics(timed)
         self.policy = FailurePolicy(entry, publisher)
         # Unbounded: the broker's prefetch_count is what bounds it.
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
@@ -69,7 +76,7 @@ class ConsumerPool:
             if stopping():  # arrived after the cancel was sent: give it back at once
                 acker.reject(method.delivery_tag, requeue=True)
                 return
-            put((acker, channel, method, properties, body))
+            put((acker, method, properties, body))
 
         return on_message
 
@@ -87,14 +94,17 @@ class ConsumerPool:
             return  # a fast stop: the broker redelivers what was not settled
 
     def _handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
-        acker, channel, method, properties, body = item
+        acker, method, properties, body = item
         tag = method.delivery_tag
         instance = self.instances[slot]
         if instance is None:  # stopping while a replacement was pending
             acker.reject(tag, requeue=True)
             return
-        amqp = AMQPProxy(acker, channel, tag)
+        amqp = AMQPProxy(acker, self.publisher, tag)
+        durations = self.metrics.durations
         self.busy += 1  # a delivery in hand: in consume, or being settled by the policy
+        if durations is not None:
+            started = perf_counter()
         try:
             if limit is None:
                 instance.consume(amqp, Message(method, properties, body))
@@ -107,16 +117,20 @@ class ConsumerPool:
             failure: BaseException | None = exc
         else:
             failure = None
+        if durations is not None:
+            durations.observe(perf_counter() - started)
         responded = amqp.has_responded_to_message
         if failure is None:
             self.busy -= 1
             if not responded:
                 acker.ack(tag)
             return
+        self.metrics.failures += 1
         try:
             if responded:  # the consumer's own answer stands
                 log.error("%s: consume raised %s; delivery tag %d was already settled",
-                          self.entry.consumer, describe_exception(failure), tag)
+                          self.entry.consumer, describe_exception(failure), tag,
+                          extra=delivery_fields(self.entry, tag, None, attempt_of(properties)))
             else:  # may wait for a publisher confirm
                 self.policy.failed(acker, method, properties, body, failure)
         finally:
@@ -137,6 +151,7 @@ class ConsumerPool:
         while not self.stopping.is_set():  # no replacement once stopping: nothing to run
             try:
                 self.instances[slot] = self.cls()
+                self.metrics.replacements += 1
                 return
             except StopNow:
                 raise
@@ -156,7 +171,7 @@ class ConsumerPool:
                 return count
             if item is None:
                 continue
-            acker, _, method, _, _ = item
+            acker, method, _, _ = item
             acker.reject(method.delivery_tag, requeue=True)
             count += 1
 
@@ -172,10 +187,16 @@ class ConsumerPool:
             if item is None or item[0].open:
                 kept.append(item)
             else:
+                item[0].drop()
                 dropped += 1
         for item in kept:
             self.work.put_nowait(item)
         return dropped
+
+    def live_instances(self) -> int:
+        """Worker slots with a live greenlet and an instance (not being replaced)."""
+        return sum(1 for worker, instance in zip(self.workers, self.instances)
+                   if instance is not None and not worker.dead)
 
     def stop_workers(self) -> list[gevent.Greenlet]:
         """Ask each worker to exit after its current message; return them to wait on."""

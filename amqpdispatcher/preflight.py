@@ -1,32 +1,41 @@
 """``--check``: whether the config would start on the broker, changing nothing there.
 
-It connects as the daemon does and checks what the start needs: every queue the
-dispatcher declares (the config's, and the delay and dead-letter queues of retry
-policies) can be declared, and one that exists has the config's flags and
-arguments; every ``passive: true`` queue, every bound exchange and every consumer
-queue the config does not declare exists; the user may declare (configure), bind
-(write on the queue, read on the exchange), consume (read) and, for a retry
-policy, publish to the default exchange (write). One line per finding, naming the
-file and the key path.
+It connects as the daemon does (``RABBITMQ_URL``, its TLS parameters included)
+and checks what the start needs: every exchange and queue the dispatcher
+declares (the config's, and the delay and dead-letter queues of retry policies)
+can be declared, and one that exists has the config's type, flags and arguments;
+every ``passive: true`` exchange or queue, every exchange a binding names that
+the config does not declare, and every consumer queue the config does not
+declare, exists; the user may declare (configure), bind (write on the
+destination, read on the source exchange), consume (read) and, for a retry
+policy, publish to the default exchange (write). One line per finding, naming
+the file and the key path; a queue or exchange that exists with other arguments
+is told as the daemon tells it (broker.describe_inequivalent).
 
-How each question is asked without changing anything (rabbit_channel.erl, the
-same from RabbitMQ 3.10 to 4.x: the permission checks come before the work):
+How each question is asked without changing anything (rabbit_channel.erl,
+checked against RabbitMQ 3.10: the permission checks come before the work):
 
 - exists: a passive ``queue.declare`` or ``exchange.declare`` (no permission
   needed);
-- a queue that exists: ``queue.declare`` as the dispatcher sends it. The broker
-  checks configure permission (403), then, the queue existing, only compares:
-  flags, exclusivity (405) and arguments (406 "inequivalent arg", naming the
-  argument and both values);
+- a queue or exchange that exists: its declaration as the dispatcher sends it.
+  The broker checks configure permission (403), then, the queue or exchange
+  existing, only compares: type, flags, exclusivity (405) and arguments (406
+  "inequivalent arg", naming the argument and both values). An exchange type
+  the broker does not know (a plugin's, not enabled) closes the connection
+  (503): that is a finding, and the check goes on on a new connection;
 - a queue that does not exist yet: ``queue.declare`` with the config's
   arguments and ``x-max-length`` set to a string. The broker checks configure
   permission, the vhost's queue limit, with ``x-dead-letter-exchange`` read on
   the queue and write on that exchange, then refuses the argument (406 invalid
   arg) before creating anything;
-- binding: ``queue.unbind`` of the binding with an argument no binding has. The
-  broker checks what ``queue.bind`` checks (write on the queue, read on the
-  exchange, the routing key against topic permissions), then finds nothing to
-  remove;
+- an exchange that does not exist yet: ``exchange.declare`` with the config's
+  arguments and ``alternate-exchange`` set to a number. The broker checks the
+  type and configure permission, then refuses the argument (406 invalid type)
+  before creating anything;
+- binding: ``queue.unbind`` or ``exchange.unbind`` of the binding with an
+  argument no binding has. The broker checks what binding checks (write on the
+  destination, read on the source exchange, the routing key against topic
+  permissions), then finds nothing to remove;
 - consuming: ``basic.consume`` with ``x-priority`` set to a string: the broker
   checks read permission, then refuses the argument (406) before any consumer
   exists;
@@ -34,8 +43,11 @@ same from RabbitMQ 3.10 to 4.x: the permission checks come before the work):
   exchange with a routing key no queue has: the broker checks write permission,
   then returns the message, stored nowhere.
 
-Not checked: what consumer code publishes, and one race: a queue deleted between
-the passive and the full declaration is created by the latter, as the config
+Not checked: what consumer code publishes; whether an ``exclusive`` consumer
+would meet another consumer (only consuming tells); an exchange's
+``alternate-exchange`` permissions when it does not exist yet (the probe takes
+that argument's place); and one race: a queue or exchange deleted between the
+passive and the full declaration is created by the latter, as the config
 describes it (as the daemon would).
 """
 
@@ -43,21 +55,31 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import uuid
 from typing import Any
 
 import gevent.event
 import pika
+import pika.exceptions
 
-from .broker import BrokerError, SyncChannel, connect, describe_close
-from .config import Binding, Config, ConsumerConfig, QueueConfig
-from .publisher import Publisher
+from .broker import (
+    RPC_TIMEOUT,
+    BrokerError,
+    SyncChannel,
+    connect,
+    describe_close,
+    describe_inequivalent,
+)
+from .config import Binding, Config, ConsumerConfig, ExchangeConfig, QueueConfig
+from .publisher import ConfirmChannel, PublishError, PublishReturned
 from .retry import retry_queues
 from .settings import Settings
 
 # A value the broker refuses for these arguments, after its permission checks.
 PROBE = "amqp-dispatcher --check"
 PROBE_QUEUE_ARGUMENT = "x-max-length"
+PROBE_EXCHANGE_ARGUMENT = "alternate-exchange"  # refused unless a string
 PROBE_CONSUME_ARGUMENT = "x-priority"
 CLOSE_TIMEOUT = 5.0
 
@@ -75,11 +97,18 @@ def check(config: Config, settings: Settings) -> int:
         print(line, file=sys.stderr)
     if findings:
         return 1
-    bindings = sum(len(queue.bindings) for queue in config.queues)
+    bindings = (sum(len(exchange.bindings) for exchange in config.exchanges)
+                + sum(len(queue.bindings) for queue in config.queues))
+    exchanges = f"{len(config.exchanges)} exchange(s), " if config.exchanges else ""
     print(f"{config.path}: OK: {settings.redacted_url()} has what the config needs "
-          f"({len(config.queues)} queue(s), {bindings} binding(s), "
+          f"({exchanges}{len(config.queues)} queue(s), {bindings} binding(s), "
           f"{len(config.consumers)} consumer(s))")
     return 0
+
+
+def _unknown_exchange_type(reason: Any) -> bool:
+    return (isinstance(reason, pika.exceptions.ConnectionClosedByBroker)
+            and reason.reply_code == 503 and "unknown exchange type" in reason.reply_text)
 
 
 class Preflight:
@@ -91,16 +120,24 @@ class Preflight:
         self._sync: SyncChannel | None = None
         # Makes each probing binding and routing key one that nothing on the broker has.
         self._marker = f"amqp-dispatcher-check-{uuid.uuid4().hex}"
+        # The config's exchanges: a binding to one needs no exchange on the broker yet.
+        self._declared = {exchange.exchange for exchange in config.exchanges}
 
     def run(self) -> list[str]:
         """The findings; raises BrokerError if the connection fails."""
         self.connection = connect(self.settings)
         try:
+            for exchange in self.config.exchanges:
+                self._check_exchange(exchange)
+            for exchange in self.config.exchanges:
+                for i, binding in enumerate(exchange.bindings):
+                    self._check_binding(exchange.path, i, binding, "exchange",
+                                        exchange.exchange)
             topology = self.config.queues + retry_queues(self.config)
             will_exist = {queue.queue: self._check_queue(queue) for queue in topology}
             for queue in topology:
                 for i, binding in enumerate(queue.bindings):
-                    self._check_binding(queue, i, binding)
+                    self._check_binding(queue.path, i, binding, "queue", queue.queue)
             for entry in self.config.consumers:
                 self._check_consumer(entry, will_exist)
             retried = next((entry for entry in self.config.consumers if entry.retry), None)
@@ -122,19 +159,69 @@ class Preflight:
         said = f": broker said {describe_close(reason)}" if reason is not None else ""
         self.findings.append(f"{self.config.path}: {key_path}: {message}{said}")
 
+    def _found_refusal(self, item: ExchangeConfig | QueueConfig, message: str,
+                       reason: Any) -> None:
+        """A declaration refused: a 406 over an argument or flag as the daemon says it."""
+        inequivalent = describe_inequivalent(self.config.path, item, reason.reply_text)
+        if inequivalent is not None:
+            self.findings.append(inequivalent)
+        else:
+            self._found(item.path, message, reason)
+
     def _ask(self, method: str, **kwargs: Any) -> tuple[Any, Any]:
         """One request on the probing channel: (the reply, None), or (None, the reason the
-        broker closed the channel with). Raises BrokerError for the connection's failures."""
+        broker closed the channel with, or the connection over an unknown exchange type:
+        the next request opens a new one). Raises BrokerError for the connection's other
+        failures."""
         if self._sync is None:
             self._sync = SyncChannel.open(self.connection)
         sync = self._sync
         try:
             return sync.call(getattr(sync.channel, method), **kwargs), None
         except BrokerError as exc:
-            if not exc.channel_only:
+            self._sync = None  # closed: the next request opens another
+            if _unknown_exchange_type(sync.close_reason):
+                self.connection = connect(self.settings)
+            elif not exc.channel_only:
                 raise
-            self._sync = None  # closed by the broker: the next request opens another
             return None, sync.close_reason
+
+    def _check_exchange(self, exchange: ExchangeConfig) -> None:
+        name = exchange.exchange
+        _, refused = self._ask("exchange_declare", exchange=name, passive=True)
+        if refused is not None and refused.reply_code != 404:
+            self._found(exchange.path, f"cannot use exchange {name!r}", refused)
+            return
+        if refused is not None and exchange.passive:
+            self._found(exchange.path, f"exchange {name!r} does not exist (passive: true only "
+                        "checks that it does)")
+            return
+        if exchange.passive:
+            return
+        declare = dict(exchange=name, exchange_type=exchange.type, durable=exchange.durable,
+                       auto_delete=exchange.auto_delete, internal=exchange.internal)
+        if refused is None:  # it exists: the declaration only compares
+            _, refused = self._ask("exchange_declare", **declare,
+                                   arguments=exchange.arguments or None)
+            expected = None
+        else:
+            probe = {**exchange.arguments, PROBE_EXCHANGE_ARGUMENT: 0}
+            declared, refused = self._ask("exchange_declare", **declare, arguments=probe)
+            if declared is not None:  # no RabbitMQ takes it; should one, say so
+                self._found(exchange.path, f"the broker accepted exchange {name!r} with "
+                            f"{PROBE_EXCHANGE_ARGUMENT} 0, so --check created it; it cannot "
+                            "check this broker")
+            expected = f"for arg '{PROBE_EXCHANGE_ARGUMENT}'"
+        if refused is None or expected is not None and expected in refused.reply_text:
+            return
+        if refused.reply_code == 503:
+            self._found(f"{exchange.path}.type", f"exchange type {exchange.type!r} is unknown "
+                        "to the broker (is the plugin that provides it enabled?)", refused)
+        elif refused.reply_code == 403:
+            self._found(exchange.path, f"the user {self.settings.user!r} may not declare "
+                        f"exchange {name!r} (it needs configure on the exchange)", refused)
+        else:
+            self._found_refusal(exchange, f"cannot declare exchange {name!r}", refused)
 
     def _check_queue(self, queue: QueueConfig) -> bool:
         """Whether the queue exists, or would be declared, at start."""
@@ -147,8 +234,8 @@ class Preflight:
                 _, refused = self._ask("queue_declare", **flags,
                                        arguments=queue.arguments() or None)
                 if refused is not None:
-                    self._found(queue.path, _declare_problem(name, refused, exists=True),
-                                refused)
+                    self._found_refusal(queue, _declare_problem(name, refused, exists=True),
+                                        refused)
             return True
         if refused.reply_code != 404 or "down or inaccessible" in refused.reply_text:
             self._found(queue.path, _declare_problem(name, refused, exists=True), refused)
@@ -167,22 +254,30 @@ class Preflight:
             self._found(queue.path, _declare_problem(name, refused, exists=False), refused)
         return True
 
-    def _check_binding(self, queue: QueueConfig, index: int, binding: Binding) -> None:
-        key_path = f"{queue.path}.bindings[{index}]"
-        _, refused = self._ask("exchange_declare", exchange=binding.exchange, passive=True)
-        if refused is not None:
-            missing = refused.reply_code == 404
-            self._found(key_path, f"exchange {binding.exchange!r} does not exist (the "
-                        "dispatcher binds to it, it does not declare it)" if missing else
-                        f"cannot use exchange {binding.exchange!r}",
-                        None if missing else refused)
-        _, refused = self._ask("queue_unbind", queue=queue.queue, exchange=binding.exchange,
-                               routing_key=binding.routing_key,
-                               arguments={"x-amqp-dispatcher-check": self._marker})
+    def _check_binding(self, path: str, index: int, binding: Binding, kind: str,
+                       destination: str) -> None:
+        """A queue's or an exchange's binding to its source ``binding.exchange``."""
+        key_path = f"{path}.bindings[{index}]"
+        source = binding.exchange
+        if source not in self._declared:
+            _, refused = self._ask("exchange_declare", exchange=source, passive=True)
+            if refused is not None:
+                missing = refused.reply_code == 404
+                self._found(key_path, f"exchange {source!r} does not exist, and the config "
+                            "does not declare it in exchanges" if missing
+                            else f"cannot use exchange {source!r}",
+                            None if missing else refused)
+        unbind = dict(routing_key=binding.routing_key,
+                      arguments={"x-amqp-dispatcher-check": self._marker})
+        if kind == "queue":
+            _, refused = self._ask("queue_unbind", queue=destination, exchange=source, **unbind)
+        else:
+            _, refused = self._ask("exchange_unbind", destination=destination, source=source,
+                                   **unbind)
         if refused is not None and refused.reply_code == 403:
-            self._found(key_path, f"the user {self.settings.user!r} may not bind queue "
-                        f"{queue.queue!r} to exchange {binding.exchange!r} (it needs write "
-                        "on the queue and read on the exchange)", refused)
+            self._found(key_path, f"the user {self.settings.user!r} may not bind {kind} "
+                        f"{destination!r} to exchange {source!r} (it needs write on the "
+                        f"{kind} and read on the exchange)", refused)
 
     def _check_consumer(self, entry: ConsumerConfig, will_exist: dict[str, bool]) -> None:
         name = entry.queue
@@ -213,16 +308,21 @@ class Preflight:
     def _check_publish(self, entry: ConsumerConfig) -> None:
         """A retry policy publishes to its delay and dead-letter queues through the
         default exchange."""
-        publisher = Publisher.open_on(self.connection, lambda *_: None)
+        channel = ConfirmChannel.open_on(self.connection, lambda _: None)
         try:
-            publisher.publish("", self._marker, b"", pika.BasicProperties())
-            refused = publisher.sync.close_reason
+            channel.publish("", self._marker, b"", pika.BasicProperties(), mandatory=True,
+                            confirm=True, deadline=time.monotonic() + RPC_TIMEOUT)
+        except PublishReturned:
+            pass  # as intended: no queue took it
+        except PublishError:
+            refused = channel.close_reason
             if getattr(refused, "reply_code", None) == 403:
                 self._found(f"{entry.path}.retry", f"the user {self.settings.user!r} may not "
                             "publish to the default exchange, as a retry policy does (it "
                             "needs write on amq.default)", refused)
         finally:
-            publisher.close()
+            if channel.open:
+                channel.channel.close()
 
 
 def _declare_problem(name: str, refused: Any, exists: bool) -> str:

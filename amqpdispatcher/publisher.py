@@ -1,158 +1,568 @@
-"""Publishing with publisher confirms: one confirm-mode channel per connection.
+"""Publishing: where ``amqp.publish`` and the retry policy send messages, and what a
+publish raises when the broker does not take a message.
 
-``Publisher.publish`` blocks the calling greenlet until the broker has taken
-responsibility for the message (its ``basic.ack``: True) or it is clear that it
-has not (a ``basic.nack``, the message returned as unroutable, the channel or
-connection closed, no answer within PUBLISH_TIMEOUT: False). A caller that
-moves a message elsewhere acks the original only after True, so a crash in
-between can duplicate a message but never lose it.
+This module owns:
+
+- The publishing connection (``PublishingConnection``): one per process, separate
+  from the consuming one, as RabbitMQ recommends. The broker blocks connections
+  that publish while a memory or disk alarm is on (``connection.blocked``); acks
+  travel on the consuming connection, which never publishes, so they go on. It
+  is opened by the first publish (a process that never publishes never opens it),
+  then kept open: reconnected with the consuming connection's backoff after a
+  loss, and closed at stop, after the drain.
+- One channel per consumer entry on it (``Publisher``), opened by the entry's
+  first publish, always in confirm mode (the retry policy needs confirms;
+  ``publisher_confirms: false`` only stops ``amqp.publish`` from waiting). The
+  broker closing it (a publish to a missing exchange: 404) fails the publishes
+  in flight on that channel and nothing else: consumption never notices. The
+  next publish reopens it: at once, or after 1, 2, 4 ... 30 s while it keeps
+  being closed within STABLE_SESSION of the last close.
+- What a publish raises (``PublishError`` and its subclasses), and the checks
+  of ``amqp.publish``'s arguments (``build_message``).
+
+A publish waits at most PUBLISH_TIMEOUT in all: for the connection (opening,
+reconnecting, blocked), for its channel, and for the broker's confirm. With a
+confirm it returns once the broker has taken responsibility for the message
+(its ``basic.ack``); otherwise it raises, so a consumer's input message is
+handled as a failure, and a crash in between can duplicate a message, never
+lose it.
 
 Confirms are matched to publishes by sequence number: the broker numbers the
 publishes of a confirm-mode channel 1, 2, 3 ... and a ``basic.ack`` or
-``basic.nack`` with ``multiple`` settles every pending number up to its tag.
-Publishes are ``mandatory``: a message no queue takes (a delay or dead-letter
-queue deleted under us) comes back as ``basic.return`` before its ack, and is
-reported as not published.
-
-The dispatcher opens a Publisher when a session opens and forgets it with the
-session; pools reach the current one through a PublisherRef.
+``basic.nack`` with ``multiple`` settles every pending number up to its tag. A
+``mandatory`` message no queue takes comes back as ``basic.return`` before its
+ack, and is reported as returned.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import re
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
+import pika
 import pika.exceptions
 import pika.spec
 
-from .broker import SyncChannel
+from .broker import (
+    RECONNECT_FIRST_DELAY,
+    RECONNECT_MAX_DELAY,
+    REOPEN_FIRST_DELAY,
+    REOPEN_MAX_DELAY,
+    STABLE_SESSION,
+    BrokerError,
+    SyncChannel,
+    connect,
+    describe_close,
+)
+from .settings import Settings
 
 log = logging.getLogger("amqp-dispatcher.publisher")
 
 PUBLISH_TIMEOUT = 30.0
-WAIT_FOR_CHANNEL = 5.0
+CLOSE_TIMEOUT = 5.0
 # A content header frame: frame header (7), class, weight, body size (12), end (1).
 HEADER_FRAME_OVERHEAD = 20
+# Returns nobody waits for (publisher_confirms: false) are logged at most this often.
+RETURNS_LOG_INTERVAL = 10.0
 
 
-class Publisher:
-    def __init__(self, sync: SyncChannel, frame_max: int = 131072) -> None:
-        self.sync = sync
+class PublishError(Exception):
+    """The broker did not take a published message, or it is not known that it did.
+
+    Raised by ``amqp.publish`` into ``consume``, so the input message is handled
+    as a failure (the entry's failure policy decides) and nothing is lost. Raised
+    as such when the publishing channel or connection closed before the broker
+    confirmed (a publish to a missing exchange closes the channel: 404), or the
+    headers do not fit in a frame. After a close the message may still have
+    reached a queue: a retry can duplicate it, never lose it.
+    """
+
+
+class PublishNacked(PublishError):
+    """The broker answered ``basic.nack``: it did not take the message (for example,
+    a queue with ``x-overflow: reject-publish`` is full)."""
+
+
+class PublishReturned(PublishError):
+    """Published with ``mandatory=True`` and routed to no queue: the broker returned it."""
+
+    def __init__(self, message: str, reply_code: int, reply_text: str) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class PublishTimeout(PublishError):
+    """No answer within PUBLISH_TIMEOUT: no confirm, or no usable connection or channel
+    (the broker blocked the connection, is unreachable, or keeps closing the channel)."""
+
+
+# -- amqp.publish's arguments ------------------------------------------------------
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"amqp.publish: {name}: expected a str, got {type(value).__name__}")
+    if len(value.encode("utf-8")) > 255:  # an AMQP short string
+        raise ValueError(f"amqp.publish: {name}: at most 255 bytes, got "
+                         f"{len(value.encode('utf-8'))}")
+    return value
+
+
+def _integer(name: str, value: Any, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"amqp.publish: {name}: expected {what}, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"amqp.publish: {name}: expected {what}, got {value}")
+    return value
+
+
+def _delivery_mode(name: str, value: Any) -> int:
+    if isinstance(value, pika.DeliveryMode):
+        return int(value.value)
+    return _integer(name, value, 1, 2, "1 (transient) or 2 (persistent)")
+
+
+def _persistent(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"amqp.publish: {name}: expected True or False, got "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _priority(name: str, value: Any) -> int:
+    return _integer(name, value, 0, 255, "an int from 0 to 255")
+
+
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+def _expiration(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value):
+            raise ValueError(f"amqp.publish: {name}: expected milliseconds as digits, "
+                             f"got {value[:40]!r}")
+        return value
+    return str(_integer(name, value, 0, 2**63 - 1, "milliseconds (an int >= 0 or a str "
+                                                   "of digits)"))
+
+
+def _timestamp(name: str, value: Any) -> int:
+    if isinstance(value, datetime):  # a naive datetime is local time, as datetime says
+        value = int(value.timestamp())
+    return _integer(name, value, 0, 2**63 - 1, "seconds since the epoch (an int >= 0) "
+                                               "or a datetime")
+
+
+# amqp.publish's keyword arguments, each with its check; all but ``persistent`` are
+# AMQP properties of the same name.
+PROPERTY_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "content_type": _text,
+    "content_encoding": _text,
+    "delivery_mode": _delivery_mode,
+    "persistent": _persistent,  # True: delivery_mode 2; False: 1
+    "priority": _priority,
+    "correlation_id": _text,
+    "reply_to": _text,
+    "expiration": _expiration,
+    "message_id": _text,
+    "timestamp": _timestamp,
+    "type": _text,
+    "app_id": _text,
+}
+
+
+def build_message(exchange: Any, routing_key: Any, headers: Any, body: Any, mandatory: Any,
+                  options: dict[str, Any]) -> tuple[bytes, pika.spec.BasicProperties]:
+    """Check ``amqp.publish``'s arguments: the body as bytes and the properties, or a
+    TypeError or ValueError with a one-line message. A property given as None is
+    not set."""
+    _text("exchange", exchange)
+    _text("routing_key", routing_key)
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    elif isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    elif not isinstance(body, bytes):
+        raise TypeError(f"amqp.publish: body: expected bytes or str, got {type(body).__name__}")
+    if headers is not None and not isinstance(headers, dict):
+        raise TypeError(f"amqp.publish: headers: expected a dict or None, got "
+                        f"{type(headers).__name__}")
+    if not isinstance(mandatory, bool):
+        raise TypeError(f"amqp.publish: mandatory: expected True or False, got "
+                        f"{type(mandatory).__name__}")
+    values: dict[str, Any] = {}
+    for name, value in options.items():
+        check = PROPERTY_CHECKS.get(name)
+        if check is None:
+            raise TypeError(f"amqp.publish() got an unexpected keyword argument {name!r}")
+        if value is not None:
+            values[name] = check(name, value)
+    persistent = values.pop("persistent", None)
+    if persistent is not None:
+        mode = 2 if persistent else 1
+        if values.setdefault("delivery_mode", mode) != mode:
+            raise ValueError(f"amqp.publish: persistent={persistent} contradicts "
+                             f"delivery_mode={values['delivery_mode']}")
+    return body, pika.spec.BasicProperties(headers=headers or None, **values)
+
+
+# -- one confirm-mode channel -----------------------------------------------------
+
+class _Pending:
+    """A publish waiting for its confirm."""
+
+    __slots__ = ("result", "exchange", "routing_key", "body", "mandatory", "returned")
+
+    def __init__(self, exchange: str, routing_key: str, body: bytes, mandatory: bool) -> None:
+        self.result: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.body = body
+        self.mandatory = mandatory
+        self.returned: Any = None  # the basic.return method, if the broker returned it
+
+
+class ConfirmChannel:
+    """One channel in confirm mode: its publishes, and the confirms and returns that
+    settle them. ``on_unclaimed_return(method)`` gets the returns no publish waits for."""
+
+    def __init__(self, channel: Any, frame_max: int,
+                 on_unclaimed_return: Callable[[Any], None],
+                 timeout: float = PUBLISH_TIMEOUT) -> None:
+        self.channel = channel
         self.frame_max = frame_max
+        self.timeout = timeout  # for the message of PublishTimeout
         self.opened_at = time.monotonic()
         self.open = True
+        self._on_unclaimed_return = on_unclaimed_return
         self._next = 1  # sequence number of the next publish
-        # sequence number -> (result, routing key, body), oldest first.
-        self._pending: dict[int, tuple[gevent.event.AsyncResult, str, bytes]] = {}
-        self._returned: set[int] = set()
-        sync.channel.add_on_close_callback(self._on_close)
-        sync.channel.add_on_return_callback(self._on_return)
+        self._pending: dict[int, _Pending] = {}  # by sequence number, oldest first
+        self.close_reason: Any = None  # why the channel closed, once it has
+        channel.add_on_close_callback(self._on_close)
+        channel.add_on_return_callback(self._on_return)
 
     @classmethod
-    def open_on(cls, connection: Any, on_close: Callable[[Publisher, Any], None]) -> Publisher:
-        """Open a channel in confirm mode; ``on_close(publisher, reason)`` is called from
-        the I/O loop if the channel closes. Raises BrokerError."""
+    def open_on(cls, connection: Any, on_unclaimed_return: Callable[[Any], None],
+             timeout: float = PUBLISH_TIMEOUT) -> ConfirmChannel:
+        """A new channel on the connection, in confirm mode; BrokerError if it cannot be
+        opened."""
         sync = SyncChannel.open(connection)
-        publisher = cls(sync, connection.params.frame_max)
-        sync.call(sync.channel.confirm_delivery, ack_nack_callback=publisher._on_confirm)
-        sync.channel.add_on_close_callback(lambda _, reason: on_close(publisher, reason))
-        return publisher
+        channel = cls(sync.channel, connection.params.frame_max, on_unclaimed_return, timeout)
+        sync.call(sync.channel.confirm_delivery, ack_nack_callback=channel._on_confirm)
+        return channel
 
     def publish(self, exchange: str, routing_key: str, body: bytes,
-                properties: pika.spec.BasicProperties) -> bool:
-        """Publish and wait for the broker's confirm: True once it has the message."""
+                properties: pika.spec.BasicProperties, mandatory: bool, confirm: bool,
+                deadline: float) -> None:
+        """Publish; with ``confirm``, wait until ``deadline`` for the broker's answer.
+        Raises PublishError (or a subclass); a TypeError for headers AMQP cannot carry."""
         if not self.open:
-            return False
-        seq = self._next
-        result: gevent.event.AsyncResult = gevent.event.AsyncResult()
+            raise PublishError("the publishing channel closed before the message was sent")
+        if properties.headers:
+            self._check_size(properties)
         try:
-            self.sync.channel.basic_publish(exchange, routing_key, body, properties,
-                                            mandatory=True)
-        except pika.exceptions.AMQPError:
+            self.channel.basic_publish(exchange, routing_key, body, properties, mandatory)
+        except pika.exceptions.AMQPError as exc:
             self.open = False  # closing: the close callback settles the rest
-            return False
+            raise PublishError(f"the publishing channel closed: {describe_close(exc)}") \
+                from None
+        seq = self._next
         self._next += 1
-        self._pending[seq] = (result, routing_key, body)
+        if not confirm:
+            return
+        pending = _Pending(exchange, routing_key, body, mandatory)
+        self._pending[seq] = pending
         try:
-            return bool(result.get(timeout=PUBLISH_TIMEOUT))
+            failure = pending.result.get(timeout=max(0.0, deadline - time.monotonic()))
         except gevent.Timeout:
-            log.warning("no publisher confirm from the broker within %gs for a message to %r",
-                        PUBLISH_TIMEOUT, routing_key)
-            return False
+            raise PublishTimeout(f"no confirm from the broker within {self.timeout:g}s "
+                                 f"for a message to exchange {exchange!r} routing key "
+                                 f"{routing_key!r}") from None
         finally:
             self._pending.pop(seq, None)
-            self._returned.discard(seq)
+        if failure is not None:
+            raise failure
+
+    def _check_size(self, properties: pika.spec.BasicProperties) -> None:
+        # A content header over frame_max makes the broker close the whole connection.
+        try:
+            size = sum(len(part) for part in properties.encode()) + HEADER_FRAME_OVERHEAD
+        except Exception as exc:  # noqa: BLE001 - pika's encoder on user data
+            raise TypeError(f"amqp.publish: headers: a key or value cannot be sent in AMQP "
+                            f"headers ({type(exc).__name__}: {exc})") from None
+        if size > self.frame_max:
+            raise PublishError(f"headers too large for a frame: the content header would be "
+                               f"{size} bytes, over the broker's frame_max ({self.frame_max}); "
+                               "nothing was sent")
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        ok = isinstance(method, pika.spec.Basic.Ack)
-        tags = [tag for tag in self._pending if tag <= method.delivery_tag] \
-            if method.multiple else [method.delivery_tag]
+        nacked = isinstance(method, pika.spec.Basic.Nack)
+        if method.multiple:
+            tags = []
+            for tag in self._pending:
+                if tag > method.delivery_tag:
+                    break
+                tags.append(tag)
+        else:
+            tags = [method.delivery_tag]
         for tag in tags:
             pending = self._pending.pop(tag, None)  # settled once, whatever follows
-            if pending is not None:
-                pending[0].set(ok and tag not in self._returned)
+            if pending is None:
+                continue  # not waited for (publisher_confirms: false), or timed out
+            where = f"exchange {pending.exchange!r} routing key {pending.routing_key!r}"
+            if nacked:
+                pending.result.set(PublishNacked(f"the broker nacked the message to {where}: "
+                                                 "it did not take it"))
+            elif pending.returned is not None:
+                code, text = pending.returned.reply_code, pending.returned.reply_text
+                pending.result.set(PublishReturned(
+                    f"the broker returned the message to {where} as unroutable "
+                    f"(mandatory): {code} {text}", code, text))
+            else:
+                pending.result.set(None)
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         # A return precedes the ack of its publish and carries no sequence number: it
-        # belongs to the oldest pending publish with this routing key and body that
-        # was not already returned.
-        for seq, (_, routing_key, sent) in self._pending.items():
-            if seq not in self._returned and routing_key == method.routing_key and sent == body:
-                self._returned.add(seq)
-                # The caller's failure log says so, summarised: this could repeat fast.
-                log.debug("the broker returned a message published to %r: %s %s",
-                          routing_key, method.reply_code, method.reply_text)
+        # belongs to the oldest pending mandatory publish with this exchange, routing
+        # key and body that was not already returned.
+        for pending in self._pending.values():
+            if pending.mandatory and pending.returned is None \
+                    and pending.routing_key == method.routing_key \
+                    and pending.exchange == method.exchange and pending.body == body:
+                pending.returned = method
                 return
+        self._on_unclaimed_return(method)
 
     def _on_close(self, channel: Any, reason: Any) -> None:
         self.open = False
-        for result, _, _ in list(self._pending.values()):
-            result.set(False)
-
-    def close(self) -> None:
-        self.open = False
-        self.sync.close()
-
-
-class PublisherRef:
-    """The current session's Publisher, or None while there is none; the dispatcher
-    sets it with ``set``."""
-
-    __slots__ = ("current", "_ready")
-
-    def __init__(self) -> None:
-        self.current: Publisher | None = None
-        self._ready = gevent.event.Event()
-
-    def set(self, publisher: Publisher | None) -> None:
-        self.current = publisher
-        if publisher is None:
-            self._ready.clear()
+        self.close_reason = reason
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            why = f"the broker closed the publishing channel: {describe_close(reason)}"
         else:
-            self._ready.set()
+            why = f"the publishing connection closed: {describe_close(reason)}"
+        for pending in self._pending.values():
+            pending.result.set(PublishError(f"{why}; the message to exchange "
+                                            f"{pending.exchange!r} may or may not have been "
+                                            "taken"))
+        self._pending.clear()
 
-    def fits(self, properties: pika.spec.BasicProperties) -> bool:
-        """Whether a message with these properties fits the connection's frame size: a
-        content header over it makes the broker close the whole connection."""
-        publisher = self.current
-        if publisher is None:
-            return True
-        size = sum(len(part) for part in properties.encode()) + HEADER_FRAME_OVERHEAD
-        return size <= publisher.frame_max
+
+# -- one consumer entry's publishing ----------------------------------------------
+
+class Publisher:
+    """One consumer entry's publishing: its channel on the publishing connection,
+    opened by the first publish and reopened by the next one after a close."""
+
+    def __init__(self, publishing: PublishingConnection, name: str) -> None:
+        self.publishing = publishing
+        self.name = name  # "consumers[0] (orders)", for the log
+        self._channel: ConfirmChannel | None = None
+        self._opening = gevent.lock.Semaphore()  # one greenlet opens, the others wait
+        self._last_close = -STABLE_SESSION
+        self._reopen_delay = 0.0
+        self._reopen_at = 0.0
+        self._returns = 0  # returns nobody waited for, since the last line about them
+        self._returns_logged_at = -RETURNS_LOG_INTERVAL
+
+    def publish_message(self, exchange: Any, routing_key: Any, headers: Any, body: Any,
+                        mandatory: Any, options: dict[str, Any]) -> None:
+        """``amqp.publish``: check the arguments, publish, and with publisher_confirms
+        wait for the broker's confirm."""
+        data, properties = build_message(exchange, routing_key, headers, body, mandatory,
+                                         options)
+        self.publish(exchange, routing_key, data, properties, mandatory,
+                     self.publishing.confirms)
 
     def publish(self, exchange: str, routing_key: str, body: bytes,
-                properties: pika.spec.BasicProperties) -> bool:
-        # While the channel is being reopened, wait a little rather than fail at once
-        # (the caller would requeue the message, and it would fail again at once).
-        self._ready.wait(WAIT_FOR_CHANNEL)
-        publisher = self.current
-        if publisher is None:
-            return False
-        return publisher.publish(exchange, routing_key, body, properties)
+                properties: pika.spec.BasicProperties, mandatory: bool = True,
+                confirm: bool = True) -> None:
+        """Publish, within PUBLISH_TIMEOUT; raises PublishError (or a subclass)."""
+        deadline = time.monotonic() + self.publishing.timeout
+        channel = self._channel
+        if channel is None or not channel.open or not self.publishing.usable.is_set():
+            channel = self._ready_channel(deadline)
+        channel.publish(exchange, routing_key, body, properties, mandatory, confirm, deadline)
 
+    def _ready_channel(self, deadline: float) -> ConfirmChannel:
+        self.publishing.wait_usable(deadline)
+        if not self._opening.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise PublishTimeout(f"the publishing channel of {self.name} did not open within "
+                                 f"{self.publishing.timeout:g}s")
+        try:
+            channel = self._channel
+            if channel is not None and channel.open:  # opened by another greenlet meanwhile
+                return channel
+            wait = self._reopen_at - time.monotonic()
+            if wait > 0:
+                gevent.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() < self._reopen_at:
+                    raise PublishTimeout(f"the broker keeps closing the publishing channel "
+                                         f"of {self.name}: it is reopened in "
+                                         f"{self._reopen_at - time.monotonic():.1f}s, after "
+                                         "this publish's time ran out")
+            self._channel = channel = self._open(self.publishing.wait_usable(deadline))
+            return channel
+        finally:
+            self._opening.release()
+
+    def _open(self, connection: Any) -> ConfirmChannel:
+        try:
+            channel = ConfirmChannel.open_on(connection, self._unclaimed_return,
+                                          self.publishing.timeout)
+        except BrokerError as exc:
+            raise PublishError(f"cannot open the publishing channel of {self.name}: {exc}") \
+                from None
+        channel.channel.add_on_close_callback(
+            lambda _, reason: self._on_channel_closed(reason))
+        return channel
+
+    def _on_channel_closed(self, reason: Any) -> None:
+        """Runs in the I/O loop: log a close by the broker and set the reopening backoff."""
+        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return  # closed with the connection (logged once for all) or by us
+        now = time.monotonic()
+        if now - self._last_close >= STABLE_SESSION:
+            self._reopen_delay = 0.0
+            when = "the next publish reopens it"
+        else:
+            self._reopen_delay = min(max(self._reopen_delay * 2, REOPEN_FIRST_DELAY),
+                                     REOPEN_MAX_DELAY)
+            when = (f"it was closed again within {STABLE_SESSION:g}s: the next publish "
+                    f"reopens it after {self._reopen_delay:g}s")
+        self._last_close = now
+        self._reopen_at = now + self._reopen_delay
+        log.error("the broker closed the publishing channel of %s: %s; %s", self.name,
+                  describe_close(reason), when)
+
+    def _unclaimed_return(self, method: Any) -> None:
+        """A mandatory message came back and no publish waits for it (publisher_confirms:
+        false): logged, at most once per RETURNS_LOG_INTERVAL, as this could repeat fast."""
+        self._returns += 1
+        now = time.monotonic()
+        if now - self._returns_logged_at >= RETURNS_LOG_INTERVAL:
+            log.warning("%s: the broker returned %d message(s) published with mandatory=True "
+                        "as unroutable (last: exchange %r routing key %r: %s %s); "
+                        "publisher_confirms is off, so amqp.publish could not raise",
+                        self.name, self._returns, method.exchange, method.routing_key,
+                        method.reply_code, method.reply_text)
+            self._returns, self._returns_logged_at = 0, now
+
+
+# -- the process's publishing connection ------------------------------------------
+
+class PublishingConnection:
+    """The process's connection for publishing: opened on first use, reconnected with
+    backoff, ``connection.blocked`` honoured. ``confirms``: whether ``amqp.publish``
+    waits for the broker's confirm (the config's ``publisher_confirms``)."""
+
+    def __init__(self, settings: Settings, confirms: bool,
+                 timeout: float = PUBLISH_TIMEOUT) -> None:
+        self.settings = settings
+        self.confirms = confirms
+        self.timeout = timeout
+        self.connection: Any = None
+        self.blocked = False
+        self.usable = gevent.event.Event()  # set while open and not blocked
+        self._keeper: gevent.Greenlet | None = None
+        self._closing = False
+
+    def publisher(self, name: str) -> Publisher:
+        """A consumer entry's Publisher; nothing is opened until it publishes."""
+        return Publisher(self, name)
+
+    def wait_usable(self, deadline: float) -> Any:
+        """The open, unblocked connection; the first call opens it. PublishTimeout at the
+        deadline."""
+        if self._keeper is None:
+            if self._closing:
+                raise PublishError("amqp-dispatcher is stopping: the publishing connection "
+                                   "is closed")
+            self._keeper = gevent.spawn(self._keep)
+            self._keeper.name = "publishing connection"
+        if not self.usable.wait(max(0.0, deadline - time.monotonic())):
+            state = ("blocked by the broker (a resource alarm: memory or disk)" if self.blocked
+                     else "not open (the broker is unreachable)")
+            raise PublishTimeout(f"the publishing connection stayed {state} for "
+                                 f"{self.timeout:g}s; nothing was sent")
+        return self.connection
+
+    def _keep(self) -> None:
+        """Open the connection, and open it again whenever it is lost, with backoff."""
+        delay = RECONNECT_FIRST_DELAY
+        while True:
+            try:
+                connection = connect(self.settings, purpose="publisher")
+            except BrokerError as exc:
+                wait = random.uniform(delay / 2, delay)
+                log.error("cannot open the publishing connection: %s; retrying in %.1fs",
+                          exc, wait)
+            else:
+                opened_at = time.monotonic()
+                reason = self._serve(connection)
+                if time.monotonic() - opened_at >= STABLE_SESSION:
+                    delay = RECONNECT_FIRST_DELAY
+                wait = random.uniform(delay / 2, delay)
+                log.error("the publishing connection to the broker was lost: %s; "
+                          "reconnecting in %.1fs", describe_close(reason), wait)
+            gevent.sleep(wait)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    def _serve(self, connection: Any) -> Any:
+        """Publish on this connection until it is lost; return why it was."""
+        lost: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        connection.add_on_close_callback(lambda _, reason: lost.set(reason))
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self.connection, self.blocked = connection, False
+        self.usable.set()
+        try:
+            return lost.get()
+        finally:
+            self.usable.clear()
+            self.connection = None
+
+    def _on_blocked(self, connection: Any, frame: Any) -> None:
+        if connection is not self.connection:
+            return
+        self.blocked = True
+        self.usable.clear()
+        log.warning("the broker blocked the publishing connection (%s): publishes wait for "
+                    "it, up to %gs each, then fail; consuming and acking go on",
+                    getattr(frame.method, "reason", "resource alarm"), self.timeout)
+
+    def _on_unblocked(self, connection: Any, frame: Any) -> None:
+        if connection is not self.connection:
+            return
+        self.blocked = False
+        if connection.is_open:
+            self.usable.set()
+        log.info("the broker unblocked the publishing connection: publishing resumes")
+
+    def close(self) -> None:
+        """At stop, after the drain: close the connection, waiting at most CLOSE_TIMEOUT.
+        Publishing after this raises PublishError."""
+        self._closing = True
+        keeper, self._keeper = self._keeper, None
+        connection = self.connection
+        if keeper is not None:
+            keeper.kill()
+        self.usable.clear()
+        if connection is None or connection.is_closed:
+            return
+        closed = gevent.event.Event()
+        connection.add_on_close_callback(lambda *_: closed.set())
+        if not connection.is_closing:
+            try:
+                connection.close()
+            except pika.exceptions.AMQPError:
+                return  # closed in the same read
+        closed.wait(timeout=CLOSE_TIMEOUT)

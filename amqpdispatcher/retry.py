@@ -5,7 +5,8 @@ A failure is ``consume`` raising, or running past the entry's ``time_limit``
 settled itself (``amqp.ack()``, ``nack()``, ``reject()``) never reaches the
 policy. ``FailurePolicy.failed`` decides, for one failed delivery:
 
-- no ``retry:`` on the entry: reject and requeue at once (as 0.4.3);
+- no ``retry:`` on the entry: reject and requeue at once (as 0.4.3); on a
+  stream, ack (a stream takes no reject, and keeps the message anyway);
 - attempts left: publish the message (confirmed) to the delay queue for its
   next delay, ``<queue>.retry.<ms>ms``, whose message TTL dead-letters it back
   to the entry's queue through the default exchange; then ack the original;
@@ -16,9 +17,9 @@ policy. ``FailurePolicy.failed`` decides, for one failed delivery:
 Nothing waits in this process: the delay and the attempt count travel with the
 message on the broker (ATTEMPT_HEADER), so they survive a restart and are the
 same whichever process gets the message next. A publish the broker did not
-confirm leaves the original unacked: it is rejected with requeue, or left to
-the broker if its channel is already gone. A message can be duplicated by a
-crash between the confirm and the ack, never lost.
+confirm (``publisher.PublishError``) leaves the original unacked: it is rejected
+with requeue, or left to the broker if its channel is already gone. A message can
+be duplicated by a crash between the confirm and the ack, never lost.
 
 Failures without a policy can repeat as fast as the broker redelivers; their
 log lines are summarised (FailureLog).
@@ -39,7 +40,9 @@ import pika.spec
 
 from .acks import Acknowledger
 from .config import Config, ConsumerConfig, QueueConfig, describe_exception
-from .publisher import PublisherRef
+from .logs import delivery_fields
+from .metrics import DEAD_LETTER, RETRY
+from .publisher import Publisher, PublishError, PublishReturned
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -246,8 +249,9 @@ class FailureLog:
         self.interval = interval
         self._kinds: dict[tuple[str, str], _Kind] = {}
 
-    def failed(self, exc: BaseException, what: str) -> None:
-        """One failure; ``what`` says what happened to the message ("requeued")."""
+    def failed(self, exc: BaseException, what: str, fields: dict[str, Any]) -> None:
+        """One failure; ``what`` says what happened to the message ("requeued");
+        ``fields``: the delivery's (logs.delivery_fields), for a line that is logged."""
         key = (type(exc).__name__, _location(exc))
         kind = self._kinds.get(key)
         if kind is not None:
@@ -257,7 +261,7 @@ class FailureLog:
         self._kinds[key] = _Kind(since=time.monotonic())
         log.error("%s: consume raised %s; %s (identical failures are summarised every %gs)",
                   self.consumer, describe_exception(exc), what, self.interval,
-                  exc_info=(type(exc), exc, exc.__traceback__))
+                  exc_info=(type(exc), exc, exc.__traceback__), extra=fields)
         gevent.spawn_later(self.interval, self._summarise, key)
 
     def _summarise(self, key: tuple[str, str]) -> None:
@@ -275,58 +279,77 @@ class FailureLog:
 class FailurePolicy:
     """One consumer entry's answer to a failed delivery (see the module docstring)."""
 
-    def __init__(self, entry: ConsumerConfig, publisher: PublisherRef) -> None:
+    def __init__(self, entry: ConsumerConfig, publisher: Publisher) -> None:
         self.entry = entry
         self.retry = entry.retry
         self.publisher = publisher
         self.failures = FailureLog(entry.consumer)
+        # Without a retry policy; on a stream the reject is an ack (see acks.py).
+        self.without_retry = ("message acked (a stream keeps it, and does not deliver it "
+                              "again)" if entry.stream else "message requeued")
 
     def failed(self, acker: Acknowledger, method: Any, properties: Any, body: bytes,
                exc: BaseException) -> None:
         tag = method.delivery_tag
         retry = self.retry
+        attempt = attempt_of(properties)
         if retry is None:
             acker.reject(tag, requeue=True)
-            self.failures.failed(exc, "message requeued")
+            outcome = "ack" if self.entry.stream else "requeue"
+            self.failures.failed(exc, self.without_retry,
+                                 self._fields(acker, tag, outcome, attempt))
             return
         if not acker.open:  # its channel is gone: the broker redelivers it
+            acker.drop()
             log.warning("%s: consume raised %s; its channel closed meanwhile: the broker "
-                        "redelivers the message", self.entry.consumer, describe_exception(exc))
+                        "redelivers the message", self.entry.consumer, describe_exception(exc),
+                        extra=self._fields(acker, tag, "dropped", attempt))
             return
-        attempt = attempt_of(properties)
         now = time.time()
         if attempt < retry.max_attempts:
             delay_ms = retry.delay_ms(attempt)
             queue = delay_queue_name(self.entry.queue, delay_ms)
             headers = retry_headers(properties.headers, attempt, method, now)
-            if self._move(acker, tag, exc, queue, body, _republished(properties, headers)):
+            if self._move(acker, tag, attempt, exc, queue, body,
+                          _republished(properties, headers), RETRY):
                 log.info("%s: consume raised %s; attempt %d of %d, retrying in %gs",
                          self.entry.consumer, describe_exception(exc), attempt,
-                         retry.max_attempts, delay_ms / 1000)
+                         retry.max_attempts, delay_ms / 1000,
+                         extra=self._fields(acker, tag, "retry", attempt))
             return
         if retry.dead_letter_queue is None:
             acker.reject(tag, requeue=False)
             log.warning("%s: consume raised %s; attempt %d of %d, giving up: rejected without "
                         "requeue (the queue's dead-letter exchange, if any, receives it)",
                         self.entry.consumer, describe_exception(exc), attempt,
-                        retry.max_attempts)
+                        retry.max_attempts, extra=self._fields(acker, tag, "reject", attempt))
             return
         headers = dead_letter_headers(properties.headers, exc, attempt, method, self.entry, now)
-        if self._move(acker, tag, exc, retry.dead_letter_queue, body,
-                      _republished(properties, headers)):
+        if self._move(acker, tag, attempt, exc, retry.dead_letter_queue, body,
+                      _republished(properties, headers), DEAD_LETTER):
             log.warning("%s: consume raised %s; attempt %d of %d, giving up: moved to %s",
                         self.entry.consumer, describe_exception(exc), attempt,
-                        retry.max_attempts, retry.dead_letter_queue)
+                        retry.max_attempts, retry.dead_letter_queue,
+                        extra=self._fields(acker, tag, "dead_letter", attempt))
 
-    def _move(self, acker: Acknowledger, tag: int, exc: BaseException, queue: str,
-              body: bytes, properties: pika.spec.BasicProperties) -> bool:
-        """Publish to ``queue`` and ack the original once confirmed; else requeue it."""
-        if self.publisher.fits(properties) and self.publisher.publish("", queue, body,
-                                                                      properties):
-            acker.ack(tag)
-            return True
-        acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
-        self.failures.failed(exc, f"could not move the message to {queue} (headers too "
-                                  "large for a frame, not confirmed by the broker, or "
-                                  "returned as unroutable: was the queue deleted?); requeued")
-        return False
+    def _fields(self, acker: Acknowledger, tag: int, outcome: str,
+                attempt: int) -> dict[str, Any]:
+        """The log line's delivery fields; the outcome is "dropped" if the settle could
+        not be sent."""
+        return delivery_fields(self.entry, tag, outcome if acker.open else "dropped", attempt)
+
+    def _move(self, acker: Acknowledger, tag: int, attempt: int, exc: BaseException, queue: str,
+              body: bytes, properties: pika.spec.BasicProperties, outcome: int) -> bool:
+        """Publish to ``queue`` and ack the original once confirmed, counted as ``outcome``
+        (metrics.RETRY or DEAD_LETTER); else requeue it."""
+        try:
+            self.publisher.publish("", queue, body, properties, mandatory=True)
+        except PublishError as not_moved:
+            acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
+            hint = " (was the queue deleted?)" if isinstance(not_moved, PublishReturned) else ""
+            self.failures.failed(exc, f"could not move the message to {queue}: "
+                                      f"{not_moved}{hint}; requeued",
+                                 self._fields(acker, tag, "requeue", attempt))
+            return False
+        acker.ack_now(tag, outcome)
+        return True

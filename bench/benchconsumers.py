@@ -1,7 +1,19 @@
 """Consumers for the benchmark, importable by this dispatcher and by 0.11.0 alike.
 
 Each counts the messages it handles and, at the N-th, writes the time of the
-first and the last and the bytes seen to $BENCH_OUT.
+first and the last and the bytes seen to $BENCH_OUT. With $BENCH_SPLIT set (a
+dispatcher with --processes, whose workers each handle a share of the N), each
+process writes the time of its first and last message, its count and its bytes
+to $BENCH_OUT.<pid> instead, ten times a second while they change, and the
+benchmark adds them up; and the first message of each waits until the file
+$BENCH_GO exists, which the benchmark creates once every worker consumes, so
+that the clock starts when all of them do (workers start some 0.1 s apart).
+
+CpuBound spends CPU_SECONDS (2 ms) of CPU on each message without yielding: one
+process is one core.
+
+Republish publishes each message's body to $BENCH_PUBLISH_TO through the default
+exchange (one publish per input, as a consumer that forwards work does).
 
 Flaky fails (raises) on the first attempt of every FLAKY_EVERY-th call in the
 process: with a retry policy about one message in ten fails once, then succeeds.
@@ -20,7 +32,11 @@ import gevent
 N = int(os.environ.get("BENCH_N", "0"))
 OUT = os.environ.get("BENCH_OUT", "/dev/null")
 SLEEP = float(os.environ.get("BENCH_SLEEP", "0"))
-_state = {"count": 0, "first": None, "bytes": 0, "calls": 0}
+PUBLISH_TO = os.environ.get("BENCH_PUBLISH_TO", "")
+SPLIT = bool(os.environ.get("BENCH_SPLIT"))
+GO = os.environ.get("BENCH_GO", "")
+_state = {"count": 0, "first": None, "last": None, "bytes": 0, "calls": 0}
+REPORT_EVERY = 0.1
 
 HEAVY_EVERY = 100  # every 100th call is slow
 HEAVY_SLOW = 2.0
@@ -35,16 +51,47 @@ def heavy_tail_duration(k):
 def tick(size):
     state = _state
     if state["first"] is None:
-        state["first"] = time.time()
+        while SPLIT and not os.path.exists(GO):
+            gevent.sleep(0.01)
+        if state["first"] is None:  # (other instances may have waited at the gate too)
+            state["first"] = time.time()
+            if SPLIT:
+                gevent.spawn(_report)
     state["count"] += 1
     state["bytes"] += size
-    if state["count"] == N:
+    if SPLIT:
+        state["last"] = time.time()
+    elif state["count"] == N:
         with open(OUT, "w") as handle:
             handle.write(f"{state['first']:f} {time.time():f} {state['bytes']}\n")
 
 
+def _report():
+    """This process's share, written whole (rename) whenever it changed."""
+    path = f"{OUT}.{os.getpid()}"
+    reported = None
+    while True:
+        state = _state
+        line = f"{state['first']:f} {state['last']:f} {state['count']} {state['bytes']}\n"
+        if line != reported:
+            with open(path + ".tmp", "w") as handle:
+                handle.write(line)
+            os.replace(path + ".tmp", path)
+            reported = line
+        gevent.sleep(REPORT_EVERY)
+
+
 class NoOp:
     def consume(self, amqp, msg):
+        tick(len(msg.body))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class Republish:
+    def consume(self, amqp, msg):
+        amqp.publish("", PUBLISH_TO, None, msg.body)
         tick(len(msg.body))
 
     def shutdown(self, exception=None):
@@ -73,6 +120,22 @@ class HeavyTail:
             state["first"] = time.time()
         state["calls"] += 1
         gevent.sleep(heavy_tail_duration(state["calls"]))
+        tick(len(msg.body))
+
+    def shutdown(self, exception=None):
+        pass
+
+
+CPU_SECONDS = 0.002
+
+
+class CpuBound:
+    """Spends CPU_SECONDS of this thread's CPU time per message, never yielding."""
+
+    def consume(self, amqp, msg):
+        end = time.thread_time() + CPU_SECONDS
+        while time.thread_time() < end:
+            pass
         tick(len(msg.body))
 
     def shutdown(self, exception=None):

@@ -12,6 +12,25 @@ Messages/s are measured inside the consumer, from the first to the last handled
 message. After each run the queue must be empty: nothing unacked, nothing lost.
 A throughput run that does not finish within its timeout is reported as failed.
 
+System dispatcher-http (workload 1 only): this dispatcher with the `http` endpoint on
+(which also times every consume call for the histogram), /metrics fetched once a
+second by the benchmark process from the moment the dispatcher starts.
+
+Systems publish-confirms and publish-no-confirms (workload 8 only): this dispatcher
+with benchconsumers.Republish, which publishes one message per input to the
+workload's output queue, with publisher_confirms true (the default: each publish
+waits for the broker's confirm) and false; next to the same no-op run without
+publishing. Every input must have been published to the output queue.
+
+System dispatcher-p2 (workloads 1 and 9): this dispatcher with --processes 2, an
+arbiter and two worker processes. Each worker reports its share of the messages
+(benchconsumers, $BENCH_SPLIT); the rate is the total over the time from the
+first message any worker handled to the last, and the workers' first messages
+wait until every worker consumes (they start some 0.1 s apart). Its CPU is the
+arbiter's and the workers' together; its peak RSS the largest of one process.
+Workload 9 (2 ms of CPU per message) is where one process is one core: target
+dispatcher-p2 >= 1.6x dispatcher on two cores, which the broker shares.
+
 System dispatcher-flaky (workload 7 only): this dispatcher with benchconsumers.Flaky
 (one message in ten fails once) and a retry policy (delay 0.1 s), next to the same
 no-op run without failures.
@@ -37,7 +56,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +70,7 @@ WORK = BENCH / "work"
 sys.path.insert(0, str(REPO / "tests"))
 
 from benchconsumers import heavy_tail_duration  # noqa: E402
-from rabbitnode import Broker  # noqa: E402
+from rabbitnode import Broker, free_port  # noqa: E402
 
 LEGACY_PY = WORK / "ad-0.11.0" / "bin" / "python"
 SCRIPT = str(Path(sys.executable).parent / "amqp-dispatcher")
@@ -63,11 +84,13 @@ def ensure_legacy() -> None:
                     "pika<1.0", "six"], check=True)
 
 
-def publish(url: str, queue: str, count: int, size: int) -> None:
+def publish(url: str, queue: str, count: int, size: int, empty: tuple[str, ...] = ()) -> None:
+    """Put ``count`` messages in ``queue``, emptied first with the ``empty`` queues."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    channel.queue_declare(queue, durable=True)
-    channel.queue_purge(queue)
+    for name in (queue, *empty):
+        channel.queue_declare(name, durable=True)
+        channel.queue_purge(name)
     body = b"x" * size
     for _ in range(count):
         channel.basic_publish("", queue, body)
@@ -79,22 +102,39 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
     return int(info["messages_ready"]), int(info["messages_unacknowledged"])
 
 
-def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str, str]]:
+# Systems whose messages are handled by several processes, each reporting its share.
+SPLIT_SYSTEMS = ("dispatcher-p2",)
+
+
+def command(system: str, workload: dict, tmp: Path,
+            http_port: int | None) -> tuple[list[str], dict[str, str]]:
     queue, count, prefetch = workload["queue"], workload["consumers"], workload["prefetch"]
     consumer = workload.get("consumer") or ("Sleep" if workload.get("sleep") else "NoOp")
-    retry = ""
+    retry = top = ""
+    queues = f"  - queue: {queue}\n    bindings: []\n"
     if system == "dispatcher-flaky":
         consumer = "Flaky"
         retry = "    retry:\n      max_attempts: 3\n      delay: 0.1\n"
+    if system.startswith("publish-"):
+        consumer = "Republish"
+        queues += f"  - queue: {workload['output']}\n"
+        top = f"publisher_confirms: {str(system == 'publish-confirms').lower()}\n"
+    if http_port:
+        top += f"http:\n  port: {http_port}\n"
     config = tmp / f"{system}.yml"
-    config.write_text(f"queues:\n  - queue: {queue}\n    bindings: []\n"
+    config.write_text(f"{top}queues:\n{queues}"
                       f"consumers:\n  - consumer: benchconsumers:{consumer}\n"
                       f"    queue: {queue}\n"
                       f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n{retry}")
-    env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer}
-    if system in ("dispatcher", "dispatcher-flaky"):
+    env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer,
+           "BENCH_PUBLISH_TO": workload.get("output", "")}
+    if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http", "dispatcher-p2",
+                  "publish-confirms", "publish-no-confirms"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
+        if system in SPLIT_SYSTEMS:
+            env["BENCH_SPLIT"] = "1"
+            return [SCRIPT, "--processes", "2", "--config", str(config)], env
         return [SCRIPT, "--config", str(config)], env
     if system == "ad-0.11.0":
         env["RABBITMQ_HEARTBEAT"] = "60"
@@ -105,13 +145,59 @@ def command(system: str, workload: dict, tmp: Path) -> tuple[list[str], dict[str
 
 
 def start(system: str, workload: dict, broker: Broker, tmp: Path,
-          out: Path) -> subprocess.Popen[bytes]:
-    argv, env = command(system, workload, tmp)
+          out: Path, http_port: int | None = None) -> subprocess.Popen[bytes]:
+    argv, env = command(system, workload, tmp, http_port)
+    go = tmp / "go"
+    go.unlink(missing_ok=True)
     full_env = dict(os.environ, RABBITMQ_URL=broker.url, BENCH_N=str(workload.get("count", 0)),
-                    BENCH_OUT=str(out), BENCH_SLEEP=str(workload.get("sleep", 0)), **env)
-    log = open(tmp / f"{system}.log", "wb")
-    return subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                    BENCH_OUT=str(out), BENCH_SLEEP=str(workload.get("sleep", 0)),
+                    BENCH_GO=str(go), **env)
+    log_path = tmp / f"{system}.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
+    if system in SPLIT_SYSTEMS:  # the workers' clocks start once every one consumes
+        deadline = time.monotonic() + 60
+        while "workers consuming" not in log_path.read_text(errors="replace") \
+                and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+    return proc
+
+
+class Scraper:
+    """Fetches /metrics once a second in a thread, as Prometheus would, from the moment
+    the port answers; keeps when each scrape started and how long it took."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.scrapes: list[tuple[float, float]] = []  # (wall clock start, seconds)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            started, wall = time.monotonic(), time.time()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                self.scrapes.append((wall, time.monotonic() - started))
+                pause = 1.0 - (time.monotonic() - started)
+            except OSError:
+                pause = 0.05  # not listening yet
+            if self.stopped.wait(max(0.0, pause)):
+                return
+
+    def stop(self, result: dict) -> dict:
+        """The result with the scrapes made within its measured window, and their median
+        duration (ms) over the whole run."""
+        self.stopped.set()
+        self.thread.join()
+        window = result.get("window", (0.0, 0.0))
+        return dict(result, scrapes=sum(window[0] <= t <= window[1] for t, _ in self.scrapes),
+                    scrape_ms=statistics.median(s for _, s in self.scrapes) * 1000
+                    if self.scrapes else None)
 
 
 def finish(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
@@ -149,16 +235,45 @@ def wait_requeued(broker: Broker, queue: str, limit: float = 15.0) -> None:
         time.sleep(0.2)
 
 
+def handled(out: Path, total: int, split: bool) -> tuple[float, float, int] | None:
+    """(time of the first message, of the last, bytes) once all `total` were handled."""
+    if not split:
+        if not out.exists() or not out.read_text().endswith("\n"):
+            return None
+        first, last, nbytes = out.read_text().split()
+        return float(first), float(last), int(nbytes)
+    shares = [path.read_text().split() for path in out.parent.glob(f"{out.name}.*")
+              if not path.name.endswith(".tmp")]
+    if sum(int(count) for _, _, count, _ in shares) < total:
+        return None
+    return (min(float(first) for first, _, _, _ in shares),
+            max(float(last) for _, last, _, _ in shares),
+            sum(int(nbytes) for _, _, _, nbytes in shares))
+
+
 def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
     queue, total = workload["queue"], workload["count"]
-    publish(broker.url, queue, total, workload["size"])
+    output = workload.get("output") if system.startswith("publish-") else None
+    publish(broker.url, queue, total, workload["size"], (output,) if output else ())
     out = tmp / "out.txt"
-    out.unlink(missing_ok=True)
-    proc = start(system, workload, broker, tmp, out)
+    for old in (out, *tmp.glob("out.txt.*")):
+        old.unlink(missing_ok=True)
+    http_port = free_port() if system == "dispatcher-http" else None
+    proc = start(system, workload, broker, tmp, out, http_port)
+    scraper = Scraper(http_port) if http_port else None
+    result = _measure(system, workload, broker, tmp, proc, out)
+    return scraper.stop(result) if scraper is not None else result
+
+
+def _measure(system: str, workload: dict, broker: Broker, tmp: Path,
+             proc: subprocess.Popen[bytes], out: Path) -> dict:
+    queue, total = workload["queue"], workload["count"]
+    output = workload.get("output") if system.startswith("publish-") else None
+    split = system in SPLIT_SYSTEMS
     timeout = workload.get("timeout", 300)
     log = tmp / f"{system}.log"
     deadline = time.monotonic() + timeout
-    while not out.exists() or not out.read_text().endswith("\n"):
+    while (result := handled(out, total, split)) is None:
         if proc.poll() is not None:
             code = proc.returncode
             finish(proc)
@@ -166,7 +281,7 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
             return {"error": f"exited with code {code} before finishing; see {log}"}
         if time.monotonic() > deadline:
             ready, unacked = counts(broker, queue)  # rabbitmqctl: takes about a second
-            late = out.exists() and out.read_text().endswith("\n")
+            late = handled(out, total, split) is not None
             finish(proc)
             wait_requeued(broker, queue)
             acked = total - ready - unacked
@@ -174,13 +289,19 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
                              f"of {total:,} acked, {unacked} unacked"
                              f"{'; it finished just after' if late else ''}); see {log}"}
         time.sleep(0.05)
-    first, last, nbytes = out.read_text().split()
-    elapsed = float(last) - float(first)
+    first, last, nbytes = result
+    elapsed = last - first
     time.sleep(0.5)  # the last acks reach the broker
     remaining = counts(broker, workload["queue"])
     rss, cpu = finish(proc)
+    if output:  # every input published: without confirms, the last may still be arriving
+        end = time.monotonic() + 10
+        while (published := counts(broker, output)[0]) < total and time.monotonic() < end:
+            time.sleep(0.2)
+        if published != total:
+            return {"error": f"{published:,} of {total:,} inputs published to {output}"}
     return {"rate": workload["count"] / elapsed, "mbps": int(nbytes) / elapsed / 1e6,
-            "rss": rss, "cpu": cpu, "left": remaining}
+            "rss": rss, "cpu": cpu, "left": remaining, "window": (float(first), float(last))}
 
 
 def run_idle(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
@@ -220,7 +341,13 @@ def run_scale(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
 WORKLOADS = [
     {"name": "1. no-op 30k x 100 B, 10 consumers, prefetch 100", "kind": "throughput",
      "queue": "bench_noop", "count": 30000, "size": 100, "consumers": 10, "prefetch": 100,
-     "systems": ["raw-ack", "raw-spawn", "dispatcher", "ad-0.11.0"]},
+     "systems": ["raw-ack", "raw-spawn", "dispatcher", "dispatcher-http", "dispatcher-p2",
+                 "ad-0.11.0"],
+     "note": "dispatcher-http: the same with the `http` endpoint on (each consume call "
+             "timed for the histogram) and /metrics fetched once a second by the "
+             "benchmark from the dispatcher's start. dispatcher-p2 (--processes 2) must not "
+             "be slower than dispatcher: a no-op consumer is bound by the broker and the "
+             "client, not by one core."},
     {"name": "2a. sleep 0.05 s, 20k, 200 consumers, prefetch 200", "kind": "throughput",
      "queue": "bench_io", "count": 20000, "size": 100, "consumers": 200, "prefetch": 200,
      "sleep": 0.05, "systems": ["raw-spawn", "dispatcher", "ad-0.11.0"], "baseline": "raw-spawn"},
@@ -251,6 +378,24 @@ WORKLOADS = [
      "note": "dispatcher: no failures; dispatcher-flaky: 2,000 failures, each one a confirmed "
              "publish to the delay queue, an ack, an instance replaced, and the message "
              "consumed again 0.1 s later."},
+    {"name": "8. publish from consume: 20k x 100 B, 50 consumers, prefetch 100, one publish "
+             "per input, with and without publisher confirms",
+     "kind": "throughput", "queue": "bench_publish", "output": "bench_publish.out",
+     "count": 20000, "size": 100, "consumers": 50, "prefetch": 100,
+     "systems": ["dispatcher", "publish-confirms", "publish-no-confirms"],
+     "baseline": "dispatcher",
+     "note": "dispatcher: no-op, no publish; publish-confirms: each consume publishes one "
+             "message to bench_publish.out and waits for the broker's confirm "
+             "(publisher_confirms: true, the default), 50 of them in flight at once; "
+             "publish-no-confirms: the same with publisher_confirms: false. Every run must "
+             "leave one message per input in bench_publish.out."},
+    {"name": "9. CPU-bound: 2 ms of CPU per message, 4k x 100 B, 4 consumers, prefetch 20, "
+             "--processes 1 vs 2",
+     "kind": "throughput", "queue": "bench_cpu", "count": 4000, "size": 100,
+     "consumers": 4, "prefetch": 20, "consumer": "CpuBound",
+     "systems": ["dispatcher", "dispatcher-p2"], "baseline": "dispatcher",
+     "note": "One process is one core: about 500 msg/s at most. Target: dispatcher-p2 "
+             "(--processes 2) >= 1.6x dispatcher on two cores, which the broker shares."},
 ]
 
 # Heavy tail: a run slower than about a fifth of the in-order bound is reported as
@@ -351,6 +496,7 @@ def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Pat
             base = [r["rate"] for r in per_system.get(baseline_name, []) if "rate" in r]
             base_median = statistics.median(base) if base else None
             bars: dict[str, float | None] = {}
+            scraped: list[str] = []
             for system, runs in per_system.items():
                 ok = [r for r in runs if "rate" in r]
                 failed = [r for r in runs if "rate" not in r]
@@ -366,6 +512,14 @@ def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Pat
                     ratio += (f"; {len(failed)} of {len(runs)} runs failed: "
                               f"{failed[0].get('error')}")
                 bars[system] = median
+                if "scrapes" in ok[0]:
+                    window = statistics.median(r["window"][1] - r["window"][0] for r in ok)
+                    took = [r["scrape_ms"] for r in ok if r["scrape_ms"] is not None]
+                    scraped.append(f"{system}: {sum(r['scrapes'] for r in ok)} scrape(s) of "
+                                   f"/metrics within its {len(ok)} measured window(s) "
+                                   f"(median {window:.2f} s); a scrape took "
+                                   + (f"{statistics.median(took):.1f} ms (median)" if took
+                                      else "(none answered)"))
                 lines.append(
                     f"| {system} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} "
                     f"| {statistics.median(r['mbps'] for r in ok):.1f} | {ratio} "
@@ -373,6 +527,8 @@ def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Pat
                     f"| {statistics.median(r['cpu'] for r in ok):.1f} "
                     f"| {', '.join(str(r['left']) for r in ok)} |")
             chart.append((workload, bars))
+            if scraped:
+                lines += [""] + scraped
         elif workload["kind"] == "idle":
             lines += ["| system | % of a core (median) | peak RSS MB |", "|---|---|---|"]
             for system, runs in per_system.items():
@@ -415,7 +571,8 @@ def draw_chart(chart: list[tuple[dict, dict[str, float | None]]], path: Path) ->
         names = list(systems)
         heights = [v or 0.0 for v in systems.values()]
         ax.bar(names, heights,
-               color=["tab:green" if s == "dispatcher" else "tab:gray" for s in names])
+               color=["tab:green" if s.startswith("dispatcher") else "tab:gray"
+                      for s in names])
         for i, value in enumerate(systems.values()):
             if value is None:
                 ax.text(i, 0, "did not\nfinish", ha="center", va="bottom", fontsize=7,

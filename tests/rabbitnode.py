@@ -93,6 +93,16 @@ class Broker:
             )
         return result.stdout
 
+    def plugins(self, *args: str, timeout: float = 60) -> str:
+        """rabbitmq-plugins on this node, e.g. ``plugins("enable", "rabbitmq_...")``."""
+        result = subprocess.run([_bin("rabbitmq-plugins"), "-n", self.node, *args],
+                                env=self.env(), capture_output=True, text=True,
+                                timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmq-plugins {' '.join(args)} failed: "
+                               f"{result.stdout}{result.stderr}")
+        return result.stdout
+
     def start(self, timeout: float = 90) -> None:
         log = open(self.base / "server.out", "ab")
         self.process = subprocess.Popen(

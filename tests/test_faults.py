@@ -166,9 +166,9 @@ def test_channel_closed_by_broker_is_reopened(broker: BrokerHandle, tmp_path: Pa
     proc = DispatcherProcess(tmp_path, misbehaving_config(), broker.url)
     try:
         proc.wait_consuming()
-        broker.publish("bad", "bad-publish")
-        wait_until(lambda: "done:bad-publish" in proc.records(), what="redelivered and done")
-        assert "the broker closed the channel of consumers[0] (bad): 404 NOT_FOUND" \
+        broker.publish("bad", "break-channel")
+        wait_until(lambda: "done:break-channel" in proc.records(), what="redelivered and done")
+        assert "the broker closed the channel of consumers[0] (bad): 406 PRECONDITION_FAILED" \
             in proc.output
         broker.publish("good", "other-entry")
         broker.publish("bad", "next")

@@ -1,16 +1,20 @@
-"""Password redaction: where logging formats output, never where a record is made."""
+"""Password redaction: where logging formats output, never where a record is made; in
+the text format and in JSON logs (LOG_FORMAT=json)."""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import logging.handlers
+import os
 import pickle
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from helpers import BrokerHandle, DispatcherProcess, wait_until
+from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 
 from amqpdispatcher import logs
 
@@ -233,3 +237,91 @@ def test_password_as_written_in_the_url_is_redacted_too(logger: logging.Logger) 
     out = capture(logger)
     logger.info("url=%s password=%s", url, settings.password)
     assert out.getvalue() == "INFO url=amqp://u:***@h/ password=***\n"
+
+
+# JSON logs (LOG_FORMAT=json).
+
+JSON_SECRET = 'pw"Zq\\ü81xK'  # a quote, a backslash and a non-ASCII letter: JSON escapes them
+
+
+def test_json_lines_carry_the_fields_and_hide_the_password(logger: logging.Logger) -> None:
+    logs.redact_password(JSON_SECRET)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger.addHandler(handler)
+    logger.info("plain line")
+    try:
+        raise ValueError(f"refused {JSON_SECRET}")
+    except ValueError:
+        logger.error("consume raised %s", JSON_SECRET, exc_info=True, extra={
+            "queue": "q", "consumer": "m:C", "delivery_tag": 7, "outcome": "requeue",
+            "attempt": 2})
+    logger.info("here", stack_info=True)
+    text = stream.getvalue()
+    for form in (JSON_SECRET, json.dumps(JSON_SECRET)[1:-1],
+                 json.dumps(JSON_SECRET, ensure_ascii=False)[1:-1]):
+        assert form not in text
+    plain, failure, stacked = (json.loads(line) for line in text.splitlines())
+    assert set(plain) == {"time", "level", "logger", "message", "pid"}
+    assert plain["level"] == "INFO" and plain["logger"] == "test-logs.redaction"
+    assert plain["message"] == "plain line" and plain["pid"] == os.getpid()
+    assert plain["time"].endswith("+00:00")
+    assert {k: failure[k] for k in ("message", "queue", "consumer", "delivery_tag", "outcome",
+                                    "attempt")} == {
+        "message": "consume raised ***", "queue": "q", "consumer": "m:C", "delivery_tag": 7,
+        "outcome": "requeue", "attempt": 2}
+    assert "Traceback (most recent call last)" in failure["exception"]
+    assert failure["exception"].endswith("ValueError: refused ***")
+    assert stacked["stack"].startswith("Stack (most recent call last)")
+
+
+def test_dispatcher_json_logs_parse_and_name_the_delivery(broker: BrokerHandle,
+                                                           tmp_path: Path) -> None:
+    user = f"json-{broker.vhost}"
+    broker.node.ctl("add_user", user, JSON_SECRET)
+    broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", ".*", ".*")
+    broker.declare("q")
+    url = broker.url.replace("guest:guest", f"{user}:{quote(JSON_SECRET, safe='')}")
+    config = "consumers:\n  - consumer: testconsumers:LogsBody\n    queue: q\n"
+    proc = DispatcherProcess(tmp_path, config, url, env={"LOG_FORMAT": "json"})
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "hello")
+        broker.publish("q", f"fail-{JSON_SECRET}")
+        wait_until(lambda: proc.records() == ["hello", f"fail-{JSON_SECRET}"],
+                   what="both messages handled, one after a failure")
+    finally:
+        assert proc.stop() == 0
+        broker.node.ctl("delete_user", user, check=False)
+    lines = [json.loads(line) for line in proc.output.splitlines()]
+    assert all(line["pid"] == proc.process.pid for line in lines)
+    assert any(line["logger"] == "x" and line["message"] == "consumed body hello"
+               for line in lines)
+    assert sum(line["message"] == "consumed body fail-***" for line in lines) == 2
+    failures = [line for line in lines if "consume raised" in line["message"]]
+    assert len(failures) == 1
+    failure = failures[0]
+    assert failure["level"] == "ERROR" and failure["logger"] == "amqp-dispatcher"
+    assert failure["message"].startswith("testconsumers:LogsBody: consume raised ValueError: "
+                                         "failing fail-***")
+    assert (failure["queue"], failure["consumer"], failure["outcome"], failure["attempt"]) \
+        == ("q", "testconsumers:LogsBody", "requeue", 1)
+    assert isinstance(failure["delivery_tag"], int)
+    assert "Traceback" in failure["exception"]
+    for form in (JSON_SECRET, json.dumps(JSON_SECRET)[1:-1], quote(JSON_SECRET, safe="")):
+        assert form not in proc.output
+
+
+def test_log_format_is_checked_unless_a_logging_file_config_decides(tmp_path: Path) -> None:
+    config = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n"
+    bad = run_cli(tmp_path, "--config", "config.yml", "--validate", config=config,
+                  env={"LOG_FORMAT": "xml"})
+    assert bad.returncode == 1
+    assert bad.stderr == "LOG_FORMAT: expected 'text' or 'json', got 'xml'\n"
+    logging_config = tmp_path / "logging.ini"
+    logging_config.write_text("[loggers]\nkeys=root\n[handlers]\nkeys=\n[formatters]\nkeys=\n"
+                              "[logger_root]\nlevel=INFO\nhandlers=\n")
+    ignored = run_cli(tmp_path, "--config", "config.yml", "--validate", config=config,
+                      env={"LOG_FORMAT": "xml", "LOGGING_FILE_CONFIG": str(logging_config)})
+    assert ignored.returncode == 0, ignored.stderr

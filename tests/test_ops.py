@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -15,9 +16,11 @@ import pytest
 import yaml
 from faultproxy import FaultProxy
 from helpers import REPO, TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
+from rabbitnode import free_port
+from test_metrics import get
 from test_validate import BAD, GOOD
 
-from amqpdispatcher.config import TOP_LEVEL_KEYS, ConfigError, _Key, config_schema
+from amqpdispatcher.config import TOP_LEVEL_KEYS, ConfigError, _Key, _parse, config_schema
 
 # For --check: seed() puts on the broker what it needs.
 CHECK_CONFIG = """
@@ -146,6 +149,45 @@ def test_exit_when_drained_never_while_disconnected(broker: BrokerHandle,
             proc.stop()
 
 
+def test_exit_when_drained_follows_the_generation_a_reload_starts(broker: BrokerHandle,
+                                                                  tmp_path: Path) -> None:
+    """Not done while the replaced generation finishes its message; then done on the
+    queues of the new config; the HTTP endpoint serves throughout."""
+    broker.declare("old", durable=True)
+    broker.declare("new", durable=True)
+    broker.publish("old", "hold-1")
+    for i in range(5):
+        broker.publish("new", f"n{i}")
+    port = free_port()
+    top = f"http:\n  port: {port}\nstats_interval: 0.2\n"
+    entry = "consumers:\n  - consumer: testconsumers:Outcomes\n    queue: {}\n"
+    release = tmp_path / "release"
+    proc = DispatcherProcess(tmp_path, top + entry.format("old"), broker.url,
+                             env={"RELEASE_FILE": str(release)},
+                             args=("--exit-when-drained", "0.3"))
+    try:
+        wait_until(lambda: broker.counts("old") == (0, 1), what="hold-1 in consume")
+        proc.config_path.write_text(top + entry.format("new"))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        wait_until(lambda: broker.drained("new"), what="the new config's queue done")
+        assert get(port, "/readyz")[0] == 200
+        # Five stats lines later (a second or more: over three times SECONDS), the
+        # replaced generation still holds hold-1, so the work is not done.
+        stats = proc.output.count("stats (last")
+        wait_until(lambda: proc.output.count("stats (last") >= stats + 5, what="stats lines")
+        assert proc.process.poll() is None, proc.output
+        release.touch()
+        assert proc.wait() == 0, proc.output
+    finally:
+        proc.stop()
+    assert set(proc.records()) == {"old:hold-1:1:returned",
+                                   *(f"new:n{i}:1:returned" for i in range(5))}
+    output = proc.output
+    assert output.index("the previous generation stopped") < output.index("exit-when-drained:")
+    assert broker.drained("old") and broker.drained("new")
+
+
 @pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
 def test_exit_when_drained_takes_seconds(tmp_path: Path, value: str) -> None:
     result = run_cli(tmp_path, "--exit-when-drained", value, config=GOOD)
@@ -225,6 +267,60 @@ def test_library_api_from_a_path_exits_when_drained(broker: BrokerHandle,
     assert broker.drained("jobs")
 
 
+API_SIGNALS_SCRIPT = """
+import logging, signal, sys
+import yaml
+from amqpdispatcher import Dispatcher
+
+logging.basicConfig(level=logging.INFO)
+config = sys.argv[2] if sys.argv[3] == "path" else yaml.safe_load(open(sys.argv[2]))
+status = Dispatcher(config, url=sys.argv[1]).run()
+print("run returned", status)
+print("handlers given back:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+      and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("given", ["path", "dict"])
+def test_library_api_acts_on_signals_and_serves_http(broker: BrokerHandle, tmp_path: Path,
+                                                     given: str) -> None:
+    """SIGHUP reloads a config given as a path (one given as a dict has no file to read
+    again); the http endpoint serves; SIGTERM stops; the signals are given back."""
+    broker.declare("api", durable=True)
+    port = free_port()
+    (tmp_path / "config.yml").write_text(
+        f"http:\n  port: {port}\n"
+        "consumers:\n  - consumer: testconsumers:Recorder\n    queue: api\n")
+    (tmp_path / "script.py").write_text(API_SIGNALS_SCRIPT)
+    env = dict(os.environ, RECORD_FILE=str(tmp_path / "record.txt"),
+               PYTHONPATH=os.pathsep.join([str(TESTS / "consumers"), str(REPO)]))
+    log = tmp_path / "script.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "script.py", broker.url, "config.yml", given],
+                                   cwd=tmp_path, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "consuming from api" in log.read_text(), what="consuming")
+        assert get(port, "/readyz")[0] == 200
+        process.send_signal(signal.SIGHUP)
+        expected = ("reloaded: the new generation consumes" if given == "path" else
+                    "received SIGHUP: the config was given as a dict, with no file to read "
+                    "again: ignored")
+        wait_until(lambda: expected in log.read_text(), what=expected)
+        broker.publish("api", "after-hup")
+        wait_until(lambda: (tmp_path / "record.txt").exists(), what="the message handled")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert "run returned 0" in text and "handlers given back: True" in text, text
+    assert (tmp_path / "record.txt").read_text().split() == ["after-hup"]
+
+
 def test_library_api_reports_config_problems_naming_the_dict() -> None:
     from amqpdispatcher import Dispatcher, SettingsError
 
@@ -263,6 +359,7 @@ BEYOND_SCHEMA = {
     "drain_timeout: expected a finite number, got .nan",
     "drain_timeout: expected a finite number, got .inf",
     "reconnect_give_up_after: expected a finite number, got .inf",
+    "queues[0].arguments.x-max-age: expected a finite number, got .nan",
     # 128 characters, but 256 bytes of UTF-8.
     "queues[0].bindings[0].routing_key: expected at most 255 bytes (an AMQP name), got 256",
     # Across keys and entries.
@@ -271,6 +368,52 @@ BEYOND_SCHEMA = {
     "queues[0].queue: 'a.retry.1000ms' is a delay queue of consumers[0].retry",
     "consumers[0].queue: too long for a retry policy",
     "consumers[0].retry: needs more than 64 delay queues",
+    "exchanges[0].type: required key is missing (direct, topic, fanout, headers or a plugin's "
+    "type), unless passive: true",
+    "exchanges[1].exchange: 'e' is declared in exchanges[0] already",
+    "queues[0].arguments.x-max-length: set twice: also as queues[0].x_max_length; keep "
+    "x_max_length only",
+    "queues[0].arguments.x-queue-type: has a key of its own, which is checked: write "
+    "queues[0].x_queue_type instead",
+    # What RabbitMQ refuses for a queue type, or on a stream.
+    "queues[0].exclusive: a quorum queue cannot be exclusive: RabbitMQ refuses to declare the "
+    "queue",
+    "queues[0].auto_delete: a stream queue cannot be auto-delete: RabbitMQ refuses",
+    "queues[0].x_max_priority: not for a quorum queue: RabbitMQ refuses",
+    "queues[0].x_delivery_limit: not for a classic queue (quorum queues only)",
+    "queues[0].x_delivery_limit: not for a stream queue (quorum queues only)",
+    "queues[0].x_queue_mode: not for a quorum queue",
+    "queues[0].x_queue_mode: not for a stream queue",
+    "queues[0].durable: a stream queue is always durable",
+    "queues[0].x_max_length: not for a stream queue (a stream's retention is "
+    "x_max_length_bytes, or x-max-age in arguments)",
+    "queues[0].x_single_active_consumer: not for a stream queue",
+    "queues[0].x_overflow: quorum queues do not support reject-publish-dlx",
+    "consumers[0].stream_offset: queue 'a' is declared in queues[0] as a quorum queue: only a "
+    "stream takes an offset",
+    "consumers[0].stream_offset: queue 'a' is declared in queues[0] as a classic queue",
+    "consumers[0].priority: a stream consumer cannot have a priority",
+    "consumers[0].retry: not for a stream",
+    "consumers[1].exclusive: consumers[0] consumes queue 'a' too: an exclusive consumer must "
+    "be the queue's only one",
+    # A plugin's exchange type is any name starting with x-: the schema takes any string.
+    "exchanges[0].type: expected one of direct, topic, fanout, headers or a plugin's type "
+    "(x-...), got 'topc' (did you mean 'topic'?)",
+    # The values of an arguments map are free-form to the schema (a YAML date is a string
+    # to a language server; AMQP has no date without a time).
+    "queues[0].bindings[0].arguments.day: expected a string, number, true or false, "
+    "timestamp, list or mapping (an AMQP table value), got datetime.date(2024, 1, 1)",
+}
+
+
+class LanguageServerLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that dates and timestamps stay strings, as a YAML language
+    server hands them to a JSON Schema."""
+
+
+LanguageServerLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 
 
@@ -278,7 +421,7 @@ def schema_errors(text: str) -> list[str] | None:
     """The key paths the schema finds fault with in a config text, written as the
     validator writes them ("" for the file as a whole); None if it is not YAML."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=LanguageServerLoader)
     except yaml.YAMLError:
         return None
     paths = []
@@ -320,14 +463,83 @@ def test_print_schema_prints_the_shipped_schema(tmp_path: Path) -> None:
         "amqp-dispatcher --print-schema > amqpdispatcher/config-schema.json")
 
 
+# Every kind of value each key takes (the validator accepts it too).
+EVERY_KIND = """
+exchanges:
+  - exchange: events
+    type: topic
+    arguments: {alternate-exchange: unrouted}
+  - exchange: documents
+    type: x-consistent-hash
+    auto_delete: true
+    internal: true
+    bindings:
+      - {exchange: events, routing_key: "order.*", arguments: {x-match: all, n: 1}}
+  - exchange: outside
+    passive: true
+queues:
+  - queue: orders
+    x_queue_type: quorum
+    x_delivery_limit: 5
+    x_overflow: reject-publish
+    x_queue_leader_locator: balanced
+    x_dead_letter_exchange: events
+    x_dead_letter_routing_key: dead
+    x_single_active_consumer: true
+    arguments: {x-max-in-memory-length: 10, since: 2024-05-01T00:00:00Z, tags: [a, 1]}
+    bindings:
+      - {exchange: events, routing_key: "order.*"}
+  - queue: audit
+    x_queue_type: stream
+    x_max_length_bytes: 1000000
+  - queue: lazy
+    x_queue_mode: lazy
+    x_max_priority: 10
+    x_max_length: 100
+    x_expires: 60000
+    x_message_ttl: 0
+    exclusive: true
+consumers:
+  - {consumer: testconsumers:Recorder, queue: orders, priority: -5, time_limit: 0.5,
+     retry: {max_attempts: 3, delay: 0.5, backoff: 1.5, max_delay: 2,
+             dead_letter_queue: orders.failed}}
+  - {consumer: testconsumers:Recorder, queue: audit, stream_offset: first}
+  - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 1234}
+  - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 2024-05-01}
+  - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 2024-05-01T10:30:00+02:00}
+  - {consumer: testconsumers:Recorder, queue: lazy, exclusive: true, prefetch_count: 65535}
+drain_timeout: 0.5
+reconnect: false
+reconnect_give_up_after: 60
+publisher_confirms: false
+http: {address: 0.0.0.0, port: 9801}
+stats_interval: 0
+"""
+
+
 @pytest.mark.parametrize("name, text", [
     ("amqp-dispatcher-config.yml", (REPO / "amqp-dispatcher-config.yml").read_text()),
     ("README.md key reference", readme_config()),
     ("test_validate.GOOD", GOOD),
     ("test_ops.CHECK_CONFIG", CHECK_CONFIG),
+    ("test_ops.EVERY_KIND", EVERY_KIND),
 ])
 def test_schema_accepts_the_example_configs(name: str, text: str) -> None:
     assert schema_errors(text) == []
+
+
+def test_every_kind_of_value_is_valid(tmp_path: Path) -> None:
+    (tmp_path / "config.yml").write_text(EVERY_KIND)
+    assert _parse(str(tmp_path / "config.yml"))[1] == []
+
+
+@pytest.mark.parametrize("key, value", [
+    ("stream_offset", "firts"), ("stream_offset", "2024-05-01T10:30"), ("stream_offset", -1),
+    ("priority", 2**63), ("priority", "high"),
+])
+def test_schema_refuses_what_a_consumer_key_does_not_take(key: str, value: object) -> None:
+    text = yaml.safe_dump({"consumers": [{"consumer": "m:C", "queue": "q", key: value}]})
+    assert schema_errors(text) == [f"consumers[0].{key}"]
 
 
 @pytest.mark.parametrize("text, expected", BAD, ids=[e for _, e in BAD])
@@ -342,7 +554,8 @@ def test_schema_rejects_the_malformed_configs(text: str, expected: str) -> None:
 
 
 # Lists and mappings whose contents are free (an arguments table), by key path.
-FREE_FORM: set[str] = set()
+FREE_FORM = {"exchanges.arguments", "exchanges.bindings.arguments", "queues.arguments",
+             "queues.bindings.arguments"}
 
 
 def test_every_list_and_mapping_key_describes_its_entries() -> None:
@@ -421,12 +634,13 @@ def test_check_reports_an_argument_mismatch_and_a_missing_exchange(broker: Broke
     result = check(tmp_path, broker.url, config)
     assert result.returncode == 1, result
     lines = result.stderr.splitlines()
-    assert len(lines) == 2, lines
-    assert lines[0].startswith("config.yml: queues[0]: queue 'existing' exists with other "
-                               "flags or arguments: broker said 406 PRECONDITION_FAILED"), lines
-    assert re.search(r"inequivalent arg 'x-max-length'.*'20'.*'10'", lines[0]), lines
-    assert lines[1] == ("config.yml: queues[1].bindings[0]: exchange 'nope' does not exist "
-                        "(the dispatcher binds to it, it does not declare it)")
+    assert lines == [
+        "config.yml: queues[0].x_max_length: queue 'existing' already exists with x-max-length "
+        "10, the config asks for 20 (a queue's arguments cannot change: delete it or change "
+        "the config)",
+        "config.yml: queues[1].bindings[0]: exchange 'nope' does not exist, and the config "
+        "does not declare it in exchanges",
+    ]
     assert result.stdout == ""
     assert broker_state(broker) == before
 
@@ -493,6 +707,81 @@ def test_check_without_permission_to_publish_retries(broker: BrokerHandle,
     assert result.stderr.splitlines()[-1].startswith(
         f"config.yml: consumers[0].retry: the user '{user}' may not publish to the default "
         "exchange, as a retry policy does (it needs write on amq.default): broker said 403")
+
+
+EXCHANGE_CONFIG = """
+exchanges:
+  - exchange: events
+    type: topic
+  - exchange: fresh
+    type: fanout
+    bindings:
+      - {exchange: events, routing_key: "order.#"}
+  - exchange: upstream
+    passive: true
+queues:
+  - queue: q
+    bindings:
+      - {exchange: fresh, routing_key: ""}
+consumers:
+  - consumer: testconsumers:Recorder
+    queue: q
+"""
+
+
+def test_check_exchanges_changing_nothing(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.channel.exchange_declare("events", "topic", durable=True)
+    broker.channel.exchange_declare("upstream", "direct")
+    before = broker_state(broker)
+    result = check(tmp_path, broker.url, EXCHANGE_CONFIG)
+    assert result.returncode == 0, result
+    assert result.stdout.endswith("has what the config needs (3 exchange(s), 1 queue(s), "
+                                  "2 binding(s), 1 consumer(s))\n"), result.stdout
+    assert broker_state(broker) == before  # 'fresh' and 'q' are created by the start only
+
+    broker.channel.exchange_delete("upstream")
+    bad = (EXCHANGE_CONFIG.replace("type: topic", "type: fanout")
+           .replace("type: fanout\n    bindings:\n      - {exchange: events",
+                    "type: x-nope\n    bindings:\n      - {exchange: nowhere"))
+    before = broker_state(broker)
+    result = check(tmp_path, broker.url, bad)
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines() == [
+        "config.yml: exchanges[0].type: exchange 'events' already exists with type topic, the "
+        "config asks for fanout (an exchange's type and arguments cannot change: delete it or "
+        "change the config)",
+        "config.yml: exchanges[1].type: exchange type 'x-nope' is unknown to the broker (is the "
+        "plugin that provides it enabled?): broker said 503 COMMAND_INVALID - unknown exchange "
+        "type 'x-nope'",
+        "config.yml: exchanges[2]: exchange 'upstream' does not exist (passive: true only "
+        "checks that it does)",
+        "config.yml: exchanges[1].bindings[0]: exchange 'nowhere' does not exist, and the "
+        "config does not declare it in exchanges",
+    ]
+    assert broker_state(broker) == before
+
+
+def test_check_exchange_permissions(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.channel.exchange_declare("events", "topic", durable=True)
+    broker.channel.exchange_declare("upstream", "direct")
+    user = f"u{uuid.uuid4().hex[:8]}"
+    broker.node.ctl("add_user", user, "pw-for-test")
+    broker.node.ctl("set_permissions", "-p", broker.vhost, user, "^q$", ".*", ".*")
+    url = broker.url.replace("guest:guest", f"{user}:pw-for-test")
+    before = broker_state(broker)
+    try:
+        result = check(tmp_path, url, EXCHANGE_CONFIG)
+    finally:
+        broker.node.ctl("delete_user", user)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert [line.partition(": broker said 403 ACCESS_REFUSED")[0] for line in lines] == [
+        f"config.yml: exchanges[0]: the user '{user}' may not declare exchange 'events' (it "
+        "needs configure on the exchange)",
+        f"config.yml: exchanges[1]: the user '{user}' may not declare exchange 'fresh' (it "
+        "needs configure on the exchange)",
+    ], lines
+    assert broker_state(broker) == before
 
 
 def test_check_with_no_broker_is_one_line(tmp_path: Path) -> None:

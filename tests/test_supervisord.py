@@ -1,16 +1,35 @@
-"""The dispatcher under a real supervisord: `supervisorctl stop` drains, nothing is lost."""
+"""The dispatcher under a real supervisord, with the stop settings of
+examples/supervisord.conf: `supervisorctl stop` drains, nothing is lost; with
+--processes, `supervisorctl signal HUP` reloads first."""
 
 from __future__ import annotations
 
+import configparser
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import REPO, SCRIPT, TESTS, BrokerHandle, wait_until
 
+from amqpdispatcher.cli import parse_args
 
-def test_supervisorctl_stop_drains(broker: BrokerHandle, tmp_path: Path) -> None:
+
+def example_program() -> configparser.SectionProxy:
+    example = configparser.RawConfigParser()
+    example.read(REPO / "examples" / "supervisord.conf")
+    return example["program:amqp-dispatcher"]
+
+
+def test_example_runs_the_arbiter() -> None:
+    program = example_program()
+    assert parse_args(program["command"].split()[1:]).processes >= 1  # --processes auto
+    assert program["stopsignal"] == "TERM" and int(program["stopwaitsecs"]) > 30
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_supervisorctl_stop_drains(broker: BrokerHandle, tmp_path: Path, processes: int) -> None:
     broker.declare("jobs", durable=True)
     for i in range(40):
         broker.publish("jobs", f"j{i}", delivery_mode=2)
@@ -22,6 +41,7 @@ def test_supervisorctl_stop_drains(broker: BrokerHandle, tmp_path: Path) -> None
     pythonpath = os.pathsep.join([str(TESTS / "consumers"), str(REPO)])
     # Percent signs are supervisord's interpolation; the URL has %2F-style escapes.
     url = broker.url.replace("%", "%%")
+    example = example_program()
     (tmp_path / "supervisord.conf").write_text(f"""
 [supervisord]
 nodaemon=true
@@ -34,12 +54,14 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://{tmp_path}/supervisor.sock
 [program:dispatcher]
-command={SCRIPT} --config {tmp_path}/config.yml
+command={SCRIPT} --processes {processes} --config {tmp_path}/config.yml
 directory={tmp_path}
 environment=RABBITMQ_URL="{url}",PYTHONPATH="{pythonpath}",RECORD_FILE="{record}",FAIL_RATE="0",PAUSE="2"
-stopsignal=TERM
-stopwaitsecs=40
-autorestart=false
+stopsignal={example["stopsignal"]}
+stopwaitsecs={example["stopwaitsecs"]}
+autorestart={example["autorestart"]}
+exitcodes={example["exitcodes"]}
+startsecs=1
 redirect_stderr=true
 stdout_logfile={tmp_path}/dispatcher.log
 """)
@@ -61,6 +83,10 @@ stdout_logfile={tmp_path}/dispatcher.log
                    what="program running")
         wait_until(lambda: len([r for r in records() if r.startswith("start:")]) >= 4,
                    what="four messages in consume")
+        if processes > 1:
+            assert "dispatcher: signalled" in ctl("signal", "HUP", "dispatcher").stdout
+            wait_until(lambda: "reloaded: the 2 new workers consume" in
+                       (tmp_path / "dispatcher.log").read_text(), what="the reload")
         stop = ctl("stop", "dispatcher")
         assert "stopped" in stop.stdout, stop
         log = (tmp_path / "dispatcher.log").read_text()

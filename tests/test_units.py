@@ -3,6 +3,8 @@ stand in for channels)."""
 
 from __future__ import annotations
 
+import time
+
 import gevent
 import pika
 import pika.exceptions
@@ -10,9 +12,22 @@ import pika.spec
 import pytest
 
 from amqpdispatcher.acks import Acknowledger
-from amqpdispatcher.broker import is_delivery_ack_timeout
-from amqpdispatcher.config import Config, ConsumerConfig, QueueConfig, RetryConfig
-from amqpdispatcher.publisher import Publisher
+from amqpdispatcher.broker import describe_inequivalent, is_delivery_ack_timeout
+from amqpdispatcher.config import (
+    Config,
+    ConsumerConfig,
+    ExchangeConfig,
+    QueueConfig,
+    RetryConfig,
+)
+from amqpdispatcher.metrics import OUTCOMES
+from amqpdispatcher.publisher import (
+    ConfirmChannel,
+    PublishError,
+    PublishNacked,
+    PublishReturned,
+    PublishTimeout,
+)
 from amqpdispatcher.retry import (
     ATTEMPT_HEADER,
     TimeLimit,
@@ -145,7 +160,7 @@ class FakeChannel:
 
 def make(tags: int, prefetch: int = 100) -> tuple[Acknowledger, FakeChannel]:
     channel = FakeChannel()
-    acker = Acknowledger(channel, prefetch)
+    acker = Acknowledger(channel, prefetch, [0] * len(OUTCOMES))
     for tag in range(1, tags + 1):
         acker.delivered(tag)
     return acker, channel
@@ -193,7 +208,7 @@ def test_settling_on_a_channel_pika_already_closed_never_raises() -> None:
         def basic_reject(self, delivery_tag: int, requeue: bool) -> None:
             raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
 
-    acker = Acknowledger(ClosedChannel(), 10)
+    acker = Acknowledger(ClosedChannel(), 10, [0] * len(OUTCOMES))
     acker.delivered(1)
     acker.delivered(2)
     acker.ack(1)
@@ -304,7 +319,7 @@ def test_retry_and_dead_letter_headers() -> None:
     assert dead["x-amqp-dispatcher-first-failure"].startswith("1970-01-01T00:00:00.000")
 
 
-class _ConfirmChannel:
+class _FakeChannel:
     def __init__(self) -> None:
         self.published: list[str] = []
 
@@ -324,23 +339,46 @@ def _confirm(ack: bool, tag: int, multiple: bool = False) -> object:
     return type("Frame", (), {"method": method})()
 
 
-def test_publisher_matches_confirms_by_sequence_number() -> None:
-    channel = _ConfirmChannel()
-    publisher = Publisher(type("Sync", (), {"channel": channel})())
+def _outcome(publish: gevent.Greenlet) -> type | None:
+    publish.join(timeout=1)
+    assert publish.ready()
+    return None if publish.successful() else type(publish.exception)
+
+
+def test_confirm_channel_matches_confirms_by_sequence_number() -> None:
+    channel = _FakeChannel()
+    unclaimed: list[object] = []
+    confirms = ConfirmChannel(channel, 131072, unclaimed.append)
     props = pika.BasicProperties()
-    results = [gevent.spawn(publisher.publish, "", f"k{i}", b"x", props) for i in range(4)]
+    deadline = time.monotonic() + 5
+    publishes = [gevent.spawn(confirms.publish, "", f"k{i}", b"x", props, True, True, deadline)
+                 for i in range(4)]
     gevent.sleep(0)
     assert channel.published == ["k0", "k1", "k2", "k3"]
-    publisher._on_confirm(_confirm(False, 2))          # nack of the second only
-    publisher._on_confirm(_confirm(True, 3, True))     # ack of 1 and 3 (2 is settled)
+    confirms._on_confirm(_confirm(False, 2))          # nack of the second only
+    confirms._on_confirm(_confirm(True, 3, True))     # ack of 1 and 3 (2 is settled)
     # A message returned as unroutable is not published, though its ack follows.
-    publisher._on_return(None, type("R", (), {"routing_key": "k3", "reply_code": 312,
-                                              "reply_text": "NO_ROUTE"})(), props, b"x")
-    publisher._on_confirm(_confirm(True, 4))
-    assert [g.get(timeout=1) for g in results] == [True, False, True, False]
-    publisher._on_close(None, None)
-    assert publisher.publish("", "k", b"x", props) is False  # closed: nothing sent
-    assert channel.published[-1] == "k3"
+    returned = type("R", (), {"exchange": "", "routing_key": "k3", "reply_code": 312,
+                              "reply_text": "NO_ROUTE"})()
+    confirms._on_return(None, returned, props, b"x")
+    confirms._on_confirm(_confirm(True, 4))
+    assert [_outcome(p) for p in publishes] == [None, PublishNacked, None, PublishReturned]
+    assert unclaimed == []
+    confirms._on_return(None, returned, props, b"x")  # nobody waits for it: reported
+    assert unclaimed == [returned]
+    # Not waited for (publisher_confirms: false): returns once written.
+    confirms.publish("", "k5", b"x", props, False, False, deadline)
+    assert channel.published[-1] == "k5"
+    waiting = gevent.spawn(confirms.publish, "", "k6", b"x", props, False, True, deadline)
+    gevent.sleep(0)
+    confirms._on_close(None, pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND"))
+    assert _outcome(waiting) is PublishError
+    with pytest.raises(PublishError):  # closed: nothing sent
+        confirms.publish("", "k", b"x", props, False, True, deadline)
+    assert channel.published[-1] == "k6"
+    with pytest.raises(PublishTimeout):  # no answer by the deadline
+        ConfirmChannel(_FakeChannel(), 131072, unclaimed.append).publish(
+            "", "k", b"x", props, False, True, time.monotonic() + 0.05)
 
 
 def test_delivery_ack_timeout_is_recognised() -> None:
@@ -399,3 +437,81 @@ def test_retry_delays_never_overflow_nor_loop_long() -> None:
     assert many.delay_ms(1999) == 300_000
     flat = RetryConfig(max_attempts=30_000_000, delay=1, backoff=1, max_delay=300)
     assert flat.delays_ms() == [1000]
+
+
+# The broker's 406 texts, as RabbitMQ 3.10 words them.
+INEQUIVALENT = "PRECONDITION_FAILED - inequivalent arg '{}' for {} '{}' in vhost 'v': {}"
+
+
+@pytest.mark.parametrize("arg, received_current, item, expected", [
+    ("x-max-length", "received '20' but current is '10'", QueueConfig("q", path="queues[0]"),
+     "c.yml: queues[0].x_max_length: queue 'q' already exists with x-max-length 10, the "
+     "config asks for 20"),
+    ("x-message-ttl", "received the value '5' of type 'signedint' but current is none",
+     QueueConfig("q", path="queues[1]"),
+     "c.yml: queues[1].x_message_ttl: queue 'q' already exists without x-message-ttl, the "
+     "config asks for 5"),
+    ("x-queue-type", "received none but current is the value 'quorum' of type 'longstr'",
+     QueueConfig("q", path="queues[0]"),
+     "c.yml: queues[0].x_queue_type: queue 'q' already exists with x-queue-type quorum, the "
+     "config does not set it"),
+    ("durable", "received 'false' but current is 'true'", QueueConfig("q", path="queues[0]"),
+     "c.yml: queues[0].durable: queue 'q' already exists with durable true, the config asks "
+     "for false"),
+    ("x-max-age", "received the value '1D' of type 'longstr' but current is the value '7D' "
+     "of type 'longstr'", QueueConfig("q", path="queues[2]"),
+     "c.yml: queues[2].arguments.x-max-age: queue 'q' already exists with x-max-age 7D"),
+    ("x-dead-letter-exchange", "received '' but current is 'dlx'",
+     QueueConfig("q", path="queues[0]"), "with x-dead-letter-exchange dlx, the config asks "
+     "for ''"),
+    ("x-message-ttl", "received '1000' but current is '500'",
+     QueueConfig("o.retry.1000ms", path="consumers[0].retry (delay queue)"),
+     "c.yml: consumers[0].retry (delay queue): queue 'o.retry.1000ms' already exists"),
+    ("type", "received 'fanout' but current is 'topic'",
+     ExchangeConfig("e", "fanout", path="exchanges[0]"),
+     "c.yml: exchanges[0].type: exchange 'e' already exists with type topic, the config asks "
+     "for fanout (an exchange's type and arguments cannot change"),
+    ("alternate-exchange", "received the value 'ae' of type 'longstr' but current is none",
+     ExchangeConfig("e", "topic", path="exchanges[1]"),
+     "c.yml: exchanges[1].arguments.alternate-exchange: exchange 'e' already exists without "
+     "alternate-exchange, the config asks for ae"),
+])
+def test_inequivalent_arguments_are_one_line(arg: str, received_current: str,
+                                             item: QueueConfig | ExchangeConfig,
+                                             expected: str) -> None:
+    kind = "queue" if isinstance(item, QueueConfig) else "exchange"
+    name = item.queue if isinstance(item, QueueConfig) else item.exchange
+    line = describe_inequivalent("c.yml", item, "406 " + INEQUIVALENT.format(
+        arg, kind, name, received_current))
+    assert line is not None and expected in line, line
+
+
+def test_other_refusals_are_not_inequivalence() -> None:
+    text = ("406 PRECONDITION_FAILED - invalid arg 'x-max-priority' for queue 'q' in vhost "
+            "'/' of queue type rabbit_quorum_queue")
+    assert describe_inequivalent("c.yml", QueueConfig("q"), text) is None
+
+
+def test_consume_arguments() -> None:
+    from datetime import date, datetime, timezone
+
+    assert ConsumerConfig("m:C", "q").consume_arguments() == {}
+    assert ConsumerConfig("m:C", "q", priority=-3, stream_offset="first").consume_arguments() \
+        == {"x-priority": -3, "x-stream-offset": "first"}
+    # A YAML date is its midnight, UTC: pika sends only a datetime as a timestamp.
+    assert ConsumerConfig("m:C", "q", stream_offset=date(2024, 5, 1)).consume_arguments() == {
+        "x-stream-offset": datetime(2024, 5, 1, tzinfo=timezone.utc)}
+    assert ConsumerConfig("m:C", "q", stream_offset=0).consume_arguments() == {
+        "x-stream-offset": 0}
+
+
+def test_rejects_on_a_stream_are_acks() -> None:
+    """RabbitMQ closes the connection over a reject or nack on a stream."""
+    channel = FakeChannel()
+    acker = Acknowledger(channel, 10, [0] * len(OUTCOMES), stream=True)
+    for tag in (1, 2):
+        acker.delivered(tag)
+    acker.reject(1, requeue=True)
+    acker.reject(2, requeue=False)
+    acker.flush()
+    assert channel.frames == [("ack", 2, True)]

@@ -156,6 +156,110 @@ BAD = [
      "consumers[0].queue: too long for a retry policy"),
     (CONSUMER + "    retry:\n      max_attempts: 1000\n      delay: 0.001\n      backoff: 1.01\n"
      "      max_delay: 4000000\n", "consumers[0].retry: needs more than 64 delay queues"),
+    # Exchanges.
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topc\n",
+     "exchanges[0].type: expected one of direct, topic, fanout, headers or a plugin's type "
+     "(x-...), got 'topc' (did you mean 'topic'?)"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n",
+     "exchanges[0].type: required key is missing (direct, topic, fanout, headers or a "
+     "plugin's type), unless passive: true"),
+    (CONSUMER + "exchanges:\n  - exchange: ''\n    type: topic\n",
+     "exchanges[0].exchange: expected a non-empty string, got '' (the default exchange "
+     "cannot be declared)"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topic\n    durabel: true\n",
+     "exchanges[0].durabel: unknown key (did you mean 'durable'?)"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topic\n    internal: 1\n",
+     "exchanges[0].internal: expected true or false, got 1"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topic\n"
+     "  - exchange: e\n    type: topic\n", "exchanges[1].exchange: 'e' is declared in "
+     "exchanges[0] already"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topic\n    arguments: [1]\n",
+     "exchanges[0].arguments: expected a mapping, got a list"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topic\n    bindings:\n"
+     "      - exchange: f\n", "exchanges[0].bindings[0].routing_key: required key is missing"),
+    (CONSUMER + "exchanges: {}\n", "exchanges: expected a list, got an empty mapping"),
+    (CONSUMER + "queues:\n  - queue: a\n    bindings:\n      - exchange: h\n"
+     "        routing_key: ''\n        arguments: {x-match: all, day: 2024-01-01}\n",
+     "queues[0].bindings[0].arguments.day: expected a string, number, true or false, "
+     "timestamp, list or mapping (an AMQP table value), got datetime.date(2024, 1, 1)"),
+    # Queue arguments: types, ranges and allowed values.
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorom\n",
+     "queues[0].x_queue_type: expected one of classic, quorum, stream, got 'quorom' "
+     "(did you mean 'quorum'?)"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_overflow: reject\n",
+     "queues[0].x_overflow: expected one of drop-head, reject-publish, reject-publish-dlx, "
+     "got 'reject'"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_max_priority: 256\n",
+     "queues[0].x_max_priority: expected at most 255, got 256"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_max_length_bytes: 1MB\n",
+     "queues[0].x_max_length_bytes: expected an integer, got '1MB'"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_single_active_consumer: 'true'\n",
+     "queues[0].x_single_active_consumer: expected true or false, got 'true'"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorum\n    x_delivery_limit: -1\n",
+     "queues[0].x_delivery_limit: expected zero or more, got -1"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_mode: classic\n",
+     "queues[0].x_queue_mode: expected one of default, lazy, got 'classic'"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_leader_locator: client_local\n",
+     "queues[0].x_queue_leader_locator: expected one of client-local, balanced, got "
+     "'client_local' (did you mean 'client-local'?)"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_max_length: 5\n"
+     "    arguments: {x-max-length: 6}\n",
+     "queues[0].arguments.x-max-length: set twice: also as queues[0].x_max_length; keep "
+     "x_max_length only"),
+    (CONSUMER + "queues:\n  - queue: a\n    arguments: {x-queue-type: quorum}\n",
+     "queues[0].arguments.x-queue-type: has a key of its own, which is checked: write "
+     "queues[0].x_queue_type instead"),
+    (CONSUMER + "queues:\n  - queue: a\n    arguments: {x-max-age: .nan}\n",
+     "queues[0].arguments.x-max-age: expected a finite number, got .nan"),
+    # What RabbitMQ refuses to declare (checked against 3.10).
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorum\n    exclusive: true\n",
+     "queues[0].exclusive: a quorum queue cannot be exclusive: RabbitMQ refuses to declare "
+     "the queue"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: stream\n    auto_delete: true\n",
+     "queues[0].auto_delete: a stream queue cannot be auto-delete: RabbitMQ refuses"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorum\n    x_max_priority: 5\n",
+     "queues[0].x_max_priority: not for a quorum queue: RabbitMQ refuses"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_delivery_limit: 5\n",
+     "queues[0].x_delivery_limit: not for a classic queue (quorum queues only)"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: stream\n    x_delivery_limit: 5\n",
+     "queues[0].x_delivery_limit: not for a stream queue (quorum queues only)"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorum\n    x_queue_mode: lazy\n",
+     "queues[0].x_queue_mode: not for a quorum queue"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: stream\n    x_queue_mode: lazy\n",
+     "queues[0].x_queue_mode: not for a stream queue"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: stream\n    durable: false\n",
+     "queues[0].durable: a stream queue is always durable"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: stream\n    x_max_length: 10\n",
+     "queues[0].x_max_length: not for a stream queue (a stream's retention is "
+     "x_max_length_bytes, or x-max-age in arguments)"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: stream\n"
+     "    x_single_active_consumer: false\n",
+     "queues[0].x_single_active_consumer: not for a stream queue"),
+    (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorum\n"
+     "    x_overflow: reject-publish-dlx\n",
+     "queues[0].x_overflow: quorum queues do not support reject-publish-dlx"),
+    # Consume arguments.
+    (CONSUMER + "    priority: high\n", "consumers[0].priority: expected an integer, got 'high'"),
+    (CONSUMER + "    exclusive: yes please\n",
+     "consumers[0].exclusive: expected true or false, got 'yes please'"),
+    (CONSUMER + "    stream_offset: frist\n",
+     "consumers[0].stream_offset: expected one of first, last, next, got 'frist' "
+     "(did you mean 'first'?)"),
+    (CONSUMER + "    stream_offset: -1\n", "consumers[0].stream_offset: expected zero or more"),
+    (CONSUMER + "    stream_offset: 1.5\n", "consumers[0].stream_offset: expected first, last, "
+     "next, an offset (an integer) or a timestamp, got 1.5"),
+    (CONSUMER + "    stream_offset: first\nqueues:\n  - queue: a\n    x_queue_type: quorum\n",
+     "consumers[0].stream_offset: queue 'a' is declared in queues[0] as a quorum queue: "
+     "only a stream takes an offset"),
+    (CONSUMER + "    stream_offset: first\nqueues:\n  - queue: a\n",
+     "consumers[0].stream_offset: queue 'a' is declared in queues[0] as a classic queue"),
+    (CONSUMER + "    stream_offset: first\n    priority: 1\n",
+     "consumers[0].priority: a stream consumer cannot have a priority"),
+    (CONSUMER + "    retry: {}\nqueues:\n  - queue: a\n    x_queue_type: stream\n",
+     "consumers[0].retry: not for a stream"),
+    (CONSUMER + CONSUMER[len("consumers:\n"):] + "    exclusive: true\n",
+     "consumers[1].exclusive: consumers[0] consumes queue 'a' too: an exclusive consumer "
+     "must be the queue's only one"),
 ]
 
 
@@ -186,6 +290,72 @@ def test_bad_config(tmp_path: Path, mode: str, text: str, expected: str) -> None
     assert all(line.startswith("config.yml: ") for line in lines), lines
     assert "Traceback" not in result.stderr + result.stdout
     assert "s3cretpw" not in result.stderr + result.stdout
+
+
+def test_topology_keys_validate(tmp_path: Path) -> None:
+    """Every new key at once, with values RabbitMQ takes (test_topology.py declares them)."""
+    text = """
+exchanges:
+  - exchange: events
+    type: topic
+    durable: true
+    auto_delete: false
+    internal: false
+    passive: false
+    arguments: {alternate-exchange: unrouted}
+    bindings:
+      - exchange: upstream
+        routing_key: "#"
+        arguments: null
+  - exchange: upstream
+    passive: true
+  - exchange: later
+    type: x-delayed-message
+    arguments: {x-delayed-type: direct}
+queues:
+  - queue: a
+    x_queue_type: quorum
+    x_max_length_bytes: 1048576
+    x_overflow: reject-publish
+    x_single_active_consumer: true
+    x_delivery_limit: 0
+    x_queue_leader_locator: client-local
+    arguments: {x-quorum-initial-group-size: 3, x-tags: [a, 1, {b: 2.5}]}
+    bindings:
+      - exchange: events
+        routing_key: ""
+        arguments: {x-match: any, format: pdf, when: 2024-01-01T00:00:00Z}
+  - queue: b
+    x_max_priority: 255
+    x_queue_mode: lazy
+    x_overflow: reject-publish-dlx
+  - queue: log
+    x_queue_type: stream
+    x_max_length_bytes: 100000000
+    x_queue_leader_locator: balanced
+  - queue: theirs
+    passive: true
+consumers:
+  - consumer: testconsumers:Recorder
+    queue: a
+    priority: -9223372036854775808
+    exclusive: true
+  - consumer: testconsumers:Recorder
+    queue: log
+    stream_offset: 2024-05-01T12:00:00Z
+  - consumer: testconsumers:Recorder
+    queue: log
+    stream_offset: 12345
+  - consumer: testconsumers:Recorder
+    queue: other-stream
+    stream_offset: next
+  - consumer: testconsumers:Recorder
+    queue: theirs
+    stream_offset: 2024-05-01
+"""
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
+    assert result.returncode == 0, result.stderr
+    assert "config.yml: OK (3 exchange(s), 4 queue(s), 5 consumer(s))" in result.stdout
 
 
 def test_retry_policy_validates_and_time_limits_warn(tmp_path: Path) -> None:

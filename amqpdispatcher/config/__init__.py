@@ -13,10 +13,11 @@ Neither step connects to a broker; ``--validate`` runs both and stops there.
 
 One module per section, each with its key table (the single source of truth for
 its keys): ``top_level`` (TOP_LEVEL_KEYS, ``Config``, ``load_config``),
-``queues`` (QUEUE_KEYS, BINDING_KEYS), ``consumers`` (CONSUMER_KEYS,
-RETRY_KEYS); ``keys`` holds the machinery they share and ``imports`` the
-importing of user code; ``schema`` makes the JSON Schema of the file from the key
-tables. Every name is importable from this package.
+``exchanges`` (EXCHANGE_KEYS), ``queues`` (QUEUE_KEYS, BINDING_KEYS),
+``consumers`` (CONSUMER_KEYS, RETRY_KEYS), ``http`` (HTTP_KEYS); ``keys`` holds the
+machinery they share, ``imports`` the importing of user code, and ``schema`` makes
+the JSON Schema of the file from the key tables. Every name is importable from this
+package.
 """
 
 from .consumers import (
@@ -30,6 +31,8 @@ from .consumers import (
     _parse_retry,
     parse_consumers,
 )
+from .exchanges import BUILT_IN_TYPES, EXCHANGE_KEYS, ExchangeConfig, parse_exchanges
+from .http import HTTP_KEYS, HttpConfig, parse_http
 from .imports import (
     Resolved,
     _import,
@@ -48,16 +51,27 @@ from .keys import (
     _read_yaml,
     _UniqueKeyLoader,
 )
-from .queues import BINDING_KEYS, QUEUE_KEYS, Binding, QueueConfig, parse_queues
+from .queues import (
+    BINDING_KEYS,
+    NAMED_ARGUMENTS,
+    QUEUE_KEYS,
+    Binding,
+    QueueConfig,
+    argument_name,
+    parse_bindings,
+    parse_queues,
+)
 from .schema import config_schema, schema_text
 from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config, load_config_dict
 
 __all__ = [
-    "BINDING_KEYS", "CONSUMER_KEYS", "MAX_DELAY_QUEUES", "QUEUE_KEYS", "RETRY_KEYS",
-    "TOP_LEVEL_KEYS", "Binding", "Config", "ConfigError", "ConsumerConfig", "QueueConfig",
-    "Resolved", "RetryConfig", "check_imports", "config_schema", "describe_exception",
-    "import_object", "load_config", "load_config_dict", "parse_consumers", "parse_queues",
-    "schema_text",
+    "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
+    "HttpConfig", "MAX_DELAY_QUEUES", "parse_http",
+    "NAMED_ARGUMENTS", "QUEUE_KEYS", "RETRY_KEYS", "TOP_LEVEL_KEYS", "Binding", "Config",
+    "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",
+    "RetryConfig", "argument_name", "check_imports", "config_schema", "describe_exception",
+    "import_object", "load_config", "load_config_dict", "parse_bindings", "parse_consumers",
+    "parse_exchanges", "parse_queues", "schema_text",
     "_MAX_DELAY_SECONDS", "_TYPE_NAMES", "_Checker", "_DuplicateKeyError", "_Key",
     "_UniqueKeyLoader", "_check_retry_names", "_describe", "_import", "_is_import_path",
     "_parse", "_parse_retry", "_read_yaml",

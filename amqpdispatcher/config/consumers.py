@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from typing import Any
 
-from .keys import _Checker, _Key
+from .keys import _MAX_LONG, _MIN_LONG, _Checker, _Key
 from .queues import QueueConfig
 
 
@@ -53,7 +54,25 @@ class ConsumerConfig:
     prefetch_count: int = 1
     time_limit: float | None = None
     retry: RetryConfig | None = None
+    priority: int | None = None
+    exclusive: bool = False
+    stream_offset: str | int | date | None = None
+    # The queue is a stream: declared so in the config, or stream_offset is set.
+    stream: bool = False
     path: str = "consumers[?]"
+
+    def consume_arguments(self) -> dict[str, Any]:
+        """basic.consume's arguments: x-priority and x-stream-offset, where set."""
+        arguments: dict[str, Any] = {}
+        if self.priority is not None:
+            arguments["x-priority"] = self.priority
+        offset = self.stream_offset
+        if isinstance(offset, date) and not isinstance(offset, datetime):
+            # A YAML date: its midnight, UTC (pika sends a datetime as an AMQP timestamp).
+            offset = datetime(offset.year, offset.month, offset.day, tzinfo=timezone.utc)
+        if offset is not None:
+            arguments["x-stream-offset"] = offset
+        return arguments
 
 
 # x-message-ttl is an unsigned 32-bit number of milliseconds.
@@ -85,6 +104,16 @@ CONSUMER_KEYS: dict[str, _Key] = {
                        doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
     "retry": _Key((dict,), entries=RETRY_KEYS,
                   doc="retry policy (RETRY_KEYS); absent: reject and requeue at once"),
+    # Beyond 0.4.3: consume arguments. x-priority is a signed integer.
+    "priority": _Key((int,), minimum=_MIN_LONG, maximum=_MAX_LONG,
+                     doc="consumer priority (x-priority): deliveries go to the highest "
+                         "priority consumer with prefetch room"),
+    "exclusive": _Key((bool,), default=False, nullable=False,
+                      doc="exclusive consume: no other consumer on the queue"),
+    "stream_offset": _Key((str, int, date), maximum=_MAX_LONG,
+                          choices=("first", "last", "next"),
+                          expected="first, last, next, an offset (an integer) or a timestamp",
+                          doc="where a stream consumer starts (x-stream-offset)"),
 }
 
 
@@ -102,9 +131,40 @@ def parse_consumers(checker: _Checker, entries: list[Any],
             retry = _parse_retry(checker, checked.pop("retry"), f"{key_path}.retry")
             if retry is None:
                 continue
-        consumers.append(ConsumerConfig(**checked, retry=retry, path=key_path))
+        declared = next((q for q in queues if q.queue == checked["queue"]), None)
+        stream = "stream_offset" in checked or (
+            declared is not None and declared.x_queue_type == "stream")
+        consumers.append(ConsumerConfig(**checked, retry=retry, stream=stream, path=key_path))
         _check_retry_names(checker, queues, consumers[-1])
+        _check_consume(checker, declared, consumers)
     return consumers
+
+
+def _check_consume(checker: _Checker, declared: QueueConfig | None,
+                   consumers: list[ConsumerConfig]) -> None:
+    """The last entry's consume arguments: what RabbitMQ refuses (3.10), what a stream
+    cannot do, and an exclusive consumer sharing its queue with another entry."""
+    entry = consumers[-1]
+    if entry.stream_offset is not None and declared is not None:
+        # A passive entry without x_queue_type says nothing of the queue's type.
+        queue_type = declared.x_queue_type or (None if declared.passive else "classic")
+        if queue_type not in (None, "stream"):
+            checker.problem(f"{entry.path}.stream_offset", f"queue {entry.queue!r} is declared "
+                            f"in {declared.path} as a {queue_type} queue: only a stream takes "
+                            "an offset")
+    if entry.stream and entry.priority is not None:
+        checker.problem(f"{entry.path}.priority", "a stream consumer cannot have a priority: "
+                        "RabbitMQ refuses it")
+    if entry.stream and entry.retry is not None:
+        checker.problem(f"{entry.path}.retry", "not for a stream: a stream keeps every message "
+                        "for every reader, so a retry would append a copy of a failed message "
+                        "to it (a failed message is acked; see README, Streams)")
+    for other in consumers[:-1]:
+        if other.queue == entry.queue and (entry.exclusive or other.exclusive):
+            exclusive, shared = (entry, other) if entry.exclusive else (other, entry)
+            checker.problem(f"{exclusive.path}.exclusive", f"{shared.path} consumes queue "
+                            f"{entry.queue!r} too: an exclusive consumer must be the queue's "
+                            "only one")
 
 
 def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | None:
@@ -146,3 +206,5 @@ def _check_retry_names(checker: _Checker, config_queues: list[QueueConfig],
         if name.startswith(prefix) and name.endswith("ms"):
             checker.problem(f"{path}.queue", f"{name!r} is a delay queue of {key_path}: "
                             "the dispatcher declares it with its own TTL; use another name")
+
+

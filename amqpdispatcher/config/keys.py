@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import yaml
@@ -25,14 +26,17 @@ class ConfigError(Exception):
 class _Key:
     """One config key: the types it accepts, its default and its bounds.
 
-    Numbers are never negative, NaN or infinite. ``positive``: more than 0 (so at
-    least 1 for an integer). ``minimum``, ``maximum``: the smallest and largest value
-    accepted. ``non_empty``: a string or list must not be empty (``empty_hint`` says
-    why, if set). ``name``: a queue, exchange or routing key, which AMQP carries in at
-    most 255 bytes. ``import_path``: the form of a 'module:attr' value, as the problem
-    line shows it ('module:Class'). ``entries``: the key table of a mapping, or of each
-    entry of a list (the JSON Schema, config/schema.py, describes what is inside from
-    it; a list or mapping without one is free-form there).
+    Numbers are never NaN or infinite, nor negative unless ``minimum`` allows it.
+    ``positive``: more than 0 (so at least 1 for an integer). ``minimum``,
+    ``maximum``: the smallest and largest value accepted. ``non_empty``: a string or
+    list must not be empty (``empty_hint`` says why, if set). ``name``: a queue,
+    exchange or routing key, which AMQP carries in at most 255 bytes. ``choices``:
+    the strings accepted, where a string is given. ``expected``: what the problem
+    line says is expected, when the first type's name would not say it.
+    ``import_path``: the form of a 'module:attr' value, as the problem line shows it
+    ('module:Class'). ``entries``: the key table of a mapping, or of each entry of a
+    list (the JSON Schema, config/schema.py, describes what is inside from it; a list
+    or mapping without one is free-form there).
     """
 
     types: tuple[type, ...]
@@ -45,6 +49,8 @@ class _Key:
     non_empty: bool = False
     empty_hint: str = ""
     name: bool = False
+    choices: tuple[str, ...] = ()
+    expected: str = ""
     import_path: str = ""
     entries: dict[str, _Key] | None = None
     doc: str = ""
@@ -57,6 +63,10 @@ def _is_import_path(value: str) -> bool:
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
                list: "a list", dict: "a mapping"}
+
+# AMQP table values (queue, exchange, binding and consume arguments): a signed 64-bit
+# integer at most, and the types pika can encode.
+_MIN_LONG, _MAX_LONG = -2**63, 2**63 - 1
 
 
 def _describe(value: Any) -> str:
@@ -113,7 +123,7 @@ class _Checker:
     @staticmethod
     def _check_value(spec: _Key, raw: Any) -> str | None:
         """The problem with one key's value, or None (null is fine where nullable)."""
-        expected = _TYPE_NAMES[spec.types[0]]
+        expected = spec.expected or _TYPE_NAMES[spec.types[0]]
         if raw is None:
             if spec.non_empty and list in spec.types:
                 return "at least one entry is required, got null"
@@ -129,8 +139,8 @@ class _Checker:
                 kind = "number" if float in spec.types else "integer"
                 return f"expected a positive {kind}, got {raw}"
             if spec.minimum is not None and raw < spec.minimum:
-                return f"expected at least {spec.minimum:g}, got {raw}"
-            if raw < 0:
+                return f"expected at least {spec.minimum}, got {raw}"
+            if spec.minimum is None and raw < 0:
                 return f"expected zero or more, got {raw}"
             if spec.maximum is not None and raw > spec.maximum:
                 return f"expected at most {spec.maximum}, got {raw}"
@@ -138,12 +148,50 @@ class _Checker:
             return f"expected {spec.import_path!r}, got {raw!r}"
         if spec.name and isinstance(raw, str) and len(raw.encode("utf-8")) > 255:
             return f"expected at most 255 bytes (an AMQP name), got {len(raw.encode('utf-8'))}"
+        if spec.choices and isinstance(raw, str) and raw not in spec.choices:
+            close = difflib.get_close_matches(raw, spec.choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            return f"expected one of {', '.join(spec.choices)}, got {raw!r}{hint}"
         if spec.non_empty and isinstance(raw, list) and not raw:
             return "at least one entry is required, got an empty list"
         if spec.non_empty and isinstance(raw, str) and not raw:
             hint = f" ({spec.empty_hint})" if spec.empty_hint else ""
             return f"expected a non-empty string, got ''{hint}"
         return None
+
+
+    def table(self, value: dict[Any, Any], key_path: str) -> bool:
+        """Check an ``arguments`` mapping, sent as an AMQP table: every key a string,
+        every value one that AMQP carries. Whether any problem was found."""
+        before = len(self.problems)
+        for name, item in value.items():
+            if not isinstance(name, str) or not name:
+                self.problem(f"{key_path}.{name}", "expected a non-empty string as an "
+                             f"argument name, got {_describe(name)}")
+            elif len(name.encode("utf-8")) > 255:
+                self.problem(f"{key_path}.{name[:20]}...", "expected an argument name of at "
+                             "most 255 bytes")
+            else:
+                self._table_value(item, f"{key_path}.{name}")
+        return len(self.problems) > before
+
+    def _table_value(self, value: Any, key_path: str) -> None:
+        if isinstance(value, bool) or value is None or isinstance(value, (str, datetime)):
+            return
+        if isinstance(value, int):
+            if not _MIN_LONG <= value <= _MAX_LONG:
+                self.problem(key_path, f"expected a 64-bit signed integer, got {value}")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                self.problem(key_path, f"expected a finite number, got {_describe(value)}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                self._table_value(item, f"{key_path}[{i}]")
+        elif isinstance(value, dict):
+            self.table(value, key_path)
+        else:  # a YAML date without a time, a set, binary ...
+            self.problem(key_path, "expected a string, number, true or false, timestamp, "
+                         f"list or mapping (an AMQP table value), got {value!r}")
 
 
 class _DuplicateKeyError(yaml.YAMLError):

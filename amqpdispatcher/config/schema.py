@@ -22,6 +22,12 @@ from .top_level import TOP_LEVEL_KEYS
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
 
+# What YAML 1.1 reads as a date or a timestamp (PyYAML's resolver, in the regex dialect
+# of JSON Schema): 2024-05-01, 2024-05-01T00:00:00Z, 2024-05-01 10:30:00.5 +02:00.
+YAML_TIMESTAMP = ("^[0-9]{4}-[0-9]{2}-[0-9]{2}$|^[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
+                  "(?:[Tt]|[ \\t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}(?:\\.[0-9]*)?"
+                  "(?:[ \\t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?$")
+
 # A YAML timestamp or date is a string to a YAML language server.
 _JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number",
                list: "array", dict: "object", date: "string", datetime: "string"}
@@ -97,18 +103,21 @@ def _key(spec: _Key) -> dict[str, Any]:
 
 
 def _choices(schema: dict[str, Any], spec: _Key, types: list[str]) -> None:
-    """A key whose strings are a fixed set (a ``choices`` field of the key, where a
-    table has one) gets an enum for its strings."""
-    choices = tuple(getattr(spec, "choices", ()) or ())
-    if not choices:
+    """A key whose strings are a fixed set (``choices``), or that takes a YAML date or
+    timestamp (a string to a YAML language server): each kind of string becomes an
+    alternative of its own."""
+    dates = any(t in (date, datetime) for t in spec.types)
+    if not spec.choices and not dates:
         return
-    string_types = [t for t in spec.types if _JSON_TYPES.get(t) == "string"]
-    if string_types != [str]:
-        return  # strings other than the choices (a date) are accepted too
     others = [t for t in types if t != "string"]
-    if others in ([], ["null"]):
-        schema["enum"] = [*choices, *([None] if others else [])]
+    if not dates and others in ([], ["null"]):
+        schema["enum"] = [*spec.choices, *([None] if others else [])]
         return
+    strings: list[dict[str, Any]] = []
+    if spec.choices:
+        strings.append({"type": "string", "enum": list(spec.choices)})
+    if dates:
+        strings.append({"type": "string", "pattern": YAML_TIMESTAMP,
+                        "description": "a date or a date and time (UTC without a zone)"})
     schema.pop("type")
-    schema["anyOf"] = [{"type": "string", "enum": list(choices)},
-                       {"type": others[0] if len(others) == 1 else others}]
+    schema["anyOf"] = [*strings, *({"type": t} for t in others)]

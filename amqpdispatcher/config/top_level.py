@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .consumers import CONSUMER_KEYS, ConsumerConfig, parse_consumers
+from .exchanges import EXCHANGE_KEYS, ExchangeConfig, parse_exchanges
+from .http import HTTP_KEYS, HttpConfig, parse_http
 from .imports import Resolved, check_imports
 from .keys import ConfigError, _Checker, _Key, _read_yaml
 from .queues import QUEUE_KEYS, QueueConfig, parse_queues
@@ -17,16 +19,22 @@ from .queues import QUEUE_KEYS, QueueConfig, parse_queues
 class Config:
     path: str
     startup_handler: str | None = None
+    exchanges: tuple[ExchangeConfig, ...] = ()
     queues: tuple[QueueConfig, ...] = ()
     consumers: tuple[ConsumerConfig, ...] = ()
     drain_timeout: float = 30.0
     reconnect: bool = True
     reconnect_give_up_after: float | None = None
+    publisher_confirms: bool = True
+    http: HttpConfig | None = None
+    stats_interval: float = 60.0
 
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
     "startup_handler": _Key((str,), import_path="module:function",
                             doc="module:function called once before connecting"),
+    "exchanges": _Key((list,), default=[], entries=EXCHANGE_KEYS,
+                      doc="exchanges to declare before the queues"),
     "queues": _Key((list,), default=[], entries=QUEUE_KEYS, doc="queues to declare and bind"),
     "consumers": _Key((list,), required=True, nullable=False, non_empty=True,
                       entries=CONSUMER_KEYS, doc="consumer classes to run"),
@@ -38,6 +46,16 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "reconnect_give_up_after": _Key((float, int), positive=True,
                                     doc="seconds of failed reconnecting before exit 3; "
                                         "null: never give up"),
+    # Beyond 0.4.3: publishing.
+    "publisher_confirms": _Key((bool,), default=True, nullable=False,
+                               doc="amqp.publish waits for the broker's confirm and raises "
+                                   "if it does not take the message"),
+    # Beyond 0.4.3: observability (amqpdispatcher/metrics.py, amqpdispatcher/http.py).
+    "http": _Key((dict,), entries=HTTP_KEYS,
+                 doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
+                     "absent: no port opened"),
+    "stats_interval": _Key((float, int), default=60, nullable=False,
+                           doc="seconds between the INFO stats lines; 0: none"),
 }
 
 
@@ -78,12 +96,17 @@ def _parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
     if top is None:
         raise ConfigError(checker.problems)
 
+    exchanges = parse_exchanges(checker, top.get("exchanges", []))
     queues = parse_queues(checker, top.get("queues", []))
     consumers = parse_consumers(checker, top.get("consumers", []), queues)
 
     config = Config(path=path, startup_handler=top.get("startup_handler"),
-                    queues=tuple(queues), consumers=tuple(consumers),
+                    exchanges=tuple(exchanges), queues=tuple(queues),
+                    consumers=tuple(consumers),
                     drain_timeout=float(top.get("drain_timeout", 30)),
                     reconnect=top.get("reconnect", True),
-                    reconnect_give_up_after=top.get("reconnect_give_up_after"))
+                    reconnect_give_up_after=top.get("reconnect_give_up_after"),
+                    publisher_confirms=top.get("publisher_confirms", True),
+                    http=parse_http(checker, top["http"]) if "http" in top else None,
+                    stats_interval=float(top.get("stats_interval", 60)))
     return config, checker.problems

@@ -21,6 +21,13 @@ def text(msg):
     return msg.body.decode()
 
 
+def break_channel(amqp):
+    """Ack, on the delivery's own channel, a tag the broker never sent: it closes that
+    channel (406 PRECONDITION_FAILED - unknown delivery tag). A publish to a missing
+    exchange no longer does: publishing has a connection of its own."""
+    amqp._acker.channel.basic_ack(delivery_tag=10**9)
+
+
 class Recorder:
     def consume(self, amqp, msg):
         record(text(msg))
@@ -202,8 +209,8 @@ class Misbehaving:
             if body == "init-raises":
                 Misbehaving.broken_inits = 2
                 raise ValueError("consume failed")
-            if body == "bad-publish":
-                amqp.publish("no-such-exchange", "k", {}, "x")
+            if body == "break-channel":
+                break_channel(amqp)
                 gevent.sleep(0.5)  # the broker closes the channel meanwhile
         if body.startswith("hang"):
             record(f"hanging:{body}")
@@ -266,7 +273,7 @@ def _count(prefix):
 
 class Hostile:
     """Bodies name what happens, once per body:
-    'bad-publish': publish to a missing exchange (the broker closes the channel), then
+    'break-channel': get the broker to close the delivery's channel, then
     go on for 0.5 s; 'hold-*': take 1 s; 'bad-str': raise an exception whose __str__
     raises; 'barrier-G-N': wait (up to 20 s) until N messages of group G are in consume
     at once, proving N live worker slots; 'fail-then-no-init': raise, and from then on
@@ -288,8 +295,8 @@ class Hostile:
         first = body not in Hostile.seen
         Hostile.seen.add(body)
         record(f"start:{body}")
-        if first and body == "bad-publish":
-            amqp.publish("no-such-exchange", "k", {}, "x")
+        if first and body == "break-channel":
+            break_channel(amqp)
             gevent.sleep(0.5)
         elif first and body == "bad-str":
             raise _BadStr()
@@ -313,13 +320,13 @@ class Hostile:
         record(f"shutdown:{self.name}")
 
 
-class PoisonPublish:
-    """Every message publishes to an exchange that does not exist: the broker closes the
-    channel each time, and the message comes back."""
+class PoisonAck:
+    """Every message gets the broker to close its channel (break_channel), and the
+    message comes back."""
 
     def consume(self, amqp, msg):
         record(f"start:{text(msg)}")
-        amqp.publish("no-such-exchange", "k", {}, "x")
+        break_channel(amqp)
         gevent.sleep(0.2)
 
     def shutdown(self, exception=None):
@@ -390,6 +397,66 @@ class Retried:
 
     def shutdown(self, exception=None):
         record(f"shutdown:{type(exception).__name__}")
+
+
+class Outcomes:
+    """For the metrics tests. Records 'QUEUE:BODY:ATTEMPT:WHAT' for every call, WHAT
+    being what the call did to its message: 'returned' (the dispatcher acks it),
+    'acked', 'nacked', 'rejected' (without requeue) or 'raised'. Bodies: 'ack-*' ack;
+    'nack-*' nack on their first call, then return; 'drop-*' reject without requeue;
+    'fail-*' raise on their first call, then return; 'always-*' raise every time;
+    'hold-*' wait until $RELEASE_FILE exists, then return; anything else returns.
+    "First" is per queue and body."""
+
+    seen = set()
+
+    def consume(self, amqp, msg):
+        body = text(msg)
+        kind = body.split("-")[0]
+        prefix = f"{msg.delivery_info['routing_key']}:{body}"
+        first = prefix not in Outcomes.seen
+        Outcomes.seen.add(prefix)
+        prefix += f":{msg.attempt}"
+        if kind == "ack":
+            amqp.ack()
+            record(f"{prefix}:acked")
+        elif kind == "nack" and first:
+            amqp.nack()
+            record(f"{prefix}:nacked")
+        elif kind == "drop":
+            amqp.reject(requeue=False)
+            record(f"{prefix}:rejected")
+        elif (kind == "fail" and first) or kind == "always":
+            record(f"{prefix}:raised")
+            raise ValueError(f"failing {body}")
+        else:
+            if kind == "hold":
+                while not os.path.exists(os.environ["RELEASE_FILE"]):
+                    gevent.sleep(0.02)
+            record(f"{prefix}:returned")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class LogsBody:
+    """Logs each body at INFO (logger 'x'), then records it; the first call of a body
+    starting with 'fail' raises instead, with the body in the exception."""
+
+    seen = set()
+
+    def consume(self, amqp, msg):
+        import logging
+
+        body = text(msg)
+        logging.getLogger("x").info("consumed body %s", body)
+        if body.startswith("fail") and body not in LogsBody.seen:
+            LogsBody.seen.add(body)
+            raise ValueError(f"failing {body}")
+        record(body)
+
+    def shutdown(self, exception=None):
+        pass
 
 
 class LoggedSleeper:

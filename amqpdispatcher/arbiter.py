@@ -1,0 +1,419 @@
+"""``--processes N``: the arbiter, a plain Python process supervising N workers.
+
+Each worker is a complete dispatcher in a fresh interpreter (``python -m
+amqpdispatcher --config FILE``) with its own connection, named ``... worker
+2/4``. The arbiter never runs consumer code and never talks to the broker. It
+checks the config by running ``amqp-dispatcher --validate`` as a child
+process (importing the consumer modules runs their code); starts the workers;
+replaces one that dies, backing off if it keeps dying; stops them all on a
+signal, exiting only once every one has exited; and on SIGHUP checks the
+config again, starts a new set of workers, and once every new worker consumes,
+has the old set drain and stop.
+
+Fresh interpreters rather than forks of the arbiter: there is nothing worth
+sharing (the arbiter has imported no consumer code), and a fresh interpreter
+imports the consumer code as it is on disk now, which is what SIGHUP needs.
+The workers run in sessions of their own, so signals meant for the service
+(a terminal's Ctrl-C, supervisord's stopasgroup) reach the arbiter only, and
+it passes each on once. worker.py is the workers' side of the link between
+them.
+
+Signals are queued by their handlers and acted on in the main loop, as in
+gunicorn's arbiter; SIGNALS says what each one means.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .dispatcher import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TOPOLOGY, EXIT_USER_CODE
+
+log = logging.getLogger("amqp-dispatcher.arbiter")
+
+# How the arbiter tells a worker its name ("2/4") and the file descriptor of its
+# end of the link (worker.py reads them).
+WORKER_ENV = "AMQP_DISPATCHER_WORKER"
+LINK_FD_ENV = "AMQP_DISPATCHER_LINK_FD"
+
+# A worker that exits with one of these before it consumes would fail the same way
+# again (the config, a refused topology, failing user code): instead of starting it
+# again, the arbiter stops every worker and exits with that status.
+START_FAILURES = (EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_USER_CODE)
+
+RESPAWN_FIRST_DELAY = 1.0
+RESPAWN_MAX_DELAY = 30.0
+# A worker that was up this long is replaced at once, and its backoff starts over.
+STABLE_WORKER = 30.0
+# The loop wakes on every signal (SIGCHLD included) and link; it also polls its
+# children this often, should a wake-up ever be missed.
+LOOP_TIMEOUT = 1.0
+
+# What each signal means to the arbiter: the method of Arbiter the main loop calls.
+SIGNALS: dict[int, str] = {
+    signal.SIGTERM: "_on_term",        # every worker drains, then the arbiter exits; a
+                                       # second SIGTERM stops them at once
+    signal.SIGINT: "_on_fast_stop",    # every worker stops at once
+    signal.SIGQUIT: "_on_fast_stop",
+    signal.SIGHUP: "_on_hup",          # reload: a new set of workers, then the old set drains
+    signal.SIGUSR1: "_on_usr1",        # passed on: each worker logs its greenlets' stacks
+    signal.SIGUSR2: "_on_usr2",        # logged and ignored
+}
+
+
+def _status(returncode: int) -> int:
+    """A child's exit status as a shell shows it: 128 + n when killed by signal n."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+@dataclass(eq=False)
+class Worker:
+    number: int
+    count: int
+    process: subprocess.Popen[bytes]
+    link: socket.socket  # the arbiter's end; the worker holds the other
+    started_at: float
+    link_open: bool = True
+    consuming: bool = False
+    term_sent: bool = False  # a second SIGTERM would stop it at once
+    retired: bool = False  # left behind by a reload: its exit decides nothing
+
+    @property
+    def name(self) -> str:
+        return f"{self.number}/{self.count} (pid {self.process.pid})"
+
+
+@dataclass(eq=False)
+class Check:
+    """``amqp-dispatcher --validate`` running in a child process."""
+
+    process: subprocess.Popen[bytes]
+    output: IO[bytes]  # a temporary file: no pipe to drain, whatever the imports print
+    reload: bool  # False: the check before the first workers start
+
+
+class Arbiter:
+    def __init__(self, config_path: str, processes: int) -> None:
+        self.config_path = config_path
+        self.processes = processes
+        self.workers: list[Worker] = []  # every worker process not yet reaped
+        self.serving: dict[int, Worker] = {}  # the current set, by number
+        self.respawn_at: dict[int, float] = {}  # numbers to start again, and when
+        self.backoff: dict[int, float] = {}  # each number's last respawn delay
+        self.new_set: dict[int, Worker] | None = None  # a reload's workers, until all consume
+        self.check: Check | None = None
+        self.reload_pending = False
+        self.signals: list[int] = []
+        self.stopping = False
+        self.at_once: int | None = None  # the signal that made the stop one at once
+        self.failed_status: int | None = None  # a failure at start decided the exit status
+        self.stopped_statuses: list[int] = []  # of the workers a SIGTERM stopped
+        self.wake_r, self.wake_w = os.pipe()
+
+    # -- the main loop ------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        log.info("arbiter pid %d: checking %s, then starting %d worker processes",
+                 os.getpid(), self.config_path, self.processes)
+        try:
+            self._start_check(reload=False)
+            while not self.stopping or self.workers or self.check is not None:
+                self._wait()
+                while self.signals:
+                    signum = self.signals.pop(0)
+                    getattr(self, SIGNALS[signum])(signum)
+                self._reap()
+                self._respawn_due()
+        except Exception:  # noqa: BLE001 - a bug; the workers see the link close and drain
+            log.critical("internal error in the arbiter; stopping (the workers drain and stop)",
+                         exc_info=True)
+            return EXIT_INTERNAL
+        status = self._exit_status()
+        log.info("every worker stopped; exiting with status %d", status)
+        return status
+
+    def _exit_status(self) -> int:
+        if self.failed_status is not None:
+            return self.failed_status
+        if self.at_once is not None:
+            return 128 + self.at_once
+        return max(self.stopped_statuses, default=0)
+
+    def _install_signals(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        for signum in SIGNALS:
+            signal.signal(signum, self._queue_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: self._wake())
+
+    def _queue_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b".")
+        except BlockingIOError:
+            pass  # the loop has a wake-up waiting already
+
+    def _wait(self) -> None:
+        """Sleep until a signal, a child's exit, a line on a link, or the next respawn."""
+        timeout = LOOP_TIMEOUT
+        if self.respawn_at:
+            timeout = max(0.0, min(timeout, min(self.respawn_at.values()) - time.monotonic()))
+        links = {w.link: w for w in self.workers if w.link_open}
+        watched: list[Any] = [self.wake_r, *links]
+        readable, _, _ = select.select(watched, [], [], timeout)
+        if self.wake_r in readable:
+            while True:
+                try:
+                    if not os.read(self.wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+        for link in readable:
+            if link in links:
+                self._read_link(links[link])
+
+    def _read_link(self, worker: Worker) -> None:
+        try:
+            data = worker.link.recv(64)
+        except OSError:
+            data = b""
+        if not data:  # the worker is exiting; _reap sees it
+            worker.link_open = False
+        elif not worker.consuming:
+            worker.consuming = True
+            log.info("worker %s consuming", worker.name)
+            self._on_consuming(worker)
+
+    def _reap(self) -> None:
+        if self.check is not None and self.check.process.poll() is not None:
+            self._on_check_done()
+        for worker in list(self.workers):
+            if worker.process.poll() is not None:
+                self.workers.remove(worker)
+                worker.link.close()
+                self._on_worker_exit(worker)
+
+    # -- signals ------------------------------------------------------------------
+
+    def _on_term(self, signum: int) -> None:
+        if self.stopping:
+            self._on_fast_stop(signum)
+            return
+        log.info("received SIGTERM: every worker finishes its messages in progress, "
+                 "then stops")
+        self._stop()
+
+    def _on_fast_stop(self, signum: int) -> None:
+        log.info("received %s: stopping every worker now", signal.Signals(signum).name)
+        self._stop(at_once=signum)
+
+    def _on_hup(self, signum: int) -> None:
+        if self.stopping:
+            log.warning("received SIGHUP while stopping: ignored")
+        elif self.check is not None or self.new_set is not None:
+            log.info("received SIGHUP: reloading once the check or reload in progress is done")
+            self.reload_pending = True
+        else:
+            log.info("received SIGHUP: checking %s", self.config_path)
+            self._start_check(reload=True)
+
+    def _on_usr1(self, signum: int) -> None:
+        log.info("received SIGUSR1: passed on to every worker")
+        for worker in self.workers:
+            self._send(worker, signum)
+
+    def _on_usr2(self, signum: int) -> None:
+        log.warning("received SIGUSR2: amqp-dispatcher does not use it; ignored")
+
+    def _stop(self, at_once: int | None = None) -> None:
+        """Nothing starts any more. Every worker drains and stops (a first SIGTERM to each:
+        those already draining are left alone), or with ``at_once`` gets that signal."""
+        self.stopping = True
+        self.respawn_at.clear()
+        self.reload_pending = False
+        if self.check is not None:
+            self.check.process.terminate()  # importing consumer code: nothing to drain
+        if at_once is not None:
+            self.at_once = at_once
+        for worker in self.workers:
+            if at_once is not None:
+                self._send(worker, at_once)
+            elif not worker.term_sent:
+                self._send(worker, signal.SIGTERM)
+
+    def _send(self, worker: Worker, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            worker.term_sent = True
+        worker.process.send_signal(signum)  # a no-op once the process has been reaped
+
+    # -- the config check ---------------------------------------------------------
+
+    def _start_check(self, reload: bool) -> None:
+        output = tempfile.TemporaryFile()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "amqpdispatcher", "--validate", "--config",
+             self.config_path],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
+        self.check = Check(process, output, reload)
+
+    def _on_check_done(self) -> None:
+        check, self.check = self.check, None
+        assert check is not None and check.process.returncode is not None
+        returncode = check.process.returncode
+        check.output.seek(0)
+        lines = check.output.read().decode("utf-8", "replace").splitlines()
+        check.output.close()
+        if self.stopping:
+            return
+        if returncode == 0:
+            if check.reload:
+                log.info("%s is valid: starting %d new workers; the running ones stop once "
+                         "every new one consumes", self.config_path, self.processes)
+                self.new_set = {n: self._spawn(n) for n in range(1, self.processes + 1)}
+            else:
+                for number in range(1, self.processes + 1):
+                    self.serving[number] = self._spawn(number)
+            return
+        if not check.reload:  # the same lines, and the same status, as without --processes
+            for line in lines:
+                print(line, file=sys.stderr)
+            self.failed_status = _status(returncode)
+            self._stop()
+            return
+        for line in lines:
+            log.error("%s", line)
+        log.error("SIGHUP: %s has problems (above): the running workers carry on unchanged",
+                  self.config_path)
+        self._reload_done()
+
+    # -- workers ------------------------------------------------------------------
+
+    def _spawn(self, number: int) -> Worker:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env[WORKER_ENV] = f"{number}/{self.processes}"
+        env[LINK_FD_ENV] = str(theirs.fileno())
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "amqpdispatcher", "--config", self.config_path],
+                env=env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker's alone now: it sees end-of-file when we are gone
+        worker = Worker(number, self.processes, process, ours, time.monotonic())
+        self.workers.append(worker)
+        log.info("worker %s started", worker.name)
+        return worker
+
+    def _on_consuming(self, worker: Worker) -> None:
+        if self.new_set is not None and self.new_set.get(worker.number) is worker:
+            if all(w.consuming for w in self.new_set.values()):
+                self._hand_over()
+        elif self.serving.get(worker.number) is worker and len(self.serving) == self.processes \
+                and all(w.consuming for w in self.serving.values()):
+            log.info("all %d workers consuming", self.processes)
+
+    def _hand_over(self) -> None:
+        """Every worker of a reload's set consumes: the previous set drains and stops."""
+        assert self.new_set is not None
+        for worker in self.serving.values():
+            worker.retired = True
+            self._send(worker, signal.SIGTERM)
+        self.serving, self.new_set = self.new_set, None
+        self.respawn_at.clear()
+        self.backoff.clear()
+        log.info("reloaded: the %d new workers consume; the previous ones finish their "
+                 "messages in progress, then stop", self.processes)
+        self._reload_done()
+
+    def _cancel_reload(self, reason: str) -> None:
+        assert self.new_set is not None
+        for worker in self.new_set.values():
+            worker.retired = True
+            if worker in self.workers:
+                self._send(worker, signal.SIGTERM)
+        self.new_set = None
+        log.error("SIGHUP: %s: the running workers carry on unchanged", reason)
+        self._reload_done()
+
+    def _reload_done(self) -> None:
+        if self.reload_pending and not self.stopping:
+            self.reload_pending = False
+            log.info("reloading again, for the SIGHUP received meanwhile: checking %s",
+                     self.config_path)
+            self._start_check(reload=True)
+
+    def _on_worker_exit(self, worker: Worker) -> None:
+        returncode = worker.process.returncode
+        assert returncode is not None
+        status = _status(returncode)
+        if worker.retired:
+            if status == 0:
+                log.info("worker %s of the previous set stopped", worker.name)
+            else:
+                log.warning("worker %s of the previous set %s", worker.name,
+                            _describe(returncode))
+            return
+        if self.stopping:
+            if returncode == -signal.SIGTERM and not worker.consuming:
+                status = 0  # stopped while starting: it had consumed nothing
+            log.info("worker %s %s", worker.name, _describe(returncode))
+            self.stopped_statuses.append(status)
+            return
+        # It exited without being asked to.
+        if self.new_set is not None and self.new_set.get(worker.number) is worker:
+            self._cancel_reload(f"new worker {worker.name} {_describe(returncode)} before "
+                                "every new worker consumed")
+            return
+        if self.serving.get(worker.number) is worker:
+            del self.serving[worker.number]
+        if not worker.consuming and status in START_FAILURES:
+            log.error("worker %s %s at start: stopping every worker (starting it again would "
+                      "fail the same way)", worker.name, _describe(returncode))
+            self.failed_status = status
+            self._stop()
+            return
+        delay = self._respawn_delay(worker)
+        log.warning("worker %s %s; starting a new one %s", worker.name, _describe(returncode),
+                    f"in {delay:g}s" if delay else "now")
+        self.respawn_at[worker.number] = time.monotonic() + delay
+
+    def _respawn_delay(self, worker: Worker) -> float:
+        if time.monotonic() - worker.started_at >= STABLE_WORKER:
+            self.backoff.pop(worker.number, None)
+            return 0.0
+        delay = min(max(self.backoff.get(worker.number, 0.0) * 2, RESPAWN_FIRST_DELAY),
+                    RESPAWN_MAX_DELAY)
+        self.backoff[worker.number] = delay
+        return delay
+
+    def _respawn_due(self) -> None:
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for number, due in list(self.respawn_at.items()):
+            if due <= now:
+                del self.respawn_at[number]
+                self.serving[number] = self._spawn(number)

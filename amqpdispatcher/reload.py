@@ -1,0 +1,295 @@
+"""SIGHUP: reloading a running dispatcher process; and the process's signals.
+
+A dispatcher process runs one generation (a Dispatcher: its own connection,
+consumer instances and worker greenlets), except during a reload. SIGHUP reads
+the config file again and imports the consumer code afresh (``load_afresh``).
+If that finds problems they are logged, the same lines ``--validate`` prints,
+and nothing else changes. Otherwise a new generation starts beside the running
+one; once every entry of the new one consumes, the old one drains as on
+SIGTERM (its consume calls in progress finish and are acked, deliveries not yet
+started go back to the queue) and stops. A new generation that fails to start
+is stopped, and the running one carries on.
+
+Generations happen inside the one process, so its pid, which supervisord and
+systemd watch, never changes.
+
+This module owns the process's signals: each is queued and acted on in
+``Generations.run``, which passes it on to the generations it concerns
+(``stop()`` is SIGTERM's graceful stop, for the library API and
+``--exit-when-drained``, api.py and drain.py). Under ``--processes``
+(worker.py) it also tells the arbiter when the process first consumes, and
+drains when the arbiter is gone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+from typing import Any
+
+import gevent
+import gevent.queue
+import gevent.util
+
+from .config import Config, ConfigError, Resolved, describe_exception, load_config
+from .dispatcher import EXIT_INTERNAL, Dispatcher
+from .http import HttpEndpoint
+from .settings import Settings
+from .worker import ArbiterLink
+
+log = logging.getLogger("amqp-dispatcher")
+
+# What each signal means to the process: TERM drains every generation (a second
+# TERM stops them at once), INT and QUIT stop them at once (dispatcher.py says how
+# a generation stops); HUP reloads. USR1 logs the stack of every greenlet, at once
+# and in any phase. USR2 is logged and ignored (its default action would kill the
+# process without a drain).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+RELOAD_SIGNAL = signal.SIGHUP
+STACKS_SIGNAL = signal.SIGUSR1
+IGNORED_SIGNALS = (signal.SIGUSR2,)
+
+
+def _log_stacks() -> None:
+    """SIGUSR1: where every greenlet is (which instance is in which line of consume)."""
+    log.warning("received SIGUSR1: the stack of every greenlet follows\n%s",
+                "\n".join(gevent.util.format_run_info()))
+
+
+def load_afresh(running: Config) -> tuple[Config, Resolved]:
+    """``load_config`` on the running config's file, with the code it names imported
+    afresh: every module of the top-level packages of the running consumers and
+    startup handler is dropped from ``sys.modules`` first, so that a reload deploys
+    the code as it is on disk now. If the new config has a problem, the modules in
+    use are put back as they were."""
+    specs = [entry.consumer for entry in running.consumers]
+    if running.startup_handler:
+        specs.append(running.startup_handler)
+    packages = {spec.partition(":")[0].partition(".")[0] for spec in specs}
+    packages.discard(__name__.partition(".")[0])  # never this package itself
+
+    def afresh(name: str) -> bool:
+        return name.partition(".")[0] in packages
+
+    in_use = {name: module for name, module in sys.modules.items() if afresh(name)}
+    for name in in_use:
+        del sys.modules[name]
+    importlib.invalidate_caches()  # modules added since the last import are found
+    try:
+        return load_config(running.path)
+    except BaseException:
+        for name in [name for name in sys.modules if afresh(name)]:
+            del sys.modules[name]
+        sys.modules.update(in_use)
+        raise
+
+
+class _SignalHandlers:
+    """The process's signals, queued on ``events`` while installed; ``cancel`` gives
+    each back to the handler it had (Python's, for a program that goes on)."""
+
+    def __init__(self, events: gevent.queue.Queue[tuple[str, Any]]) -> None:
+        queued = (*STOP_SIGNALS, RELOAD_SIGNAL, *IGNORED_SIGNALS)
+        self.previous = {signum: signal.getsignal(signum) for signum in (*queued, STACKS_SIGNAL)}
+        self.handlers = [gevent.signal_handler(signum, events.put, ("signal", signum))
+                         for signum in queued]
+        # Read-only, so it runs in the hub's callback rather than waiting for the main
+        # loop: it answers even while user code at start-up holds the process.
+        self.handlers.append(gevent.signal_handler(STACKS_SIGNAL, _log_stacks))
+
+    def cancel(self) -> None:
+        for handler in self.handlers:
+            handler.cancel()
+        for signum, previous in self.previous.items():
+            if previous is not None:  # None: set outside Python; left to the default
+                signal.signal(signum, previous)
+
+
+class Generation:
+    """One Dispatcher, running in a greenlet of its own."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.greenlet: gevent.Greenlet | None = None
+        self.started = False
+        self.stopping = False  # told to stop: a first SIGTERM asks nothing more of it
+
+    @property
+    def alive(self) -> bool:
+        return self.greenlet is not None and not self.greenlet.dead
+
+    def send(self, signum: int) -> None:
+        self.stopping = True
+        self.dispatcher.events.put(("signal", signum))
+
+    def status(self) -> int:
+        assert self.greenlet is not None
+        if self.greenlet.successful():
+            return int(self.greenlet.value)
+        return EXIT_INTERNAL  # gevent has printed the traceback
+
+
+class Generations:
+    """The process: its signals, its current generation, and during a reload the new
+    generation starting and the old ones draining. ``reloadable``: False for a config
+    given as a dict (api.py), which has no file to read again: SIGHUP is ignored."""
+
+    def __init__(self, config: Config, resolved: Resolved, settings: Settings,
+                 link: ArbiterLink | None = None, reloadable: bool = True) -> None:
+        self.settings = settings
+        self.link = link
+        self.reloadable = reloadable
+        self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
+        self.current = Generation(Dispatcher(config, resolved, settings))
+        self.candidate: Generation | None = None  # a reload's new generation, until it consumes
+        self.retiring: list[Generation] = []  # replaced by a reload, draining
+        self.reload_pending = False
+        self.stopping = False
+        self.exit_status: int | None = None  # the current generation's, once it exited
+        # /metrics, /healthz, /readyz: the process's, serving whichever generation is
+        # current. Under --processes the workers serve none (the arbiter answers).
+        self.http = (HttpEndpoint(lambda: self.current.dispatcher, config.http, config.path)
+                     if config.http is not None and link is None else None)
+
+    def listen(self) -> None:
+        """Open the HTTP endpoint, if configured, before anything else: a port in use
+        raises http.ListenError (exit 1)."""
+        if self.http is not None:
+            self.http.listen()
+
+    def run(self, handle_signals: bool = True) -> int:
+        """Run until every generation has exited; return the current one's exit status.
+        ``handle_signals``: act on the process's signals (the table above); a program
+        embedding the dispatcher that keeps its own passes False and calls ``stop``."""
+        handlers = _SignalHandlers(self.events) if handle_signals else None
+        try:
+            return self._run()
+        finally:
+            if handlers is not None:
+                handlers.cancel()
+
+    def stop(self) -> None:
+        """Stop as a SIGTERM to the process does (a second call: as a second SIGTERM)."""
+        self.events.put(("signal", signal.SIGTERM))
+
+    def settled(self) -> Dispatcher | None:
+        """The current generation's dispatcher, unless the process is stopping or a reload
+        is in progress (a new generation starting, or a replaced one draining)."""
+        if self.stopping or self.candidate is not None or self.retiring:
+            return None
+        return self.current.dispatcher
+
+    def _run(self) -> int:
+        if self.link is not None:
+            self.link.watch(lambda: self.events.put(("arbiter_gone", None)))
+        self._launch(self.current)
+        while self.exit_status is None or self.candidate is not None or self.retiring:
+            kind, detail = self.events.get()
+            if kind == "signal":
+                self._on_signal(detail)
+            elif kind == "started":
+                self._on_started(detail)
+            elif kind == "exited":
+                self._on_exited(detail)
+            elif kind == "arbiter_gone":
+                log.error("the arbiter is gone: finishing messages in progress, then stopping")
+                if not self.stopping:
+                    self._stop(signal.SIGTERM)
+        if self.http is not None:
+            self.http.stop()
+        assert self.exit_status is not None
+        return self.exit_status
+
+    def _launch(self, generation: Generation) -> None:
+        generation.greenlet = gevent.spawn(generation.dispatcher.run,
+                                           lambda: self.events.put(("started", generation)))
+        generation.greenlet.link(lambda _: self.events.put(("exited", generation)))
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum in IGNORED_SIGNALS:
+            log.warning("received %s: amqp-dispatcher does not use it; ignored", name)
+        elif signum != RELOAD_SIGNAL:
+            self._stop(signum)
+        elif self.stopping:
+            log.warning("received SIGHUP while stopping: ignored")
+        elif not self.reloadable:
+            log.warning("received SIGHUP: the config was given as a dict, with no file to "
+                        "read again: ignored")
+        elif self.candidate is not None or not self.current.started:
+            log.info("received SIGHUP: reloading once the start in progress is done")
+            self.reload_pending = True
+        else:
+            self._reload()
+
+    def _stop(self, signum: int) -> None:
+        """Pass a stop signal on. A first SIGTERM goes only to the generations not already
+        draining (those replaced by a reload): to them it would be a second one."""
+        first_term = signum == signal.SIGTERM and not self.stopping
+        self.stopping = True
+        self.reload_pending = False
+        for generation in (self.current, self.candidate, *self.retiring):
+            if generation is not None and generation.alive \
+                    and not (first_term and generation.stopping):
+                generation.send(signum)
+
+    def _reload(self) -> None:
+        path = self.current.dispatcher.config.path
+        log.info("received SIGHUP: reading %s and importing the consumer code again", path)
+        try:
+            config, resolved = load_afresh(self.current.dispatcher.config)
+        except ConfigError as exc:
+            for line in exc.problems:
+                log.error("%s", line)
+            log.error("SIGHUP: %s has problems (above): carrying on with the running config",
+                      path)
+            return
+        except BaseException as exc:  # noqa: BLE001 - user code at import: sys.exit() too
+            log.error("SIGHUP: importing the consumer code raised %s: carrying on with the "
+                      "running config", describe_exception(exc))
+            return
+        if config.http != self.current.dispatcher.config.http and self.link is None:
+            log.warning("SIGHUP: http: a changed address or port takes effect at the next "
+                        "start; the endpoint stays where it is")
+        self.candidate = Generation(Dispatcher(config, resolved, self.settings))
+        self._launch(self.candidate)
+
+    def _on_started(self, generation: Generation) -> None:
+        generation.started = True
+        if self.stopping:
+            return  # it has been told to stop too
+        if generation is self.current:  # the first generation
+            if self.link is not None:
+                self.link.consuming()
+        elif generation is self.candidate:
+            old, self.current, self.candidate = self.current, generation, None
+            log.info("reloaded: the new generation consumes; the previous one finishes its "
+                     "messages in progress, then stops")
+            self.retiring.append(old)
+            old.send(RELOAD_SIGNAL)
+        if self.reload_pending:
+            self.reload_pending = False
+            self._reload()
+
+    def _on_exited(self, generation: Generation) -> None:
+        status = generation.status()
+        if generation is self.current:
+            self.exit_status = status
+            if not self.stopping:  # it stopped on its own (the broker, a bug): so does the rest
+                self._stop(signal.SIGTERM)
+        elif generation is self.candidate:
+            self.candidate = None
+            if not self.stopping:
+                log.error("SIGHUP: the new generation did not start (status %d, see above): "
+                          "carrying on with the running one", status)
+                if self.reload_pending:
+                    self.reload_pending = False
+                    self._reload()
+        else:
+            self.retiring.remove(generation)
+            if status == 0:
+                log.info("the previous generation stopped")
+            else:
+                log.warning("the previous generation stopped with status %d", status)

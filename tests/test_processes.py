@@ -1,0 +1,256 @@
+"""--processes N: an arbiter supervising N worker processes, on a real broker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from test_reload import config as reload_config
+from test_reload import reloadable
+
+from amqpdispatcher.cli import parse_args
+
+
+def workers(proc: DispatcherProcess, state: str = "consuming") -> dict[int, list[int]]:
+    """Worker number -> the pids that logged ``state``, oldest first."""
+    found: dict[int, list[int]] = {}
+    for number, pid in re.findall(rf"worker (\d+)/\d+ \(pid (\d+)\) {state}", proc.output):
+        found.setdefault(int(number), []).append(int(pid))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # an orphan nobody has reaped yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def bodies(records: list[str], outcome: str) -> Counter[str]:
+    return Counter(r.split(":", 1)[1] for r in records if r.startswith(f"{outcome}:"))
+
+
+def test_killed_worker_is_replaced_and_nothing_is_lost(broker: BrokerHandle,
+                                                       tmp_path: Path) -> None:
+    total = 1500
+    broker.declare("jobs", durable=True)
+    for i in range(total):
+        broker.publish("jobs", f"m{i}")
+    config = ("queues:\n  - queue: jobs\n"
+              "consumers:\n  - consumer: testconsumers:Faulty\n    queue: jobs\n"
+              "    consumer_count: 4\n    prefetch_count: 8\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "3"),
+                             env={"FAIL_RATE": "0", "PAUSE": "0.02"})
+    try:
+        proc.wait_for_log("all 3 workers consuming")
+        wait_until(lambda: sum(bodies(proc.records(), "done").values()) >= 200,
+                   what="two hundred messages done")
+        victim = workers(proc)[2][0]
+        os.kill(victim, signal.SIGKILL)
+        proc.wait_for_log(rf"worker 2/3 \(pid {victim}\) was killed by SIGKILL; "
+                          "starting a new one")
+        wait_until(lambda: len(workers(proc).get(2, [])) == 2, what="a new worker 2 consuming")
+        wait_until(lambda: broker.drained("jobs"), what="every message acked")
+        assert proc.process.poll() is None, "the arbiter stopped"
+        done = bodies(proc.records(), "done")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert set(done) == {f"m{i}" for i in range(total)}, "a message was lost"
+    # Only what the killed worker had in hand (its prefetch) can have run twice.
+    assert sum(done.values()) - total <= 8
+
+
+def test_sigterm_drains_every_worker(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("jobs", durable=True)
+    config = ("queues:\n  - queue: jobs\n"
+              "consumers:\n  - consumer: testconsumers:Hostile\n    queue: jobs\n"
+              "    consumer_count: 4\n    prefetch_count: 4\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "3"))
+    try:
+        proc.wait_for_log("all 3 workers consuming")
+        rows = broker.node.ctl("list_connections", "-q", "--no-table-headers",
+                               "client_properties", "vhost")
+        names = re.findall(r'"amqp-dispatcher \S+ pid (\d+) \w+ worker (\d)/3"', rows)
+        assert sorted((int(n), int(pid)) for pid, n in names) == \
+            sorted((n, pids[0]) for n, pids in workers(proc).items()), rows
+        for i in range(12):  # each takes 1 s; 3 workers x 4 instances hold them all
+            broker.publish("jobs", f"hold-{i}")
+        wait_until(lambda: len(bodies(proc.records(), "start")) == 12,
+                   what="twelve consume calls in progress")
+        proc.signal(signal.SIGUSR1)  # passed on: every worker shows where its consumers are
+        wait_until(lambda: proc.output.count("the stack of every greenlet follows") == 3,
+                   what="three stack dumps")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.output
+    finally:
+        proc.stop()
+    records = proc.records()
+    assert bodies(records, "done") == bodies(records, "start"), "a consume did not finish"
+    assert len(bodies(records, "done")) == 12
+    assert broker.counts("jobs") == (0, 0)
+    assert "every worker stopped; exiting with status 0" in proc.output
+
+
+@pytest.mark.parametrize(("signals", "status"), [((signal.SIGTERM, signal.SIGTERM), 143),
+                                                 ((signal.SIGINT,), 130)])
+def test_second_sigterm_or_sigint_stops_every_worker_at_once(
+        broker: BrokerHandle, tmp_path: Path, signals: tuple[int, ...], status: int) -> None:
+    broker.declare("jobs", durable=True)
+    config = ("queues:\n  - queue: jobs\n"
+              "consumers:\n  - consumer: testconsumers:Misbehaving\n    queue: jobs\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        broker.publish("jobs", "hang-forever")
+        wait_until(lambda: "hanging:hang-forever" in proc.records(), what="a stuck consume")
+        for signum in signals:
+            proc.signal(signum)
+            proc.wait_for_log(f"received {signal.Signals(signum).name}")
+        assert proc.wait(timeout=20) == status, proc.output
+    finally:
+        proc.stop()
+    # The worker in consume (not only the arbiter) stopped at once.
+    assert re.search(r"amqp-dispatcher\[\d+\] INFO: received SIG(TERM while draining|INT): "
+                     "stopping now", proc.output), proc.output
+    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+
+
+def test_worker_that_keeps_failing_is_restarted_with_backoff(tmp_path: Path) -> None:
+    """Status 3 (no broker) is not a config error: the worker is started again, 1 s, then
+    2 s later...; SIGTERM meanwhile stops the service at once."""
+    config = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: jobs\n"
+    proc = DispatcherProcess(tmp_path, config, "amqp://guest:guest@127.0.0.1:1/",
+                             args=("--processes", "2"))
+    try:
+        proc.wait_for_log(r"worker 1/2 \(pid \d+\) exited with status 3; starting a new one in 1s")
+        proc.wait_for_log(r"worker 1/2 \(pid \d+\) exited with status 3; starting a new one in 2s")
+        proc.signal(signal.SIGTERM)
+        # 0, or 3 if a worker's connection attempt failed just as the SIGTERM came.
+        assert proc.wait(timeout=20) in (0, 3), proc.output
+    finally:
+        proc.stop()
+    assert "exited with status 3 at start: stopping" not in proc.output
+
+
+def test_worker_failing_at_start_stops_the_service(broker: BrokerHandle,
+                                                   tmp_path: Path) -> None:
+    broker.declare("jobs")
+    config = "consumers:\n  - consumer: testconsumers:BadInit\n    queue: jobs\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    try:
+        assert proc.wait(timeout=60) == 5, proc.output
+    finally:
+        proc.stop()
+    assert re.search(r"worker \d/2 \(pid \d+\) exited with status 5 at start: stopping every "
+                     r"worker", proc.output), proc.output
+    assert len(workers(proc, "started")) == 2 and \
+        all(len(pids) == 1 for pids in workers(proc, "started").values()), "a worker restarted"
+
+
+def test_bad_config_is_reported_once_with_status_1(tmp_path: Path) -> None:
+    config = "consumers:\n  - consumer: testconsumers:Missing\n    queue: jobs\n"
+    result = run_cli(tmp_path, "--processes", "3", "--config", "config.yml", config=config)
+    assert result.returncode == 1, result.stderr
+    problem = "config.yml: consumers[0].consumer: cannot import 'testconsumers:Missing'"
+    assert result.stderr.count(problem) == 1, result.stderr
+    assert not re.search(r"worker \d/3 \(pid", result.stderr)  # no worker was started
+    for bad in ("0", "-1", "two"):
+        result = run_cli(tmp_path, "--processes", bad, "--config", "config.yml")
+        assert result.returncode == 2
+        assert "--processes: expected a positive whole number or 'auto'" in result.stderr
+    assert parse_args(["--processes", "auto"]).processes == len(os.sched_getaffinity(0))
+
+
+def test_workers_drain_and_stop_when_the_arbiter_is_killed(broker: BrokerHandle,
+                                                           tmp_path: Path) -> None:
+    broker.declare("jobs", durable=True)
+    config = ("drain_timeout: 10\nqueues:\n  - queue: jobs\n"
+              "consumers:\n  - consumer: testconsumers:Hostile\n    queue: jobs\n"
+              "    consumer_count: 2\n    prefetch_count: 2\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        pids = [found[0] for found in workers(proc).values()]
+        for i in range(4):
+            broker.publish("jobs", f"hold-{i}")
+        wait_until(lambda: len(bodies(proc.records(), "start")) == 4,
+                   what="four consume calls in progress")
+        proc.process.kill()
+        proc.process.wait()
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout=20,
+                   what="the workers to stop")
+    finally:
+        proc.stop()
+    assert proc.output.count("the arbiter is gone: finishing messages in progress") == 2
+    assert bodies(proc.records(), "done") == bodies(proc.records(), "start")
+    assert broker.counts("jobs") == (0, 0)
+
+
+def test_sighup_with_a_broken_config_changes_nothing(broker: BrokerHandle,
+                                                     tmp_path: Path) -> None:
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, reload_config(1), broker.url,
+                             args=("--processes", "2"))
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        proc.config_path.write_text(
+            "consumers:\n  - consumer: reloadable:Missing\n    queue: jobs\n"
+            "    consumer_count: -1\n")
+        validate = run_cli(tmp_path, "--validate", "--config", str(proc.config_path),
+                           env={"RECORD_FILE": str(proc.record)})
+        assert validate.returncode == 1
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("SIGHUP: .* has problems")
+        logged = [line.split(" ERROR: ", 1)[1] for line in proc.output.splitlines()
+                  if "arbiter" in line and " ERROR: " in line]
+        assert logged[:-1] == validate.stderr.splitlines()
+        for i in range(10):
+            broker.publish("jobs", f"after-{i}")
+        wait_until(lambda: sum(r.startswith("done:v1:after-") for r in proc.records()) == 10,
+                   what="the running workers consume")
+        assert len(workers(proc, "started")) == 2
+        assert all(len(pids) == 1 for pids in workers(proc, "started").values())
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_sighup_deploys_new_config_and_code_under_load(broker: BrokerHandle,
+                                                       tmp_path: Path) -> None:
+    total = 1000
+    broker.declare("jobs", durable=True)
+    for i in range(total):
+        broker.publish("jobs", f"m{i}")
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, reload_config(2), broker.url,
+                             args=("--processes", "2"))
+    try:
+        wait_until(lambda: sum(r.startswith("done:v1:") for r in proc.records()) >= 150,
+                   what="150 messages done by the first workers")
+        (tmp_path / "reloadable.py").write_text(reloadable(2))
+        proc.config_path.write_text(reload_config(3))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the 2 new workers consume")
+        wait_until(lambda: proc.output.count("of the previous set stopped") == 2,
+                   what="the previous workers to stop")
+        wait_until(lambda: broker.drained("jobs"), what="every message acked")
+        assert proc.process.poll() is None
+        records = proc.records()
+    finally:
+        assert proc.stop() == 0, proc.output
+    done = Counter(r.split(":", 2)[2] for r in records if r.startswith("done:"))
+    assert set(done) == {f"m{i}" for i in range(total)}, "a message was lost"
+    # At most what was in flight (2 workers x prefetch 4) could be handled twice.
+    assert sum(done.values()) - total <= 8
+    assert records.count("init:v1") == 2 * 2 and records.count("init:v2") == 2 * 3
+    assert any(r.startswith("done:v2:") for r in records)
+    started_v1 = {r[9:] for r in records if r.startswith("start:v1:")}
+    assert started_v1 == {r[8:] for r in records if r.startswith("done:v1:")}

@@ -1,0 +1,190 @@
+"""SIGHUP in a single process: the config and consumer code are loaded again, a new
+generation takes over, the old one drains; a config with problems changes nothing."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+
+from amqpdispatcher.config import ConfigError, load_config
+from amqpdispatcher.reload import load_afresh
+
+# A consumer module the tests write next to the config (the working directory is on
+# sys.path), then rewrite to deploy new code.
+RELOADABLE = '''
+import os
+import gevent
+
+VERSION = {version}
+RECORD_FILE = os.environ["RECORD_FILE"]
+
+
+def record(line):
+    with open(RECORD_FILE, "a") as handle:
+        handle.write(line + "\\n")
+
+
+class Consumer:
+    def __init__(self):
+        record(f"init:v{{VERSION}}")
+
+    def consume(self, amqp, msg):
+        body = msg.body.decode()
+        record(f"start:v{{VERSION}}:{{body}}")
+        gevent.sleep({pause})
+        record(f"done:v{{VERSION}}:{{body}}")
+
+    def shutdown(self, exception=None):
+        record(f"shutdown:v{{VERSION}}")
+'''
+
+
+def reloadable(version: int, pause: float = 0.01) -> str:
+    # Each version differs in size too, so that no stale bytecode is ever used.
+    return RELOADABLE.format(version=version, pause=pause) + "#" * version + "\n"
+
+
+def config(count: int, consumer: str = "reloadable:Consumer", prefetch: int = 4) -> str:
+    return ("queues:\n  - queue: jobs\n"
+            f"consumers:\n  - consumer: {consumer}\n    queue: jobs\n"
+            f"    consumer_count: {count}\n    prefetch_count: {prefetch}\n")
+
+
+def test_sighup_with_a_broken_config_changes_nothing(broker: BrokerHandle,
+                                                     tmp_path: Path) -> None:
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, config(2), broker.url)
+    try:
+        proc.wait_consuming()
+        proc.config_path.write_text(
+            "consumers:\n  - consumer: testconsumers:Missing\n    queue: jobs\n"
+            "    prefetch_count: ten\n")
+        validate = run_cli(tmp_path, "--validate", "--config", str(proc.config_path))
+        assert validate.returncode == 1
+        expected = validate.stderr.splitlines()
+        assert len(expected) == 2, expected
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("SIGHUP: .* has problems")
+        logged = [line.split(" ERROR: ", 1)[1] for line in proc.output.splitlines()
+                  if " ERROR: " in line]
+        assert logged[:2] == expected
+        broker.publish("jobs", "after")
+        wait_until(lambda: "done:v1:after" in proc.records(), what="the running config consumes")
+        assert proc.output.count("consuming from") == 1
+        assert proc.records().count("init:v1") == 2
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_sighup_deploys_new_config_and_code_under_load(broker: BrokerHandle,
+                                                       tmp_path: Path) -> None:
+    total = 600
+    broker.declare("jobs", durable=True)
+    for i in range(total):
+        broker.publish("jobs", f"m{i}")
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, config(2), broker.url)
+    try:
+        pid = proc.process.pid
+        wait_until(lambda: sum(r.startswith("done:v1:") for r in proc.records()) >= 100,
+                   what="a hundred messages done by the first generation")
+        (tmp_path / "reloadable.py").write_text(reloadable(2))
+        proc.config_path.write_text(config(5))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        proc.wait_for_log("the previous generation stopped")
+        wait_until(lambda: broker.drained("jobs"), what="every message acked")
+        records = proc.records()
+        assert proc.process.pid == pid and proc.process.poll() is None
+    finally:
+        assert proc.stop() == 0, proc.output
+    done = Counter(r.split(":", 2)[2] for r in records if r.startswith("done:"))
+    assert set(done) == {f"m{i}" for i in range(total)}, "a message was lost"
+    assert sum(done.values()) == total, "a message was handled twice"
+    assert records.count("init:v1") == 2 and records.count("init:v2") == 5
+    assert any(r.startswith("done:v2:") for r in records)
+    # The old generation's consume calls in progress at the handover finished there.
+    started_v1 = {r[9:] for r in records if r.startswith("start:v1:")}
+    done_v1 = {r[8:] for r in records if r.startswith("done:v1:")}
+    assert started_v1 == done_v1
+    assert records.count("shutdown:v1") == 2
+
+
+def test_sighup_whose_new_generation_cannot_start_keeps_the_old(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, config(1), broker.url)
+    try:
+        proc.wait_consuming()
+        proc.config_path.write_text(config(1, consumer="testconsumers:BadInit"))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log(r"SIGHUP: the new generation did not start \(status 5")
+        broker.publish("jobs", "after")
+        wait_until(lambda: "done:v1:after" in proc.records(), what="the old generation consumes")
+        # Consumer code that exits as it is imported does not take the process with it.
+        proc.config_path.write_text(config(1))
+        (tmp_path / "reloadable.py").write_text("import sys\nsys.exit(3)\n")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("SIGHUP: importing the consumer code raised SystemExit: 3")
+        broker.publish("jobs", "later")
+        wait_until(lambda: "done:v1:later" in proc.records(), what="the old generation consumes")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_sigterm_during_the_handover_lets_the_old_generation_finish(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """The old generation already drains: SIGTERM must not reach it as a second one."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, config(1, consumer="testconsumers:Timed"), broker.url,
+                             env={"SLOW": "2"})
+    try:
+        proc.wait_consuming()
+        broker.publish("jobs", "slow")
+        wait_until(lambda: "start:slow" in proc.records(), what="a slow consume in progress")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.output
+    finally:
+        proc.stop()
+    assert proc.records() == ["start:slow", "done:slow"]
+    assert "stopping now" not in proc.output
+    assert broker.counts("jobs") == (0, 0)
+
+
+def test_load_afresh_imports_the_consumer_package_again_or_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: the consumer's top-level package is imported again; on a problem the
+    modules in use are put back."""
+    package = tmp_path / "reloadpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("VERSION = 1\n")
+    (package / "consumer.py").write_text(
+        "from reloadpkg.helper import VERSION\n"
+        "class Consumer:\n    def consume(self, amqp, msg): pass\n"
+        "    def shutdown(self, exception=None): pass\n")
+    path = tmp_path / "config.yml"
+    path.write_text("consumers:\n  - consumer: reloadpkg.consumer:Consumer\n    queue: q\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    running, resolved = load_config(str(path))
+    assert sys.modules["reloadpkg.helper"].VERSION == 1
+    (package / "helper.py").write_text("VERSION = 2  # a new release\n")
+    _, fresh = load_afresh(running)
+    new_helper = sys.modules["reloadpkg.helper"]
+    assert new_helper.VERSION == 2  # a module of the package the config does not name
+    assert fresh.consumer_classes != resolved.consumer_classes
+    (package / "consumer.py").write_text("raise RuntimeError('broken release')\n")
+    with pytest.raises(ConfigError, match="broken release"):
+        load_afresh(running)
+    assert sys.modules["reloadpkg.helper"] is new_helper
+    assert sys.modules["reloadpkg.consumer"].Consumer is \
+        fresh.consumer_classes["reloadpkg.consumer:Consumer"]
+    for name in [name for name in sys.modules if name.startswith("reloadpkg")]:
+        del sys.modules[name]
