@@ -18,6 +18,10 @@ The workers run in sessions of their own, so signals meant for the service
 it passes each on once. worker.py is the workers' side of the link between
 them.
 
+With ``--exit-when-drained SECONDS``, each worker runs its own watch (drain.py)
+and exits 0 once its work is done; the arbiter does not replace a worker that
+consumed and then exited 0, and exits 0 once no worker is left.
+
 Signals are queued by their handlers and acted on in the main loop, as in
 gunicorn's arbiter; SIGNALS says what each one means.
 """
@@ -108,9 +112,11 @@ class Check:
 
 
 class Arbiter:
-    def __init__(self, config_path: str, processes: int) -> None:
+    def __init__(self, config_path: str, processes: int,
+                 exit_when_drained: float | None = None) -> None:
         self.config_path = config_path
         self.processes = processes
+        self.exit_when_drained = exit_when_drained
         self.workers: list[Worker] = []  # every worker process not yet reaped
         self.serving: dict[int, Worker] = {}  # the current set, by number
         self.respawn_at: dict[int, float] = {}  # numbers to start again, and when
@@ -209,6 +215,9 @@ class Arbiter:
         for worker in list(self.workers):
             if worker.process.poll() is not None:
                 self.workers.remove(worker)
+                if worker.link_open:  # a "consuming" line it wrote just before it exited
+                    worker.link.setblocking(False)
+                    self._read_link(worker)
                 worker.link.close()
                 self._on_worker_exit(worker)
 
@@ -312,10 +321,12 @@ class Arbiter:
         env = dict(os.environ)
         env[WORKER_ENV] = f"{number}/{self.processes}"
         env[LINK_FD_ENV] = str(theirs.fileno())
+        args = [sys.executable, "-m", "amqpdispatcher", "--config", self.config_path]
+        if self.exit_when_drained is not None:
+            args += ["--exit-when-drained", str(self.exit_when_drained)]
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "amqpdispatcher", "--config", self.config_path],
-                env=env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                args, env=env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True)
         except BaseException:
             ours.close()
@@ -383,6 +394,9 @@ class Arbiter:
             self.stopped_statuses.append(status)
             return
         # It exited without being asked to.
+        if self.exit_when_drained is not None and status == 0 and worker.consuming:
+            self._on_drained(worker)
+            return
         if self.new_set is not None and self.new_set.get(worker.number) is worker:
             self._cancel_reload(f"new worker {worker.name} {_describe(returncode)} before "
                                 "every new worker consumed")
@@ -399,6 +413,24 @@ class Arbiter:
         log.warning("worker %s %s; starting a new one %s", worker.name, _describe(returncode),
                     f"in {delay:g}s" if delay else "now")
         self.respawn_at[worker.number] = time.monotonic() + delay
+
+    def _on_drained(self, worker: Worker) -> None:
+        """--exit-when-drained: the worker found its work done. It is not replaced; once
+        no worker of the running set (nor of a reload's new set) is left, neither is
+        there any work: the arbiter stops."""
+        log.info("worker %s drained and exited 0: not replaced", worker.name)
+        if self.serving.get(worker.number) is worker:
+            del self.serving[worker.number]
+        if self.new_set is not None and self.new_set.get(worker.number) is worker:
+            del self.new_set[worker.number]
+            if not self.new_set:
+                self.new_set = None
+                self._reload_done()
+            elif all(w.consuming for w in self.new_set.values()):
+                self._hand_over()
+        if not self.serving and self.new_set is None:
+            log.info("every worker drained: stopping")
+            self._stop()
 
     def _respawn_delay(self, worker: Worker) -> float:
         if time.monotonic() - worker.started_at >= STABLE_WORKER:

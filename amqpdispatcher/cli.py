@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     redact_password(settings.password)
     redact_password(settings.password_as_written)
     if args.processes > 1 and not (args.validate or args.check):
-        return Arbiter(args.config, args.processes).run()
+        return Arbiter(args.config, args.processes, args.exit_when_drained).run()
     try:
         config, resolved = load_config(args.config)
     except ConfigError as exc:

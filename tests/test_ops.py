@@ -188,6 +188,25 @@ def test_exit_when_drained_follows_the_generation_a_reload_starts(broker: Broker
     assert broker.drained("old") and broker.drained("new")
 
 
+def test_exit_when_drained_with_processes(broker: BrokerHandle, tmp_path: Path) -> None:
+    """Each worker exits 0 once drained; none is replaced; the arbiter then exits 0."""
+    broker.declare("jobs", durable=True)
+    for i in range(200):
+        broker.publish("jobs", f"m{i}")
+    config = ("queues:\n  - queue: jobs\nconsumers:\n  - consumer: testconsumers:Recorder\n"
+              "    queue: jobs\n    consumer_count: 4\n    prefetch_count: 8\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url,
+                             args=("--processes", "2", "--exit-when-drained", "0.5"))
+    assert proc.wait(60) == 0, proc.output
+    assert sorted(proc.records()) == sorted(f"m{i}" for i in range(200))
+    assert broker.drained("jobs")
+    output = proc.output
+    assert len(re.findall(r"worker [12]/2 \(pid \d+\) drained and exited 0: not replaced",
+                          output)) == 2, output
+    assert "starting a new one" not in output
+    assert "every worker drained: stopping" in output
+
+
 @pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
 def test_exit_when_drained_takes_seconds(tmp_path: Path, value: str) -> None:
     result = run_cli(tmp_path, "--exit-when-drained", value, config=GOOD)
