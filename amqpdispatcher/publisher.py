@@ -251,7 +251,7 @@ class ConfirmChannel:
 
     @classmethod
     def open_on(cls, connection: Any, on_unclaimed_return: Callable[[Any], None],
-             timeout: float = PUBLISH_TIMEOUT) -> ConfirmChannel:
+                timeout: float = PUBLISH_TIMEOUT) -> ConfirmChannel:
         """A new channel on the connection, in confirm mode; BrokerError if it cannot be
         opened."""
         sync = SyncChannel.open(connection)
@@ -417,7 +417,7 @@ class Publisher:
     def _open(self, connection: Any) -> ConfirmChannel:
         try:
             channel = ConfirmChannel.open_on(connection, self._unclaimed_return,
-                                          self.publishing.timeout)
+                                             self.publishing.timeout)
         except BrokerError as exc:
             raise PublishError(f"cannot open the publishing channel of {self.name}: {exc}") \
                 from None
