@@ -129,11 +129,11 @@ def test_exit_when_drained_never_while_disconnected(broker: BrokerHandle,
               "    queue: q\n")
     with FaultProxy("127.0.0.1", broker.node.port) as proxy:
         proc = DispatcherProcess(tmp_path, config, proxy.rewrite_url(broker.url),
-                                 env={"SLEEP": "1"}, args=("--exit-when-drained", "0.3"))
+                                 env={"SLEEP": "2"}, args=("--exit-when-drained", "0.3"))
         try:
             proc.wait_consuming()
             broker.publish("q", "m1")
-            wait_until(lambda: broker.counts("q") == (0, 1), what="m1 in consume")
+            proc.wait_for_log("consume started: m1")
             proxy.refuse(True)
             proxy.drop_all()
             # The consume ends, with nothing else to do, while reconnecting fails: the
@@ -542,6 +542,10 @@ stats_interval: 0
     ("test_validate.GOOD", GOOD),
     ("test_ops.CHECK_CONFIG", CHECK_CONFIG),
     ("test_ops.EVERY_KIND", EVERY_KIND),
+    ("examples/kubernetes.yaml ConfigMap", next(
+        document["data"]["config.yml"]
+        for document in yaml.safe_load_all((REPO / "examples" / "kubernetes.yaml").read_text())
+        if document["kind"] == "ConfigMap")),
 ])
 def test_schema_accepts_the_example_configs(name: str, text: str) -> None:
     assert schema_errors(text) == []

@@ -460,14 +460,16 @@ class LogsBody:
 
 
 class LoggedSleeper:
-    """Sleeps $SLEEP seconds, then logs 'consume done: BODY' at WARNING (in the
-    dispatcher's own output, so a test can see what came first) and records."""
+    """Logs 'consume started: BODY', sleeps $SLEEP seconds, then logs 'consume done:
+    BODY' (at WARNING: in the dispatcher's own output, so a test can see what came
+    first) and records."""
 
     delay = float(os.environ.get("SLEEP", "0.5"))
 
     def consume(self, amqp, msg):
         import logging
 
+        logging.getLogger("testconsumers").warning("consume started: %s", text(msg))
         gevent.sleep(self.delay)
         logging.getLogger("testconsumers").warning("consume done: %s", text(msg))
         record(text(msg))
