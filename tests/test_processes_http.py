@@ -206,7 +206,7 @@ def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
     polling = threading.Event()
 
     def poll() -> None:
-        while not polling.is_set():
+        while not polling.wait(0.05):
             answers.append(get(port, "/readyz")[0])
 
     poller = threading.Thread(target=poll)
