@@ -58,7 +58,7 @@ from .queues import (
     parse_bindings,
     parse_queues,
 )
-from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config
+from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config, read_http
 
 __all__ = [
     "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
@@ -67,6 +67,7 @@ __all__ = [
     "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",
     "RetryConfig", "argument_name", "check_imports", "describe_exception", "import_object",
     "load_config", "parse_bindings", "parse_consumers", "parse_exchanges", "parse_queues",
+    "read_http",
     "_MAX_DELAY_SECONDS", "_TYPE_NAMES", "_Checker", "_DuplicateKeyError", "_Key",
     "_UniqueKeyLoader", "_check_retry_names", "_describe", "_import", "_is_import_path",
     "_parse", "_parse_retry", "_read_yaml",
