@@ -16,7 +16,8 @@ imports the consumer code as it is on disk now, which is what SIGHUP needs.
 The workers run in sessions of their own, so signals meant for the service
 (a terminal's Ctrl-C, supervisord's stopasgroup) reach the arbiter only, and
 it passes each on once. worker.py is the workers' side of the link between
-them.
+them. With ``http`` in the config, the arbiter serves the service's /metrics,
+/healthz and /readyz, asking the workers (arbiter_http.py).
 
 With ``--exit-when-drained SECONDS``, each worker runs its own watch (drain.py)
 and exits 0 once its work is done; the arbiter does not replace a worker that
@@ -40,14 +41,19 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
+from .arbiter_http import ArbiterEndpoint, WorkerView
+from .config import ConfigError, HttpConfig, read_http
 from .dispatcher import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TOPOLOGY, EXIT_USER_CODE
+from .http import ListenError
 
 log = logging.getLogger("amqp-dispatcher.arbiter")
 
-# How the arbiter tells a worker its name ("2/4") and the file descriptor of its
-# end of the link (worker.py reads them).
+# How the arbiter tells a worker its name ("2/4"), the file descriptor of its end
+# of the link, and where to serve its http endpoint for the arbiter (worker.py reads
+# them).
 WORKER_ENV = "AMQP_DISPATCHER_WORKER"
 LINK_FD_ENV = "AMQP_DISPATCHER_LINK_FD"
+HTTP_SOCKET_ENV = "AMQP_DISPATCHER_HTTP_SOCKET"
 
 # A worker that exits with one of these before it consumes would fail the same way
 # again (the config, a refused topology, failing user code): instead of starting it
@@ -92,6 +98,7 @@ class Worker:
     process: subprocess.Popen[bytes]
     link: socket.socket  # the arbiter's end; the worker holds the other
     started_at: float
+    http_socket: str  # where it serves /metrics and /readyz for the arbiter; "" without http
     link_open: bool = True
     consuming: bool = False
     term_sent: bool = False  # a second SIGTERM would stop it at once
@@ -130,6 +137,8 @@ class Arbiter:
         self.failed_status: int | None = None  # a failure at start decided the exit status
         self.stopped_statuses: list[int] = []  # of the workers a SIGTERM stopped
         self.wake_r, self.wake_w = os.pipe()
+        self.http_config: HttpConfig | None = None  # as read at start: a reload keeps it
+        self.http: ArbiterEndpoint | None = None
 
     # -- the main loop ------------------------------------------------------------
 
@@ -146,10 +155,14 @@ class Arbiter:
                     getattr(self, SIGNALS[signum])(signum)
                 self._reap()
                 self._respawn_due()
+                self._publish()
         except Exception:  # noqa: BLE001 - a bug; the workers see the link close and drain
             log.critical("internal error in the arbiter; stopping (the workers drain and stop)",
                          exc_info=True)
             return EXIT_INTERNAL
+        finally:
+            if self.http is not None:
+                self.http.stop()
         status = self._exit_status()
         log.info("every worker stopped; exiting with status %d", status)
         return status
@@ -297,8 +310,9 @@ class Arbiter:
             if check.reload:
                 log.info("%s is valid: starting %d new workers; the running ones stop once "
                          "every new one consumes", self.config_path, self.processes)
+                self._warn_if_http_changed()
                 self.new_set = {n: self._spawn(n) for n in range(1, self.processes + 1)}
-            else:
+            elif self._listen():
                 for number in range(1, self.processes + 1):
                     self.serving[number] = self._spawn(number)
             return
@@ -314,6 +328,43 @@ class Arbiter:
                   self.config_path)
         self._reload_done()
 
+    # -- the http endpoint ----------------------------------------------------------
+
+    def _listen(self) -> bool:
+        """Open the http endpoint, if the config has one, before any worker starts.
+        False if it cannot listen: the line is printed, and the arbiter exits 1."""
+        try:
+            self.http_config = read_http(self.config_path)
+            if self.http_config is not None:
+                endpoint = ArbiterEndpoint(self.http_config, self.config_path,
+                                           self.processes)
+                endpoint.listen()
+                self.http = endpoint
+        except (ConfigError, ListenError) as exc:  # ConfigError: changed since its check
+            for line in exc.problems if isinstance(exc, ConfigError) else [str(exc)]:
+                print(line, file=sys.stderr)
+            self.failed_status = EXIT_CONFIG
+            self._stop()
+            return False
+        return True
+
+    def _warn_if_http_changed(self) -> None:
+        try:
+            changed = read_http(self.config_path) != self.http_config
+        except ConfigError:
+            return  # changed since its check: the new workers will say so
+        if changed:
+            log.warning("SIGHUP: http: a changed address or port takes effect at the next "
+                        "start; the endpoint stays where it is")
+
+    def _publish(self) -> None:
+        """Tell the http endpoint, which serves in threads of its own, the workers there
+        are now."""
+        if self.http is not None:
+            current = set(self.serving.values())
+            self.http.update((WorkerView(w.number, w.process.pid, w.http_socket,
+                                         w in current) for w in self.workers), self.stopping)
+
     # -- workers ------------------------------------------------------------------
 
     def _spawn(self, number: int) -> Worker:
@@ -321,6 +372,9 @@ class Arbiter:
         env = dict(os.environ)
         env[WORKER_ENV] = f"{number}/{self.processes}"
         env[LINK_FD_ENV] = str(theirs.fileno())
+        http_socket = self.http.socket_for_worker() if self.http is not None else ""
+        if http_socket:
+            env[HTTP_SOCKET_ENV] = http_socket
         args = [sys.executable, "-m", "amqpdispatcher", "--config", self.config_path]
         if self.exit_when_drained is not None:
             args += ["--exit-when-drained", str(self.exit_when_drained)]
@@ -333,7 +387,7 @@ class Arbiter:
             raise
         finally:
             theirs.close()  # the worker's alone now: it sees end-of-file when we are gone
-        worker = Worker(number, self.processes, process, ours, time.monotonic())
+        worker = Worker(number, self.processes, process, ours, time.monotonic(), http_socket)
         self.workers.append(worker)
         log.info("worker %s started", worker.name)
         return worker

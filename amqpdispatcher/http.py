@@ -12,7 +12,9 @@ patching, and answers while the main greenlet waits on the broker.
 
 The port is bound at start, before the startup handler and before connecting,
 so that a port in use fails the start at once (ListenError: exit 1); the server
-is stopped at the end of the stop.
+is stopped at the end of the stop. A worker of ``--processes`` serves the same
+endpoint on a unix socket instead, for the arbiter to read (arbiter_http.py);
+``make_app`` and ``listen_error`` are shared with the arbiter's endpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import gevent.socket
 from gevent.pywsgi import WSGIServer
 from prometheus_client import make_wsgi_app
 
@@ -40,72 +43,112 @@ MAX_CONNECTIONS = 16
 STOP_TIMEOUT = 1.0
 
 StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+# /healthz and /readyz: whether to answer 200 (else 503), and the JSON body.
+Probe = Callable[[], tuple[bool, dict[str, Any]]]
 
 
 class ListenError(Exception):
     """The endpoint cannot listen: one line naming the config key and the address."""
 
 
-class HttpEndpoint:
-    """Serves the process's current dispatcher generation (``current()``): a SIGHUP
-    reload hands the endpoint over with the rest, on the same port."""
+def listen_error(exc: OSError, config: HttpConfig, config_path: str,
+                 noise: str = "") -> ListenError:
+    """The one line for a port or address that cannot be listened on. ``noise`` is what
+    the server appended to the reason (gevent adds the address), left out."""
+    key = "http.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "http.address"
+    reason = (exc.strerror or str(exc)).removesuffix(noise)
+    host = f"[{config.address}]" if ":" in config.address else config.address
+    return ListenError(f"{config_path}: {key}: cannot listen on {host}:{config.port}: "
+                       f"{reason[:1].lower()}{reason[1:]}")
 
-    def __init__(self, current: Callable[[], Dispatcher], config: HttpConfig,
-                 config_path: str) -> None:
-        self.current = current
-        self.config = config
-        self.config_path = config_path
-        self.metrics_app = make_wsgi_app(metrics.registry(current))
-        # No access log: a scrape a second would drown everything else.
-        self.server = WSGIServer((config.address, config.port), self.app,
-                                 spawn=MAX_CONNECTIONS, log=None, error_log=log)
 
-    def listen(self) -> None:
-        """Bind the port and start serving; ListenError if it cannot be bound."""
-        try:
-            self.server.start()
-        except OSError as exc:  # socket.gaierror included: an address that does not resolve
-            key = "http.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) \
-                else "http.address"
-            # gevent appends the address to the reason: we say it our way.
-            reason = (exc.strerror or str(exc)).removesuffix(f": {self.server.address!r}")
-            host = f"[{self.config.address}]" if ":" in self.config.address \
-                else self.config.address
-            raise ListenError(f"{self.config_path}: {key}: cannot listen on {host}:"
-                              f"{self.config.port}: {reason[:1].lower()}{reason[1:]}") from None
-        log.info("serving /metrics, /healthz and /readyz on http://%s:%d/",
-                 *self.server.address[:2])
+def make_app(metrics_app: WSGIApp, healthz: Probe, readyz: Probe) -> WSGIApp:
+    """The three paths; anything else is 404, and a method other than GET or HEAD on
+    the probes 405."""
 
-    def stop(self) -> None:
-        self.server.stop(timeout=STOP_TIMEOUT)
-
-    def app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return self.metrics_app(environ, start_response)
+            return metrics_app(environ, start_response)
         if path not in ("/healthz", "/readyz"):
             return _json(start_response, "404 Not Found",
                          {"error": "not found; try /metrics, /healthz or /readyz"})
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return _json(start_response, "405 Method Not Allowed", {"error": "use GET"},
                          [("Allow", "GET, HEAD")])
-        if path == "/healthz":
-            if self.current().stopping:
-                return _json(start_response, "503 Service Unavailable", {"status": "stopping"})
-            return _json(start_response, "200 OK", {"status": "ok"})
-        return self._readyz(start_response)
+        ok, body = (healthz if path == "/healthz" else readyz)()
+        return _json(start_response, "200 OK" if ok else "503 Service Unavailable", body)
 
-    def _readyz(self, start_response: StartResponse) -> Iterable[bytes]:
+    return app
+
+
+class HttpEndpoint:
+    """Serves the process's current dispatcher generation (``current()``): a SIGHUP
+    reload hands the endpoint over with the rest, on the same port.
+
+    ``where`` is the config's ``http`` section, or, in a worker of ``--processes``,
+    the path of the unix socket the arbiter reads it on."""
+
+    def __init__(self, current: Callable[[], Dispatcher], where: HttpConfig | str,
+                 config_path: str) -> None:
+        self.current = current
+        self.where = where
+        self.config_path = config_path
+        self.app = make_app(make_wsgi_app(metrics.registry(current)), self._healthz,
+                            self._readyz)
+        self.server: WSGIServer | None = None
+
+    def listen(self) -> None:
+        """Bind the port (or the socket) and start serving; ListenError if it cannot."""
+        if isinstance(self.where, str):
+            self._listen_for_arbiter(self.where)
+            return
+        config = self.where
+        # No access log: a scrape a second would drown everything else.
+        self.server = WSGIServer((config.address, config.port), self.app,
+                                 spawn=MAX_CONNECTIONS, log=None, error_log=log)
+        try:
+            self.server.start()
+        except OSError as exc:  # socket.gaierror included: an address that does not resolve
+            raise listen_error(exc, config, self.config_path,
+                               noise=f": {self.server.address!r}") from None
+        log.info("serving /metrics, /healthz and /readyz on http://%s:%d/",
+                 *self.server.address[:2])
+
+    def _listen_for_arbiter(self, path: str) -> None:
+        # A gevent socket: gevent's server does not accept on a stdlib unix socket.
+        listener = gevent.socket.socket(gevent.socket.AF_UNIX, gevent.socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            listener.listen(MAX_CONNECTIONS)
+        except OSError as exc:
+            listener.close()
+            raise ListenError(f"{self.config_path}: http: cannot serve the arbiter on "
+                              f"{path}: {exc.strerror or exc}") from None
+        self.server = WSGIServer(listener, self.app, spawn=MAX_CONNECTIONS, log=None,
+                                 error_log=log)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(timeout=STOP_TIMEOUT)
+
+    def _healthz(self) -> tuple[bool, dict[str, Any]]:
+        if self.current().stopping:
+            return False, {"status": "stopping"}
+        return True, {"status": "ok"}
+
+    def _readyz(self) -> tuple[bool, dict[str, Any]]:
         d = self.current()
         not_consuming = [{"entry": pool.entry.path, "queue": pool.entry.queue,
                           "consumer": pool.entry.consumer}
                          for index, pool in enumerate(d.pools) if index not in d.channels]
         connected = d.is_connected()
         if connected and not not_consuming and not d.stopping:
-            return _json(start_response, "200 OK", {"ready": True})
-        return _json(start_response, "503 Service Unavailable",
-                     {"ready": False, "connected": connected, "stopping": d.stopping,
-                      "not_consuming": not_consuming})
+            return True, {"ready": True}
+        return False, {"ready": False, "connected": connected, "stopping": d.stopping,
+                       "not_consuming": not_consuming}
 
 
 def _json(start_response: StartResponse, status: str, body: dict[str, Any],
@@ -114,4 +157,3 @@ def _json(start_response: StartResponse, status: str, body: dict[str, Any],
     start_response(status, [("Content-Type", "application/json"),
                             ("Content-Length", str(len(data))), *(headers or [])])
     return [data]
-

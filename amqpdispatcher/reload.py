@@ -149,9 +149,11 @@ class Generations:
         self.stopping = False
         self.exit_status: int | None = None  # the current generation's, once it exited
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
-        # current. Under --processes the workers serve none (the arbiter answers).
-        self.http = (HttpEndpoint(lambda: self.current.dispatcher, config.http, config.path)
-                     if config.http is not None and link is None else None)
+        # current. Under --processes the arbiter listens on the config's port, and a
+        # worker serves it on the unix socket it was given (when the config has http).
+        where = config.http if link is None else link.http_socket
+        self.http = (HttpEndpoint(lambda: self.current.dispatcher, where, config.path)
+                     if where is not None else None)
 
     def listen(self) -> None:
         """Open the HTTP endpoint, if configured, before anything else: a port in use

@@ -62,7 +62,14 @@ from .queues import (
     parse_queues,
 )
 from .schema import config_schema, schema_text
-from .top_level import TOP_LEVEL_KEYS, Config, _parse, load_config, load_config_dict
+from .top_level import (
+    TOP_LEVEL_KEYS,
+    Config,
+    _parse,
+    load_config,
+    load_config_dict,
+    read_http,
+)
 
 __all__ = [
     "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
@@ -71,7 +78,7 @@ __all__ = [
     "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",
     "RetryConfig", "argument_name", "check_imports", "config_schema", "describe_exception",
     "import_object", "load_config", "load_config_dict", "parse_bindings", "parse_consumers",
-    "parse_exchanges", "parse_queues", "schema_text",
+    "parse_exchanges", "parse_queues", "read_http", "schema_text",
     "_MAX_DELAY_SECONDS", "_TYPE_NAMES", "_Checker", "_DuplicateKeyError", "_Key",
     "_UniqueKeyLoader", "_check_retry_names", "_describe", "_import", "_is_import_path",
     "_parse", "_parse_retry", "_read_yaml",

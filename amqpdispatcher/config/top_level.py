@@ -1,5 +1,6 @@
 """The file as a whole: the top-level keys (TOP_LEVEL_KEYS), ``Config``, and
-``load_config``, which reads the file and checks every section."""
+``load_config``, which reads the file and checks every section (``read_http``: the
+``http`` section alone, without importing anything)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,15 @@ def _load(config: Config, problems: list[str]) -> tuple[Config, Resolved]:
     if problems:
         raise ConfigError(problems)
     return config, resolved
+
+
+def read_http(path: str) -> HttpConfig | None:
+    """The ``http`` section alone, importing nothing: for the arbiter of --processes,
+    which never imports user code. ConfigError if the file has a problem."""
+    config, problems = _parse(path)
+    if problems:
+        raise ConfigError(problems)
+    return config.http
 
 
 def _parse(path: str) -> tuple[Config, list[str]]:

@@ -1,0 +1,344 @@
+"""The arbiter's HTTP endpoint under ``--processes N`` (config key ``http``): one
+``/metrics``, ``/healthz`` and ``/readyz`` for the whole service.
+
+The arbiter listens on ``http.address:http.port`` itself, once the config checks
+out and before any worker starts (a port in use: one line, exit 1, as without
+``--processes``). It knows nothing of consumers and never imports their code, so
+it asks the workers: each serves its own endpoint (http.py) on a unix socket in a
+directory of the arbiter's that only its user can enter (worker.py). A request to
+the arbiter asks every worker at once and waits at most WORKER_TIMEOUT for them.
+
+- ``/metrics``: the workers' ``amqp_dispatcher_*`` series added up, series by
+  series (Totals); their CPU seconds and resident memory under names of their own
+  (RENAMED); ``amqp_dispatcher_workers``, the worker processes running; and the
+  arbiter's own process, platform and garbage collector metrics.
+- ``/healthz``: 200 until the arbiter is stopping, while workers reconnect or are
+  replaced too.
+- ``/readyz``: 200 while every worker of the current set (a reload's new set once it
+  has taken over) says it is ready; else 503 naming each one that is not, and what
+  it lacks.
+
+The server runs in threads of its own (wsgiref, a thread per request): the main
+loop hands it the list of workers after each turn (``update``) and never waits on a
+request; signals are still received by the main thread alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import socketserver
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import make_wsgi_app
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .config import HttpConfig
+from .http import listen_error, make_app
+
+log = logging.getLogger("amqp-dispatcher.http")
+
+# How long a request to the arbiter waits for the workers' answers. Under a
+# Kubernetes probe's default timeout (1 s), so that the probe gets the arbiter's
+# answer naming the worker rather than a timeout of its own.
+WORKER_TIMEOUT = 0.8
+
+# A worker's process metrics worth adding up, under names of their own: the
+# arbiter's process_* describe the arbiter.
+RENAMED = {
+    "process_cpu_seconds": ("amqp_dispatcher_workers_cpu_seconds",
+                            "CPU time (user and system) of the worker processes, added up"),
+    "process_resident_memory_bytes": ("amqp_dispatcher_workers_resident_memory_bytes",
+                                      "Resident memory of the worker processes, added up"),
+}
+# Families whose samples only ever grow in one worker's life.
+CUMULATIVE = ("counter", "histogram", "summary")
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name, its labels
+# A worker's answer: (HTTP status, body), or why there is none.
+Answer = Union[tuple[int, bytes], str]
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker process as the endpoint sees it (the arbiter's main loop makes these)."""
+
+    number: int
+    pid: int
+    socket: str  # where it serves; one per process, so also the key to its counts
+    current: bool  # in the set that serves (neither a reload's new set nor a retired one)
+
+
+@dataclass
+class Family:
+    name: str
+    type: str
+    documentation: str
+    samples: dict[SampleKey, float]
+
+
+def parse(text: str) -> dict[str, Family]:
+    """A worker's /metrics: its amqp_dispatcher_* families, and RENAMED's renamed."""
+    families = {}
+    for family in text_string_to_metric_families(text):
+        name, documentation = RENAMED.get(family.name, (family.name, family.documentation))
+        if name.startswith("amqp_dispatcher_"):
+            samples = {(name + s.name[len(family.name):], tuple(s.labels.items())): s.value
+                       for s in family.samples}
+            families[name] = Family(name, family.type, documentation, samples)
+    return families
+
+
+class Totals:
+    """The workers' metrics added up, series by series: a gauge over the workers that
+    answered this request; a counter (or histogram) over every worker that ever
+    answered, so that a sum never goes down when a worker exits and a new one starts
+    from zero (Prometheus would take the fall for a reset and count the new worker's
+    whole figure again). Each live worker's last answer is kept; when the worker
+    exits, it is added to ``exited``. What a worker counted after its last answer is
+    lost. Thread-safe: requests run in threads of their own."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kinds: dict[str, tuple[str, str]] = {}  # family: type, documentation; by age
+        self.last: dict[str, dict[tuple[str, SampleKey], float]] = {}  # by live worker
+        self.exited: dict[tuple[str, SampleKey], float] = {}
+
+    def keep(self, alive: set[str]) -> list[str]:
+        """The workers alive now: those no longer alive have their last answer added to
+        ``exited``, and are returned."""
+        with self.lock:
+            gone = [key for key in self.last if key not in alive]
+            for key in gone:
+                for sample, value in self.last.pop(key).items():
+                    self.exited[sample] = self.exited.get(sample, 0.0) + value
+            for key in alive:
+                self.last.setdefault(key, {})
+        return gone
+
+    def add_up(self, answers: dict[str, dict[str, Family]]) -> list[Metric]:
+        """Every family summed over the workers, with ``answers`` (this request's, by
+        worker) recorded first."""
+        with self.lock:
+            for key, families in answers.items():
+                last = self.last.get(key)
+                if last is None:
+                    continue  # it exited meanwhile: what it had counted is in exited
+                for family in families.values():
+                    self.kinds.setdefault(family.name, (family.type, family.documentation))
+                    if family.type in CUMULATIVE:
+                        for sample, value in family.samples.items():
+                            # max: two requests in parallel may record out of order.
+                            last[family.name, sample] = max(
+                                last.get((family.name, sample), 0.0), value)
+            sums: dict[str, dict[SampleKey, float]] = {name: {} for name in self.kinds}
+            for counted in (self.exited, *self.last.values()):
+                for (name, sample), value in counted.items():
+                    sums[name][sample] = sums[name].get(sample, 0.0) + value
+            for key, families in answers.items():
+                if key in self.last:
+                    for family in families.values():
+                        if family.type not in CUMULATIVE:
+                            for sample, value in family.samples.items():
+                                sums[family.name][sample] = \
+                                    sums[family.name].get(sample, 0.0) + value
+            kinds = dict(self.kinds)
+        metrics = []
+        for name, samples in sums.items():
+            metric = Metric(name, kinds[name][1], kinds[name][0])
+            for (sample_name, labels), value in samples.items():
+                metric.add_sample(sample_name, dict(labels), value)
+            metrics.append(metric)
+        return metrics
+
+
+class ArbiterEndpoint(Collector):
+    def __init__(self, config: HttpConfig, config_path: str, processes: int) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.processes = processes
+        self.lock = threading.Lock()
+        self.workers: tuple[WorkerView, ...] = ()
+        self.stopping = False
+        self.totals = Totals()
+        self.asking = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * processes, thread_name_prefix="http-ask")
+        registry = CollectorRegistry()
+        registry.register(self)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.app = make_app(make_wsgi_app(registry), self._healthz, self._readyz)
+        self.server: _Server | None = None
+        self.directory = ""
+        self.sockets = itertools.count(1)
+
+    # -- called by the arbiter's main loop ------------------------------------------
+
+    def listen(self) -> None:
+        """Bind the port and serve, in a thread; http.ListenError if it cannot be bound."""
+        try:
+            info = socket.getaddrinfo(self.config.address, self.config.port,
+                                      type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, address = info[0]
+            self.server = _Server((str(address[0]), self.config.port), family)
+        except OSError as exc:  # socket.gaierror included: an address that does not resolve
+            raise listen_error(exc, self.config, self.config_path) from None
+        self.server.set_app(self.app)
+        # Only this user can enter it, and so reach the workers' sockets.
+        self.directory = tempfile.mkdtemp(prefix="amqp-dispatcher-")
+        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
+        log.info("serving /metrics, /healthz and /readyz of the %d workers on "
+                 "http://%s:%d/", self.processes, self.server.server_name,
+                 self.server.server_port)
+
+    def socket_for_worker(self) -> str:
+        """A path for a new worker process to serve on."""
+        return os.path.join(self.directory, f"{next(self.sockets)}.sock")
+
+    def update(self, workers: Iterable[WorkerView], stopping: bool) -> None:
+        """The worker processes not yet reaped, and whether the arbiter is stopping."""
+        views = tuple(workers)
+        gone = self.totals.keep({view.socket for view in views})
+        with self.lock:
+            self.workers, self.stopping = views, stopping
+        for path in gone:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # the worker never got as far as serving
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.asking.shutdown(wait=False, cancel_futures=True)
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    # -- called by the server's threads ---------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            workers = self.workers
+        answers = self._ask(workers, "/metrics")
+        parsed = {key: parse(answer[1].decode()) for key, answer in answers.items()
+                  if not isinstance(answer, str) and answer[0] == 200}
+        yield from self.totals.add_up(parsed)
+        yield GaugeMetricFamily("amqp_dispatcher_workers", "Worker processes running (more "
+                                "than --processes while a reload hands over)",
+                                value=len(workers))
+
+    def _healthz(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            stopping = self.stopping
+        return (False, {"status": "stopping"}) if stopping else (True, {"status": "ok"})
+
+    def _readyz(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            workers, stopping = self.workers, self.stopping
+        if stopping:
+            return False, {"ready": False, "stopping": True, "not_ready": []}
+        current = {view.number: view for view in workers if view.current}
+        answers = self._ask(list(current.values()), "/readyz")
+        not_ready: list[dict[str, Any]] = []
+        for number in range(1, self.processes + 1):
+            name = f"{number}/{self.processes}"
+            view = current.get(number)
+            if view is None:
+                not_ready.append({"worker": name, "pid": None,
+                                  "error": "not running: a new one starts soon"})
+                continue
+            answer = answers[view.socket]
+            if isinstance(answer, str):
+                not_ready.append({"worker": name, "pid": view.pid, "error": answer})
+            elif answer[0] != 200:
+                try:
+                    said = {k: v for k, v in json.loads(answer[1]).items() if k != "ready"}
+                except ValueError:
+                    said = {"error": f"answered {answer[0]}"}
+                not_ready.append({"worker": name, "pid": view.pid, **said})
+        if not_ready:
+            return False, {"ready": False, "stopping": False, "not_ready": not_ready}
+        return True, {"ready": True}
+
+    def _ask(self, workers: Sequence[WorkerView], path: str) -> dict[str, Answer]:
+        """GET ``path`` of every worker at once; by worker, its answer or why there is
+        none, within WORKER_TIMEOUT."""
+        futures = {view.socket: self.asking.submit(_get, view.socket, path)
+                   for view in workers}
+        concurrent.futures.wait(futures.values(), timeout=WORKER_TIMEOUT)
+        answers: dict[str, Answer] = {}
+        for key, future in futures.items():
+            if not future.done():
+                future.cancel()
+                answers[key] = f"did not answer within {WORKER_TIMEOUT:g}s"
+            else:
+                answers[key] = future.result()
+        return answers
+
+
+def _get(socket_path: str, path: str) -> Answer:
+    """GET ``path`` from the endpoint on the unix socket ``socket_path``."""
+    connection = _UnixConnection(socket_path)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (FileNotFoundError, ConnectionRefusedError):
+        return "not serving (starting, or exiting)"
+    except TimeoutError:
+        return f"did not answer within {WORKER_TIMEOUT:g}s"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"cannot be asked: {exc}"
+    finally:
+        connection.close()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str) -> None:
+        super().__init__("localhost", timeout=WORKER_TIMEOUT)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a request in progress does not hold the arbiter's exit
+    allow_reuse_port = False  # a port in use is an error, as with gevent's server
+
+    def __init__(self, address: tuple[str, int], family: int) -> None:
+        self.address_family = family
+        super().__init__(address, _QuietHandler)
+
+    def server_bind(self) -> None:
+        # Not HTTPServer's, which looks the host's name up (socket.getfqdn) and can
+        # wait on a DNS server.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass  # no access log: a scrape a second would drown everything else

@@ -1,0 +1,310 @@
+"""The http endpoint with --processes: the arbiter's /metrics adds up the workers',
+its /readyz asks every worker, its /healthz follows the arbiter; a kill -9, a broker
+that stops, a SIGHUP and a SIGTERM; and, in a single process, the endpoint across a
+SIGHUP reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import pika
+from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from rabbitnode import Broker, free_port
+from test_metrics import CONSUMER, expected_from, get, observed, ready, scrape, value
+from test_processes import workers
+from test_reload import config as reload_config
+from test_reload import reloadable
+
+from amqpdispatcher.arbiter_http import Totals, parse
+
+CONFIG = """
+http:
+  port: {port}
+stats_interval: 0
+queues:
+  - queue: plain
+  - queue: retried
+consumers:
+  - consumer: testconsumers:Outcomes
+    queue: plain
+    consumer_count: 3
+    prefetch_count: 10
+  - consumer: testconsumers:Outcomes
+    queue: retried
+    consumer_count: 2
+    retry:
+      max_attempts: 2
+      delay: 0.1
+      dead_letter_queue: retried.dead
+"""
+
+
+def readyz(port: int) -> tuple[int, dict]:
+    status, body = get(port, "/readyz")
+    return status, json.loads(body)
+
+
+def not_ready_workers(port: int) -> list[str] | None:
+    """The workers /readyz names, or None while it answers 200."""
+    status, body = readyz(port)
+    return None if status == 200 else [w["worker"] for w in body["not_ready"]]
+
+
+def publish_outcomes(broker: BrokerHandle, tag: str) -> None:
+    """Messages ending in every outcome (testconsumers.Outcomes). Which worker sees a
+    body first decides how often a nack-* or fail-* one is handled, so on the retried
+    queue, where that would change the outcome, only bodies whose end is known: two
+    always-* dead-lettered each time."""
+    for body in (*(f"ok-{tag}{i}" for i in range(10)), *(f"ack-{tag}{i}" for i in range(3)),
+                 f"nack-{tag}1", f"nack-{tag}2", f"drop-{tag}1", f"drop-{tag}2",
+                 f"fail-{tag}1", f"fail-{tag}2", f"fail-{tag}3"):
+        broker.publish("plain", body)
+    for body in (*(f"ok-{tag}{i}" for i in range(4)), f"always-{tag}1", f"always-{tag}2"):
+        broker.publish("retried", body)
+
+
+def settled(broker: BrokerHandle, dead: int) -> bool:
+    return broker.drained("plain") and broker.drained("retried") \
+        and broker.counts("retried.dead") == (dead, 0)
+
+
+def test_metrics_add_up_the_workers_and_survive_a_killed_one(broker: BrokerHandle,
+                                                             tmp_path: Path) -> None:
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, CONFIG.format(port=port), broker.url,
+                             args=("--processes", "2"))
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        wait_until(lambda: ready(port), what="/readyz 200")
+        samples = scrape(port)
+        for queue, count in (("plain", 3), ("retried", 2)):
+            labels = {"queue": queue, "consumer": CONSUMER}
+            assert value(samples, "amqp_dispatcher_instances", **labels) == 2 * count
+            assert value(samples, "amqp_dispatcher_consuming", **labels) == 2
+        assert value(samples, "amqp_dispatcher_connected") == 2
+        assert value(samples, "amqp_dispatcher_workers") == 2
+        assert value(samples, "amqp_dispatcher_workers_cpu_seconds_total") > 0
+        assert value(samples, "amqp_dispatcher_workers_resident_memory_bytes") > \
+            value(samples, "process_resident_memory_bytes")  # two workers, one arbiter
+
+        publish_outcomes(broker, "a")
+        wait_until(lambda: settled(broker, dead=2), what="queues settled")
+        # The broker hands the deliveries out in turn: both workers have counts.
+        expected = expected_from(proc.records())
+        wait_until(lambda: observed(scrape(port)) == expected, timeout=10,
+                   what=f"metrics adding up to the record {expected}")
+        before = scrape(port)
+
+        victim = workers(proc)[1][0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: not_ready_workers(port) == ["1/2"], what="/readyz naming 1/2")
+        wait_until(lambda: len(workers(proc).get(1, [])) == 2, what="a new worker 1 consuming")
+        wait_until(lambda: ready(port), what="/readyz 200 again")
+        after = scrape(port)
+        # The killed worker's counts are still in the sums: no counter went down.
+        for key, was in before.items():
+            if key[0].endswith(("_total", "_count", "_sum", "_bucket")):
+                assert after[key] >= was, key
+        assert observed(after) == expected
+        assert value(after, "amqp_dispatcher_instances", queue="plain",
+                     consumer=CONSUMER) == 6
+
+        publish_outcomes(broker, "b")
+        wait_until(lambda: settled(broker, dead=4), what="queues settled again")
+        expected = expected_from(proc.records())
+        wait_until(lambda: observed(scrape(port)) == expected, timeout=10,
+                   what=f"metrics adding up to the record {expected}")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_readyz_names_the_workers_while_the_broker_is_down(tmp_path: Path) -> None:
+    node = Broker()
+    node.start()
+    port = free_port()
+    release = tmp_path / "release"
+    config = ("http:\n  port: {port}\nqueues:\n  - queue: probed\n"
+              "consumers:\n  - consumer: testconsumers:Outcomes\n    queue: probed\n")
+    proc = DispatcherProcess(tmp_path, config.format(port=port), node.url,
+                             env={"RELEASE_FILE": str(release)}, args=("--processes", "2"))
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        assert get(port, "/healthz") == (200, '{"status": "ok"}\n')
+
+        node.ctl("stop_app")
+        wait_until(lambda: not_ready_workers(port) == ["1/2", "2/2"],
+                   what="/readyz naming both workers")
+        status, body = readyz(port)
+        assert status == 503 and body["ready"] is False and body["stopping"] is False
+        pids = {number: pids[-1] for number, pids in workers(proc).items()}
+        for worker in body["not_ready"]:
+            number = int(worker["worker"][0])
+            assert worker == {"worker": f"{number}/2", "pid": pids[number], "connected": False,
+                              "stopping": False,
+                              "not_consuming": [{"entry": "consumers[0]", "queue": "probed",
+                                                 "consumer": "testconsumers:Outcomes"}]}
+        assert get(port, "/healthz")[0] == 200  # reconnecting is alive
+        assert value(scrape(port), "amqp_dispatcher_connected") == 0
+
+        node.ctl("start_app")
+        wait_until(lambda: ready(port), timeout=60, what="/readyz 200 again")
+        samples = scrape(port)
+        assert value(samples, "amqp_dispatcher_connected") == 2
+        assert value(samples, "amqp_dispatcher_reconnects_total") == 2
+
+        # SIGTERM: both answer 503 while a worker drains; /metrics still adds up.
+        probed = {"queue": "probed", "consumer": "testconsumers:Outcomes"}
+        publisher = pika.BlockingConnection(pika.URLParameters(node.url))
+        publisher.channel().basic_publish("", "probed", b"hold-1")
+        publisher.close()
+        wait_until(lambda: value(scrape(port), "amqp_dispatcher_in_flight", **probed) == 1,
+                   what="a message in consume")
+        proc.signal(signal.SIGTERM)
+        wait_until(lambda: get(port, "/healthz")[0] == 503, what="/healthz 503")
+        assert get(port, "/healthz") == (503, '{"status": "stopping"}\n')
+        assert readyz(port) == (503, {"ready": False, "stopping": True, "not_ready": []})
+        assert value(scrape(port), "amqp_dispatcher_in_flight", **probed) == 1
+        release.touch()
+        assert proc.wait() == 0, proc.output
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "still listening"
+    finally:
+        proc.stop()
+        node.stop()
+    assert not [line for line in proc.output.splitlines() if "Traceback" in line]
+
+
+def test_port_in_use_fails_the_arbiter_in_one_line(tmp_path: Path) -> None:
+    config = "http:\n  port: {port}\nconsumers:\n  - consumer: testconsumers:Recorder\n" \
+             "    queue: jobs\n"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(tmp_path, "--processes", "2", "--config", "config.yml",
+                         config=config.format(port=port))
+    assert result.returncode == 1, result.stderr
+    line = f"config.yml: http.port: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert line in result.stderr.splitlines(), result.stderr
+    assert not re.search(r"worker \d/2 \(pid", result.stderr)  # no worker was started
+
+
+def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
+                                                         tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    http = f"http:\n  port: {port}\n"
+    proc = DispatcherProcess(tmp_path, http + reload_config(2), broker.url,
+                             args=("--processes", "2"))
+    answers: list[int] = []
+    polling = threading.Event()
+
+    def poll() -> None:
+        while not polling.wait(0.05):
+            answers.append(get(port, "/readyz")[0])
+
+    poller = threading.Thread(target=poll)
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        wait_until(lambda: ready(port), what="/readyz 200")
+        for i in range(20):
+            broker.publish("jobs", f"m{i}")
+        acks = {"queue": "jobs", "consumer": "reloadable:Consumer", "outcome": "ack"}
+        wait_until(lambda: value(scrape(port), "amqp_dispatcher_messages_total", **acks) == 20,
+                   what="20 acks")
+        poller.start()
+        (tmp_path / "reloadable.py").write_text(reloadable(2))
+        proc.config_path.write_text(http + reload_config(3))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the 2 new workers consume")
+        wait_until(lambda: proc.output.count("of the previous set stopped") == 2,
+                   what="the previous workers to stop")
+        polling.set()
+        poller.join()
+        assert answers and set(answers) == {200}, answers
+        samples = scrape(port)
+        labels = {"queue": "jobs", "consumer": "reloadable:Consumer"}
+        assert value(samples, "amqp_dispatcher_instances", **labels) == 2 * 3
+        assert value(samples, "amqp_dispatcher_workers") == 2
+        # The previous workers' acks are still counted.
+        assert value(samples, "amqp_dispatcher_messages_total", **acks) == 20
+    finally:
+        polling.set()
+        if poller.is_alive():
+            poller.join()
+        assert proc.stop() == 0, proc.output
+
+
+def test_sighup_in_a_single_process_keeps_the_endpoint(broker: BrokerHandle,
+                                                        tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    http = f"http:\n  port: {port}\n"
+    proc = DispatcherProcess(tmp_path, http + reload_config(2), broker.url)
+    labels = {"queue": "jobs", "consumer": "reloadable:Consumer"}
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        assert value(scrape(port), "amqp_dispatcher_instances", **labels) == 2
+        (tmp_path / "reloadable.py").write_text(reloadable(2))
+        proc.config_path.write_text(http + reload_config(3))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        assert ready(port)
+        assert get(port, "/healthz")[0] == 200
+        # The same port now serves the new generation.
+        assert value(scrape(port), "amqp_dispatcher_instances", **labels) == 3
+        broker.publish("jobs", "after")
+        wait_until(lambda: "done:v2:after" in proc.records(), what="the new code consumes")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+# -- adding up (pure logic) ---------------------------------------------------------------
+
+WORKER_TEXT = """# HELP amqp_dispatcher_messages_total Deliveries settled
+# TYPE amqp_dispatcher_messages_total counter
+amqp_dispatcher_messages_total{{queue="q",consumer="m:C",outcome="ack"}} {acks}
+# HELP amqp_dispatcher_in_flight Deliveries in consume now
+# TYPE amqp_dispatcher_in_flight gauge
+amqp_dispatcher_in_flight{{queue="q",consumer="m:C"}} {busy}
+# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total {cpu}
+# HELP python_info Python platform information
+# TYPE python_info gauge
+python_info{{version="3"}} 1.0
+"""
+
+
+def test_counters_keep_an_exited_workers_part_and_gauges_only_answers() -> None:
+    def answer(acks: int, busy: int, cpu: float = 1.0) -> dict:
+        return parse(WORKER_TEXT.format(acks=acks, busy=busy, cpu=cpu))
+
+    def sums(metrics: list) -> dict[str, float]:
+        return {s.name: s.value for m in metrics for s in m.samples}
+
+    totals = Totals()
+    assert totals.keep({"a", "b"}) == []
+    assert sums(totals.add_up({"a": answer(5, 1), "b": answer(7, 2)})) == {
+        "amqp_dispatcher_messages_total": 12, "amqp_dispatcher_in_flight": 3,
+        "amqp_dispatcher_workers_cpu_seconds_total": 2.0}  # python_info left out
+    # b does not answer: its counters stay at what it last said, its gauges go.
+    assert sums(totals.add_up({"a": answer(6, 0)})) == {
+        "amqp_dispatcher_messages_total": 13, "amqp_dispatcher_in_flight": 0,
+        "amqp_dispatcher_workers_cpu_seconds_total": 2.0}
+    # b exits, c replaces it from zero: the sum does not go down.
+    assert totals.keep({"a", "c"}) == ["b"]
+    assert sums(totals.add_up({"a": answer(6, 0), "c": answer(0, 0, 0.1)})) == {
+        "amqp_dispatcher_messages_total": 13, "amqp_dispatcher_in_flight": 0,
+        "amqp_dispatcher_workers_cpu_seconds_total": 2.1}
+    # An answer b gave before it exited, recorded late, changes nothing; an older answer
+    # of a's (two requests in parallel) does not take its counters back.
+    assert sums(totals.add_up({"b": answer(100, 9), "a": answer(1, 0)})) == {
+        "amqp_dispatcher_messages_total": 13, "amqp_dispatcher_in_flight": 0,
+        "amqp_dispatcher_workers_cpu_seconds_total": 2.1}
