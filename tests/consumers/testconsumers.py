@@ -6,6 +6,7 @@ the test can see what happened from outside the process.
 
 import json
 import os
+import time
 
 import gevent
 
@@ -405,7 +406,8 @@ class Outcomes:
     'acked', 'nacked', 'rejected' (without requeue) or 'raised'. Bodies: 'ack-*' ack;
     'nack-*' nack on their first call, then return; 'drop-*' reject without requeue;
     'fail-*' raise on their first call, then return; 'always-*' raise every time;
-    'hold-*' wait until $RELEASE_FILE exists, then return; anything else returns.
+    'hold-*' wait until $RELEASE_FILE exists, then return; 'wedge-*' the same without
+    yielding to gevent (the process answers nothing meanwhile); anything else returns.
     "First" is per queue and body."""
 
     seen = set()
@@ -433,6 +435,9 @@ class Outcomes:
             if kind == "hold":
                 while not os.path.exists(os.environ["RELEASE_FILE"]):
                     gevent.sleep(0.02)
+            if kind == "wedge":
+                while not os.path.exists(os.environ["RELEASE_FILE"]):
+                    time.sleep(0.02)
             record(f"{prefix}:returned")
 
     def shutdown(self, exception=None):
