@@ -396,6 +396,9 @@ def test_address_not_on_this_machine_fails_the_start_in_one_line(tmp_path: Path)
     ("http:\n  adress: 0.0.0.0", "http.adress: unknown key (did you mean 'address'?); "
                                  "known keys: address, port"),
     ("stats_interval: -1", "stats_interval: expected zero or more, got -1"),
+    # Not a flood of stats lines as fast as the hub loops.
+    ("stats_interval: 0.000001",
+     "stats_interval: expected 0 (no stats line) or at least 0.1, got 1e-06"),
     ("stats_interval: fast", "stats_interval: expected a number, got 'fast'"),
     ("stats_interval: null", "stats_interval: expected a number, got null"),
 ])

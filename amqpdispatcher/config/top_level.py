@@ -13,6 +13,10 @@ from .imports import Resolved, _is_import_path, check_imports
 from .keys import ConfigError, _Checker, _Key, _read_yaml
 from .queues import QueueConfig, parse_queues
 
+# The shortest stats_interval but 0 (none): a tiny one (0.000001, milliseconds meant as
+# seconds) would log the line as fast as the hub loops, thousands a second.
+MIN_STATS_INTERVAL = 0.1
+
 
 @dataclass(frozen=True)
 class Config:
@@ -51,7 +55,8 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "http": _Key((dict,), doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
                               "absent: no port opened"),
     "stats_interval": _Key((float, int), default=60, nullable=False,
-                           doc="seconds between the INFO stats lines; 0: none"),
+                           doc=f"seconds between the INFO stats lines (at least "
+                               f"{MIN_STATS_INTERVAL:g}); 0: none"),
 }
 
 
@@ -97,6 +102,12 @@ def _parse(path: str) -> tuple[Config, list[str]]:
         checker.problem("startup_handler", f"expected 'module:function', got {handler!r}")
         handler = None
 
+    stats_interval = float(top.get("stats_interval", 60))
+    if 0 < stats_interval < MIN_STATS_INTERVAL:
+        checker.problem("stats_interval", f"expected 0 (no stats line) or at least "
+                        f"{MIN_STATS_INTERVAL:g}, got {top['stats_interval']!r}")
+        stats_interval = 0.0
+
     config = Config(path=path, startup_handler=handler, exchanges=tuple(exchanges),
                     queues=tuple(queues),
                     consumers=tuple(consumers),
@@ -105,5 +116,5 @@ def _parse(path: str) -> tuple[Config, list[str]]:
                     reconnect_give_up_after=top.get("reconnect_give_up_after"),
                     publisher_confirms=top.get("publisher_confirms", True),
                     http=parse_http(checker, top["http"]) if "http" in top else None,
-                    stats_interval=float(top.get("stats_interval", 60)))
+                    stats_interval=stats_interval)
     return config, checker.problems
