@@ -240,6 +240,33 @@ class BadLogFormat:
         record("shutdown")
 
 
+class StrayOutput:
+    """What would print plain text on stderr whatever the log format: 'badformat-*' logs
+    with a format its arguments do not fill, 'greenlet-*' lets a greenlet raise,
+    'warning-*' calls warnings.warn; each with the body in it. Records the body."""
+
+    def consume(self, amqp, msg):
+        import logging
+        import warnings
+
+        body = text(msg)
+        kind = body.split("-")[0]
+        if kind == "badformat":
+            logging.getLogger("x").info("%s %s", body)
+        elif kind == "greenlet":
+            gevent.spawn(_raise, ValueError(body)).join()
+        elif kind == "warning":
+            warnings.warn(body, stacklevel=1)
+        record(body)
+
+    def shutdown(self, exception=None):
+        pass
+
+
+def _raise(exc):
+    raise exc
+
+
 def slow_startup():
     record("startup-begin")
     gevent.sleep(60)
