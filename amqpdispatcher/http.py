@@ -76,11 +76,14 @@ def listen_error(exc: OSError, config: HttpConfig, config_path: str,
 
 def make_app(metrics_app: WSGIApp, healthz: Probe, readyz: Probe) -> WSGIApp:
     """The three paths; anything else is 404, and a method other than GET or HEAD on
-    the probes 405."""
+    the probes 405 (on /metrics, prometheus-client's answer)."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
+            if environ.get("REQUEST_METHOD") == "HEAD":  # prometheus-client only has GET
+                list(metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_response))
+                return []
             return metrics_app(environ, start_response)
         if path not in ("/healthz", "/readyz"):
             return _json(start_response, "404 Not Found",

@@ -297,7 +297,7 @@ def test_a_settle_after_the_connection_was_lost_counts_as_dropped(broker: Broker
         assert proc.stop() == 0
 
 
-def test_unknown_path_and_method(broker: BrokerHandle, tmp_path: Path) -> None:
+def test_unknown_path_bad_method_and_head(broker: BrokerHandle, tmp_path: Path) -> None:
     port = free_port()
     proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url)
     try:
@@ -307,6 +307,10 @@ def test_unknown_path_and_method(broker: BrokerHandle, tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(request, timeout=5)
         assert error.value.code == 405
+        for path in ("/metrics", "/healthz", "/readyz"):
+            head = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="HEAD")
+            with urllib.request.urlopen(head, timeout=5) as response:
+                assert response.status == 200 and response.read() == b"", path
     finally:
         assert proc.stop() == 0
 
