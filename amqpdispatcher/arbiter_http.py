@@ -25,7 +25,6 @@ request; signals are still received by the main thread alone.
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
 import itertools
 import json
@@ -36,6 +35,7 @@ import socket
 import socketserver
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -50,7 +50,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .config import HttpConfig
-from .http import listen_error, make_app
+from .http import CONNECTION_TIMEOUT, MAX_CONNECTIONS, listen_error, make_app
 
 log = logging.getLogger("amqp-dispatcher.http")
 
@@ -177,8 +177,6 @@ class ArbiterEndpoint(Collector):
         self.workers: tuple[WorkerView, ...] = ()
         self.stopping = False
         self.totals = Totals()
-        self.asking = concurrent.futures.ThreadPoolExecutor(
-            max_workers=2 * processes, thread_name_prefix="http-ask")
         registry = CollectorRegistry()
         registry.register(self)
         ProcessCollector(registry=registry)
@@ -228,7 +226,6 @@ class ArbiterEndpoint(Collector):
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
-        self.asking.shutdown(wait=False, cancel_futures=True)
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -280,18 +277,24 @@ class ArbiterEndpoint(Collector):
 
     def _ask(self, workers: Sequence[WorkerView], path: str) -> dict[str, Answer]:
         """GET ``path`` of every worker at once; by worker, its answer or why there is
-        none, within WORKER_TIMEOUT."""
-        futures = {view.socket: self.asking.submit(_get, view.socket, path)
-                   for view in workers}
-        concurrent.futures.wait(futures.values(), timeout=WORKER_TIMEOUT)
+        none, within WORKER_TIMEOUT of asking."""
+        # A thread per question, started now: with a shared pool, a wedged worker's
+        # questions held its threads for WORKER_TIMEOUT each, and a healthy worker's
+        # waited for one past their deadline (and got it blamed).
+        deadline = time.monotonic() + WORKER_TIMEOUT
         answers: dict[str, Answer] = {}
-        for key, future in futures.items():
-            if not future.done():
-                future.cancel()
-                answers[key] = f"did not answer within {WORKER_TIMEOUT:g}s"
-            else:
-                answers[key] = future.result()
-        return answers
+
+        def ask(view: WorkerView) -> None:
+            answers[view.socket] = _get(view.socket, path)
+
+        threads = [threading.Thread(target=ask, args=(view,), name="http-ask", daemon=True)
+                   for view in workers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        late = f"did not answer within {WORKER_TIMEOUT:g}s"
+        return {view.socket: answers.get(view.socket, late) for view in workers}
 
 
 def _get(socket_path: str, path: str) -> Answer:
@@ -323,12 +326,32 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once (more wait in the
+    listen backlog), each closed after CONNECTION_TIMEOUT of silence (the handler's
+    ``timeout``): as the workers' server (http.py), so that idle connections neither
+    keep the probes out nor pile up threads."""
+
     daemon_threads = True  # a request in progress does not hold the arbiter's exit
     allow_reuse_port = False  # a port in use is an error, as with gevent's server
 
     def __init__(self, address: tuple[str, int], family: int) -> None:
         self.address_family = family
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def server_bind(self) -> None:
         # Not HTTPServer's, which looks the host's name up (socket.getfqdn) and can
@@ -340,5 +363,7 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass  # no access log: a scrape a second would drown everything else

@@ -22,11 +22,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import gevent.socket
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import make_wsgi_app
 
 from . import metrics
@@ -37,8 +38,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amqp-dispatcher.http")
 
-# Requests served at once; more wait in the listen backlog. Scrapers and probes are few.
-MAX_CONNECTIONS = 16
+# Connections served at once; more wait in the listen backlog. Scrapers and probes are
+# few; the margin is for connections that send nothing (a port scanner, a load
+# balancer's TCP check, a slowloris), which CONNECTION_TIMEOUT closes.
+MAX_CONNECTIONS = 64
+# Seconds a connection may stay silent (before or within a request) before the server
+# closes it: without it, a few idle connections would hold every slot, and a liveness
+# probe that cannot get one restarts a healthy daemon.
+CONNECTION_TIMEOUT = 5.0
+# A broken request (garbage, too many headers, a line too long) is the client's
+# problem: one WARNING line at most every CLIENT_ERROR_INTERVAL seconds, no traceback,
+# so that no remote client can flood the log.
+CLIENT_ERROR_INTERVAL = 60.0
 # How long the stop waits for requests in progress.
 STOP_TIMEOUT = 1.0
 
@@ -65,11 +76,14 @@ def listen_error(exc: OSError, config: HttpConfig, config_path: str,
 
 def make_app(metrics_app: WSGIApp, healthz: Probe, readyz: Probe) -> WSGIApp:
     """The three paths; anything else is 404, and a method other than GET or HEAD on
-    the probes 405."""
+    the probes 405 (on /metrics, prometheus-client's answer)."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
+            if environ.get("REQUEST_METHOD") == "HEAD":  # prometheus-client only has GET
+                list(metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_response))
+                return []
             return metrics_app(environ, start_response)
         if path not in ("/healthz", "/readyz"):
             return _json(start_response, "404 Not Found",
@@ -97,7 +111,7 @@ class HttpEndpoint:
         self.config_path = config_path
         self.app = make_app(make_wsgi_app(metrics.registry(current)), self._healthz,
                             self._readyz)
-        self.server: WSGIServer | None = None
+        self.server: Server | None = None
 
     def listen(self) -> None:
         """Bind the port (or the socket) and start serving; ListenError if it cannot."""
@@ -105,9 +119,7 @@ class HttpEndpoint:
             self._listen_for_arbiter(self.where)
             return
         config = self.where
-        # No access log: a scrape a second would drown everything else.
-        self.server = WSGIServer((config.address, config.port), self.app,
-                                 spawn=MAX_CONNECTIONS, log=None, error_log=log)
+        self.server = Server((config.address, config.port), self.app)
         try:
             self.server.start()
         except OSError as exc:  # socket.gaierror included: an address that does not resolve
@@ -126,8 +138,7 @@ class HttpEndpoint:
             listener.close()
             raise ListenError(f"{self.config_path}: http: cannot serve the arbiter on "
                               f"{path}: {exc.strerror or exc}") from None
-        self.server = WSGIServer(listener, self.app, spawn=MAX_CONNECTIONS, log=None,
-                                 error_log=log)
+        self.server = Server(listener, self.app)
         self.server.start()
 
     def stop(self) -> None:
@@ -149,6 +160,54 @@ class HttpEndpoint:
             return True, {"ready": True}
         return False, {"ready": False, "connected": connected, "stopping": d.stopping,
                        "not_consuming": not_consuming}
+
+
+class Server(WSGIServer):
+    """gevent's WSGI server with MAX_CONNECTIONS, CONNECTION_TIMEOUT, no access log (a
+    scrape a second would drown everything else) and quiet client errors."""
+
+    connection_timeout = CONNECTION_TIMEOUT
+
+    def __init__(self, listener: Any, app: WSGIApp) -> None:
+        super().__init__(listener, app, spawn=MAX_CONNECTIONS, log=None, error_log=log,
+                         handler_class=_Handler)
+        self.client_errors = _ClientErrors()
+
+    def handle(self, sock: Any, address: Any) -> None:
+        sock.settimeout(self.connection_timeout)
+        super().handle(sock, address)
+
+
+class _Handler(WSGIHandler):
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        # pywsgi prints a traceback on stderr for a broken request that is not a
+        # ValueError (over 100 headers, a header line too long, a read timing out);
+        # as a ValueError it only says why, through log_error below.
+        if not isinstance(ex, ValueError):
+            ex = ValueError(str(ex) or type(ex).__name__)
+        return super()._handle_client_error(ex)
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        # Called by pywsgi for broken requests only (errors of the app go to the hub).
+        self.server.client_errors.report(msg % args if args else msg)
+
+
+class _ClientErrors:
+    """Broken requests, logged at most once every CLIENT_ERROR_INTERVAL seconds."""
+
+    def __init__(self) -> None:
+        self.next_report = 0.0
+        self.held_back = 0
+
+    def report(self, what: str) -> None:
+        now = time.monotonic()
+        if now < self.next_report:
+            self.held_back += 1
+            return
+        more = f" ({self.held_back} more held back since the last)" if self.held_back else ""
+        log.warning("broken request: %s%s; the next are held back %gs",
+                    what.strip()[:300], more, CLIENT_ERROR_INTERVAL)
+        self.next_report, self.held_back = now + CLIENT_ERROR_INTERVAL, 0
 
 
 def _json(start_response: StartResponse, status: str, body: dict[str, Any],

@@ -1,5 +1,9 @@
 """Logging set-up: LOGGING_FILE_CONFIG, or a default text or JSON format (LOG_FORMAT);
-the fields of lines about a delivery; password redaction."""
+the fields of lines about a delivery; password redaction.
+
+With JSON, what would otherwise reach stderr as plain text goes through it too:
+Python's warnings (as in text), a record that cannot be formatted (logging's "---
+Logging error ---" report) and an exception no greenlet caught (gevent's hub)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import logging.handlers
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -47,14 +52,7 @@ class JsonFormatter(logging.Formatter):
     backslash, a non-ASCII letter in it) would no longer match in the encoded line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc)
-                            .isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": redact(record.getMessage()),
-            "pid": record.process,
-        }
+        line = _json_line(record, record.levelname, record.getMessage())
         for name in DELIVERY_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
@@ -68,6 +66,62 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def _json_line(record: logging.LogRecord, level: str, message: str) -> dict[str, Any]:
+    return {"time": datetime.fromtimestamp(record.created, timezone.utc)
+                            .isoformat(timespec="milliseconds"),
+            "level": level, "logger": record.name, "message": redact(message),
+            "pid": record.process}
+
+
+class JsonHandler(logging.StreamHandler):
+    """stderr with JsonFormatter; a record that cannot be formatted (a consumer's
+    ``log.info("%s %s", one)``) is reported as one JSON line too, at ERROR, rather than
+    logging's "--- Logging error ---" and its traceback over several lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not logging.raiseExceptions or self.stream is None:
+            return  # as logging does
+        kind, exc, tb = sys.exc_info()
+        # Redacted before repr, which would escape a quote or a backslash in a password.
+        args = record.args
+        if isinstance(args, tuple):
+            args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in args)
+        try:
+            line = _json_line(record, "ERROR", f"logging error: {kind and kind.__name__}: "
+                              f"{exc}; message {redact(record.msg)!r}, arguments {args!r}, "
+                              f"logged at {record.pathname}:{record.lineno}")
+            line["exception"] = redact("".join(traceback.format_exception(kind, exc, tb)))
+            self.stream.write(json.dumps(line, default=str) + self.terminator)
+            self.flush()
+        except Exception:  # noqa: BLE001 - a repr that raises: logging's own report
+            super().handleError(record)
+        finally:
+            del tb
+
+
+def _log_hub_errors() -> None:
+    """An exception no greenlet caught: gevent's hub prints it on stderr itself; with
+    JSON logs, it goes through logging instead (logger ``gevent.hub``, ERROR)."""
+    from gevent.hub import Hub
+
+    def print_exception(hub: Hub, context: Any, kind: Any, exc: Any, tb: Any) -> None:
+        if context is not None and not isinstance(context, str):
+            try:
+                context = hub.format_context(context)
+            except Exception:  # noqa: BLE001 - as gevent: a context that cannot say itself
+                context = repr(context)
+        name = getattr(kind, "__name__", "exception")
+        logging.getLogger("gevent.hub").error(
+            "%s failed with %s", context or "the hub", name,
+            exc_info=(kind, exc, tb) if isinstance(exc, BaseException) else None)
+
+    Hub.print_exception = print_exception
+
+
 def setup_logging(environ: Mapping[str, str] = os.environ) -> None:
     path = environ.get("LOGGING_FILE_CONFIG")
     if not path:
@@ -75,10 +129,15 @@ def setup_logging(environ: Mapping[str, str] = os.environ) -> None:
         if log_format not in LOG_FORMATS:
             raise SettingsError(f"LOG_FORMAT: expected 'text' or 'json', got "
                                 f"{environ['LOG_FORMAT']!r}")
-        handler = logging.StreamHandler()
-        handler.setFormatter(JsonFormatter() if log_format == "json"
-                             else logging.Formatter(DEFAULT_FORMAT))
+        if log_format == "json":
+            handler: logging.Handler = JsonHandler()
+            _log_hub_errors()
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter(DEFAULT_FORMAT))
         logging.basicConfig(level=logging.INFO, handlers=[handler])
+        # warnings.warn: a line of the log's format, rather than Python's own on stderr.
+        logging.captureWarnings(True)
         # pika narrates every connection step, and logs each failure it reports to us
         # at ERROR; the amqp-dispatcher loggers say what matters, once.
         logging.getLogger("pika").setLevel(logging.CRITICAL)

@@ -313,6 +313,40 @@ def test_dispatcher_json_logs_parse_and_name_the_delivery(broker: BrokerHandle,
         assert form not in proc.output
 
 
+def test_every_stderr_line_is_json_and_redacted(broker: BrokerHandle, tmp_path: Path) -> None:
+    # A log call whose arguments do not fill its format, a greenlet that raises and
+    # warnings.warn once printed plain text over several lines, whatever LOG_FORMAT.
+    user = f"stray-{broker.vhost}"
+    broker.node.ctl("add_user", user, JSON_SECRET)
+    broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", ".*", ".*")
+    broker.declare("q")
+    url = broker.url.replace("guest:guest", f"{user}:{quote(JSON_SECRET, safe='')}")
+    config = "consumers:\n  - consumer: testconsumers:StrayOutput\n    queue: q\n"
+    proc = DispatcherProcess(tmp_path, config, url, env={"LOG_FORMAT": "json"})
+    bodies = [f"{kind}-{JSON_SECRET}" for kind in ("badformat", "greenlet", "warning")]
+    try:
+        proc.wait_consuming()
+        for body in bodies:
+            broker.publish("q", body)
+        wait_until(lambda: proc.records() == bodies, what="the three messages handled")
+    finally:
+        assert proc.stop() == 0
+        broker.node.ctl("delete_user", user, check=False)
+    lines = [json.loads(line) for line in proc.output.splitlines()]  # each one JSON
+    by_logger = {line["logger"]: line for line in lines}
+    bad_format = by_logger["x"]
+    assert bad_format["level"] == "ERROR"
+    assert bad_format["message"].startswith("logging error: TypeError: not enough arguments")
+    assert "arguments ('badformat-***',)" in bad_format["message"]
+    greenlet = by_logger["gevent.hub"]
+    assert greenlet["level"] == "ERROR" and "failed with ValueError" in greenlet["message"]
+    assert greenlet["exception"].endswith("ValueError: greenlet-***")
+    warning = by_logger["py.warnings"]
+    assert warning["level"] == "WARNING" and "UserWarning: warning-***" in warning["message"]
+    for form in (JSON_SECRET, json.dumps(JSON_SECRET)[1:-1], quote(JSON_SECRET, safe="")):
+        assert form not in proc.output
+
+
 def test_log_format_is_checked_unless_a_logging_file_config_decides(tmp_path: Path) -> None:
     config = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n"
     bad = run_cli(tmp_path, "--config", "config.yml", "--validate", config=config,

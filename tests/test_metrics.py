@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.socket
 import pika.exceptions
 import pytest
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from rabbitnode import Broker, free_port
 
+from amqpdispatcher import http
 from amqpdispatcher.acks import Acknowledger
 from amqpdispatcher.metrics import (
     ACK,
@@ -295,7 +297,7 @@ def test_a_settle_after_the_connection_was_lost_counts_as_dropped(broker: Broker
         assert proc.stop() == 0
 
 
-def test_unknown_path_and_method(broker: BrokerHandle, tmp_path: Path) -> None:
+def test_unknown_path_bad_method_and_head(broker: BrokerHandle, tmp_path: Path) -> None:
     port = free_port()
     proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url)
     try:
@@ -305,8 +307,66 @@ def test_unknown_path_and_method(broker: BrokerHandle, tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(request, timeout=5)
         assert error.value.code == 405
+        for path in ("/metrics", "/healthz", "/readyz"):
+            head = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="HEAD")
+            with urllib.request.urlopen(head, timeout=5) as response:
+                assert response.status == 200 and response.read() == b"", path
     finally:
         assert proc.stop() == 0
+
+
+def test_probes_answer_while_idle_connections_are_open(broker: BrokerHandle,
+                                                       tmp_path: Path) -> None:
+    # Connections that send nothing (a port scanner, a load balancer's TCP check, a
+    # slowloris) once held all 16 slots, and /healthz did not answer until they closed.
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url)
+    idle: list[socket.socket] = []
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+            assert response.status == 200
+    finally:
+        for connection in idle:
+            connection.close()
+        assert proc.stop() == 0
+
+
+def test_an_idle_connection_is_closed_by_the_server() -> None:
+    server = http.Server(("127.0.0.1", 0), lambda environ, start_response: [])
+    server.connection_timeout = 0.2  # CONNECTION_TIMEOUT's 5 s, shortened for the test
+    server.start()
+    try:
+        client = gevent.socket.create_connection(("127.0.0.1", server.server_port))
+        client.settimeout(5)
+        with gevent.Timeout(5, AssertionError("the idle connection was not closed")):
+            assert client.recv(100) == b""  # closed by the server, nothing sent
+        client.close()
+    finally:
+        server.stop(timeout=1)
+
+
+def test_broken_requests_get_400_and_one_warning_without_traceback(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url)
+    broken = [b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",
+              b"GET /healthz HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n",
+              b"\x16\x03\x01 garbage\r\n\r\n"]
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        for request in broken * 3:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+                connection.sendall(request)
+                assert connection.recv(100).startswith(b"HTTP/1.1 400 "), request[:40]
+        assert get(port, "/healthz")[0] == 200
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.output
+    warnings = [line for line in proc.output.splitlines() if "broken request" in line]
+    assert len(warnings) == 1, warnings
+    assert " WARNING: " in warnings[0]
 
 
 # -- bad input ------------------------------------------------------------------------
@@ -340,6 +400,9 @@ def test_address_not_on_this_machine_fails_the_start_in_one_line(tmp_path: Path)
     ("http:\n  adress: 0.0.0.0", "http.adress: unknown key (did you mean 'address'?); "
                                  "known keys: address, port"),
     ("stats_interval: -1", "stats_interval: expected zero or more, got -1"),
+    # Not a flood of stats lines as fast as the hub loops.
+    ("stats_interval: 0.000001",
+     "stats_interval: expected 0 (no stats line) or at least 0.1, got 1e-06"),
     ("stats_interval: fast", "stats_interval: expected a number, got 'fast'"),
     ("stats_interval: null", "stats_interval: expected a number, got null"),
 ])

@@ -180,6 +180,40 @@ def test_readyz_names_the_workers_while_the_broker_is_down(tmp_path: Path) -> No
     assert not [line for line in proc.output.splitlines() if "Traceback" in line]
 
 
+def test_a_wedged_worker_is_named_alone_under_concurrent_probes(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    # The arbiter once asked through a pool of 2 x N threads: a wedged worker's questions
+    # held them for 0.8 s each, and with a few requests at once the healthy worker's
+    # question waited past its deadline, getting it named too.
+    port = free_port()
+    release = tmp_path / "release"
+    config = ("http:\n  port: {port}\nstats_interval: 0\nqueues:\n  - queue: wedged\n"
+              "consumers:\n  - consumer: testconsumers:Outcomes\n    queue: wedged\n"
+              "    prefetch_count: 1\n")
+    proc = DispatcherProcess(tmp_path, config.format(port=port), broker.url,
+                             env={"RELEASE_FILE": str(release)}, args=("--processes", "2"))
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        broker.publish("wedged", "wedge-1")
+        wait_until(lambda: not_ready_workers(port) is not None, what="a worker wedged")
+        bodies: list[tuple[int, dict]] = []
+        threads = [threading.Thread(target=lambda: bodies.append(readyz(port)))
+                   for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        named = [[(w["worker"], w.get("error")) for w in body["not_ready"]]
+                 for _, body in bodies]
+        wedged = named[0][:1]
+        assert len(wedged) == 1 and wedged[0][1] == "did not answer within 0.8s", named
+        assert named == [wedged] * 16, named
+        assert all(status == 503 for status, _ in bodies)
+    finally:
+        release.touch()
+        proc.stop()
+
+
 def test_port_in_use_fails_the_arbiter_in_one_line(tmp_path: Path) -> None:
     config = "http:\n  port: {port}\nconsumers:\n  - consumer: testconsumers:Recorder\n" \
              "    queue: jobs\n"

@@ -15,6 +15,10 @@ from .imports import Resolved, check_imports
 from .keys import ConfigError, _Checker, _Key, _read_yaml
 from .queues import QUEUE_KEYS, QueueConfig, parse_queues
 
+# The shortest stats_interval but 0 (none): a tiny one (0.000001, milliseconds meant as
+# seconds) would log the line as fast as the hub loops, thousands a second.
+MIN_STATS_INTERVAL = 0.1
+
 
 @dataclass(frozen=True)
 class Config:
@@ -56,7 +60,8 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
                  doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
                      "absent: no port opened"),
     "stats_interval": _Key((float, int), default=60, nullable=False,
-                           doc="seconds between the INFO stats lines; 0: none"),
+                           doc=f"seconds between the INFO stats lines (at least "
+                               f"{MIN_STATS_INTERVAL:g}); 0: none"),
 }
 
 
@@ -110,6 +115,12 @@ def _parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
     queues = parse_queues(checker, top.get("queues", []))
     consumers = parse_consumers(checker, top.get("consumers", []), queues)
 
+    stats_interval = float(top.get("stats_interval", 60))
+    if 0 < stats_interval < MIN_STATS_INTERVAL:
+        checker.problem("stats_interval", f"expected 0 (no stats line) or at least "
+                        f"{MIN_STATS_INTERVAL:g}, got {top['stats_interval']!r}")
+        stats_interval = 0.0
+
     config = Config(path=path, startup_handler=top.get("startup_handler"),
                     exchanges=tuple(exchanges), queues=tuple(queues),
                     consumers=tuple(consumers),
@@ -118,5 +129,5 @@ def _parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
                     reconnect_give_up_after=top.get("reconnect_give_up_after"),
                     publisher_confirms=top.get("publisher_confirms", True),
                     http=parse_http(checker, top["http"]) if "http" in top else None,
-                    stats_interval=float(top.get("stats_interval", 60)))
+                    stats_interval=stats_interval)
     return config, checker.problems

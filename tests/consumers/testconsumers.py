@@ -6,6 +6,7 @@ the test can see what happened from outside the process.
 
 import json
 import os
+import time
 
 import gevent
 
@@ -239,6 +240,33 @@ class BadLogFormat:
         record("shutdown")
 
 
+class StrayOutput:
+    """What would print plain text on stderr whatever the log format: 'badformat-*' logs
+    with a format its arguments do not fill, 'greenlet-*' lets a greenlet raise,
+    'warning-*' calls warnings.warn; each with the body in it. Records the body."""
+
+    def consume(self, amqp, msg):
+        import logging
+        import warnings
+
+        body = text(msg)
+        kind = body.split("-")[0]
+        if kind == "badformat":
+            logging.getLogger("x").info("%s %s", body)
+        elif kind == "greenlet":
+            gevent.spawn(_raise, ValueError(body)).join()
+        elif kind == "warning":
+            warnings.warn(body, stacklevel=1)
+        record(body)
+
+    def shutdown(self, exception=None):
+        pass
+
+
+def _raise(exc):
+    raise exc
+
+
 def slow_startup():
     record("startup-begin")
     gevent.sleep(60)
@@ -405,7 +433,8 @@ class Outcomes:
     'acked', 'nacked', 'rejected' (without requeue) or 'raised'. Bodies: 'ack-*' ack;
     'nack-*' nack on their first call, then return; 'drop-*' reject without requeue;
     'fail-*' raise on their first call, then return; 'always-*' raise every time;
-    'hold-*' wait until $RELEASE_FILE exists, then return; anything else returns.
+    'hold-*' wait until $RELEASE_FILE exists, then return; 'wedge-*' the same without
+    yielding to gevent (the process answers nothing meanwhile); anything else returns.
     "First" is per queue and body."""
 
     seen = set()
@@ -433,6 +462,9 @@ class Outcomes:
             if kind == "hold":
                 while not os.path.exists(os.environ["RELEASE_FILE"]):
                     gevent.sleep(0.02)
+            if kind == "wedge":
+                while not os.path.exists(os.environ["RELEASE_FILE"]):
+                    time.sleep(0.02)
             record(f"{prefix}:returned")
 
     def shutdown(self, exception=None):
