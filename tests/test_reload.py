@@ -3,6 +3,7 @@ generation takes over, the old one drains; a config with problems changes nothin
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections import Counter
@@ -188,3 +189,25 @@ def test_load_afresh_imports_the_consumer_package_again_or_keeps_it(
         fresh.consumer_classes["reloadpkg.consumer:Consumer"]
     for name in [name for name in sys.modules if name.startswith("reloadpkg")]:
         del sys.modules[name]
+
+
+def test_reloads_leave_no_file_descriptor_behind(broker: BrokerHandle, tmp_path: Path) -> None:
+    """Each generation's connection is released whole: pika's GeventConnection keeps a
+    pipe for its thread-safe callbacks that pika never closes (broker.release_connection)."""
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, config(1), broker.url)
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{proc.process.pid}/fd"))
+
+    try:
+        proc.wait_consuming()
+        before = fds()
+        for done in range(1, 6):
+            proc.signal(signal.SIGHUP)
+            wait_until(lambda n=done: proc.output.count("the previous generation stopped") == n,
+                       what=f"reload {done}")
+        after = fds()
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert after - before <= 1, f"{after - before} more open fds after 5 reloads"
