@@ -8,13 +8,14 @@ import logging
 import os
 import signal
 import sys
+from typing import TextIO
 
 from . import __version__
 from .arbiter import Arbiter
 from .config import ConfigError, load_config
 from .dispatcher import EXIT_CONFIG
 from .http import ListenError
-from .logs import redact_password, setup_logging
+from .logs import redact, redact_password, setup_logging
 from .reload import Generations
 from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
@@ -53,9 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def say(line: str, file: TextIO | None = None) -> None:
+    """Print a line, with the broker password hidden as in the logs: the problems
+    found in a config include what the consumer code raised, which may quote it."""
+    print(redact(line), file=file or sys.stdout)
+
+
 def fail(lines: list[str]) -> int:
     for line in lines:
-        print(line, file=sys.stderr)
+        say(line, sys.stderr)
     return EXIT_CONFIG
 
 
@@ -82,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     if args.validate:
         for line in time_limit_warnings(config):
-            print(line, file=sys.stderr)
+            say(line, sys.stderr)
         exchanges = f"{len(config.exchanges)} exchange(s), " if config.exchanges else ""
-        print(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
-              f"{len(config.consumers)} consumer(s))")
+        say(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
+            f"{len(config.consumers)} consumer(s))")
         return 0
     if link is not None:
         settings = dataclasses.replace(settings, worker=link.name)

@@ -7,6 +7,7 @@ import re
 import signal
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
@@ -254,3 +255,22 @@ def test_sighup_deploys_new_config_and_code_under_load(broker: BrokerHandle,
     assert any(r.startswith("done:v2:") for r in records)
     started_v1 = {r[9:] for r in records if r.startswith("start:v1:")}
     assert started_v1 == {r[8:] for r in records if r.startswith("done:v1:")}
+
+
+@pytest.mark.parametrize("args", [(), ("--processes", "2")], ids=["single", "processes"])
+def test_broker_password_is_hidden_in_printed_config_problems(
+        broker: BrokerHandle, tmp_path: Path, args: tuple[str, ...]) -> None:
+    """A config problem quotes what the consumer code raised at import, here holding
+    RABBITMQ_URL: printed (not logged), it is redacted as a log line would be; the
+    arbiter relays its check child's lines as they are."""
+    password = "Zq9-pw-Secret"
+    (tmp_path / "leaky.py").write_text(
+        "import os\nraise RuntimeError('cannot start with ' + os.environ['RABBITMQ_URL'])\n")
+    url = broker.url.replace("guest:guest@", f"guest:{quote(password)}@")
+    result = run_cli(tmp_path, "--config", "config.yml", *args,
+                     config="consumers:\n  - consumer: leaky:C\n    queue: jobs\n",
+                     env={"RABBITMQ_URL": url})
+    assert result.returncode == 1
+    assert re.search(r"leaky:C.*RuntimeError: cannot start with amqp://guest:\*\*\*@",
+                     result.stderr), result.stderr
+    assert password not in result.stdout + result.stderr, result.stderr
