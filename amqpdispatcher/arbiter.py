@@ -65,7 +65,8 @@ SIGNALS: dict[int, str] = {
     signal.SIGINT: "_on_fast_stop",    # every worker stops at once
     signal.SIGQUIT: "_on_fast_stop",
     signal.SIGHUP: "_on_hup",          # reload: a new set of workers, then the old set drains
-    signal.SIGUSR1: "_on_usr1",        # passed on: each worker logs its greenlets' stacks
+    signal.SIGUSR1: "_on_usr1",        # passed on to the workers that handle it (those
+                                       # that reported "started"): each logs its stacks
     signal.SIGUSR2: "_on_usr2",        # logged and ignored
 }
 
@@ -89,6 +90,8 @@ class Worker:
     link: socket.socket  # the arbiter's end; the worker holds the other
     started_at: float
     link_open: bool = True
+    received: bytes = b""  # the start of a line not yet read whole
+    started: bool = False  # it has its signal handlers (worker.py)
     consuming: bool = False
     term_sent: bool = False  # a second SIGTERM would stop it at once
     retired: bool = False  # left behind by a reload: its exit decides nothing
@@ -177,6 +180,11 @@ class Arbiter:
         timeout = LOOP_TIMEOUT
         if self.respawn_at:
             timeout = max(0.0, min(timeout, min(self.respawn_at.values()) - time.monotonic()))
+        self._read_links(timeout)
+
+    def _read_links(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a wake-up or a line, and read the links that have
+        one."""
         links = {w.link: w for w in self.workers if w.link_open}
         watched: list[Any] = [self.wake_r, *links]
         readable, _, _ = select.select(watched, [], [], timeout)
@@ -193,15 +201,20 @@ class Arbiter:
 
     def _read_link(self, worker: Worker) -> None:
         try:
-            data = worker.link.recv(64)
+            data = worker.link.recv(256)
         except OSError:
             data = b""
         if not data:  # the worker is exiting; _reap sees it
             worker.link_open = False
-        elif not worker.consuming:
-            worker.consuming = True
-            log.info("worker %s consuming", worker.name)
-            self._on_consuming(worker)
+            return
+        *lines, worker.received = (worker.received + data).split(b"\n")
+        for line in lines:
+            if line == b"started":
+                worker.started = True
+            elif line == b"consuming" and not worker.consuming:
+                worker.consuming = True
+                log.info("worker %s consuming", worker.name)
+                self._on_consuming(worker)
 
     def _reap(self) -> None:
         if self.check is not None and self.check.process.poll() is not None:
@@ -237,8 +250,13 @@ class Arbiter:
             self._start_check(reload=True)
 
     def _on_usr1(self, signum: int) -> None:
-        log.info("received SIGUSR1: passed on to every worker")
-        for worker in self.workers:
+        # A worker still starting its interpreter has no handler yet: SIGUSR1's default
+        # action would kill it.
+        ready = [worker for worker in self.workers if worker.started]
+        starting = len(self.workers) - len(ready)
+        log.info("received SIGUSR1: passed on to every worker%s",
+                 f" but the {starting} starting their interpreter" if starting else "")
+        for worker in ready:
             self._send(worker, signum)
 
     def _on_usr2(self, signum: int) -> None:
@@ -246,7 +264,12 @@ class Arbiter:
 
     def _stop(self, at_once: int | None = None) -> None:
         """Nothing starts any more. Every worker drains and stops (a first SIGTERM to each:
-        those already draining are left alone), or with ``at_once`` gets that signal."""
+        those already draining are left alone), or with ``at_once`` gets that signal.
+
+        A worker that has not consumed gets SIGTERM either way: it stops at once in
+        every phase of its start (before its handlers, SIGTERM's default action ends
+        it silently, where SIGINT would print a KeyboardInterrupt traceback), and has
+        nothing to drain."""
         self.stopping = True
         self.respawn_at.clear()
         self.reload_pending = False
@@ -254,10 +277,11 @@ class Arbiter:
             self.check.process.terminate()  # importing consumer code: nothing to drain
         if at_once is not None:
             self.at_once = at_once
+            self._read_links(0)  # a worker that consumes by now gets the signal itself
         for worker in self.workers:
-            if at_once is not None:
+            if at_once is not None and worker.consuming:
                 self._send(worker, at_once)
-            elif not worker.term_sent:
+            elif at_once is not None or not worker.term_sent:
                 self._send(worker, signal.SIGTERM)
 
     def _send(self, worker: Worker, signum: int) -> None:

@@ -1,4 +1,5 @@
-"""The command line: flags, start-up checks and exit statuses (see README.md)."""
+"""The command line: flags, start-up checks, exit statuses, and what a signal does until
+the main loop (reload.py) or the arbiter (arbiter.py) takes the signals over (see README.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+import traceback
+from types import FrameType
 from typing import TextIO
 
 from . import __version__
@@ -54,6 +57,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Until the main loop (reload.py) or the arbiter installs its own, what each signal
+# means while the process starts (importing the consumer code can take a while): the
+# stop signals end the start at once (nothing was consumed); SIGUSR1 logs where the
+# start is; SIGHUP and SIGUSR2 are logged and ignored (their default action would kill
+# the process).
+START_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                 signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StoppedAtStart(BaseException):
+    """A stop signal arrived during start-up; raised wherever the start is (not an
+    Exception: the import checks must not report it as a consumer module's)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _signal_at_start(signum: int, frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    if signum == signal.SIGUSR1:
+        log.warning("received SIGUSR1 during start-up: the start is at\n%s",
+                    "".join(traceback.format_stack(frame)).rstrip())
+    elif signum in (signal.SIGHUP, signal.SIGUSR2):
+        log.warning("received %s during start-up, before the consumer code is loaded: "
+                    "ignored", name)
+    else:
+        log.info("received %s during start-up: stopping", name)
+        raise StoppedAtStart(0 if signum == signal.SIGTERM else 128 + signum)
+
+
 def say(line: str, file: TextIO | None = None) -> None:
     """Print a line, with the broker password hidden as in the logs: the problems
     found in a config include what the consumer code raised, which may quote it."""
@@ -67,8 +101,18 @@ def fail(lines: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    for signum in START_SIGNALS:
+        signal.signal(signum, _signal_at_start)
+    try:
+        return _main(parse_args(argv))
+    except StoppedAtStart as stop:
+        return stop.status
+
+
+def _main(args: argparse.Namespace) -> int:
     link = ArbiterLink.from_environ()  # set when this process is a worker of --processes
+    if link is not None:
+        link.started()
     # Like `python -m`: consumer modules in the working directory are importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -85,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         config, resolved = load_config(args.config)
     except ConfigError as exc:
         return fail(exc.problems)
-    except KeyboardInterrupt:  # SIGINT while importing the consumer modules
-        return 128 + signal.SIGINT
     if args.validate:
         for line in time_limit_warnings(config):
             say(line, sys.stderr)

@@ -123,6 +123,8 @@ class Generations:
         self.reload_pending = False
         self.stopping = False
         self.exit_status: int | None = None  # the current generation's, once it exited
+        if link is not None:
+            link.drain_timeout = config.drain_timeout  # the watchdog's bound (worker.py)
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
         # current. Under --processes the workers serve none (the arbiter answers).
         self.http = (HttpEndpoint(lambda: self.current.dispatcher, config.http, config.path)
@@ -208,6 +210,8 @@ class Generations:
         if config.http != self.current.dispatcher.config.http and self.link is None:
             log.warning("SIGHUP: http: a changed address or port takes effect at the next "
                         "start; the endpoint stays where it is")
+        if self.link is not None:
+            self.link.drain_timeout = max(self.link.drain_timeout, config.drain_timeout)
         self.candidate = Generation(Dispatcher(config, resolved, self.settings))
         self._launch(self.candidate)
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from helpers import REPO, TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
 from test_reload import config as reload_config
 from test_reload import reloadable
 
 from amqpdispatcher.cli import parse_args
+
+RECORDER = ("queues:\n  - queue: jobs\n"
+            "consumers:\n  - consumer: testconsumers:Recorder\n    queue: jobs\n")
 
 
 def workers(proc: DispatcherProcess, state: str = "consuming") -> dict[int, list[int]]:
@@ -38,6 +42,26 @@ def gone(pid: int) -> bool:
 
 def bodies(records: list[str], outcome: str) -> Counter[str]:
     return Counter(r.split(":", 1)[1] for r in records if r.startswith(f"{outcome}:"))
+
+
+def slow_worker_start(tmp_path: Path) -> dict[str, str]:
+    """Environment in which each worker's interpreter start, before amqp-dispatcher's
+    code runs, takes 1 s longer (a sitecustomize, in workers only), first leaving a file
+    starting-PID: the window a loaded machine opens anyway, made wide enough to hit."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('AMQP_DISPATCHER_WORKER'):\n"
+        f"    open(os.path.join({str(tmp_path)!r}, f'starting-{{os.getpid()}}'), 'w').close()\n"
+        "    time.sleep(1)\n")
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS / "consumers"), str(REPO)])}
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_killed_worker_is_replaced_and_nothing_is_lost(broker: BrokerHandle,
@@ -255,6 +279,85 @@ def test_sighup_deploys_new_config_and_code_under_load(broker: BrokerHandle,
     assert any(r.startswith("done:v2:") for r in records)
     started_v1 = {r[9:] for r in records if r.startswith("start:v1:")}
     assert started_v1 == {r[8:] for r in records if r.startswith("done:v1:")}
+
+
+def test_sigusr1_is_passed_on_only_to_workers_that_handle_it(broker: BrokerHandle,
+                                                            tmp_path: Path) -> None:
+    """A worker still starting its interpreter has no handler: SIGUSR1's default action
+    would kill it. It gets SIGUSR1 once it has reported 'started'."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, RECORDER, broker.url, args=("--processes", "2"),
+                             env=slow_worker_start(tmp_path))
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("starting-*"))) == 2,
+                   what="both workers' interpreters starting")
+        proc.signal(signal.SIGUSR1)
+        # Both, unless the machine is so slow that one got past its 1 s meanwhile.
+        proc.wait_for_log("received SIGUSR1: passed on to every worker but the [12] starting "
+                          "their interpreter")
+        proc.wait_for_log("all 2 workers consuming")
+        dumps = proc.output.count("the stack of every greenlet follows")
+        proc.signal(signal.SIGUSR1)
+        wait_until(lambda: proc.output.count("the stack of every greenlet follows") >= dumps + 2,
+                   what="both workers' stacks")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert "killed by SIGUSR1" not in proc.output, proc.output
+
+
+def test_worker_stuck_in_blocking_code_exits_soon_after_the_arbiter_is_killed(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """A consume in blocking code (an unpatched sleep) holds the worker's hub, so the
+    drain never starts; its watchdog thread ends it drain_timeout + 10 s after the arbiter
+    died (workers run in sessions of their own: a supervisor's kill misses them)."""
+    broker.declare("jobs", durable=True)
+    (tmp_path / "blocking.py").write_text(
+        "import os, time\n"
+        "class C:\n"
+        "    def consume(self, amqp, msg):\n"
+        "        open(os.environ['RECORD_FILE'], 'a').write('start\\n')\n"
+        "        time.sleep(60)\n"
+        "    def shutdown(self, exception=None): pass\n")
+    config = ("drain_timeout: 1\nqueues:\n  - queue: jobs\n"
+              "consumers:\n  - consumer: blocking:C\n    queue: jobs\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    pids: list[int] = []
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        pids = [found[0] for found in workers(proc).values()]
+        broker.publish("jobs", "x")
+        wait_until(lambda: "start" in proc.records(), what="a blocked consume")
+        proc.process.kill()  # supervisord's SIGKILL once stopwaitsecs ran out
+        proc.process.wait()
+        killed = time.monotonic()
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout=1 + 10 + 5,
+                   what="every worker to stop within drain_timeout + 10 s")
+        assert time.monotonic() - killed > 1 + 10 - 1  # the drain had its time
+    finally:
+        kill_leftovers(pids)
+        proc.stop()
+    assert "the arbiter is gone and this worker has not stopped within drain_timeout (1s) " \
+           "+ 10s (blocking code in consume?): exiting now with status 6" in proc.output
+    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+
+
+def test_sigint_while_workers_start_stops_them_without_a_traceback(broker: BrokerHandle,
+                                                                  tmp_path: Path) -> None:
+    """Workers that have not consumed get SIGTERM for a fast stop: SIGINT would raise
+    KeyboardInterrupt in an interpreter still starting ('Fatal Python error:
+    init_import_site'). The arbiter still exits 130."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, RECORDER, broker.url, args=("--processes", "2"),
+                             env=slow_worker_start(tmp_path))
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("starting-*"))) == 2,
+                   what="both workers' interpreters starting")
+        proc.signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130, proc.output
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output and "Fatal Python error" not in proc.output, \
+        proc.output
 
 
 @pytest.mark.parametrize("args", [(), ("--processes", "2")], ids=["single", "processes"])

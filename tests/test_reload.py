@@ -211,3 +211,50 @@ def test_reloads_leave_no_file_descriptor_behind(broker: BrokerHandle, tmp_path:
     finally:
         assert proc.stop() == 0, proc.output
     assert after - before <= 1, f"{after - before} more open fds after 5 reloads"
+
+
+SLOW_IMPORT = (
+    "import os, time\nopen('importing', 'w').close()\n"
+    "time.sleep({seconds})  # a heavy import (django.setup(), pandas, ...)\n"
+    "class C:\n    def consume(self, amqp, msg): pass\n"
+    "    def shutdown(self, exception=None): pass\n")
+
+
+def test_signals_while_the_consumer_code_is_imported_at_start(broker: BrokerHandle,
+                                                               tmp_path: Path) -> None:
+    """Before the main loop has its handlers: SIGHUP (systemctl reload during a slow
+    start) and SIGUSR2 are logged and ignored, SIGUSR1 shows where the start is; the
+    main loop's handlers then replace these (SIGHUP reloads)."""
+    broker.declare("jobs", durable=True)
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT.format(seconds=1.5))
+    proc = DispatcherProcess(tmp_path, config(1, consumer="slowimport:C"), broker.url)
+    try:
+        wait_until(lambda: (tmp_path / "importing").exists(), what="the consumer import")
+        for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR1):
+            proc.signal(signum)
+            proc.wait_for_log(f"received {signal.Signals(signum).name} during start-up")
+        proc.wait_consuming()
+        assert "received SIGHUP during start-up, before the consumer code is loaded: " \
+               "ignored" in proc.output
+        assert "received SIGUSR1 during start-up: the start is at" in proc.output
+        assert "slowimport.py" in proc.output.split("the start is at", 1)[1]
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_stop_signal_while_the_consumer_code_is_imported_at_start(
+        broker: BrokerHandle, tmp_path: Path, signum: int, status: int) -> None:
+    """Nothing was consumed yet: SIGTERM stops with 0, SIGINT with 130, at once."""
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT.format(seconds=30))
+    proc = DispatcherProcess(tmp_path, config(1, consumer="slowimport:C"), broker.url)
+    try:
+        wait_until(lambda: (tmp_path / "importing").exists(), what="the consumer import")
+        proc.signal(signum)
+        assert proc.wait(timeout=10) == status, proc.output
+    finally:
+        proc.stop()
+    assert f"received {signal.Signals(signum).name} during start-up: stopping" in proc.output
+    assert "Traceback" not in proc.output
