@@ -24,6 +24,7 @@ gunicorn's arbiter; SIGNALS says what each one means.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -45,10 +47,17 @@ log = logging.getLogger("amqp-dispatcher.arbiter")
 WORKER_ENV = "AMQP_DISPATCHER_WORKER"
 LINK_FD_ENV = "AMQP_DISPATCHER_LINK_FD"
 
-# A worker that exits with one of these before it consumes would fail the same way
-# again (the config, a refused topology, failing user code): instead of starting it
-# again, the arbiter stops every worker and exits with that status.
-START_FAILURES = (EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_USER_CODE)
+# A worker of the service's first start that exits with one of these before it
+# consumes would fail the same way again (the config, a refused topology, failing user
+# code): instead of starting it again, the arbiter stops every worker and exits with
+# that status, as a single process would. Once every first worker has consumed, the
+# service has shown it can run: a replacement that exits so (a dependency of a
+# constructor down for a while) is started again with the backoff, as after a crash.
+START_FAILURES = {
+    EXIT_CONFIG: "the config or the environment has a problem",
+    EXIT_TOPOLOGY: "the broker refused the topology",
+    EXIT_USER_CODE: "the startup handler or a consumer constructor raised",
+}
 
 RESPAWN_FIRST_DELAY = 1.0
 RESPAWN_MAX_DELAY = 30.0
@@ -57,6 +66,11 @@ STABLE_WORKER = 30.0
 # The loop wakes on every signal (SIGCHLD included) and link; it also polls its
 # children this often, should a wake-up ever be missed.
 LOOP_TIMEOUT = 1.0
+# A reload whose new workers (reload.py: new generation) do not all consume this long
+# after they started is cancelled: they are stopped and the running ones carry on.
+RELOAD_TIMEOUT = 120.0
+# prctl(2): the signal the kernel sends a process when its parent dies.
+PR_SET_PDEATHSIG = 1
 
 # What each signal means to the arbiter: the method of Arbiter the main loop calls.
 SIGNALS: dict[int, str] = {
@@ -74,6 +88,22 @@ SIGNALS: dict[int, str] = {
 def _status(returncode: int) -> int:
     """A child's exit status as a shell shows it: 128 + n when killed by signal n."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _die_with_this_process() -> Callable[[], None] | None:
+    """A preexec_fn for a child that must not outlive this process (on Linux: elsewhere
+    None): the kernel sends it SIGKILL when this process dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
+
+    return die_with_parent
 
 
 def _describe(returncode: int) -> str:
@@ -94,7 +124,9 @@ class Worker:
     started: bool = False  # it has its signal handlers (worker.py)
     consuming: bool = False
     term_sent: bool = False  # a second SIGTERM would stop it at once
-    retired: bool = False  # left behind by a reload: its exit decides nothing
+    # "of the previous set", "of the cancelled reload": left behind by a reload, its
+    # exit starts nothing (during a stop its status counts, as every worker's)
+    retired: str = ""
 
     @property
     def name(self) -> str:
@@ -119,13 +151,15 @@ class Arbiter:
         self.respawn_at: dict[int, float] = {}  # numbers to start again, and when
         self.backoff: dict[int, float] = {}  # each number's last respawn delay
         self.new_set: dict[int, Worker] | None = None  # a reload's workers, until all consume
+        self.reload_deadline = 0.0  # when the new set must consume by
+        self.running = False  # every worker of the first start has consumed
         self.check: Check | None = None
         self.reload_pending = False
         self.signals: list[int] = []
         self.stopping = False
         self.at_once: int | None = None  # the signal that made the stop one at once
         self.failed_status: int | None = None  # a failure at start decided the exit status
-        self.stopped_statuses: list[int] = []  # of the workers a SIGTERM stopped
+        self.stopped_statuses: list[int] = []  # of the workers that exited while stopping
         self.wake_r, self.wake_w = os.pipe()
 
     # -- the main loop ------------------------------------------------------------
@@ -143,6 +177,7 @@ class Arbiter:
                     getattr(self, SIGNALS[signum])(signum)
                 self._reap()
                 self._respawn_due()
+                self._reload_timeout_due()
         except Exception:  # noqa: BLE001 - a bug; the workers see the link close and drain
             log.critical("internal error in the arbiter; stopping (the workers drain and stop)",
                          exc_info=True)
@@ -177,9 +212,12 @@ class Arbiter:
 
     def _wait(self) -> None:
         """Sleep until a signal, a child's exit, a line on a link, or the next respawn."""
+        due = list(self.respawn_at.values())
+        if self.new_set is not None:
+            due.append(self.reload_deadline)
         timeout = LOOP_TIMEOUT
-        if self.respawn_at:
-            timeout = max(0.0, min(timeout, min(self.respawn_at.values()) - time.monotonic()))
+        if due:
+            timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
         self._read_links(timeout)
 
     def _read_links(self, timeout: float) -> None:
@@ -242,8 +280,9 @@ class Arbiter:
     def _on_hup(self, signum: int) -> None:
         if self.stopping:
             log.warning("received SIGHUP while stopping: ignored")
-        elif self.check is not None or self.new_set is not None:
-            log.info("received SIGHUP: reloading once the check or reload in progress is done")
+        elif self.check is not None or self.new_set is not None or not self.running:
+            log.info("received SIGHUP: reloading once the start, check or reload in progress "
+                     "is done")
             self.reload_pending = True
         else:
             log.info("received SIGHUP: checking %s", self.config_path)
@@ -296,7 +335,8 @@ class Arbiter:
         process = subprocess.Popen(
             [sys.executable, "-m", "amqpdispatcher", "--validate", "--config",
              self.config_path],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+            preexec_fn=_die_with_this_process())
         self.check = Check(process, output, reload)
 
     def _on_check_done(self) -> None:
@@ -313,6 +353,7 @@ class Arbiter:
                 log.info("%s is valid: starting %d new workers; the running ones stop once "
                          "every new one consumes", self.config_path, self.processes)
                 self.new_set = {n: self._spawn(n) for n in range(1, self.processes + 1)}
+                self.reload_deadline = time.monotonic() + RELOAD_TIMEOUT
             else:
                 for number in range(1, self.processes + 1):
                     self.serving[number] = self._spawn(number)
@@ -327,7 +368,7 @@ class Arbiter:
             log.error("%s", line)
         log.error("SIGHUP: %s has problems (above): the running workers carry on unchanged",
                   self.config_path)
-        self._reload_done()
+        self._reload_if_pending()
 
     # -- workers ------------------------------------------------------------------
 
@@ -352,37 +393,49 @@ class Arbiter:
         return worker
 
     def _on_consuming(self, worker: Worker) -> None:
+        if self.stopping:
+            return  # every worker is stopping: nothing to hand over, nothing to start
         if self.new_set is not None and self.new_set.get(worker.number) is worker:
             if all(w.consuming for w in self.new_set.values()):
                 self._hand_over()
         elif self.serving.get(worker.number) is worker and len(self.serving) == self.processes \
                 and all(w.consuming for w in self.serving.values()):
             log.info("all %d workers consuming", self.processes)
+            if not self.running:
+                self.running = True
+                self._reload_if_pending()
 
     def _hand_over(self) -> None:
         """Every worker of a reload's set consumes: the previous set drains and stops."""
         assert self.new_set is not None
         for worker in self.serving.values():
-            worker.retired = True
+            worker.retired = "of the previous set"
             self._send(worker, signal.SIGTERM)
         self.serving, self.new_set = self.new_set, None
         self.respawn_at.clear()
         self.backoff.clear()
         log.info("reloaded: the %d new workers consume; the previous ones finish their "
                  "messages in progress, then stop", self.processes)
-        self._reload_done()
+        self._reload_if_pending()
 
     def _cancel_reload(self, reason: str) -> None:
         assert self.new_set is not None
         for worker in self.new_set.values():
-            worker.retired = True
+            worker.retired = "of the cancelled reload"
             if worker in self.workers:
                 self._send(worker, signal.SIGTERM)
         self.new_set = None
         log.error("SIGHUP: %s: the running workers carry on unchanged", reason)
-        self._reload_done()
+        self._reload_if_pending()
 
-    def _reload_done(self) -> None:
+    def _reload_timeout_due(self) -> None:
+        if self.new_set is not None and not self.stopping \
+                and time.monotonic() >= self.reload_deadline:
+            self._cancel_reload(f"the new workers did not all consume within "
+                                f"{RELOAD_TIMEOUT:g}s")
+
+    def _reload_if_pending(self) -> None:
+        """The start, a check or a reload is over: act on a SIGHUP received meanwhile."""
         if self.reload_pending and not self.stopping:
             self.reload_pending = False
             log.info("reloading again, for the SIGHUP received meanwhile: checking %s",
@@ -393,18 +446,19 @@ class Arbiter:
         returncode = worker.process.returncode
         assert returncode is not None
         status = _status(returncode)
+        if returncode == -signal.SIGTERM and not worker.consuming and worker.term_sent:
+            status = 0  # stopped while starting: it had consumed nothing
+        if self.stopping:  # the stop's status is the highest of the workers it waited for
+            self.stopped_statuses.append(status)
         if worker.retired:
             if status == 0:
-                log.info("worker %s of the previous set stopped", worker.name)
+                log.info("worker %s %s stopped", worker.name, worker.retired)
             else:
-                log.warning("worker %s of the previous set %s", worker.name,
+                log.warning("worker %s %s %s", worker.name, worker.retired,
                             _describe(returncode))
             return
         if self.stopping:
-            if returncode == -signal.SIGTERM and not worker.consuming:
-                status = 0  # stopped while starting: it had consumed nothing
             log.info("worker %s %s", worker.name, _describe(returncode))
-            self.stopped_statuses.append(status)
             return
         # It exited without being asked to.
         if self.new_set is not None and self.new_set.get(worker.number) is worker:
@@ -413,15 +467,20 @@ class Arbiter:
             return
         if self.serving.get(worker.number) is worker:
             del self.serving[worker.number]
-        if not worker.consuming and status in START_FAILURES:
+        if not worker.consuming and status in START_FAILURES and not self.running:
             log.error("worker %s %s at start: stopping every worker (starting it again would "
                       "fail the same way)", worker.name, _describe(returncode))
             self.failed_status = status
             self._stop()
             return
         delay = self._respawn_delay(worker)
-        log.warning("worker %s %s; starting a new one %s", worker.name, _describe(returncode),
-                    f"in {delay:g}s" if delay else "now")
+        when = f"in {delay:g}s" if delay else "now"
+        if not worker.consuming and status in START_FAILURES:
+            log.error("worker %s %s (%s) before it consumed; starting a new one %s",
+                      worker.name, _describe(returncode), START_FAILURES[status], when)
+        else:
+            log.warning("worker %s %s; starting a new one %s", worker.name,
+                        _describe(returncode), when)
         self.respawn_at[worker.number] = time.monotonic() + delay
 
     def _respawn_delay(self, worker: Worker) -> float:

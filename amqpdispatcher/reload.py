@@ -7,8 +7,9 @@ If that finds problems they are logged, the same lines ``--validate`` prints,
 and nothing else changes. Otherwise a new generation starts beside the running
 one; once every entry of the new one consumes, the old one drains as on
 SIGTERM (its consume calls in progress finish and are acked, deliveries not yet
-started go back to the queue) and stops. A new generation that fails to start
-is stopped, and the running one carries on.
+started go back to the queue) and stops. A new generation that fails to start,
+or has not consumed within RELOAD_TIMEOUT, is stopped, and the running one
+carries on.
 
 Generations happen inside the one process, so its pid, which supervisord and
 systemd watch, never changes.
@@ -31,6 +32,7 @@ import gevent
 import gevent.queue
 import gevent.util
 
+from .arbiter import RELOAD_TIMEOUT
 from .config import Config, ConfigError, Resolved, describe_exception, load_config
 from .dispatcher import EXIT_INTERNAL, Dispatcher
 from .http import HttpEndpoint
@@ -123,6 +125,7 @@ class Generations:
         self.reload_pending = False
         self.stopping = False
         self.exit_status: int | None = None  # the current generation's, once it exited
+        self.stop_statuses: list[int] = []  # of every generation that exited while stopping
         if link is not None:
             link.drain_timeout = config.drain_timeout  # the watchdog's bound (worker.py)
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
@@ -153,6 +156,8 @@ class Generations:
                 self._on_started(detail)
             elif kind == "exited":
                 self._on_exited(detail)
+            elif kind == "reload_timeout":
+                self._on_reload_timeout(detail)
             elif kind == "arbiter_gone":
                 log.error("the arbiter is gone: finishing messages in progress, then stopping")
                 if not self.stopping:
@@ -160,7 +165,9 @@ class Generations:
         if self.http is not None:
             self.http.stop()
         assert self.exit_status is not None
-        return self.exit_status
+        # A stop's status is the highest of the generations it stopped, those a reload
+        # replaced and still draining included (6: one's drain_timeout ran out).
+        return max([self.exit_status, *self.stop_statuses])
 
     def _launch(self, generation: Generation) -> None:
         generation.greenlet = gevent.spawn(generation.dispatcher.run,
@@ -214,6 +221,13 @@ class Generations:
             self.link.drain_timeout = max(self.link.drain_timeout, config.drain_timeout)
         self.candidate = Generation(Dispatcher(config, resolved, self.settings))
         self._launch(self.candidate)
+        gevent.spawn_later(RELOAD_TIMEOUT, self.events.put, ("reload_timeout", self.candidate))
+
+    def _on_reload_timeout(self, generation: Generation) -> None:
+        if generation is self.candidate and not generation.stopping:
+            log.error("SIGHUP: the new generation did not consume within %gs: stopping it",
+                      RELOAD_TIMEOUT)
+            generation.send(signal.SIGTERM)  # during its start: it stops at once
 
     def _on_started(self, generation: Generation) -> None:
         generation.started = True
@@ -234,6 +248,8 @@ class Generations:
 
     def _on_exited(self, generation: Generation) -> None:
         status = generation.status()
+        if self.stopping:
+            self.stop_statuses.append(status)
         if generation is self.current:
             self.exit_status = status
             if not self.stopping:  # it stopped on its own (the broker, a bug): so does the rest

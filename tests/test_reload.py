@@ -191,28 +191,6 @@ def test_load_afresh_imports_the_consumer_package_again_or_keeps_it(
         del sys.modules[name]
 
 
-def test_reloads_leave_no_file_descriptor_behind(broker: BrokerHandle, tmp_path: Path) -> None:
-    """Each generation's connection is released whole: pika's GeventConnection keeps a
-    pipe for its thread-safe callbacks that pika never closes (broker.release_connection)."""
-    (tmp_path / "reloadable.py").write_text(reloadable(1))
-    proc = DispatcherProcess(tmp_path, config(1), broker.url)
-
-    def fds() -> int:
-        return len(os.listdir(f"/proc/{proc.process.pid}/fd"))
-
-    try:
-        proc.wait_consuming()
-        before = fds()
-        for done in range(1, 6):
-            proc.signal(signal.SIGHUP)
-            wait_until(lambda n=done: proc.output.count("the previous generation stopped") == n,
-                       what=f"reload {done}")
-        after = fds()
-    finally:
-        assert proc.stop() == 0, proc.output
-    assert after - before <= 1, f"{after - before} more open fds after 5 reloads"
-
-
 SLOW_IMPORT = (
     "import os, time\nopen('importing', 'w').close()\n"
     "time.sleep({seconds})  # a heavy import (django.setup(), pandas, ...)\n"
@@ -258,3 +236,46 @@ def test_stop_signal_while_the_consumer_code_is_imported_at_start(
         proc.stop()
     assert f"received {signal.Signals(signum).name} during start-up: stopping" in proc.output
     assert "Traceback" not in proc.output
+
+
+def test_reloads_leave_no_file_descriptor_behind(broker: BrokerHandle, tmp_path: Path) -> None:
+    """Each generation's connection is released whole: pika's GeventConnection keeps a
+    pipe for its thread-safe callbacks that pika never closes (broker.release_connection)."""
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, config(1), broker.url)
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{proc.process.pid}/fd"))
+
+    try:
+        proc.wait_consuming()
+        before = fds()
+        for done in range(1, 6):
+            proc.signal(signal.SIGHUP)
+            wait_until(lambda n=done: proc.output.count("the previous generation stopped") == n,
+                       what=f"reload {done}")
+        after = fds()
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert after - before <= 1, f"{after - before} more open fds after 5 reloads"
+
+
+def test_stop_status_counts_the_previous_generation_still_draining(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """SIGTERM right after a reload: the previous generation, still draining, runs out of
+    drain_timeout. The stop's status is the highest of the generations it waited for."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, "drain_timeout: 2\n" + config(
+        1, consumer="testconsumers:Timed"), broker.url, env={"SLOW": "30"})
+    try:
+        proc.wait_consuming()
+        broker.publish("jobs", "slow")
+        wait_until(lambda: "start:slow" in proc.records(), what="a slow consume in progress")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 6, proc.output
+    finally:
+        proc.stop()
+    assert "the previous generation stopped with status 6" in proc.output
+    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
