@@ -11,6 +11,11 @@ started go back to the queue) and stops. A new generation that fails to start,
 or has not consumed within RELOAD_TIMEOUT, is stopped, and the running one
 carries on.
 
+The new code is imported, and the new generation's startup handler and consumer
+constructors run, in the process's one thread: consumption pauses for as long as
+they take (README.md, "Reload (SIGHUP)"). Under ``--processes`` a reload imports
+in fresh interpreters instead (arbiter.py), without that pause.
+
 Generations happen inside the one process, so its pid, which supervisord and
 systemd watch, never changes.
 
@@ -63,7 +68,11 @@ def load_afresh(running: Config) -> tuple[Config, Resolved]:
     afresh: every module of the top-level packages of the running consumers and
     startup handler is dropped from ``sys.modules`` first, so that a reload deploys
     the code as it is on disk now. If the new config has a problem, the modules in
-    use are put back as they were."""
+    use are put back as they were.
+
+    The import runs on the hub: nothing else in the process runs until it returns.
+    (In a thread of its own, module-level code that uses gevent would get a hub of
+    that thread's, and the imports would race the running generation's.)"""
     specs = [entry.consumer for entry in running.consumers]
     if running.startup_handler:
         specs.append(running.startup_handler)

@@ -260,6 +260,47 @@ def test_reloads_leave_no_file_descriptor_behind(broker: BrokerHandle, tmp_path:
     assert after - before <= 1, f"{after - before} more open fds after 5 reloads"
 
 
+def test_reload_pauses_consumption_only_while_the_new_code_imports(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """The documented bound (README, "Reload (SIGHUP)"): in a single process the new
+    code imports on the hub, so the running generation consumes nothing for as long as
+    the import takes (here 1.5 s of CPU), and no longer: the new generation's connecting
+    and declaring do not pause it."""
+    broker.declare("jobs", durable=True)
+    for i in range(1000):
+        broker.publish("jobs", f"m{i}")
+    module = '''
+import os, time, gevent
+VERSION = {version}
+if VERSION > 1:
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        pass
+class Consumer:
+    def consume(self, amqp, msg):
+        gevent.sleep(0.02)
+        with open(os.environ["RECORD_FILE"], "a") as f:
+            f.write(f"{{time.time():.3f}}\\n")
+    def shutdown(self, exception=None):
+        pass
+'''
+    (tmp_path / "reloadable.py").write_text(module.format(version=1))
+    proc = DispatcherProcess(tmp_path, config(4), broker.url)
+    try:
+        wait_until(lambda: len(proc.records()) >= 50, what="consuming")
+        (tmp_path / "reloadable.py").write_text(module.format(version=2) + "#\n")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("the previous generation stopped")
+        at_handover = len(proc.records())
+        wait_until(lambda: len(proc.records()) >= at_handover + 50,
+                   what="the new generation consuming")
+    finally:
+        assert proc.stop() == 0, proc.output
+    times = sorted(float(t) for t in proc.records())
+    longest = max(b - a for a, b in zip(times, times[1:]))
+    assert longest < 1.5 + 1.5, f"no message was consumed for {longest:.1f}s during the reload"
+
+
 def test_stop_status_counts_the_previous_generation_still_draining(
         broker: BrokerHandle, tmp_path: Path) -> None:
     """SIGTERM right after a reload: the previous generation, still draining, runs out of
