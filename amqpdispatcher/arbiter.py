@@ -29,6 +29,7 @@ gunicorn's arbiter; SIGNALS says what each one means.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -55,10 +57,17 @@ WORKER_ENV = "AMQP_DISPATCHER_WORKER"
 LINK_FD_ENV = "AMQP_DISPATCHER_LINK_FD"
 HTTP_SOCKET_ENV = "AMQP_DISPATCHER_HTTP_SOCKET"
 
-# A worker that exits with one of these before it consumes would fail the same way
-# again (the config, a refused topology, failing user code): instead of starting it
-# again, the arbiter stops every worker and exits with that status.
-START_FAILURES = (EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_USER_CODE)
+# A worker of the service's first start that exits with one of these before it
+# consumes would fail the same way again (the config, a refused topology, failing user
+# code): instead of starting it again, the arbiter stops every worker and exits with
+# that status, as a single process would. Once every first worker has consumed, the
+# service has shown it can run: a replacement that exits so (a dependency of a
+# constructor down for a while) is started again with the backoff, as after a crash.
+START_FAILURES = {
+    EXIT_CONFIG: "the config or the environment has a problem",
+    EXIT_TOPOLOGY: "the broker refused the topology",
+    EXIT_USER_CODE: "the startup handler or a consumer constructor raised",
+}
 
 RESPAWN_FIRST_DELAY = 1.0
 RESPAWN_MAX_DELAY = 30.0
@@ -67,6 +76,11 @@ STABLE_WORKER = 30.0
 # The loop wakes on every signal (SIGCHLD included) and link; it also polls its
 # children this often, should a wake-up ever be missed.
 LOOP_TIMEOUT = 1.0
+# A reload whose new workers (reload.py: new generation) do not all consume this long
+# after they started is cancelled: they are stopped and the running ones carry on.
+RELOAD_TIMEOUT = 120.0
+# prctl(2): the signal the kernel sends a process when its parent dies.
+PR_SET_PDEATHSIG = 1
 
 # What each signal means to the arbiter: the method of Arbiter the main loop calls.
 SIGNALS: dict[int, str] = {
@@ -75,7 +89,8 @@ SIGNALS: dict[int, str] = {
     signal.SIGINT: "_on_fast_stop",    # every worker stops at once
     signal.SIGQUIT: "_on_fast_stop",
     signal.SIGHUP: "_on_hup",          # reload: a new set of workers, then the old set drains
-    signal.SIGUSR1: "_on_usr1",        # passed on: each worker logs its greenlets' stacks
+    signal.SIGUSR1: "_on_usr1",        # passed on to the workers that handle it (those
+                                       # that reported "started"): each logs its stacks
     signal.SIGUSR2: "_on_usr2",        # logged and ignored
 }
 
@@ -83,6 +98,22 @@ SIGNALS: dict[int, str] = {
 def _status(returncode: int) -> int:
     """A child's exit status as a shell shows it: 128 + n when killed by signal n."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _die_with_this_process() -> Callable[[], None] | None:
+    """A preexec_fn for a child that must not outlive this process (on Linux: elsewhere
+    None): the kernel sends it SIGKILL when this process dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
+
+    return die_with_parent
 
 
 def _describe(returncode: int) -> str:
@@ -100,9 +131,13 @@ class Worker:
     started_at: float
     http_socket: str  # where it serves /metrics and /readyz for the arbiter; "" without http
     link_open: bool = True
+    received: bytes = b""  # the start of a line not yet read whole
+    started: bool = False  # it has its signal handlers (worker.py)
     consuming: bool = False
     term_sent: bool = False  # a second SIGTERM would stop it at once
-    retired: bool = False  # left behind by a reload: its exit decides nothing
+    # "of the previous set", "of the cancelled reload": left behind by a reload, its
+    # exit starts nothing (during a stop its status counts, as every worker's)
+    retired: str = ""
 
     @property
     def name(self) -> str:
@@ -129,13 +164,15 @@ class Arbiter:
         self.respawn_at: dict[int, float] = {}  # numbers to start again, and when
         self.backoff: dict[int, float] = {}  # each number's last respawn delay
         self.new_set: dict[int, Worker] | None = None  # a reload's workers, until all consume
+        self.reload_deadline = 0.0  # when the new set must consume by
+        self.running = False  # every worker of the first start has consumed
         self.check: Check | None = None
         self.reload_pending = False
         self.signals: list[int] = []
         self.stopping = False
         self.at_once: int | None = None  # the signal that made the stop one at once
         self.failed_status: int | None = None  # a failure at start decided the exit status
-        self.stopped_statuses: list[int] = []  # of the workers a SIGTERM stopped
+        self.stopped_statuses: list[int] = []  # of the workers that exited while stopping
         self.wake_r, self.wake_w = os.pipe()
         self.http_config: HttpConfig | None = None  # as read at start: a reload keeps it
         self.http: ArbiterEndpoint | None = None
@@ -155,6 +192,7 @@ class Arbiter:
                     getattr(self, SIGNALS[signum])(signum)
                 self._reap()
                 self._respawn_due()
+                self._reload_timeout_due()
                 self._publish()
         except Exception:  # noqa: BLE001 - a bug; the workers see the link close and drain
             log.critical("internal error in the arbiter; stopping (the workers drain and stop)",
@@ -193,9 +231,17 @@ class Arbiter:
 
     def _wait(self) -> None:
         """Sleep until a signal, a child's exit, a line on a link, or the next respawn."""
+        due = list(self.respawn_at.values())
+        if self.new_set is not None:
+            due.append(self.reload_deadline)
         timeout = LOOP_TIMEOUT
-        if self.respawn_at:
-            timeout = max(0.0, min(timeout, min(self.respawn_at.values()) - time.monotonic()))
+        if due:
+            timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
+        self._read_links(timeout)
+
+    def _read_links(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a wake-up or a line, and read the links that have
+        one."""
         links = {w.link: w for w in self.workers if w.link_open}
         watched: list[Any] = [self.wake_r, *links]
         readable, _, _ = select.select(watched, [], [], timeout)
@@ -212,15 +258,20 @@ class Arbiter:
 
     def _read_link(self, worker: Worker) -> None:
         try:
-            data = worker.link.recv(64)
+            data = worker.link.recv(256)
         except OSError:
             data = b""
         if not data:  # the worker is exiting; _reap sees it
             worker.link_open = False
-        elif not worker.consuming:
-            worker.consuming = True
-            log.info("worker %s consuming", worker.name)
-            self._on_consuming(worker)
+            return
+        *lines, worker.received = (worker.received + data).split(b"\n")
+        for line in lines:
+            if line == b"started":
+                worker.started = True
+            elif line == b"consuming" and not worker.consuming:
+                worker.consuming = True
+                log.info("worker %s consuming", worker.name)
+                self._on_consuming(worker)
 
     def _reap(self) -> None:
         if self.check is not None and self.check.process.poll() is not None:
@@ -251,16 +302,22 @@ class Arbiter:
     def _on_hup(self, signum: int) -> None:
         if self.stopping:
             log.warning("received SIGHUP while stopping: ignored")
-        elif self.check is not None or self.new_set is not None:
-            log.info("received SIGHUP: reloading once the check or reload in progress is done")
+        elif self.check is not None or self.new_set is not None or not self.running:
+            log.info("received SIGHUP: reloading once the start, check or reload in progress "
+                     "is done")
             self.reload_pending = True
         else:
             log.info("received SIGHUP: checking %s", self.config_path)
             self._start_check(reload=True)
 
     def _on_usr1(self, signum: int) -> None:
-        log.info("received SIGUSR1: passed on to every worker")
-        for worker in self.workers:
+        # A worker still starting its interpreter has no handler yet: SIGUSR1's default
+        # action would kill it.
+        ready = [worker for worker in self.workers if worker.started]
+        starting = len(self.workers) - len(ready)
+        log.info("received SIGUSR1: passed on to every worker%s",
+                 f" but the {starting} starting their interpreter" if starting else "")
+        for worker in ready:
             self._send(worker, signum)
 
     def _on_usr2(self, signum: int) -> None:
@@ -268,7 +325,12 @@ class Arbiter:
 
     def _stop(self, at_once: int | None = None) -> None:
         """Nothing starts any more. Every worker drains and stops (a first SIGTERM to each:
-        those already draining are left alone), or with ``at_once`` gets that signal."""
+        those already draining are left alone), or with ``at_once`` gets that signal.
+
+        A worker that has not consumed gets SIGTERM either way: it stops at once in
+        every phase of its start (before its handlers, SIGTERM's default action ends
+        it silently, where SIGINT would print a KeyboardInterrupt traceback), and has
+        nothing to drain."""
         self.stopping = True
         self.respawn_at.clear()
         self.reload_pending = False
@@ -276,10 +338,11 @@ class Arbiter:
             self.check.process.terminate()  # importing consumer code: nothing to drain
         if at_once is not None:
             self.at_once = at_once
+            self._read_links(0)  # a worker that consumes by now gets the signal itself
         for worker in self.workers:
-            if at_once is not None:
+            if at_once is not None and worker.consuming:
                 self._send(worker, at_once)
-            elif not worker.term_sent:
+            elif at_once is not None or not worker.term_sent:
                 self._send(worker, signal.SIGTERM)
 
     def _send(self, worker: Worker, signum: int) -> None:
@@ -294,7 +357,8 @@ class Arbiter:
         process = subprocess.Popen(
             [sys.executable, "-m", "amqpdispatcher", "--validate", "--config",
              self.config_path],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+            preexec_fn=_die_with_this_process())
         self.check = Check(process, output, reload)
 
     def _on_check_done(self) -> None:
@@ -312,6 +376,7 @@ class Arbiter:
                          "every new one consumes", self.config_path, self.processes)
                 self._warn_if_http_changed()
                 self.new_set = {n: self._spawn(n) for n in range(1, self.processes + 1)}
+                self.reload_deadline = time.monotonic() + RELOAD_TIMEOUT
             elif self._listen():
                 for number in range(1, self.processes + 1):
                     self.serving[number] = self._spawn(number)
@@ -326,7 +391,7 @@ class Arbiter:
             log.error("%s", line)
         log.error("SIGHUP: %s has problems (above): the running workers carry on unchanged",
                   self.config_path)
-        self._reload_done()
+        self._reload_if_pending()
 
     # -- the http endpoint ----------------------------------------------------------
 
@@ -393,37 +458,49 @@ class Arbiter:
         return worker
 
     def _on_consuming(self, worker: Worker) -> None:
+        if self.stopping:
+            return  # every worker is stopping: nothing to hand over, nothing to start
         if self.new_set is not None and self.new_set.get(worker.number) is worker:
             if all(w.consuming for w in self.new_set.values()):
                 self._hand_over()
         elif self.serving.get(worker.number) is worker and len(self.serving) == self.processes \
                 and all(w.consuming for w in self.serving.values()):
             log.info("all %d workers consuming", self.processes)
+            if not self.running:
+                self.running = True
+                self._reload_if_pending()
 
     def _hand_over(self) -> None:
         """Every worker of a reload's set consumes: the previous set drains and stops."""
         assert self.new_set is not None
         for worker in self.serving.values():
-            worker.retired = True
+            worker.retired = "of the previous set"
             self._send(worker, signal.SIGTERM)
         self.serving, self.new_set = self.new_set, None
         self.respawn_at.clear()
         self.backoff.clear()
         log.info("reloaded: the %d new workers consume; the previous ones finish their "
                  "messages in progress, then stop", self.processes)
-        self._reload_done()
+        self._reload_if_pending()
 
     def _cancel_reload(self, reason: str) -> None:
         assert self.new_set is not None
         for worker in self.new_set.values():
-            worker.retired = True
+            worker.retired = "of the cancelled reload"
             if worker in self.workers:
                 self._send(worker, signal.SIGTERM)
         self.new_set = None
         log.error("SIGHUP: %s: the running workers carry on unchanged", reason)
-        self._reload_done()
+        self._reload_if_pending()
 
-    def _reload_done(self) -> None:
+    def _reload_timeout_due(self) -> None:
+        if self.new_set is not None and not self.stopping \
+                and time.monotonic() >= self.reload_deadline:
+            self._cancel_reload(f"the new workers did not all consume within "
+                                f"{RELOAD_TIMEOUT:g}s")
+
+    def _reload_if_pending(self) -> None:
+        """The start, a check or a reload is over: act on a SIGHUP received meanwhile."""
         if self.reload_pending and not self.stopping:
             self.reload_pending = False
             log.info("reloading again, for the SIGHUP received meanwhile: checking %s",
@@ -434,18 +511,19 @@ class Arbiter:
         returncode = worker.process.returncode
         assert returncode is not None
         status = _status(returncode)
+        if returncode == -signal.SIGTERM and not worker.consuming and worker.term_sent:
+            status = 0  # stopped while starting: it had consumed nothing
+        if self.stopping:  # the stop's status is the highest of the workers it waited for
+            self.stopped_statuses.append(status)
         if worker.retired:
             if status == 0:
-                log.info("worker %s of the previous set stopped", worker.name)
+                log.info("worker %s %s stopped", worker.name, worker.retired)
             else:
-                log.warning("worker %s of the previous set %s", worker.name,
+                log.warning("worker %s %s %s", worker.name, worker.retired,
                             _describe(returncode))
             return
         if self.stopping:
-            if returncode == -signal.SIGTERM and not worker.consuming:
-                status = 0  # stopped while starting: it had consumed nothing
             log.info("worker %s %s", worker.name, _describe(returncode))
-            self.stopped_statuses.append(status)
             return
         # It exited without being asked to.
         if self.exit_when_drained is not None and status == 0 and worker.consuming:
@@ -457,15 +535,20 @@ class Arbiter:
             return
         if self.serving.get(worker.number) is worker:
             del self.serving[worker.number]
-        if not worker.consuming and status in START_FAILURES:
+        if not worker.consuming and status in START_FAILURES and not self.running:
             log.error("worker %s %s at start: stopping every worker (starting it again would "
                       "fail the same way)", worker.name, _describe(returncode))
             self.failed_status = status
             self._stop()
             return
         delay = self._respawn_delay(worker)
-        log.warning("worker %s %s; starting a new one %s", worker.name, _describe(returncode),
-                    f"in {delay:g}s" if delay else "now")
+        when = f"in {delay:g}s" if delay else "now"
+        if not worker.consuming and status in START_FAILURES:
+            log.error("worker %s %s (%s) before it consumed; starting a new one %s",
+                      worker.name, _describe(returncode), START_FAILURES[status], when)
+        else:
+            log.warning("worker %s %s; starting a new one %s", worker.name,
+                        _describe(returncode), when)
         self.respawn_at[worker.number] = time.monotonic() + delay
 
     def _on_drained(self, worker: Worker) -> None:
@@ -479,7 +562,7 @@ class Arbiter:
             del self.new_set[worker.number]
             if not self.new_set:
                 self.new_set = None
-                self._reload_done()
+                self._reload_if_pending()
             elif all(w.consuming for w in self.new_set.values()):
                 self._hand_over()
         if not self.serving and self.new_set is None:

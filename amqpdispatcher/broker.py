@@ -9,6 +9,7 @@ connection closed by the broker into an exception.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 from collections.abc import Callable, Iterable
@@ -117,13 +118,24 @@ def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> Gev
             properties["connection_name"] = f"{properties.get('connection_name', '')} {purpose}"
             params.client_properties = properties
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
-        GeventConnection(params, on_open_callback=result.set,
-                         on_open_error_callback=lambda _, exc, r=result: r.set(exc))
+
+        def failed(connection: GeventConnection, exc: BaseException,
+                   result: gevent.event.AsyncResult = result) -> None:
+            release_connection(connection)
+            result.set(exc)
+
+        attempt = GeventConnection(params, on_open_callback=result.set,
+                                   on_open_error_callback=failed)
         try:
             outcome = result.get(timeout=timeout)
         except gevent.Timeout:
             outcome = TimeoutError(f"no answer within {timeout:.0f}s")
+            try:
+                attempt.close()  # aborts the attempt: ``failed`` releases it
+            except pika.exceptions.AMQPError:
+                pass  # failing already
         if not isinstance(outcome, BaseException):
+            outcome.add_on_close_callback(release_connection)
             if purpose:
                 log.info("opened the %s connection to %s:%s vhost %s", purpose, params.host,
                          params.port, params.virtual_host)
@@ -136,6 +148,26 @@ def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> Gev
         failures.append(reason)
     raise BrokerError(f"no broker reachable at {settings.redacted_url()}: "
                       f"{len(failures)} host(s) tried, last error: {failures[-1]}")
+
+
+def release_connection(connection: GeventConnection, *_: Any) -> None:
+    """Close the pipe of a closed (or never opened) connection's I/O loop.
+
+    Every GeventConnection makes an I/O loop of its own (``connection.ioloop``, a
+    ``_GeventSelectorIOLoop``) whose ``_TSafeCallbackQueue``, for callbacks posted
+    from other threads, holds a pipe (two fds) watched on the hub; pika never closes
+    it (the loop's ``close()`` would destroy gevent's hub loop itself), so each
+    connection, each failed attempt included, would leak two fds. connect() has this
+    called once a connection is closed or lost, or its attempt failed: nothing posts
+    from other threads then. Idempotent."""
+    loop = connection.ioloop
+    queue = getattr(loop, "_callback_queue", None)
+    if queue is None or queue._read_fd < 0:
+        return
+    loop.remove_handler(queue._read_fd)
+    os.close(queue._read_fd)
+    os.close(queue._write_fd)
+    queue._read_fd = queue._write_fd = -1
 
 
 def _connect_failure(exc: BaseException) -> str:

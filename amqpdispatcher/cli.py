@@ -1,4 +1,5 @@
-"""The command line: flags, start-up checks and exit statuses (see README.md)."""
+"""The command line: flags, start-up checks, exit statuses, and what a signal does until
+the main loop (reload.py) or the arbiter (arbiter.py) takes the signals over (see README.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import math
 import os
 import signal
 import sys
+import traceback
+from types import FrameType
+from typing import TextIO
 
 from . import __version__, preflight
 from .api import Dispatcher
@@ -16,7 +20,7 @@ from .arbiter import Arbiter
 from .config import ConfigError, load_config, schema_text
 from .dispatcher import EXIT_CONFIG
 from .http import ListenError
-from .logs import redact_password, setup_logging
+from .logs import redact, redact_password, setup_logging
 from .retry import time_limit_warnings
 from .settings import SettingsError, settings_from_env
 from .worker import ArbiterLink
@@ -74,18 +78,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Until the main loop (reload.py) or the arbiter installs its own, what each signal
+# means while the process starts (importing the consumer code can take a while): the
+# stop signals end the start at once (nothing was consumed); SIGUSR1 logs where the
+# start is; SIGHUP and SIGUSR2 are logged and ignored (their default action would kill
+# the process).
+START_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                 signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StoppedAtStart(BaseException):
+    """A stop signal arrived during start-up; raised wherever the start is (not an
+    Exception: the import checks must not report it as a consumer module's)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _signal_at_start(signum: int, frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    if signum == signal.SIGUSR1:
+        log.warning("received SIGUSR1 during start-up: the start is at\n%s",
+                    "".join(traceback.format_stack(frame)).rstrip())
+    elif signum in (signal.SIGHUP, signal.SIGUSR2):
+        log.warning("received %s during start-up, before the consumer code is loaded: "
+                    "ignored", name)
+    else:
+        log.info("received %s during start-up: stopping", name)
+        raise StoppedAtStart(0 if signum == signal.SIGTERM else 128 + signum)
+
+
+def say(line: str, file: TextIO | None = None) -> None:
+    """Print a line, with the broker password hidden as in the logs: the problems
+    found in a config include what the consumer code raised, which may quote it."""
+    print(redact(line), file=file or sys.stdout)
+
+
 def fail(lines: list[str]) -> int:
     for line in lines:
-        print(line, file=sys.stderr)
+        say(line, sys.stderr)
     return EXIT_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    for signum in START_SIGNALS:
+        signal.signal(signum, _signal_at_start)
+    try:
+        return _main(parse_args(argv))
+    except StoppedAtStart as stop:
+        return stop.status
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.print_schema:
         sys.stdout.write(schema_text())
         return 0
     link = ArbiterLink.from_environ()  # set when this process is a worker of --processes
+    if link is not None:
+        link.started()
     # Like `python -m`: consumer modules in the working directory are importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -102,14 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         config, resolved = load_config(args.config)
     except ConfigError as exc:
         return fail(exc.problems)
-    except KeyboardInterrupt:  # SIGINT while importing the consumer modules
-        return 128 + signal.SIGINT
     if args.validate:
         for line in time_limit_warnings(config):
-            print(line, file=sys.stderr)
+            say(line, sys.stderr)
         exchanges = f"{len(config.exchanges)} exchange(s), " if config.exchanges else ""
-        print(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
-              f"{len(config.consumers)} consumer(s))")
+        say(f"{args.config}: OK ({exchanges}{len(config.queues)} queue(s), "
+            f"{len(config.consumers)} consumer(s))")
         return 0
     if args.check:
         return preflight.check(config, settings)

@@ -7,8 +7,14 @@ If that finds problems they are logged, the same lines ``--validate`` prints,
 and nothing else changes. Otherwise a new generation starts beside the running
 one; once every entry of the new one consumes, the old one drains as on
 SIGTERM (its consume calls in progress finish and are acked, deliveries not yet
-started go back to the queue) and stops. A new generation that fails to start
-is stopped, and the running one carries on.
+started go back to the queue) and stops. A new generation that fails to start,
+or has not consumed within RELOAD_TIMEOUT, is stopped, and the running one
+carries on.
+
+The new code is imported, and the new generation's startup handler and consumer
+constructors run, in the process's one thread: consumption pauses for as long as
+they take (README.md, "Reload (SIGHUP)"). Under ``--processes`` a reload imports
+in fresh interpreters instead (arbiter.py), without that pause.
 
 Generations happen inside the one process, so its pid, which supervisord and
 systemd watch, never changes.
@@ -33,6 +39,7 @@ import gevent
 import gevent.queue
 import gevent.util
 
+from .arbiter import RELOAD_TIMEOUT
 from .config import Config, ConfigError, Resolved, describe_exception, load_config
 from .dispatcher import EXIT_INTERNAL, Dispatcher
 from .http import HttpEndpoint
@@ -63,7 +70,11 @@ def load_afresh(running: Config) -> tuple[Config, Resolved]:
     afresh: every module of the top-level packages of the running consumers and
     startup handler is dropped from ``sys.modules`` first, so that a reload deploys
     the code as it is on disk now. If the new config has a problem, the modules in
-    use are put back as they were."""
+    use are put back as they were.
+
+    The import runs on the hub: nothing else in the process runs until it returns.
+    (In a thread of its own, module-level code that uses gevent would get a hub of
+    that thread's, and the imports would race the running generation's.)"""
     specs = [entry.consumer for entry in running.consumers]
     if running.startup_handler:
         specs.append(running.startup_handler)
@@ -148,6 +159,9 @@ class Generations:
         self.reload_pending = False
         self.stopping = False
         self.exit_status: int | None = None  # the current generation's, once it exited
+        self.stop_statuses: list[int] = []  # of every generation that exited while stopping
+        if link is not None:
+            link.drain_timeout = config.drain_timeout  # the watchdog's bound (worker.py)
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
         # current. Under --processes the arbiter listens on the config's port, and a
         # worker serves it on the unix socket it was given (when the config has http).
@@ -195,6 +209,8 @@ class Generations:
                 self._on_started(detail)
             elif kind == "exited":
                 self._on_exited(detail)
+            elif kind == "reload_timeout":
+                self._on_reload_timeout(detail)
             elif kind == "arbiter_gone":
                 log.error("the arbiter is gone: finishing messages in progress, then stopping")
                 if not self.stopping:
@@ -202,7 +218,9 @@ class Generations:
         if self.http is not None:
             self.http.stop()
         assert self.exit_status is not None
-        return self.exit_status
+        # A stop's status is the highest of the generations it stopped, those a reload
+        # replaced and still draining included (6: one's drain_timeout ran out).
+        return max([self.exit_status, *self.stop_statuses])
 
     def _launch(self, generation: Generation) -> None:
         generation.greenlet = gevent.spawn(generation.dispatcher.run,
@@ -255,8 +273,17 @@ class Generations:
         if config.http != self.current.dispatcher.config.http and self.link is None:
             log.warning("SIGHUP: http: a changed address or port takes effect at the next "
                         "start; the endpoint stays where it is")
+        if self.link is not None:
+            self.link.drain_timeout = max(self.link.drain_timeout, config.drain_timeout)
         self.candidate = Generation(Dispatcher(config, resolved, self.settings))
         self._launch(self.candidate)
+        gevent.spawn_later(RELOAD_TIMEOUT, self.events.put, ("reload_timeout", self.candidate))
+
+    def _on_reload_timeout(self, generation: Generation) -> None:
+        if generation is self.candidate and not generation.stopping:
+            log.error("SIGHUP: the new generation did not consume within %gs: stopping it",
+                      RELOAD_TIMEOUT)
+            generation.send(signal.SIGTERM)  # during its start: it stops at once
 
     def _on_started(self, generation: Generation) -> None:
         generation.started = True
@@ -277,6 +304,8 @@ class Generations:
 
     def _on_exited(self, generation: Generation) -> None:
         status = generation.status()
+        if self.stopping:
+            self.stop_statuses.append(status)
         if generation is self.current:
             self.exit_status = status
             if not self.stopping:  # it stopped on its own (the broker, a bug): so does the rest

@@ -2,23 +2,50 @@
 
 The arbiter starts each worker with its name in AMQP_DISPATCHER_WORKER (``2/4``,
 added to the connection's ``connection_name``) and one end of a socket pair in
-AMQP_DISPATCHER_LINK_FD; only the arbiter holds the other end. The worker
-writes one line there once it consumes, and watches it for end-of-file, which
-comes when the arbiter is gone, whatever killed it: then the worker drains and
-stops, as on SIGTERM, so it never outlives the arbiter by more than a drain.
+AMQP_DISPATCHER_LINK_FD; only the arbiter holds the other end, and it never
+writes to it. The worker writes a line ``started`` once its signal handlers
+are installed (before the consumer code is imported: from then on SIGUSR1 is
+safe to send it) and a line ``consuming`` once every entry consumes.
+
+End-of-file on the link comes when the arbiter is gone, whatever killed it: the
+worker then drains and stops, as on SIGTERM (``watch``, on the hub). A worker
+whose hub is held by blocking code (an unpatched ``time.sleep`` or driver call
+in ``consume``) would never see it, and runs in a session of its own, out of
+reach of a supervisor's kill of the arbiter's group: so a watchdog thread (a real
+OS thread: the dispatcher does not monkey patch) watches the link too, and ends
+the process with ``os._exit(EXIT_DRAIN_TIMEOUT)`` if it is still there
+WATCHDOG_MARGIN seconds after the longest ``drain_timeout`` it runs with.
+
 When the config has ``http``, AMQP_DISPATCHER_HTTP_SOCKET names the unix socket
 on which the worker serves its endpoint for the arbiter (arbiter_http.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import select
+import threading
+import time
 from collections.abc import Callable, MutableMapping
 
 import gevent
+import gevent.monkey
 import gevent.socket
 
 from .arbiter import HTTP_SOCKET_ENV, LINK_FD_ENV, WORKER_ENV
+from .dispatcher import EXIT_DRAIN_TIMEOUT
+
+log = logging.getLogger("amqp-dispatcher")
+
+# A stop takes at most drain_timeout plus about 5 s (the closes wait CLOSE_TIMEOUT,
+# stuck greenlets KILL_TIMEOUT); past this much more, the watchdog ends the process.
+WATCHDOG_MARGIN = 10.0
+
+# The blocking originals, should the consumer code monkey patch after the watchdog
+# has started: the watchdog must not depend on the hub.
+_poll = gevent.monkey.get_original("select", "poll")
+_sleep = gevent.monkey.get_original("time", "sleep")
 
 
 class ArbiterLink:
@@ -26,6 +53,10 @@ class ArbiterLink:
         self.name = name
         self.fd = fd
         self.http_socket = http_socket  # where to serve /metrics, /readyz for the arbiter
+        self.arbiter_pid = os.getppid()
+        # The longest drain_timeout of the configs this process has run (reload.py
+        # keeps it up to date); none before the config is loaded: nothing to drain.
+        self.drain_timeout = 0.0
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] = os.environ) -> ArbiterLink | None:
@@ -43,12 +74,20 @@ class ArbiterLink:
             return None
         return cls(name, int(fd), http_socket)
 
+    def _tell(self, line: bytes) -> None:
+        try:
+            os.write(self.fd, line)
+        except OSError:
+            pass  # the arbiter is gone: watch() and the watchdog see it
+
+    def started(self) -> None:
+        """Tell the arbiter this process handles its signals; start the watchdog."""
+        self._tell(b"started\n")
+        threading.Thread(target=self._watchdog, name="arbiter watchdog", daemon=True).start()
+
     def consuming(self) -> None:
         """Tell the arbiter that every consumer entry consumes."""
-        try:
-            os.write(self.fd, b"consuming\n")
-        except OSError:
-            pass  # the arbiter is gone: watch() reports it
+        self._tell(b"consuming\n")
 
     def watch(self, gone: Callable[[], None]) -> None:
         """Call ``gone`` (in a greenlet of its own) once the arbiter is gone."""
@@ -66,3 +105,20 @@ class ArbiterLink:
             if not data:  # end-of-file: the arbiter's end is closed
                 gone()
                 return
+
+    def _watchdog(self) -> None:
+        """In a thread of its own: once the arbiter is gone (the link readable, which
+        only its end-of-file makes it, or this process reparented), give the normal
+        drain its time, then end the process."""
+        poller = _poll()
+        poller.register(self.fd, select.POLLIN)
+        while not poller.poll(1000) and os.getppid() == self.arbiter_pid:
+            pass
+        gone_at = time.monotonic()
+        while (left := gone_at + self.drain_timeout + WATCHDOG_MARGIN - time.monotonic()) > 0:
+            _sleep(min(left, 1.0))
+        log.critical("the arbiter is gone and this worker has not stopped within "
+                     "drain_timeout (%gs) + %gs (blocking code in consume?): exiting now "
+                     "with status %d; its unfinished messages go back to the queue",
+                     self.drain_timeout, WATCHDOG_MARGIN, EXIT_DRAIN_TIMEOUT)
+        os._exit(EXIT_DRAIN_TIMEOUT)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faultproxy import FaultProxy
 from helpers import BrokerHandle, DispatcherProcess, wait_until
 
 CYCLES = int(os.environ.get("FAULT_CYCLES", "3"))
@@ -227,3 +228,41 @@ def test_reconnect_gives_up_after_bound(broker: BrokerHandle, tmp_path: Path) ->
     assert "reconnect attempt 1 failed" in proc.output
     assert "could not reconnect within reconnect_give_up_after (2s)" in proc.output
     assert "flakypw" not in proc.output
+
+
+def test_reconnects_leave_no_file_descriptor_behind(broker: BrokerHandle,
+                                                    tmp_path: Path) -> None:
+    """Every connection, failed attempts included, consuming and publishing alike, is
+    released whole: pika's GeventConnection keeps a pipe (2 fds) for its thread-safe
+    callbacks that pika never closes (broker.release_connection)."""
+    broker.declare("commands", durable=True)
+    broker.declare("published_out")
+    config = ("queues:\n  - queue: commands\n"
+              "consumers:\n  - consumer: testconsumers:ProxyCommands\n    queue: commands\n")
+    with FaultProxy("127.0.0.1", broker.node.port) as proxy:
+        proc = DispatcherProcess(tmp_path, config, proxy.rewrite_url(broker.url))
+
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{proc.process.pid}/fd"))
+
+        try:
+            proc.wait_consuming()
+            broker.publish("commands", "publish")  # opens the publishing connection
+            wait_until(lambda: broker.counts("published_out")[0] == 1, what="a publish")
+            before = fds()
+            proxy.refuse(True)
+            proxy.drop_all()
+            proc.wait_for_log("reconnect attempt 2 failed")
+            proc.wait_for_log("cannot open the publishing connection")
+            proxy.refuse(False)
+            proc.wait_for_log("reconnected after")
+            broker.publish("commands", "publish")
+            wait_until(lambda: broker.counts("published_out")[0] == 2, what="a publish again",
+                       timeout=60)
+            attempts = proc.output.count("reconnect attempt") + proc.output.count(
+                "cannot open the publishing connection") + 2
+            after = fds()
+        finally:
+            assert proc.stop() == 0, proc.output
+    assert attempts >= 5
+    assert after - before <= 1, f"{after - before} more open fds after {attempts} connections"

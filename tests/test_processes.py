@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from helpers import REPO, TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
 from test_reload import config as reload_config
 from test_reload import reloadable
 
+from amqpdispatcher import arbiter as arbiter_module
+from amqpdispatcher.arbiter import Arbiter, Worker
 from amqpdispatcher.cli import parse_args
+
+RECORDER = ("queues:\n  - queue: jobs\n"
+            "consumers:\n  - consumer: testconsumers:Recorder\n    queue: jobs\n")
 
 
 def workers(proc: DispatcherProcess, state: str = "consuming") -> dict[int, list[int]]:
@@ -37,6 +48,32 @@ def gone(pid: int) -> bool:
 
 def bodies(records: list[str], outcome: str) -> Counter[str]:
     return Counter(r.split(":", 1)[1] for r in records if r.startswith(f"{outcome}:"))
+
+
+def slow_worker_start(tmp_path: Path) -> dict[str, str]:
+    """Environment in which each worker's interpreter start, before amqp-dispatcher's
+    code runs, takes 1 s longer (a sitecustomize, in workers only), first leaving a file
+    starting-PID: the window a loaded machine opens anyway, made wide enough to hit."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('AMQP_DISPATCHER_WORKER'):\n"
+        f"    open(os.path.join({str(tmp_path)!r}, f'starting-{{os.getpid()}}'), 'w').close()\n"
+        "    time.sleep(1)\n")
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS / "consumers"), str(REPO)])}
+
+
+def pids_running(text: str) -> list[int]:
+    """The processes whose command line contains ``text``."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines()[1:] if text in line]
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_killed_worker_is_replaced_and_nothing_is_lost(broker: BrokerHandle,
@@ -254,3 +291,281 @@ def test_sighup_deploys_new_config_and_code_under_load(broker: BrokerHandle,
     assert any(r.startswith("done:v2:") for r in records)
     started_v1 = {r[9:] for r in records if r.startswith("start:v1:")}
     assert started_v1 == {r[8:] for r in records if r.startswith("done:v1:")}
+
+
+def test_replacement_failing_at_start_is_started_again_once_the_service_consumed(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Only the first start's 1, 4 or 5 is a config error. Here the service consumed,
+    then a worker died and its replacement's constructor met a dependency that was down
+    for a while (exit 5): it is started again with the backoff, never stopping the
+    service (systemd's RestartPreventExitStatus=1 4 5 would never restart it)."""
+    broker.declare("jobs", durable=True)
+    (tmp_path / "flaky.py").write_text(
+        "import os\n"
+        "class C:\n"
+        "    def __init__(self):\n"
+        "        if os.path.exists('db-down'):\n"
+        "            raise ConnectionError('database unreachable')\n"
+        "    def consume(self, amqp, msg): pass\n"
+        "    def shutdown(self, exception=None): pass\n")
+    config = "queues:\n  - queue: jobs\nconsumers:\n  - consumer: flaky:C\n    queue: jobs\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        (tmp_path / "db-down").write_text("")
+        os.kill(workers(proc)[1][0], signal.SIGKILL)
+        proc.wait_for_log(r"worker 1/2 \(pid \d+\) exited with status 5 \(the startup handler "
+                          r"or a consumer constructor raised\) before it consumed; starting a "
+                          r"new one in 2s")
+        (tmp_path / "db-down").unlink()  # the dependency is back
+        wait_until(lambda: len(workers(proc).get(1, [])) == 2, what="a new worker 1 consuming")
+        assert proc.process.poll() is None
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert re.search(r"amqp-dispatcher.arbiter\[\d+\] ERROR: worker 1/2 \(pid \d+\) exited "
+                     r"with status 5", proc.output), proc.output
+
+
+def test_sigusr1_is_passed_on_only_to_workers_that_handle_it(broker: BrokerHandle,
+                                                            tmp_path: Path) -> None:
+    """A worker still starting its interpreter has no handler: SIGUSR1's default action
+    would kill it. It gets SIGUSR1 once it has reported 'started'."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, RECORDER, broker.url, args=("--processes", "2"),
+                             env=slow_worker_start(tmp_path))
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("starting-*"))) == 2,
+                   what="both workers' interpreters starting")
+        proc.signal(signal.SIGUSR1)
+        # Both, unless the machine is so slow that one got past its 1 s meanwhile.
+        proc.wait_for_log("received SIGUSR1: passed on to every worker but the [12] starting "
+                          "their interpreter")
+        proc.wait_for_log("all 2 workers consuming")
+        dumps = proc.output.count("the stack of every greenlet follows")
+        proc.signal(signal.SIGUSR1)
+        wait_until(lambda: proc.output.count("the stack of every greenlet follows") >= dumps + 2,
+                   what="both workers' stacks")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert "killed by SIGUSR1" not in proc.output, proc.output
+
+
+def test_sighup_during_the_first_config_check_reloads_once_the_workers_consume(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """A SIGHUP during the start is acted on once every worker consumes, once."""
+    broker.declare("jobs", durable=True)
+    (tmp_path / "slowimport.py").write_text(
+        "import time\ntime.sleep(1)\n"
+        "class C:\n    def consume(self, amqp, msg): pass\n"
+        "    def shutdown(self, exception=None): pass\n")
+    config = "queues:\n  - queue: jobs\nconsumers:\n  - consumer: slowimport:C\n    queue: jobs\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    try:
+        proc.wait_for_log("arbiter pid")  # logged as the first check starts
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("received SIGHUP: reloading once the start, check or reload in "
+                          "progress is done")
+        proc.wait_for_log("all 2 workers consuming")
+        proc.wait_for_log("reloading again, for the SIGHUP received meanwhile")
+        proc.wait_for_log("reloaded: the 2 new workers consume")
+        proc.signal(signal.SIGHUP)  # one more reload, not two
+        wait_until(lambda: proc.output.count("reloaded: the 2 new workers consume") == 2,
+                   what="the second reload")
+        wait_until(lambda: proc.output.count("of the previous set stopped") == 4,
+                   what="both previous sets to stop")
+        assert proc.output.count("received SIGHUP: checking") == 1
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def fake_worker(made: list[Worker], consuming: bool) -> tuple[Worker, socket.socket]:
+    """A Worker whose process is a real child that waits (for the arbiter's logic), and
+    the worker's end of its link."""
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = Worker(1, 1, process, ours, time.monotonic(), started=True, consuming=consuming)
+    made.append(worker)
+    return worker, theirs
+
+
+def test_new_set_consuming_during_a_stop_hands_nothing_over(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM during a reload, then a new worker's 'consuming' line (written just before
+    it got the stop's SIGTERM): the old workers, draining since the stop, must not get
+    a second SIGTERM (stop at once)."""
+    caplog.set_level(logging.INFO)
+    (tmp_path / "config.yml").write_text(RECORDER)
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    made: list[Worker] = []
+    old, _old_end = fake_worker(made, consuming=True)
+    new, new_end = fake_worker(made, consuming=False)
+    arbiter.workers, arbiter.serving, arbiter.new_set = [old, new], {1: old}, {1: new}
+    sent: list[tuple[Worker, int]] = []
+    arbiter._send = lambda worker, signum: sent.append((worker, signum))  # type: ignore[method-assign]
+    try:
+        arbiter._on_term(signal.SIGTERM)
+        new_end.send(b"consuming\n")
+        arbiter._read_link(new)
+    finally:
+        for worker in made:
+            worker.process.kill()
+            worker.process.wait()
+    assert sent == [(old, signal.SIGTERM), (new, signal.SIGTERM)]
+    assert "reloaded:" not in caplog.text
+
+
+def test_reload_whose_new_workers_do_not_consume_in_time_is_cancelled(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.yml").write_text(RECORDER)
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    made: list[Worker] = []
+    old, _old_end = fake_worker(made, consuming=True)
+    new, _new_end = fake_worker(made, consuming=False)
+    arbiter.workers, arbiter.serving, arbiter.new_set = [old, new], {1: old}, {1: new}
+    arbiter.running = True
+    sent: list[tuple[Worker, int]] = []
+    arbiter._send = lambda worker, signum: sent.append((worker, signum))  # type: ignore[method-assign]
+    monkeypatch.setattr(arbiter_module, "RELOAD_TIMEOUT", 0.2)
+    try:
+        arbiter.reload_deadline = time.monotonic() + arbiter_module.RELOAD_TIMEOUT
+        arbiter._reload_timeout_due()
+        assert arbiter.new_set is not None and not sent  # not yet
+        wait_until(lambda: time.monotonic() >= arbiter.reload_deadline, what="the deadline")
+        arbiter._reload_timeout_due()
+    finally:
+        for worker in made:
+            worker.process.kill()
+            worker.process.wait()
+    assert arbiter.new_set is None and arbiter.serving == {1: old}
+    assert sent == [(new, signal.SIGTERM)]
+    assert "SIGHUP: the new workers did not all consume within 0.2s: the running workers " \
+           "carry on unchanged" in caplog.text
+    assert new.retired == "of the cancelled reload"
+
+
+def test_worker_stuck_in_blocking_code_exits_soon_after_the_arbiter_is_killed(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """A consume in blocking code (an unpatched sleep) holds the worker's hub, so the
+    drain never starts; its watchdog thread ends it drain_timeout + 10 s after the arbiter
+    died (workers run in sessions of their own: a supervisor's kill misses them)."""
+    broker.declare("jobs", durable=True)
+    (tmp_path / "blocking.py").write_text(
+        "import os, time\n"
+        "class C:\n"
+        "    def consume(self, amqp, msg):\n"
+        "        open(os.environ['RECORD_FILE'], 'a').write('start\\n')\n"
+        "        time.sleep(60)\n"
+        "    def shutdown(self, exception=None): pass\n")
+    config = ("drain_timeout: 1\nqueues:\n  - queue: jobs\n"
+              "consumers:\n  - consumer: blocking:C\n    queue: jobs\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    pids: list[int] = []
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        pids = [found[0] for found in workers(proc).values()]
+        broker.publish("jobs", "x")
+        wait_until(lambda: "start" in proc.records(), what="a blocked consume")
+        proc.process.kill()  # supervisord's SIGKILL once stopwaitsecs ran out
+        proc.process.wait()
+        killed = time.monotonic()
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout=1 + 10 + 5,
+                   what="every worker to stop within drain_timeout + 10 s")
+        assert time.monotonic() - killed > 1 + 10 - 1  # the drain had its time
+    finally:
+        kill_leftovers(pids)
+        proc.stop()
+    assert "the arbiter is gone and this worker has not stopped within drain_timeout (1s) " \
+           "+ 10s (blocking code in consume?): exiting now with status 6" in proc.output
+    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+
+
+def test_config_check_child_dies_with_the_killed_arbiter(broker: BrokerHandle,
+                                                         tmp_path: Path) -> None:
+    """The `--validate` child of a reload (importing consumer code, which may hang) gets
+    SIGKILL from the kernel when the arbiter dies (PR_SET_PDEATHSIG)."""
+    broker.declare("jobs", durable=True)
+    seconds = tmp_path / "import-seconds"
+    seconds.write_text("0")
+    (tmp_path / "slowimport.py").write_text(
+        f"import time\ntime.sleep(float(open({str(seconds)!r}).read()))\n"
+        "class C:\n    def consume(self, amqp, msg): pass\n"
+        "    def shutdown(self, exception=None): pass\n")
+    config = "queues:\n  - queue: jobs\nconsumers:\n  - consumer: slowimport:C\n    queue: jobs\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    check = f"--validate --config {proc.config_path}"
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        seconds.write_text("30")
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: pids_running(check), what="the check child")
+        proc.process.kill()
+        proc.process.wait()
+        wait_until(lambda: not pids_running(check), timeout=5,
+                   what="the check child to go with the arbiter")
+    finally:
+        kill_leftovers(pids_running(str(proc.config_path)))
+        proc.stop()
+
+
+def test_sigint_while_workers_start_stops_them_without_a_traceback(broker: BrokerHandle,
+                                                                  tmp_path: Path) -> None:
+    """Workers that have not consumed get SIGTERM for a fast stop: SIGINT would raise
+    KeyboardInterrupt in an interpreter still starting ('Fatal Python error:
+    init_import_site'). The arbiter still exits 130."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, RECORDER, broker.url, args=("--processes", "2"),
+                             env=slow_worker_start(tmp_path))
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("starting-*"))) == 2,
+                   what="both workers' interpreters starting")
+        proc.signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130, proc.output
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output and "Fatal Python error" not in proc.output, \
+        proc.output
+
+
+@pytest.mark.parametrize("args", [(), ("--processes", "2")], ids=["single", "processes"])
+def test_broker_password_is_hidden_in_printed_config_problems(
+        broker: BrokerHandle, tmp_path: Path, args: tuple[str, ...]) -> None:
+    """A config problem quotes what the consumer code raised at import, here holding
+    RABBITMQ_URL: printed (not logged), it is redacted as a log line would be; the
+    arbiter relays its check child's lines as they are."""
+    password = "Zq9-pw-Secret"
+    (tmp_path / "leaky.py").write_text(
+        "import os\nraise RuntimeError('cannot start with ' + os.environ['RABBITMQ_URL'])\n")
+    url = broker.url.replace("guest:guest@", f"guest:{quote(password)}@")
+    result = run_cli(tmp_path, "--config", "config.yml", *args,
+                     config="consumers:\n  - consumer: leaky:C\n    queue: jobs\n",
+                     env={"RABBITMQ_URL": url})
+    assert result.returncode == 1
+    assert re.search(r"leaky:C.*RuntimeError: cannot start with amqp://guest:\*\*\*@",
+                     result.stderr), result.stderr
+    assert password not in result.stdout + result.stderr, result.stderr
+
+
+def test_stop_status_counts_a_previous_set_still_draining(broker: BrokerHandle,
+                                                          tmp_path: Path) -> None:
+    """SIGTERM right after a reload: a worker of the previous set, still draining, runs
+    out of drain_timeout (6). The stop's status is the highest of every worker it
+    waited for."""
+    broker.declare("jobs", durable=True)
+    config = ("drain_timeout: 2\nqueues:\n  - queue: jobs\n"
+              "consumers:\n  - consumer: testconsumers:Timed\n    queue: jobs\n")
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"),
+                             env={"SLOW": "30"})
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        broker.publish("jobs", "slow")
+        wait_until(lambda: "start:slow" in proc.records(), what="a slow consume")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the 2 new workers consume")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 6, proc.output
+    finally:
+        proc.stop()
+    assert re.search(r"worker \d/2 \(pid \d+\) of the previous set exited with status 6",
+                     proc.output), proc.output
+    assert "every worker stopped; exiting with status 6" in proc.output

@@ -3,6 +3,7 @@ generation takes over, the old one drains; a config with problems changes nothin
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections import Counter
@@ -188,3 +189,134 @@ def test_load_afresh_imports_the_consumer_package_again_or_keeps_it(
         fresh.consumer_classes["reloadpkg.consumer:Consumer"]
     for name in [name for name in sys.modules if name.startswith("reloadpkg")]:
         del sys.modules[name]
+
+
+SLOW_IMPORT = (
+    "import os, time\nopen('importing', 'w').close()\n"
+    "time.sleep({seconds})  # a heavy import (django.setup(), pandas, ...)\n"
+    "class C:\n    def consume(self, amqp, msg): pass\n"
+    "    def shutdown(self, exception=None): pass\n")
+
+
+def test_signals_while_the_consumer_code_is_imported_at_start(broker: BrokerHandle,
+                                                               tmp_path: Path) -> None:
+    """Before the main loop has its handlers: SIGHUP (systemctl reload during a slow
+    start) and SIGUSR2 are logged and ignored, SIGUSR1 shows where the start is; the
+    main loop's handlers then replace these (SIGHUP reloads)."""
+    broker.declare("jobs", durable=True)
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT.format(seconds=1.5))
+    proc = DispatcherProcess(tmp_path, config(1, consumer="slowimport:C"), broker.url)
+    try:
+        wait_until(lambda: (tmp_path / "importing").exists(), what="the consumer import")
+        for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR1):
+            proc.signal(signum)
+            proc.wait_for_log(f"received {signal.Signals(signum).name} during start-up")
+        proc.wait_consuming()
+        assert "received SIGHUP during start-up, before the consumer code is loaded: " \
+               "ignored" in proc.output
+        assert "received SIGUSR1 during start-up: the start is at" in proc.output
+        assert "slowimport.py" in proc.output.split("the start is at", 1)[1]
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_stop_signal_while_the_consumer_code_is_imported_at_start(
+        broker: BrokerHandle, tmp_path: Path, signum: int, status: int) -> None:
+    """Nothing was consumed yet: SIGTERM stops with 0, SIGINT with 130, at once."""
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT.format(seconds=30))
+    proc = DispatcherProcess(tmp_path, config(1, consumer="slowimport:C"), broker.url)
+    try:
+        wait_until(lambda: (tmp_path / "importing").exists(), what="the consumer import")
+        proc.signal(signum)
+        assert proc.wait(timeout=10) == status, proc.output
+    finally:
+        proc.stop()
+    assert f"received {signal.Signals(signum).name} during start-up: stopping" in proc.output
+    assert "Traceback" not in proc.output
+
+
+def test_reloads_leave_no_file_descriptor_behind(broker: BrokerHandle, tmp_path: Path) -> None:
+    """Each generation's connection is released whole: pika's GeventConnection keeps a
+    pipe for its thread-safe callbacks that pika never closes (broker.release_connection)."""
+    (tmp_path / "reloadable.py").write_text(reloadable(1))
+    proc = DispatcherProcess(tmp_path, config(1), broker.url)
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{proc.process.pid}/fd"))
+
+    try:
+        proc.wait_consuming()
+        before = fds()
+        for done in range(1, 6):
+            proc.signal(signal.SIGHUP)
+            wait_until(lambda n=done: proc.output.count("the previous generation stopped") == n,
+                       what=f"reload {done}")
+        after = fds()
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert after - before <= 1, f"{after - before} more open fds after 5 reloads"
+
+
+def test_reload_pauses_consumption_only_while_the_new_code_imports(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """The documented bound (README, "Reload (SIGHUP)"): in a single process the new
+    code imports on the hub, so the running generation consumes nothing for as long as
+    the import takes (here 1.5 s of CPU), and no longer: the new generation's connecting
+    and declaring do not pause it."""
+    broker.declare("jobs", durable=True)
+    for i in range(1000):
+        broker.publish("jobs", f"m{i}")
+    module = '''
+import os, time, gevent
+VERSION = {version}
+if VERSION > 1:
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        pass
+class Consumer:
+    def consume(self, amqp, msg):
+        gevent.sleep(0.02)
+        with open(os.environ["RECORD_FILE"], "a") as f:
+            f.write(f"{{time.time():.3f}}\\n")
+    def shutdown(self, exception=None):
+        pass
+'''
+    (tmp_path / "reloadable.py").write_text(module.format(version=1))
+    proc = DispatcherProcess(tmp_path, config(4), broker.url)
+    try:
+        wait_until(lambda: len(proc.records()) >= 50, what="consuming")
+        (tmp_path / "reloadable.py").write_text(module.format(version=2) + "#\n")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("the previous generation stopped")
+        at_handover = len(proc.records())
+        wait_until(lambda: len(proc.records()) >= at_handover + 50,
+                   what="the new generation consuming")
+    finally:
+        assert proc.stop() == 0, proc.output
+    times = sorted(float(t) for t in proc.records())
+    longest = max(b - a for a, b in zip(times, times[1:]))
+    assert longest < 1.5 + 1.5, f"no message was consumed for {longest:.1f}s during the reload"
+
+
+def test_stop_status_counts_the_previous_generation_still_draining(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """SIGTERM right after a reload: the previous generation, still draining, runs out of
+    drain_timeout. The stop's status is the highest of the generations it waited for."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, "drain_timeout: 2\n" + config(
+        1, consumer="testconsumers:Timed"), broker.url, env={"SLOW": "30"})
+    try:
+        proc.wait_consuming()
+        broker.publish("jobs", "slow")
+        wait_until(lambda: "start:slow" in proc.records(), what="a slow consume in progress")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 6, proc.output
+    finally:
+        proc.stop()
+    assert "the previous generation stopped with status 6" in proc.output
+    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
