@@ -383,7 +383,7 @@ def fake_worker(made: list[Worker], consuming: bool) -> tuple[Worker, socket.soc
     the worker's end of its link."""
     ours, theirs = socket.socketpair()
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    worker = Worker(1, 1, process, ours, time.monotonic(), started=True, consuming=consuming)
+    worker = Worker(1, 1, process, ours, time.monotonic(), "", started=True, consuming=consuming)
     made.append(worker)
     return worker, theirs
 
