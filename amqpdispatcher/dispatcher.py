@@ -158,6 +158,8 @@ class Dispatcher:
         self.publishing = PublishingConnection(settings, config.publisher_confirms)
         self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer],
                                    self.publishing.publisher(f"{entry.path} ({entry.queue})"),
+                                   self.publishing.publisher(f"{entry.path} ({entry.queue}) "
+                                                             "retry policy"),
                                    timed=config.http is not None)
                       for entry in config.consumers]
         self.connection: Any = None
