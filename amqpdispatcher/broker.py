@@ -154,6 +154,9 @@ def _connect_failure(exc: BaseException) -> str:
     lost_ssl = _LOST_SSL.search(str(exc))
     if lost_ssl:
         return f"{lost_ssl[1]}: {ssl_reason(lost_ssl[2])}"
+    if not str(exc):  # pika raises some without a message
+        return (f"{type(exc).__name__} (no reason given: the broker, or something in "
+                "between, closed the connection before the AMQP handshake finished)")
     return f"{type(exc).__name__}: {exc}"
 
 

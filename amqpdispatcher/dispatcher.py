@@ -118,6 +118,15 @@ def _run_step(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool
         return False, exc
 
 
+def _redelivered(stream: bool) -> str:
+    """What becomes of deliveries dropped unsettled: a stream keeps no position, so the
+    next subscription starts from the entry's stream_offset, not from them."""
+    if stream:
+        return ("the broker redelivers those of queues; a stream's are read again only "
+                "if the entry's stream_offset reaches them (with next, they are skipped)")
+    return "the broker redelivers them"
+
+
 def _run_user_code(call: Callable[[], Any], what: str) -> None:
     """Start-up user code: any failure, SystemExit included, is a one-line UserCodeError."""
     try:
@@ -400,8 +409,9 @@ class Dispatcher:
         channel.acker.close()
         dropped = self.pools[index].discard_waiting()
         if dropped:
-            log.warning("%d delivered message(s) of %s not yet started were dropped; the "
-                        "broker redelivers them", dropped, self.pools[index].entry.path)
+            log.warning("%d delivered message(s) of %s not yet started were dropped; %s",
+                        dropped, self.pools[index].entry.path, _redelivered(
+                            self.pools[index].entry.stream))
         return channel
 
     def _entry_lost(self, index: int, channel: Channel) -> None:
@@ -532,8 +542,10 @@ class Dispatcher:
         unsettled = sum(c.acker.unsettled() for c in self.channels.values())
         log.error("connection to the broker lost: %s", reason)
         if unsettled:
-            log.warning("%d delivered message(s) were not yet acked; the broker redelivers them",
-                        unsettled)
+            stream = any(self.pools[index].entry.stream and channel.acker.unsettled()
+                         for index, channel in self.channels.items())
+            log.warning("%d delivered message(s) were not yet acked; %s", unsettled,
+                        _redelivered(stream))
         self._forget_session()
         if not self.config.reconnect:
             raise Stop(self._stop_now(EXIT_BROKER))
