@@ -49,6 +49,9 @@ REOPEN_MAX_DELAY = 30.0
 # connection holds, or that exists without being exclusive.
 REFUSAL_CODES = {403: "ACCESS_REFUSED", 404: "NOT_FOUND", 405: "RESOURCE_LOCKED",
                  406: "PRECONDITION_FAILED"}
+# 503 COMMAND_INVALID, closing the connection: "unknown exchange type 'x'" for a type
+# the node never knew, "invalid exchange type 'x'" once its plugin was disabled.
+_REFUSED_TYPE = re.compile(r"(unknown|invalid) exchange type")
 
 
 class BrokerError(Exception):
@@ -68,12 +71,13 @@ class BrokerError(Exception):
 
 class TopologyError(BrokerError):
     """The broker refused an exchange, queue, binding or consumer that the config asks
-    for. ``connection_closed``: it closed the whole connection over it (an unknown
-    exchange type), not only the channel."""
+    for. ``refused_type``: the exchange whose type the broker does not know, over which
+    it closed the whole connection, not only the channel."""
 
-    def __init__(self, message: str, connection_closed: bool = False) -> None:
+    def __init__(self, message: str, refused_type: ExchangeConfig | None = None) -> None:
         super().__init__(message, refused=True)
-        self.channel_only = not connection_closed
+        self.refused_type = refused_type
+        self.channel_only = refused_type is None
 
 
 def is_refusal(reason: Any) -> bool:
@@ -182,6 +186,9 @@ def _connect_failure(exc: BaseException) -> str:
     lost_ssl = _LOST_SSL.search(str(exc))
     if lost_ssl:
         return f"{lost_ssl[1]}: {ssl_reason(lost_ssl[2])}"
+    if not str(exc):  # pika raises some without a message
+        return (f"{type(exc).__name__} (no reason given: the broker, or something in "
+                "between, closed the connection before the AMQP handshake finished)")
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -292,11 +299,11 @@ def _declare_exchange(sync: SyncChannel, config: Config, exchange: ExchangeConfi
     except BrokerError as exc:
         reason = sync.close_reason
         if isinstance(reason, pika.exceptions.ConnectionClosedByBroker) \
-                and reason.reply_code == 503 and "unknown exchange type" in reason.reply_text:
+                and reason.reply_code == 503 and _REFUSED_TYPE.search(reason.reply_text):
             # The broker closes the whole connection over it; a config error all the same.
             raise TopologyError(f"{config.path}: {exchange.path}.type: {what}: broker said "
                                 f"{exc} (is the plugin that provides it enabled?)",
-                                connection_closed=True) from None
+                                refused_type=exchange) from None
         raise config_error(exc, f"{config.path}: {exchange.path}: {what}",
                            config.path, exchange) from None
     log.info("declared exchange %s (%s)", exchange.exchange, exchange.type or "passive")

@@ -53,7 +53,7 @@ from .broker import (
     describe_close,
     is_delivery_ack_timeout,
 )
-from .config import Config, Resolved, describe_exception
+from .config import Config, ExchangeConfig, Resolved, describe_exception
 from .metrics import StatsLog
 from .pool import ConsumerPool, StopNow
 from .publisher import PublishingConnection
@@ -118,6 +118,15 @@ def _run_step(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool
         return False, exc
 
 
+def _redelivered(stream: bool) -> str:
+    """What becomes of deliveries dropped unsettled: a stream keeps no position, so the
+    next subscription starts from the entry's stream_offset, not from them."""
+    if stream:
+        return ("the broker redelivers those of queues; a stream's are read again only "
+                "if the entry's stream_offset reaches them (with next, they are skipped)")
+    return "the broker redelivers them"
+
+
 def _run_user_code(call: Callable[[], Any], what: str) -> None:
     """Start-up user code: any failure, SystemExit included, is a one-line UserCodeError."""
     try:
@@ -158,6 +167,8 @@ class Dispatcher:
         self.publishing = PublishingConnection(settings, config.publisher_confirms)
         self.pools = [ConsumerPool(entry, resolved.consumer_classes[entry.consumer],
                                    self.publishing.publisher(f"{entry.path} ({entry.queue})"),
+                                   self.publishing.publisher(f"{entry.path} ({entry.queue}) "
+                                                             "retry policy"),
                                    timed=config.http is not None)
                       for entry in config.consumers]
         self.connection: Any = None
@@ -168,6 +179,10 @@ class Dispatcher:
         # Exchanges, queues and entries to retry on their own: config path -> when; and
         # each one's last backoff delay.
         self.broken: dict[str, float] = {}
+        # Exchanges whose type the broker refused by closing the whole connection (its
+        # plugin disabled), by config path: left out of sessions until a check on a
+        # connection of its own declares them (_declares_on_its_own).
+        self.refused_types: dict[str, str] = {}
         self.backoff: dict[str, float] = {}
         self.repair_timer: gevent.Greenlet | None = None
         self.repair_due = 0.0
@@ -332,19 +347,30 @@ class Dispatcher:
         fails on its own channel is logged and retried alone (``_repair``),
         and the rest of the entries consume.
         """
-        connection = connect(self.settings)
-        self.connection = connection
-        self.session_opened_at = time.monotonic()
-        connection.add_on_close_callback(
-            lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
-        failed = declare_topology(connection, self.config, self.config.exchanges,
-                                  self.topology)
+        while True:
+            connection = connect(self.settings)
+            self.connection = connection
+            self.session_opened_at = time.monotonic()
+            connection.add_on_close_callback(
+                lambda conn, reason: self.events.put(("connection_closed", (conn, reason))))
+            exchanges = [e for e in self.config.exchanges if e.path not in self.refused_types]
+            try:
+                failed = declare_topology(connection, self.config, exchanges, self.topology)
+                break
+            except TopologyError as refused:
+                if at_start or refused.refused_type is None:
+                    raise
+                # The broker closed the connection over this exchange's type: connect
+                # again without it; _repair retries it on a connection of its own.
+                self.refused_types[refused.refused_type.path] = str(refused)
         if failed and at_start:
             for _, exc in failed[:-1]:
                 log.error("%s", exc)
             raise failed[-1][1]
         for item, exc in failed:
             self._retry_later(item.path, str(exc))
+        for path, problem in self.refused_types.items():
+            self._retry_later(path, problem)
         for index, pool in enumerate(self.pools):
             try:
                 self._open_channel(index)
@@ -383,8 +409,9 @@ class Dispatcher:
         channel.acker.close()
         dropped = self.pools[index].discard_waiting()
         if dropped:
-            log.warning("%d delivered message(s) of %s not yet started were dropped; the "
-                        "broker redelivers them", dropped, self.pools[index].entry.path)
+            log.warning("%d delivered message(s) of %s not yet started were dropped; %s",
+                        dropped, self.pools[index].entry.path, _redelivered(
+                            self.pools[index].entry.stream))
         return channel
 
     def _entry_lost(self, index: int, channel: Channel) -> None:
@@ -448,6 +475,11 @@ class Dispatcher:
         sources = {binding.exchange for queue in queues for binding in queue.bindings}
         exchanges = [e for e in self.config.exchanges
                      if e.path in due or e.exchange in sources or bound_to_repaired(e)]
+        for exchange in [e for e in exchanges if e.path in self.refused_types]:
+            if exchange.path in due and self._declares_on_its_own(exchange):
+                del self.refused_types[exchange.path]
+            else:
+                exchanges.remove(exchange)
         try:
             failed = declare_topology(self.connection, self.config, exchanges, queues)
             for item, exc in failed:
@@ -472,6 +504,30 @@ class Dispatcher:
         if self.broken:
             self._schedule_repair()
 
+    def _declares_on_its_own(self, exchange: ExchangeConfig) -> bool:
+        """Declare an exchange whose type the broker refused on a short-lived connection
+        of its own, which the broker closes if it still refuses it; whether it took it.
+        Otherwise its retry is scheduled."""
+        try:
+            probe = connect(self.settings, purpose="exchange check")
+        except BrokerError as exc:
+            self._retry_later(exchange.path, f"{self.config.path}: {exchange.path}: {exc}")
+            return False
+        try:
+            failed = declare_topology(probe, self.config, [exchange], [])
+        except BrokerError as failure:
+            failed = [(exchange, failure)]
+        finally:
+            if probe.is_open:
+                try:
+                    probe.close()
+                except pika.exceptions.AMQPError:
+                    pass  # closed in the same read
+        for _, problem in failed:
+            self.refused_types[exchange.path] = str(problem)
+            self._retry_later(exchange.path, str(problem))
+        return not failed
+
     def _forget_session(self) -> None:
         """The connection is gone: its delivery tags mean nothing any more."""
         for index in list(self.channels):
@@ -486,8 +542,10 @@ class Dispatcher:
         unsettled = sum(c.acker.unsettled() for c in self.channels.values())
         log.error("connection to the broker lost: %s", reason)
         if unsettled:
-            log.warning("%d delivered message(s) were not yet acked; the broker redelivers them",
-                        unsettled)
+            stream = any(self.pools[index].entry.stream and channel.acker.unsettled()
+                         for index, channel in self.channels.items())
+            log.warning("%d delivered message(s) were not yet acked; %s", unsettled,
+                        _redelivered(stream))
         self._forget_session()
         if not self.config.reconnect:
             raise Stop(self._stop_now(EXIT_BROKER))

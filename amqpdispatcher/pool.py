@@ -40,13 +40,16 @@ class StopNow(BaseException):
 
 class ConsumerPool:
     def __init__(self, entry: ConsumerConfig, cls: type, publisher: Publisher,
-                 timed: bool = False) -> None:
+                 policy_publisher: Publisher, timed: bool = False) -> None:
         self.entry = entry
         self.cls = cls
-        self.publisher = publisher  # amqp.publish's and the policy's channel
+        self.publisher = publisher  # amqp.publish's channel
         # timed: measure each consume call's duration (only when /metrics can show it).
         self.metrics = EntryMetrics(timed)
-        self.policy = FailurePolicy(entry, publisher)
+        # The policy's moves have a channel of their own: a consume's publish that gets
+        # its channel closed must not fail a move the broker already routed (the input
+        # would be requeued while its copy waits in the delay queue: handled twice).
+        self.policy = FailurePolicy(entry, policy_publisher)
         # Unbounded: the broker's prefetch_count is what bounds it.
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
         # One per slot; None while a failed instance is being replaced.

@@ -10,13 +10,20 @@ This module owns:
   is opened by the first publish (a process that never publishes never opens it),
   then kept open: reconnected with the consuming connection's backoff after a
   loss, and closed at stop, after the drain.
-- One channel per consumer entry on it (``Publisher``), opened by the entry's
-  first publish, always in confirm mode (the retry policy needs confirms;
-  ``publisher_confirms: false`` only stops ``amqp.publish`` from waiting). The
-  broker closing it (a publish to a missing exchange: 404) fails the publishes
-  in flight on that channel and nothing else: consumption never notices. The
-  next publish reopens it: at once, or after 1, 2, 4 ... 30 s while it keeps
-  being closed within STABLE_SESSION of the last close.
+- Per consumer entry, one channel on it for ``amqp.publish`` and one for its retry
+  policy's moves (``Publisher``), each opened by its first publish, always in
+  confirm mode (the retry policy needs confirms; ``publisher_confirms: false``
+  only stops ``amqp.publish`` from waiting). The broker closing a channel fails
+  the publishes in flight on it and nothing else: consumption never notices, and
+  a move is never failed by another consume's publish. The next publish reopens
+  it: at once, or after 1, 2, 4 ... 30 s while it keeps being closed within
+  STABLE_SESSION of the last close.
+- That exchanges exist (``PublishingConnection.check_exchange``): before the first
+  publish to an exchange name on a connection, a passive ``exchange.declare`` on a
+  short-lived channel of its own. A missing exchange (404) closes only that
+  channel and raises PublishError at once, so a message to it cannot close the
+  channel that other publishes are waiting on. Exchanges found are remembered
+  for the connection; one the broker later says is missing is forgotten.
 - What a publish raises (``PublishError`` and its subclasses), and the checks
   of ``amqp.publish``'s arguments (``build_message``).
 
@@ -42,6 +49,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import gevent
@@ -72,6 +80,8 @@ CLOSE_TIMEOUT = 5.0
 HEADER_FRAME_OVERHEAD = 20
 # Returns nobody waits for (publisher_confirms: false) are logged at most this often.
 RETURNS_LOG_INTERVAL = 10.0
+# The broker's text when a publish names a missing exchange (it closes the channel).
+_NO_EXCHANGE = re.compile(r"no exchange '(.*)' in vhost")
 
 
 class PublishError(Exception):
@@ -84,6 +94,38 @@ class PublishError(Exception):
     headers do not fit in a frame. After a close the message may still have
     reached a queue: a retry can duplicate it, never lose it.
     """
+
+
+def _header_problem(value: Any, where: str = "") -> str | None:
+    """Where in this AMQP header value pika cannot encode it, and why ("['a'][1]: ..."),
+    or None. Mirrors pika.data.encode_value."""
+    if value is None or isinstance(value, (str, bytes, bool, Decimal)):
+        return None
+    if isinstance(value, int):
+        return None if -2**63 <= value < 2**63 else f"{where}: {value} does not fit in 64 bits"
+    if isinstance(value, datetime):
+        if value.timestamp() < 0:  # AMQP timestamps are unsigned
+            return f"{where}: a datetime before 1970 ({value.isoformat()})"
+        return None
+    if isinstance(value, float):
+        return (f"{where}: a float cannot be sent in AMQP headers: use an int, a str or a "
+                "decimal.Decimal")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            problem = _header_problem(item, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or len(key.encode("utf-8")) > 255:
+                return f"{where}[{key!r}]: a header name must be a str of at most 255 bytes"
+            problem = _header_problem(item, f"{where}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    return (f"{where}: a {type(value).__name__} cannot be sent in AMQP headers (str, bytes, "
+            "int, bool, Decimal, datetime, list, dict or None)")
 
 
 class PublishNacked(PublishError):
@@ -295,9 +337,9 @@ class ConfirmChannel:
         # A content header over frame_max makes the broker close the whole connection.
         try:
             size = sum(len(part) for part in properties.encode()) + HEADER_FRAME_OVERHEAD
-        except Exception as exc:  # noqa: BLE001 - pika's encoder on user data
-            raise TypeError(f"amqp.publish: headers: a key or value cannot be sent in AMQP "
-                            f"headers ({type(exc).__name__}: {exc})") from None
+        except Exception:  # noqa: BLE001 - pika's encoder on user data: say which header
+            problem = _header_problem(properties.headers) or ": a value pika cannot encode"
+            raise TypeError(f"amqp.publish: headers{problem}") from None
         if size > self.frame_max:
             raise PublishError(f"headers too large for a frame: the content header would be "
                                f"{size} bytes, over the broker's frame_max ({self.frame_max}); "
@@ -387,6 +429,8 @@ class Publisher:
                 confirm: bool = True) -> None:
         """Publish, within PUBLISH_TIMEOUT; raises PublishError (or a subclass)."""
         deadline = time.monotonic() + self.publishing.timeout
+        if exchange not in self.publishing.exchanges:
+            self.publishing.check_exchange(exchange, deadline)
         channel = self._channel
         if channel is None or not channel.open or not self.publishing.usable.is_set():
             channel = self._ready_channel(deadline)
@@ -430,7 +474,14 @@ class Publisher:
         if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             return  # closed with the connection (logged once for all) or by us
         now = time.monotonic()
-        if now - self._last_close >= STABLE_SESSION:
+        missing = _NO_EXCHANGE.search(reason.reply_text) if reason.reply_code == 404 else None
+        if missing:
+            # Deleted since it was checked: the next publish to it checks again, and fails
+            # on a channel of its own, so reopening at once cannot spin.
+            self.publishing.exchanges.discard(missing[1])
+            self._reopen_delay = 0.0
+            when = "the next publish reopens it"
+        elif now - self._last_close >= STABLE_SESSION:
             self._reopen_delay = 0.0
             when = "the next publish reopens it"
         else:
@@ -474,6 +525,10 @@ class PublishingConnection:
         self.usable = gevent.event.Event()  # set while open and not blocked
         self._keeper: gevent.Greenlet | None = None
         self._closing = False
+        # Exchanges known to exist on this connection (the default one always does), and
+        # the checks in progress, which later publishes to the same name wait for.
+        self.exchanges: set[str] = {""}
+        self._checking: dict[str, gevent.event.AsyncResult] = {}
 
     def publisher(self, name: str) -> Publisher:
         """A consumer entry's Publisher; nothing is opened until it publishes."""
@@ -494,6 +549,53 @@ class PublishingConnection:
             raise PublishTimeout(f"the publishing connection stayed {state} for "
                                  f"{self.timeout:g}s; nothing was sent")
         return self.connection
+
+    def check_exchange(self, exchange: str, deadline: float) -> None:
+        """Raise PublishError if ``exchange`` does not exist; else remember that it does.
+        One check per name at a time; the others publishing to it wait for its answer."""
+        check = self._checking.get(exchange)
+        if check is None:
+            check = self._checking[exchange] = gevent.event.AsyncResult()
+            try:
+                check.set(self._exchange_missing(exchange, deadline))
+            except BaseException as exc:  # a timeout, or this greenlet killed
+                check.set_exception(exc if isinstance(exc, PublishError) else PublishError(
+                    f"the check that exchange {exchange!r} exists was interrupted"))
+                raise
+            finally:
+                del self._checking[exchange]
+        try:
+            missing = check.get(timeout=max(0.0, deadline - time.monotonic()))
+        except gevent.Timeout:
+            raise PublishTimeout(f"no answer within {self.timeout:g}s to the check that "
+                                 f"exchange {exchange!r} exists; nothing was sent") from None
+        if missing is not None:
+            raise missing
+
+    def _exchange_missing(self, exchange: str, deadline: float) -> PublishError | None:
+        """A passive exchange.declare on a channel of its own: a 404 closes only that."""
+        if exchange.startswith("amq."):  # the broker's own: always there
+            self.exchanges.add(exchange)
+            return None
+        connection = self.wait_usable(deadline)
+        try:
+            sync = SyncChannel.open(connection)
+        except BrokerError as exc:
+            return PublishError(f"cannot check that exchange {exchange!r} exists: {exc}")
+        try:
+            sync.call(sync.channel.exchange_declare, exchange=exchange, passive=True)
+        except BrokerError as exc:
+            if getattr(sync.close_reason, "reply_code", None) == 404:
+                return PublishError(f"exchange {exchange!r} does not exist (the broker said "
+                                    f"{exc}); nothing was sent")
+            if not exc.refused:
+                return PublishError(f"cannot check that exchange {exchange!r} exists: {exc}")
+            # Refused otherwise (403): the publish itself will say what the broker thinks.
+        else:
+            sync.close()
+        if connection is self.connection:
+            self.exchanges.add(exchange)
+        return None
 
     def _keep(self) -> None:
         """Open the connection, and open it again whenever it is lost, with backoff."""
@@ -523,6 +625,7 @@ class PublishingConnection:
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self.connection, self.blocked = connection, False
+        self.exchanges = {""}  # a new connection checks again
         self.usable.set()
         try:
             return lost.get()

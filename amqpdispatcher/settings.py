@@ -257,6 +257,9 @@ def _tls_file(parameters: Mapping[str, str], name: str) -> str | None:
         return None
     if not path:
         raise SettingsError(f"RABBITMQ_URL: {name}: expected a file name")
+    if "\0" in path:  # %00: open() would raise ValueError, not OSError
+        raise SettingsError(f"RABBITMQ_URL: {name}: a file name cannot contain a NUL "
+                            "character (%00)")
     try:
         with open(path, "rb"):
             pass

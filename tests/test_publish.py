@@ -18,6 +18,7 @@ from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import Broker
 
 from amqpdispatcher.publisher import (
+    PublishError,
     PublishingConnection,
     PublishTimeout,
     build_message,
@@ -192,8 +193,8 @@ def test_refused_publishes_raise_and_the_input_goes_back(broker: BrokerHandle,
                       "key 'full': it did not take it",
             "returned": "PublishReturned: the broker returned the message to exchange '' "
                         "routing key 'nowhere' as unroutable (mandatory): 312 NO_ROUTE",
-            "missing": "PublishError: the broker closed the publishing channel: 404 NOT_FOUND "
-                       "- no exchange 'no-such-exchange'",
+            "missing": "PublishError: exchange 'no-such-exchange' does not exist (the broker "
+                       "said 404 NOT_FOUND - no exchange 'no-such-exchange'",
             "bad-arg": "ValueError: amqp.publish: priority: expected an int from 0 to 255, "
                        "got 300",
         }
@@ -204,8 +205,8 @@ def test_refused_publishes_raise_and_the_input_goes_back(broker: BrokerHandle,
                                                               "outcome": "ok"})
             assert f"consume raised {outcome}" in proc.output
         assert [c["outcome"] for c in calls(proc, "dropped")] == ["ok"]
-        assert "the broker closed the publishing channel of consumers[0] (in): 404 NOT_FOUND" \
-            in proc.output
+        # The missing exchange was found on a channel of its own.
+        assert "the broker closed the publishing channel" not in proc.output
         assert "the broker closed the channel of" not in proc.output  # consuming: untouched
     finally:
         assert proc.stop() == 0, proc.output
@@ -214,7 +215,8 @@ def test_refused_publishes_raise_and_the_input_goes_back(broker: BrokerHandle,
 def test_missing_exchange_disturbs_no_other_delivery(broker: BrokerHandle,
                                                      tmp_path: Path) -> None:
     """Before: the publish closed the consuming channel, and every delivery in flight on
-    it (up to prefetch_count) was redelivered. Now only the publishing channel closes."""
+    it (up to prefetch_count) was redelivered. Now no channel of the entry closes: the
+    exchange is checked on a channel of its own."""
     proc = DispatcherProcess(tmp_path, config(("in", 10, 100), queues=("in", "out")),
                              broker.url)
     try:
@@ -236,11 +238,129 @@ def test_missing_exchange_disturbs_no_other_delivery(broker: BrokerHandle,
         assert broker.counts("out") == (10, 0)
         wait_until(lambda: broker.drained("in"), what="every input acked")
         output = proc.output
-        assert "the broker closed the publishing channel of consumers[0] (in): 404" in output
+        assert "the broker closed the publishing channel" not in output
         assert "the broker closed the channel of" not in output
         assert "redelivers" not in output and "unsettled" not in output
     finally:
         assert proc.stop() == 0, proc.output
+
+
+def test_a_publish_to_a_missing_exchange_does_not_stall_its_entry(broker: BrokerHandle,
+                                                                  tmp_path: Path) -> None:
+    """Before: the input whose publish names a missing exchange was requeued at the head,
+    redelivered first, and each time closed the entry's publishing channel, failing every
+    other publish in flight, with reopening backing off to 30 s: 0 of 20 other inputs
+    done in 120 s. Now the exchange is checked on a channel of its own: that input
+    fails alone, and the others publish on."""
+    proc = DispatcherProcess(tmp_path, config(("in", 10, 10), queues=("in", "out")),
+                             broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("in", order("poison", ["no-such-exchange", "k", None, "x"]))
+        good = [f"good{i}" for i in range(20)]
+        for id_ in good:
+            broker.publish("in", order(id_, ["", "out", None, id_], sleep=0.05))
+        wait_until(lambda: finished(proc, *good), timeout=15,
+                   what="the other inputs handled while one keeps failing")
+        for id_ in good:
+            assert calls(proc, id_) == [{"id": id_, "redelivered": False, "outcome": "ok"}]
+        assert broker.counts("out") == (20, 0)
+        assert all(c["outcome"].startswith("PublishError: exchange 'no-such-exchange' does "
+                                           "not exist") for c in calls(proc, "poison"))
+        assert "the broker closed the publishing channel" not in proc.output
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_retry_moves_are_not_failed_by_another_consumes_publish(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    """Before: the retry policy's moves shared amqp.publish's channel. Input x fails and
+    its move to the delay queue is written; 3 ms later input y publishes to an exchange
+    deleted since it was checked, and the broker closes that channel before confirming
+    the move it had routed: x was requeued AND its copy waited in the delay queue, so x
+    was handled twice (3 of 4 pairs). Now the moves have a channel of their own."""
+    pairs = 4
+    for i in range(pairs):
+        broker.channel.exchange_declare(f"gone{i}", "fanout")
+    text = ("queues:\n  - queue: in\n  - queue: out\nconsumers:\n"
+            "  - consumer: publishers:Publisher\n    queue: in\n    consumer_count: 10\n"
+            "    prefetch_count: 10\n"
+            "    retry: {max_attempts: 3, delay: 0.5, backoff: 1, dead_letter_queue: dlq}\n")
+    proc = DispatcherProcess(tmp_path, text, broker.url)
+    try:
+        proc.wait_consuming()
+        for i in range(pairs):  # the dispatcher checks each exchange, and remembers it
+            broker.publish("in", order(f"warm{i}", [f"gone{i}", "", None, "w"], once=True))
+        wait_until(lambda: finished(proc, *(f"warm{i}" for i in range(pairs))),
+                   what="the exchanges checked")
+        for i in range(pairs):
+            broker.channel.exchange_delete(f"gone{i}")
+        start = time.time() + 1.0
+        for i in range(pairs):
+            at = start + i * 1.5
+            broker.publish("in", order(f"x{i}", raise_once=True, at=at))
+            broker.publish("in", order(f"y{i}", [f"gone{i}", "", None, "y"], once=True,
+                                       at=at + 0.003))
+        ids = [f"{kind}{i}" for kind in "xy" for i in range(pairs)]
+        wait_until(lambda: finished(proc, *ids), timeout=pairs * 1.5 + 15,
+                   what="every input handled")
+        wait_until(lambda: broker.drained("in") and broker.drained("in.retry.500ms"),
+                   what="no copy left")
+        for id_ in ids:
+            outcomes = [c["outcome"] for c in calls(proc, id_)]
+            assert outcomes.count("ok") == 1 and len(outcomes) == 2, (id_, outcomes)
+        assert broker.counts("dlq") == (0, 0)
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_exchanges_are_checked_once_and_forgotten_when_deleted(broker: BrokerHandle) -> None:
+    """In-process: the first publish to an exchange checks it on a side channel (a
+    missing one raises without closing the publishing channel); a checked exchange
+    deleted later closes the channel once, is forgotten, and the channel is reopened
+    at once, since the check now guards it. Headers pika cannot encode are one line
+    naming the header."""
+    broker.channel.exchange_declare("checked", "fanout")
+    publishing = PublishingConnection(parse_url(broker.url), confirms=True, timeout=5.0)
+    publisher = publishing.publisher("test")
+
+    def scenario() -> None:
+        publisher.publish_message("checked", "", None, b"1", False, {})
+        publisher.publish_message("amq.fanout", "", None, b"1", False, {})
+        assert publishing.exchanges == {"", "checked", "amq.fanout"}
+        channel = publisher._channel
+        with pytest.raises(PublishError, match=r"^exchange 'nope' does not exist \(the broker "
+                                               r"said 404 NOT_FOUND - no exchange 'nope' in "
+                                               r"vhost '.*'\); nothing was sent$"):
+            publisher.publish_message("nope", "", None, b"1", False, {})
+        assert publisher._channel is channel and channel is not None and channel.open
+        broker.channel.exchange_delete("checked")
+        with pytest.raises(PublishError, match="the broker closed the publishing channel: "
+                                               "404 NOT_FOUND - no exchange 'checked'"):
+            publisher.publish_message("checked", "", None, b"2", False, {})
+        assert "checked" not in publishing.exchanges
+        started = time.monotonic()
+        publisher.publish_message("", "nowhere", None, b"3", False, {})
+        assert time.monotonic() - started < 0.5  # reopened without a backoff
+        with pytest.raises(PublishError, match="^exchange 'checked' does not exist"):
+            publisher.publish_message("checked", "", None, b"4", False, {})
+        for headers, where in [({"weight": 1.5}, "['weight']"),
+                               ({"a": [1, {"b": 0.5}]}, "['a'][1]['b']")]:
+            with pytest.raises(TypeError) as info:
+                publisher.publish_message("", "nowhere", headers, b"5", False, {})
+            assert str(info.value) == (f"amqp.publish: headers{where}: a float cannot be "
+                                       "sent in AMQP headers: use an int, a str or a "
+                                       "decimal.Decimal")
+        with pytest.raises(TypeError, match=r"^amqp.publish: headers\['at'\]: a datetime "
+                                            r"before 1970"):
+            publisher.publish_message("", "nowhere", {"at": datetime(1960, 1, 1)}, b"6",
+                                      False, {})
+
+    try:
+        gevent.spawn(scenario).get(timeout=60)
+    finally:
+        publishing.close()
+        broker.close()
 
 
 def test_without_confirms_publish_returns_once_written(broker: BrokerHandle,

@@ -225,6 +225,8 @@ def test_check_connects_with_the_tls_parameters(tls_node: TLSNode, pki: PKI,
     ("?verify=verify_maybe", "RABBITMQ_URL: verify: expected verify_peer or verify_none"),
     ("?cacertfile=/nonexistent/ca.pem",
      "RABBITMQ_URL: cacertfile: cannot read '/nonexistent/ca.pem': No such file or directory"),
+    ("?cacertfile=/etc/ssl/ca.pem%00x",
+     "RABBITMQ_URL: cacertfile: a file name cannot contain a NUL character (%00)"),
 ])
 def test_bad_tls_parameters_stop_the_start(tmp_path: Path, query: str, message: str) -> None:
     result = run_cli(tmp_path, "--config", "config.yml", config=CONFIG.format(queue="q"),

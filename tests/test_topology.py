@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from faultproxy import FaultProxy
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from rabbitnode import Broker
 
 
 @pytest.fixture
@@ -271,6 +272,69 @@ def test_unknown_exchange_type_is_refused_at_start(broker: BrokerHandle,
         "config.yml: exchanges[0].type: cannot declare exchange 'later' of type "
         "'x-delayed-message': broker said 503 COMMAND_INVALID - unknown exchange type "
         "'x-delayed-message' (is the plugin that provides it enabled?)")
+
+
+HASH_PLUGIN = "rabbitmq_consistent_hash_exchange"
+HASHED = ("exchanges:\n  - exchange: hashed\n    type: x-consistent-hash\n"
+          "queues:\n  - queue: work\n"
+          "consumers:\n  - consumer: testconsumers:Recorder\n    queue: work\n")
+
+
+@pytest.fixture(scope="module")
+def plugin_node() -> Iterator[Broker]:
+    """A private node (plugins are node-wide) that loaded the consistent-hash plugin: once
+    disabled, RabbitMQ calls its type "invalid", not "unknown"."""
+    node = Broker()
+    node.base.joinpath("enabled_plugins").write_text(f"[{HASH_PLUGIN}].\n")
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def test_disabled_plugin_type_is_refused_at_start(plugin_node: Broker, tmp_path: Path) -> None:
+    plugin_node.plugins("disable", HASH_PLUGIN)
+    assert start_refused(BrokerHandle(plugin_node, "/"), tmp_path, HASHED) == (
+        "config.yml: exchanges[0].type: cannot declare exchange 'hashed' of type "
+        "'x-consistent-hash': broker said 503 COMMAND_INVALID - invalid exchange type "
+        "'x-consistent-hash' (is the plugin that provides it enabled?)")
+
+
+def test_disabled_plugin_type_is_retried_alone_while_every_entry_consumes(
+        plugin_node: Broker, tmp_path: Path) -> None:
+    """Before: after a reconnect, declaring the exchange made the broker close the whole
+    connection again, so no entry ever consumed again. Now the session is opened
+    without it, and the exchange is retried on a connection of its own until its
+    plugin is back."""
+    plugin_node.plugins("enable", HASH_PLUGIN)
+    broker = BrokerHandle(plugin_node, "/")
+    proc = DispatcherProcess(tmp_path, HASHED, plugin_node.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("work", "before")
+        wait_until(lambda: proc.records() == ["before"], what="a message before")
+        plugin_node.plugins("disable", HASH_PLUGIN)
+        plugin_node.ctl("close_all_connections", "test closes every connection")
+        proc.wait_for_log("reconnected after")
+        broker.close()
+        broker.publish("work", "after")
+        wait_until(lambda: proc.records() == ["before", "after"], timeout=20,
+                   what="the entry consuming again after the reconnect")
+        proc.wait_for_log(r"config.yml: exchanges\[0\].type: cannot declare exchange "
+                          r"'hashed' .* invalid exchange type 'x-consistent-hash' \(is the "
+                          r"plugin that provides it enabled\?\); retrying in")
+        plugin_node.plugins("enable", HASH_PLUGIN)
+        # Declared at start, then by the check on a connection of its own, then in the
+        # session again (with whatever is bound to it).
+        wait_until(lambda: proc.output.count("declared exchange hashed") == 3, timeout=40,
+                   what="the exchange declared again once its plugin is back")
+        broker.publish("work", "later")
+        wait_until(lambda: proc.records() == ["before", "after", "later"],
+                   what="still consuming")
+    finally:
+        broker.close()
+        assert proc.stop() == 0, proc.output
 
 
 def test_exchange_of_another_type_is_refused_at_start(broker: BrokerHandle,

@@ -12,7 +12,7 @@ import pika.spec
 import pytest
 
 from amqpdispatcher.acks import Acknowledger
-from amqpdispatcher.broker import describe_inequivalent, is_delivery_ack_timeout
+from amqpdispatcher.broker import _connect_failure, describe_inequivalent, is_delivery_ack_timeout
 from amqpdispatcher.config import (
     Config,
     ConsumerConfig,
@@ -515,3 +515,11 @@ def test_rejects_on_a_stream_are_acks() -> None:
     acker.reject(2, requeue=False)
     acker.flush()
     assert channel.frames == [("ack", 2, True)]
+
+
+def test_a_connect_failure_without_a_message_still_says_something() -> None:
+    assert _connect_failure(pika.exceptions.AMQPConnectionError()) == (
+        "AMQPConnectionError (no reason given: the broker, or something in between, closed "
+        "the connection before the AMQP handshake finished)")
+    assert _connect_failure(ConnectionRefusedError(111, "Connection refused")) == (
+        "ConnectionRefusedError: [Errno 111] Connection refused")

@@ -180,7 +180,7 @@ BAD = [
     (CONSUMER + "exchanges: {}\n", "exchanges: expected a list, got an empty mapping"),
     (CONSUMER + "queues:\n  - queue: a\n    bindings:\n      - exchange: h\n"
      "        routing_key: ''\n        arguments: {x-match: all, day: 2024-01-01}\n",
-     "queues[0].bindings[0].arguments.day: expected a string, number, true or false, "
+     "queues[0].bindings[0].arguments.day: expected a string, integer, true or false, "
      "timestamp, list or mapping (an AMQP table value), got datetime.date(2024, 1, 1)"),
     # Queue arguments: types, ranges and allowed values.
     (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorom\n",
@@ -210,7 +210,46 @@ BAD = [
      "queues[0].arguments.x-queue-type: has a key of its own, which is checked: write "
      "queues[0].x_queue_type instead"),
     (CONSUMER + "queues:\n  - queue: a\n    arguments: {x-max-age: .nan}\n",
-     "queues[0].arguments.x-max-age: expected a finite number, got .nan"),
+     "queues[0].arguments.x-max-age: expected an integer or a string, got .nan"),
+    # pika cannot encode a float in an AMQP table (the daemon would exit 3 at declare).
+    (CONSUMER + "queues:\n  - queue: a\n    arguments: {x-weight: 1.5}\n",
+     "queues[0].arguments.x-weight: expected an integer or a string, got 1.5 (AMQP "
+     "arguments carry no fractional numbers here: give whole units, as milliseconds, or a "
+     "string)"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topic\n    arguments: {x-w: [0.5]}\n",
+     "exchanges[0].arguments.x-w[0]: expected an integer or a string, got 0.5"),
+    (CONSUMER + "queues:\n  - queue: a\n    bindings:\n      - exchange: h\n"
+     "        routing_key: ''\n        arguments: {x-match: all, ratio: 0.25}\n",
+     "queues[0].bindings[0].arguments.ratio: expected an integer or a string, got 0.25"),
+    # Timestamps AMQP cannot carry (unsigned seconds since 1970): pika's encoder fails.
+    (CONSUMER + "    stream_offset: 1960-01-01\n", "consumers[0].stream_offset: expected a "
+     "timestamp from 1970-01-01 on (AMQP's), got 1960-01-01T00:00:00"),
+    (CONSUMER + "    stream_offset: 1970-01-01T00:30:00+01:00\n",
+     "consumers[0].stream_offset: expected a timestamp from 1970-01-01 on"),
+    (CONSUMER + "queues:\n  - queue: a\n    arguments: {x-since: 1960-01-01T00:00:00Z}\n",
+     "queues[0].arguments.x-since: expected a timestamp from 1970-01-01 on (AMQP's), got "
+     "1960-01-01T00:00:00+00:00"),
+    # A date PyYAML recognises but cannot build, anywhere in the file.
+    (CONSUMER + "    stream_offset: 2024-02-30\n",
+     "line 4: '2024-02-30' is not a valid date: day is out of range for month"),
+    (CONSUMER + "    stream_offset: 2024-05-01T00:00:00+25:00\n",
+     "line 4: '2024-05-01T00:00:00+25:00' is not a valid date: a zone offset of 24 hours or "
+     "more"),
+    (CONSUMER + "queues:\n  - queue: a\n    arguments: {x-since: 2023-13-01}\n",
+     "line 6: '2023-13-01' is not a valid date: month must be in 1..12"),
+    # RabbitMQ ignores an argument whose name is not lower case.
+    (CONSUMER + "queues:\n  - queue: a\n    arguments: {X-Max-Length: 5}\n",
+     "queues[0].arguments.X-Max-Length: RabbitMQ's argument names are lower case and it "
+     "would ignore this one: write 'x-max-length'"),
+    (CONSUMER + "exchanges:\n  - exchange: e\n    type: topic\n"
+     "    arguments: {Alternate-Exchange: u}\n",
+     "exchanges[0].arguments.Alternate-Exchange: RabbitMQ's argument names are lower case"),
+    # RabbitMQ refuses to declare amq.* names (403); passive: true only checks.
+    (CONSUMER + "exchanges:\n  - exchange: amq.events\n    type: topic\n",
+     "exchanges[0].exchange: 'amq.events': RabbitMQ reserves the amq. prefix and refuses to "
+     "declare it: set passive: true to only check that it exists, or choose another name"),
+    (CONSUMER + "queues:\n  - queue: amq.work\n",
+     "queues[0].queue: 'amq.work': RabbitMQ reserves the amq. prefix"),
     # What RabbitMQ refuses to declare (checked against 3.10).
     (CONSUMER + "queues:\n  - queue: a\n    x_queue_type: quorum\n    exclusive: true\n",
      "queues[0].exclusive: a quorum queue cannot be exclusive: RabbitMQ refuses to declare "
@@ -309,6 +348,8 @@ exchanges:
         arguments: null
   - exchange: upstream
     passive: true
+  - exchange: amq.topic
+    passive: true
   - exchange: later
     type: x-delayed-message
     arguments: {x-delayed-type: direct}
@@ -320,7 +361,7 @@ queues:
     x_single_active_consumer: true
     x_delivery_limit: 0
     x_queue_leader_locator: client-local
-    arguments: {x-quorum-initial-group-size: 3, x-tags: [a, 1, {b: 2.5}]}
+    arguments: {x-quorum-initial-group-size: 3, x-tags: [a, 1, {b: "2.5"}]}
     bindings:
       - exchange: events
         routing_key: ""
@@ -334,6 +375,8 @@ queues:
     x_max_length_bytes: 100000000
     x_queue_leader_locator: balanced
   - queue: theirs
+    passive: true
+  - queue: amq.gen-theirs
     passive: true
 consumers:
   - consumer: testconsumers:Recorder
@@ -355,7 +398,19 @@ consumers:
 """
     result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
     assert result.returncode == 0, result.stderr
-    assert "config.yml: OK (3 exchange(s), 4 queue(s), 5 consumer(s))" in result.stdout
+    assert "config.yml: OK (4 exchange(s), 5 queue(s), 5 consumer(s))" in result.stdout
+
+
+def test_missing_name_is_only_missing(tmp_path: Path) -> None:
+    """A name is not a list: no "(at least one entry is required)" after it."""
+    text = (CONSUMER + "exchanges:\n  - type: topic\nqueues:\n  - durable: true\n"
+            "  - queue: b\n    bindings:\n      - routing_key: k\n")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
+    assert result.returncode == 1
+    assert sorted(result.stderr.splitlines()) == [
+        "config.yml: exchanges[0].exchange: required key is missing",
+        "config.yml: queues[0].queue: required key is missing",
+        "config.yml: queues[1].bindings[0].exchange: required key is missing"]
 
 
 def test_retry_policy_validates_and_time_limits_warn(tmp_path: Path) -> None:

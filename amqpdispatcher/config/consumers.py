@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any
 
-from .keys import _MAX_LONG, _MIN_LONG, _Checker, _Key
+from .keys import _MAX_LONG, _MIN_LONG, _Checker, _Key, timestamp_problem
 from .queues import QueueConfig
 
 
@@ -131,6 +131,10 @@ def parse_consumers(checker: _Checker, entries: list[Any],
             retry = _parse_retry(checker, checked.pop("retry"), f"{key_path}.retry")
             if retry is None:
                 continue
+        offset = checked.get("stream_offset")
+        if isinstance(offset, date) and timestamp_problem(offset):
+            checker.problem(f"{key_path}.stream_offset", str(timestamp_problem(offset)))
+            continue
         declared = next((q for q in queues if q.queue == checked["queue"]), None)
         stream = "stream_offset" in checked or (
             declared is not None and declared.x_queue_type == "stream")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .keys import _Checker, _Key
-from .queues import BINDING_KEYS, Binding, parse_bindings
+from .queues import BINDING_KEYS, Binding, _reserved_name, parse_bindings
 
 BUILT_IN_TYPES = ("direct", "topic", "fanout", "headers")
 
@@ -55,7 +55,8 @@ def parse_exchanges(checker: _Checker, entries: list[Any]) -> list[ExchangeConfi
             continue
         bindings = parse_bindings(checker, checked.pop("bindings", []), key_path)
         arguments = checked.pop("arguments", {})
-        checker.table(arguments, f"{key_path}.arguments")
+        checker.table(arguments, f"{key_path}.arguments", broker_names=True)
+        _reserved_name(checker, checked, "exchange", key_path)
         _check_type(checker, checked, key_path)
         exchanges.append(ExchangeConfig(**checked, arguments=arguments,
                                         bindings=tuple(bindings), path=key_path))

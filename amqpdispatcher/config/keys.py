@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 import yaml
@@ -65,8 +65,25 @@ _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float:
                list: "a list", dict: "a mapping"}
 
 # AMQP table values (queue, exchange, binding and consume arguments): a signed 64-bit
-# integer at most, and the types pika can encode.
+# integer at most, and the types pika can encode (pika/data.py encode_value: no float).
 _MIN_LONG, _MAX_LONG = -2**63, 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def timestamp_problem(value: date) -> str | None:
+    """What keeps a YAML date or date-time from being sent as an AMQP timestamp, an
+    unsigned number of seconds since 1970 (pika's encoder fails on an earlier one),
+    or None. A date is its midnight, and a date-time without a zone is UTC."""
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    try:
+        utc = value.astimezone(timezone.utc) if value.tzinfo else value.replace(
+            tzinfo=timezone.utc)
+    except OverflowError:
+        utc = None
+    if utc is None or utc < _EPOCH:
+        return f"expected a timestamp from 1970-01-01 on (AMQP's), got {value.isoformat()}"
+    return None
 
 
 def _describe(value: Any) -> str:
@@ -114,7 +131,7 @@ class _Checker:
                 result[name] = raw
         for name, spec in keys.items():
             if spec.required and name not in value:
-                more = " (at least one entry is required)" if spec.non_empty else ""
+                more = " (at least one entry is required)" if list in spec.types else ""
                 self.problem(f"{prefix}{name}", f"required key is missing{more}")
             elif name not in result and spec.default is not None:
                 result.setdefault(name, spec.default)
@@ -160,9 +177,12 @@ class _Checker:
         return None
 
 
-    def table(self, value: dict[Any, Any], key_path: str) -> bool:
+    def table(self, value: dict[Any, Any], key_path: str, broker_names: bool = False) -> bool:
         """Check an ``arguments`` mapping, sent as an AMQP table: every key a string,
-        every value one that AMQP carries. Whether any problem was found."""
+        every value one that AMQP carries. ``broker_names``: a queue's or exchange's
+        arguments, read by the broker, whose names are lower case (it ignores
+        ``X-Max-Length``); a binding's may match headers of any case. Whether any
+        problem was found."""
         before = len(self.problems)
         for name, item in value.items():
             if not isinstance(name, str) or not name:
@@ -171,26 +191,35 @@ class _Checker:
             elif len(name.encode("utf-8")) > 255:
                 self.problem(f"{key_path}.{name[:20]}...", "expected an argument name of at "
                              "most 255 bytes")
+            elif broker_names and name != name.lower() and (
+                    name.lower().startswith("x-") or name.lower() == "alternate-exchange"):
+                self.problem(f"{key_path}.{name}", "RabbitMQ's argument names are lower case "
+                             f"and it would ignore this one: write {name.lower()!r}")
             else:
                 self._table_value(item, f"{key_path}.{name}")
         return len(self.problems) > before
 
     def _table_value(self, value: Any, key_path: str) -> None:
-        if isinstance(value, bool) or value is None or isinstance(value, (str, datetime)):
+        if isinstance(value, bool) or value is None or isinstance(value, str):
             return
-        if isinstance(value, int):
+        if isinstance(value, datetime):
+            problem = timestamp_problem(value)
+            if problem:
+                self.problem(key_path, problem)
+        elif isinstance(value, int):
             if not _MIN_LONG <= value <= _MAX_LONG:
                 self.problem(key_path, f"expected a 64-bit signed integer, got {value}")
         elif isinstance(value, float):
-            if not math.isfinite(value):
-                self.problem(key_path, f"expected a finite number, got {_describe(value)}")
+            self.problem(key_path, "expected an integer or a string, got "
+                         f"{_describe(value)} (AMQP arguments carry no fractional numbers "
+                         "here: give whole units, as milliseconds, or a string)")
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 self._table_value(item, f"{key_path}[{i}]")
         elif isinstance(value, dict):
             self.table(value, key_path)
         else:  # a YAML date without a time, a set, binary ...
-            self.problem(key_path, "expected a string, number, true or false, timestamp, "
+            self.problem(key_path, "expected a string, integer, true or false, timestamp, "
                          f"list or mapping (an AMQP table value), got {value!r}")
 
 
@@ -198,6 +227,12 @@ class _DuplicateKeyError(yaml.YAMLError):
     def __init__(self, key: Any, line: int) -> None:
         super().__init__(f"line {line}: duplicate key {key!r}")
         self.key = key
+        self.line = line
+
+
+class _BadTimestamp(yaml.YAMLError):
+    def __init__(self, value: str, reason: str, line: int) -> None:
+        super().__init__(f"line {line}: {value!r} is not a valid date: {reason}")
         self.line = line
 
 
@@ -230,6 +265,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 seen.add(key)
         super().flatten_mapping(node)
 
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        # PyYAML matches 2024-02-30 or a +25:00 zone as a timestamp, then datetime
+        # raises ValueError, which is no YAMLError: make it one, with its line.
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError) as exc:
+            reason = ("a zone offset of 24 hours or more" if "offset" in str(exc)
+                      else str(exc))
+            raise _BadTimestamp(node.value, reason, node.start_mark.line + 1) from None
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp",
+                                 _UniqueKeyLoader.construct_yaml_timestamp)
+
 
 def _read_yaml(path: str) -> Any:
     try:
@@ -249,6 +298,8 @@ def _read_yaml(path: str) -> Any:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except _DuplicateKeyError as exc:
         raise ConfigError([f"{path}: line {exc.line}: duplicate key {exc.key!r}"]) from None
+    except _BadTimestamp as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

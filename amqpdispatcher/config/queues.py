@@ -128,7 +128,8 @@ def parse_queues(checker: _Checker, entries: list[Any]) -> list[QueueConfig]:
             continue
         bindings = parse_bindings(checker, checked.pop("bindings", []), key_path)
         extra = checked.pop("arguments", {})
-        checker.table(extra, f"{key_path}.arguments")
+        checker.table(extra, f"{key_path}.arguments", broker_names=True)
+        _reserved_name(checker, checked, "queue", key_path)
         _check_named_twice(checker, checked, extra, key_path)
         check_queue_type(checker, checked, key_path)
         queues.append(QueueConfig(**checked, extra_arguments=extra, bindings=tuple(bindings),
@@ -147,6 +148,16 @@ def parse_bindings(checker: _Checker, entries: list[Any], key_path: str) -> list
         if not checker.table(binding.get("arguments", {}), f"{path}.arguments"):
             bindings.append(Binding(**binding))
     return bindings
+
+
+def _reserved_name(checker: _Checker, checked: dict[str, Any], kind: str, key_path: str) -> None:
+    """RabbitMQ refuses to declare a queue or exchange named amq.* (403); only checking
+    that one exists (passive) is allowed."""
+    name = checked[kind]
+    if name.startswith("amq.") and not checked.get("passive"):
+        checker.problem(f"{key_path}.{kind}", f"{name!r}: RabbitMQ reserves the amq. prefix "
+                        "and refuses to declare it: set passive: true to only check that it "
+                        "exists, or choose another name")
 
 
 def _check_named_twice(checker: _Checker, checked: dict[str, Any], extra: dict[str, Any],

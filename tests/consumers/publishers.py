@@ -29,8 +29,10 @@ class Publisher:
     arguments; without ``publish`` nothing is published. ``once``: publish only on
     the first delivery of this id. ``gate``: first wait until a file of that name
     exists in $GATE_DIR.
-    ``sleep``: then wait this long. A publish that raises is recorded, and the
-    exception goes on: the input message is a failure.
+    ``sleep``: then wait this long. ``at``: then wait until this time.time().
+    ``raise_once``: on the first delivery of this id, raise ValueError instead of
+    publishing. A publish that raises is recorded, and the exception goes on: the
+    input message is a failure.
     """
 
     seen = set()
@@ -45,6 +47,11 @@ class Publisher:
                 gevent.sleep(0.02)
         if order.get("sleep"):
             gevent.sleep(order["sleep"])
+        if order.get("at"):
+            gevent.sleep(max(0.0, order["at"] - time.time()))
+        if order.get("raise_once") and first:
+            record(id=order["id"], redelivered=redelivered, outcome="raised")
+            raise ValueError(f"{order['id']} fails once")
         if "publish" in order and (first or not order.get("once")):
             started = time.monotonic()
             try:
