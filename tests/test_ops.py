@@ -378,7 +378,30 @@ BEYOND_SCHEMA = {
     "drain_timeout: expected a finite number, got .nan",
     "drain_timeout: expected a finite number, got .inf",
     "reconnect_give_up_after: expected a finite number, got .inf",
-    "queues[0].arguments.x-max-age: expected a finite number, got .nan",
+    # Inside free-form arguments tables, YAML dates, and AMQP's own limits (fix9).
+    'queues[0].bindings[0].arguments.day: expected a string, integer, true or false, '
+    'timestamp, list or mapping (an AMQP table value), got datetime.date(2024, 1, 1)',
+    'queues[0].arguments.x-max-age: expected an integer or a string, got .nan',
+    'queues[0].arguments.x-weight: expected an integer or a string, got 1.5 (AMQP arg'
+    'uments carry no fractional numbers here: give whole units, as milliseconds, or a'
+    ' string)',
+    'exchanges[0].arguments.x-w[0]: expected an integer or a string, got 0.5',
+    'queues[0].bindings[0].arguments.ratio: expected an integer or a string, got 0.25',
+    "consumers[0].stream_offset: expected a timestamp from 1970-01-01 on (AMQP's), go"
+    't 1960-01-01T00:00:00',
+    'consumers[0].stream_offset: expected a timestamp from 1970-01-01 on',
+    "queues[0].arguments.x-since: expected a timestamp from 1970-01-01 on (AMQP's), g"
+    'ot 1960-01-01T00:00:00+00:00',
+    "line 4: '2024-02-30' is not a valid date: day is out of range for month",
+    "line 4: '2024-05-01T00:00:00+25:00' is not a valid date: a zone offset of 24 hours or more",
+    "line 6: '2023-13-01' is not a valid date: month must be in 1..12",
+    "queues[0].arguments.X-Max-Length: RabbitMQ's argument names are lower case and i"
+    "t would ignore this one: write 'x-max-length'",
+    "exchanges[0].arguments.Alternate-Exchange: RabbitMQ's argument names are lower case",
+    "exchanges[0].exchange: 'amq.events': RabbitMQ reserves the amq. prefix and refus"
+    'es to declare it: set passive: true to only check that it exists, or choose anot'
+    'her name',
+    "queues[0].queue: 'amq.work': RabbitMQ reserves the amq. prefix",
     # 128 characters, but 256 bytes of UTF-8.
     "queues[0].bindings[0].routing_key: expected at most 255 bytes (an AMQP name), got 256",
     # Across keys and entries.
