@@ -38,8 +38,8 @@ from .dispatcher import EXIT_DRAIN_TIMEOUT
 
 log = logging.getLogger("amqp-dispatcher")
 
-# A stop takes at most drain_timeout plus about 5 s (the closes wait CLOSE_TIMEOUT,
-# stuck greenlets KILL_TIMEOUT); past this much more, the watchdog ends the process.
+# A stop takes at most drain_timeout plus about 5 s (CLOSE_TIMEOUT for the closes,
+# KILL_TIMEOUT for stuck greenlets): the watchdog gives it drain_timeout + this.
 WATCHDOG_MARGIN = 10.0
 
 # The blocking originals, should the consumer code monkey patch after the watchdog
