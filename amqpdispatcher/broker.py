@@ -297,9 +297,7 @@ def _declare_exchange(sync: SyncChannel, config: Config, exchange: ExchangeConfi
                   durable=exchange.durable, auto_delete=exchange.auto_delete,
                   internal=exchange.internal, arguments=exchange.arguments or None)
     except BrokerError as exc:
-        reason = sync.close_reason
-        if isinstance(reason, pika.exceptions.ConnectionClosedByBroker) \
-                and reason.reply_code == 503 and _REFUSED_TYPE.search(reason.reply_text):
+        if is_refused_exchange_type(sync.close_reason):
             # The broker closes the whole connection over it; a config error all the same.
             raise TopologyError(f"{config.path}: {exchange.path}.type: {what}: broker said "
                                 f"{exc} (is the plugin that provides it enabled?)",
@@ -307,6 +305,13 @@ def _declare_exchange(sync: SyncChannel, config: Config, exchange: ExchangeConfi
         raise config_error(exc, f"{config.path}: {exchange.path}: {what}",
                            config.path, exchange) from None
     log.info("declared exchange %s (%s)", exchange.exchange, exchange.type or "passive")
+
+
+def is_refused_exchange_type(reason: Any) -> bool:
+    """Whether the broker closed the connection over an exchange type it does not know
+    (a plugin's, never enabled or disabled since)."""
+    return (isinstance(reason, pika.exceptions.ConnectionClosedByBroker)
+            and reason.reply_code == 503 and bool(_REFUSED_TYPE.search(reason.reply_text)))
 
 
 def _bind_exchange(sync: SyncChannel, config: Config, exchange: ExchangeConfig) -> None:

@@ -61,7 +61,6 @@ from typing import Any
 
 import gevent.event
 import pika
-import pika.exceptions
 
 from .broker import (
     RPC_TIMEOUT,
@@ -70,6 +69,7 @@ from .broker import (
     connect,
     describe_close,
     describe_inequivalent,
+    is_refused_exchange_type,
 )
 from .config import Binding, Config, ConsumerConfig, ExchangeConfig, QueueConfig
 from .publisher import ConfirmChannel, PublishError, PublishReturned
@@ -104,11 +104,6 @@ def check(config: Config, settings: Settings) -> int:
           f"({exchanges}{len(config.queues)} queue(s), {bindings} binding(s), "
           f"{len(config.consumers)} consumer(s))")
     return 0
-
-
-def _unknown_exchange_type(reason: Any) -> bool:
-    return (isinstance(reason, pika.exceptions.ConnectionClosedByBroker)
-            and reason.reply_code == 503 and "unknown exchange type" in reason.reply_text)
 
 
 class Preflight:
@@ -180,7 +175,7 @@ class Preflight:
             return sync.call(getattr(sync.channel, method), **kwargs), None
         except BrokerError as exc:
             self._sync = None  # closed: the next request opens another
-            if _unknown_exchange_type(sync.close_reason):
+            if is_refused_exchange_type(sync.close_reason):
                 self.connection = connect(self.settings)
             elif not exc.channel_only:
                 raise

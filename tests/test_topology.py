@@ -301,6 +301,20 @@ def test_disabled_plugin_type_is_refused_at_start(plugin_node: Broker, tmp_path:
         "'x-consistent-hash' (is the plugin that provides it enabled?)")
 
 
+def test_check_reports_a_disabled_plugin_type_and_goes_on(plugin_node: Broker,
+                                                         tmp_path: Path) -> None:
+    """--check: the broker closes the connection over the type; the line names it, and
+    the rest is checked on a new connection (the queue, the consumer: nothing to say)."""
+    plugin_node.plugins("disable", HASH_PLUGIN)
+    result = run_cli(tmp_path, "--check", "--config", "config.yml", config=HASHED,
+                     env={"RABBITMQ_URL": plugin_node.url})
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines() == [
+        "config.yml: exchanges[0].type: exchange type 'x-consistent-hash' is unknown to the "
+        "broker (is the plugin that provides it enabled?): broker said 503 COMMAND_INVALID - "
+        "invalid exchange type 'x-consistent-hash'"]
+
+
 def test_disabled_plugin_type_is_retried_alone_while_every_entry_consumes(
         plugin_node: Broker, tmp_path: Path) -> None:
     """Before: after a reconnect, declaring the exchange made the broker close the whole
