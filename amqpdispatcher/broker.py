@@ -154,6 +154,21 @@ def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> Gev
                       f"{len(failures)} host(s) tried, last error: {failures[-1]}")
 
 
+def close_connection(connection: Any, timeout: float) -> None:
+    """Close a connection (one already closing is only waited for), waiting at most
+    ``timeout`` for the broker's answer."""
+    if connection is None or connection.is_closed:
+        return
+    closed = gevent.event.Event()
+    connection.add_on_close_callback(lambda *_: closed.set())
+    if not connection.is_closing:
+        try:
+            connection.close()
+        except pika.exceptions.AMQPError:
+            return  # closed in the same read
+    closed.wait(timeout=timeout)
+
+
 def release_connection(connection: GeventConnection, *_: Any) -> None:
     """Close the pipe of a closed (or never opened) connection's I/O loop.
 

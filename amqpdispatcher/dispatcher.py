@@ -47,6 +47,7 @@ from .broker import (
     Declared,
     SyncChannel,
     TopologyError,
+    close_connection,
     config_error,
     connect,
     declare_topology,
@@ -661,13 +662,4 @@ class Dispatcher:
     def _close_connection(self) -> None:
         """Close the consuming connection, waiting at most CLOSE_TIMEOUT for the broker."""
         connection, self.connection = self.connection, None
-        if connection is None or connection.is_closed:
-            return
-        closed = gevent.event.Event()
-        connection.add_on_close_callback(lambda *_: closed.set())
-        if not connection.is_closing:
-            try:
-                connection.close()
-            except pika.exceptions.AMQPError:
-                return  # closed in the same read
-        closed.wait(timeout=CLOSE_TIMEOUT)
+        close_connection(connection, CLOSE_TIMEOUT)

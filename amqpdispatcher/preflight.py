@@ -59,13 +59,13 @@ import time
 import uuid
 from typing import Any
 
-import gevent.event
 import pika
 
 from .broker import (
     RPC_TIMEOUT,
     BrokerError,
     SyncChannel,
+    close_connection,
     connect,
     describe_close,
     describe_inequivalent,
@@ -143,12 +143,7 @@ class Preflight:
         return self.findings
 
     def _close(self) -> None:
-        if not self.connection.is_open:
-            return
-        closed = gevent.event.Event()
-        self.connection.add_on_close_callback(lambda *_: closed.set())
-        self.connection.close()
-        closed.wait(CLOSE_TIMEOUT)
+        close_connection(self.connection, CLOSE_TIMEOUT)
 
     def _found(self, key_path: str, message: str, reason: Any = None) -> None:
         said = f": broker said {describe_close(reason)}" if reason is not None else ""

@@ -67,6 +67,7 @@ from .broker import (
     STABLE_SESSION,
     BrokerError,
     SyncChannel,
+    close_connection,
     connect,
     describe_close,
 )
@@ -659,13 +660,4 @@ class PublishingConnection:
         if keeper is not None:
             keeper.kill()
         self.usable.clear()
-        if connection is None or connection.is_closed:
-            return
-        closed = gevent.event.Event()
-        connection.add_on_close_callback(lambda *_: closed.set())
-        if not connection.is_closing:
-            try:
-                connection.close()
-            except pika.exceptions.AMQPError:
-                return  # closed in the same read
-        closed.wait(timeout=CLOSE_TIMEOUT)
+        close_connection(connection, CLOSE_TIMEOUT)
