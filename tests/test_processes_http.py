@@ -16,33 +16,24 @@ from pathlib import Path
 import pika
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import Broker, free_port
-from test_metrics import CONSUMER, expected_from, get, observed, ready, scrape, value
+from test_metrics import (
+    CONSUMER,
+    METRICS_CONFIG,
+    expected_from,
+    get,
+    observed,
+    ready,
+    scrape,
+    value,
+)
 from test_processes import workers
 from test_reload import config as reload_config
 from test_reload import reloadable
 
 from amqpdispatcher.arbiter_http import Totals, parse
 
-CONFIG = """
-http:
-  port: {port}
-stats_interval: 0
-queues:
-  - queue: plain
-  - queue: retried
-consumers:
-  - consumer: testconsumers:Outcomes
-    queue: plain
-    consumer_count: 3
-    prefetch_count: 10
-  - consumer: testconsumers:Outcomes
-    queue: retried
-    consumer_count: 2
-    retry:
-      max_attempts: 2
-      delay: 0.1
-      dead_letter_queue: retried.dead
-"""
+# The same two entries as the single-process metrics test.
+CONFIG = METRICS_CONFIG
 
 
 def readyz(port: int) -> tuple[int, dict]:
