@@ -165,7 +165,8 @@ def setup_logging(environ: Mapping[str, str] = os.environ) -> None:
 # is replaced by "***" as a whole token: not where a letter or digit continues it on
 # either side ("hunter2" is left alone inside "hunter22"), so a password that is also a
 # word only disappears where it stands alone. A backslash escape before it (the repr of
-# b"\x00user\x00password") ends a token. Its percent-encoded form is replaced too.
+# b"\x00user\x00password") ends a token. Its percent-encoded form, and the forms repr()
+# and JSON give it (a backslash or quote escaped), are replaced too.
 
 MIN_SECRET_LENGTH = 4
 NOT_SECRET = frozenset({"guest"})
@@ -184,9 +185,27 @@ def _token_pattern(text: str) -> str:
     return before + re.escape(text) + after
 
 
+def _escaped_forms(password: str) -> set[str]:
+    """The ways the password appears when a str or bytes holding it is printed: as is,
+    percent-encoded (a URL), inside repr() or ascii() of a str or bytes (either quote;
+    a backslash doubled), and inside JSON (a backslash or quote escaped, non-ASCII as
+    \\uXXXX or not). Logging ``{"RABBITMQ_URL": url}`` prints the repr."""
+    plain = {password, quote(password, safe=""), quote(password)}
+    escaped = set()
+    for text in plain:
+        escaped.add(repr(text)[1:-1])
+        escaped.add(ascii(text)[1:-1])
+        escaped.add(repr(text.encode("utf-8"))[2:-1])
+        escaped.add(json.dumps(text)[1:-1])
+        escaped.add(json.dumps(text, ensure_ascii=False)[1:-1])
+        backslashed = text.replace("\\", "\\\\")
+        escaped.add(backslashed.replace("'", "\\'"))  # repr's form with the other quote
+        escaped.add(backslashed.replace('"', '\\"'))
+    return plain | escaped
+
+
 def _compile(passwords: tuple[str, ...]) -> re.Pattern[str] | None:
-    forms = {form for password in passwords
-             for form in (password, quote(password, safe=""), quote(password))}
+    forms = {form for password in passwords for form in _escaped_forms(password)}
     if not forms:
         return None
     # Longest first, so a form that contains another is replaced whole.

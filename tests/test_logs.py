@@ -138,6 +138,24 @@ def test_escaped_and_percent_encoded_forms_are_redacted(logger: logging.Logger) 
     assert text == "b'\\x00user\\x00***'\namqp://user:***@host/ and ***\n"
 
 
+@pytest.mark.parametrize("password", ["back\\slash-pw", "quo'te\"pw\\", "unicodé-pw\\x", "tab\tpw"])
+def test_repr_and_json_forms_of_a_password_are_redacted(logger: logging.Logger,
+                                                           password: str) -> None:
+    """A backslash, a quote or a non-ASCII letter is escaped by repr() and by JSON, so
+    the password's own text no longer appears where a dict or bytes holding it is logged."""
+    logs.redact_password(password)
+    url = f"amqp://user:{password}@host/"
+    out = capture(logger, "%(message)s")
+    logger.info("%r", {"RABBITMQ_URL": url})
+    logger.info("%s", ascii(url))
+    logger.info("%r", url.encode("utf-8"))
+    logger.info("%s", json.dumps({"url": url}))
+    logger.info("%s", json.dumps({"url": url}, ensure_ascii=False))
+    text = out.getvalue()
+    assert text.count("***") == 5, text
+    assert "user:***@host" in text
+
+
 def test_redact_password_is_idempotent(logger: logging.Logger) -> None:
     logs.redact_password(SECRET)
     wrapped = logging.Handler.format
