@@ -33,6 +33,7 @@ import os
 import shutil
 import socket
 import socketserver
+import sys
 import tempfile
 import threading
 import time
@@ -50,7 +51,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .config import HttpConfig
-from .http import CONNECTION_TIMEOUT, MAX_CONNECTIONS, listen_error, make_app
+from .http import ClientErrors, Connections, listen_error, make_app
 
 log = logging.getLogger("amqp-dispatcher.http")
 
@@ -326,32 +327,34 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """A thread per connection, at most MAX_CONNECTIONS at once (more wait in the
-    listen backlog), each closed after CONNECTION_TIMEOUT of silence (the handler's
-    ``timeout``): as the workers' server (http.py), so that idle connections neither
-    keep the probes out nor pile up threads."""
+    """A thread per connection, within the limits of the workers' server (http.py:
+    Connections): so that slow or idle connections neither keep the probes out nor
+    pile up threads. Accepting never waits for a slot: ``shutdown`` (the arbiter's
+    exit) stops the loop within its poll interval, whatever the clients do."""
 
     daemon_threads = True  # a request in progress does not hold the arbiter's exit
     allow_reuse_port = False  # a port in use is an error, as with gevent's server
 
     def __init__(self, address: tuple[str, int], family: int) -> None:
         self.address_family = family
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.connections = Connections(ClientErrors())
         super().__init__(address, _QuietHandler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.slots.acquire()
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.connections.admit(request)  # False: closed unanswered
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.remove(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)  # a bug: its traceback
+        # else the client went away (or was closed, Connections): not worth a traceback
+
+    def service_actions(self) -> None:
+        # Called by serve_forever at least every poll interval (0.5 s).
+        self.connections.expire()
 
     def server_bind(self) -> None:
         # Not HTTPServer's, which looks the host's name up (socket.getfqdn) and can
@@ -363,7 +366,11 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = CONNECTION_TIMEOUT
+    server: _Server
+
+    def parse_request(self) -> bool:
+        # The request is read: answer it unless the connection was closed meanwhile.
+        return super().parse_request() and self.server.connections.answer(self.request)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass  # no access log: a scrape a second would drown everything else

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -19,9 +20,12 @@ from rabbitnode import Broker, free_port
 from test_metrics import (
     CONSUMER,
     METRICS_CONFIG,
+    PROBE_CONFIG,
+    Tricklers,
     expected_from,
     get,
     observed,
+    probe_failures,
     ready,
     scrape,
     value,
@@ -202,6 +206,53 @@ def test_a_wedged_worker_is_named_alone_under_concurrent_probes(broker: BrokerHa
         assert all(status == 503 for status, _ in bodies)
     finally:
         release.touch()
+        proc.stop()
+
+
+def test_arbiter_probes_answer_while_slow_clients_hold_every_connection(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    # As test_probes_answer_while_slow_clients_hold_every_connection, on the arbiter's
+    # own server (threads).
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url,
+                             args=("--processes", "2"))
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        with Tricklers(port) as tricklers:
+            wait_until(tricklers.all_connected, what="the slow clients connected")
+            assert probe_failures(port, 12) == []
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert "Traceback" not in proc.output
+
+
+def accepted(pid: int, port: int) -> int:
+    """How many connections to ``port`` process ``pid`` has accepted (and not closed)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(f"pid={pid}," in line for line in out.splitlines())
+
+
+def test_arbiter_exits_promptly_while_slow_clients_hold_its_endpoint(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    # The arbiter's server once waited for a free slot before accepting, and its stop
+    # waited for that: with slow clients holding every slot, the workers exited 0 and
+    # the arbiter never did.
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url,
+                             args=("--processes", "2"))
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        with Tricklers(port) as tricklers:
+            wait_until(tricklers.all_connected, what="the slow clients connected")
+            wait_until(lambda: accepted(proc.process.pid, port) >= 64,
+                       what="the arbiter holding 64 connections")
+            proc.signal(signal.SIGTERM)
+            wait_until(lambda: len(re.findall(r"worker \d/2 \(pid \d+\) exited with "
+                                              r"status 0", proc.output)) == 2,
+                       what="both workers to exit 0")
+            assert proc.wait(timeout=5) == 0, proc.output
+    finally:
         proc.stop()
 
 
