@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -386,6 +388,34 @@ def fake_worker(made: list[Worker], consuming: bool) -> tuple[Worker, socket.soc
     worker = Worker(1, 1, process, ours, time.monotonic(), "", started=True, consuming=consuming)
     made.append(worker)
     return worker, theirs
+
+
+def test_arbiter_reads_a_link_at_a_file_descriptor_above_1023(tmp_path: Path) -> None:
+    """select.select refuses a descriptor >= 1024 (ValueError): a worker spawned while
+    the arbiter had many files open (its endpoint's connections) once got such a link,
+    and the arbiter exited 70, taking every worker down."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}")
+    (tmp_path / "config.yml").write_text(RECORDER)
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    made: list[Worker] = []
+    worker, their_end = fake_worker(made, consuming=False)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    try:
+        high = fcntl.fcntl(worker.link.fileno(), fcntl.F_DUPFD_CLOEXEC, 1024)
+        worker.link.close()
+        worker.link = socket.socket(fileno=high)
+        arbiter.workers, arbiter.serving = [worker], {1: worker}
+        their_end.send(b"started\nconsuming\n")
+        arbiter._read_links(5)
+        assert worker.started and worker.consuming
+    finally:
+        for worker in made:
+            worker.process.kill()
+            worker.process.wait()
+            worker.link.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_new_set_consuming_during_a_stop_hands_nothing_over(
