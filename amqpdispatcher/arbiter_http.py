@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import socketserver
@@ -68,6 +69,12 @@ RENAMED = {
     "process_resident_memory_bytes": ("amqp_dispatcher_workers_resident_memory_bytes",
                                       "Resident memory of the worker processes, added up"),
 }
+# The directory of the workers' sockets: DIRECTORY_PREFIX, the arbiter's pid, "-" and
+# mkdtemp's random letters. The pid tells the next arbiter which directories an arbiter
+# killed by SIGKILL left behind (_remove_stale_directories).
+DIRECTORY_PREFIX = "amqp-dispatcher-"
+STALE_DIRECTORY = re.compile(re.escape(DIRECTORY_PREFIX) + r"([1-9][0-9]{0,8})-[a-z0-9_]+")
+
 # Families whose samples only ever grow in one worker's life.
 CUMULATIVE = ("counter", "histogram", "summary")
 
@@ -200,8 +207,11 @@ class ArbiterEndpoint(Collector):
         except OSError as exc:  # socket.gaierror included: an address that does not resolve
             raise listen_error(exc, self.config, self.config_path) from None
         self.server.set_app(self.app)
+        parent = tempfile.gettempdir()
+        _remove_stale_directories(parent)
         # Only this user can enter it, and so reach the workers' sockets.
-        self.directory = tempfile.mkdtemp(prefix="amqp-dispatcher-")
+        self.directory = tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-",
+                                          dir=parent)
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
         log.info("serving /metrics, /healthz and /readyz of the %d workers on "
                  "http://%s:%d/", self.processes, self.server.server_name,
@@ -296,6 +306,38 @@ class ArbiterEndpoint(Collector):
             thread.join(max(0.0, deadline - time.monotonic()))
         late = f"did not answer within {WORKER_TIMEOUT:g}s"
         return {view.socket: answers.get(view.socket, late) for view in workers}
+
+
+def _remove_stale_directories(parent: str) -> None:
+    """Remove the socket directories that arbiters now gone left in ``parent`` (one
+    killed by SIGKILL cannot remove its own): only those named as ours, with the pid
+    of no process, that are directories (not symlinks) of this user."""
+    for entry in os.scandir(parent):
+        match = STALE_DIRECTORY.fullmatch(entry.name)
+        try:
+            if match is None or not entry.is_dir(follow_symlinks=False) \
+                    or entry.stat(follow_symlinks=False).st_uid != os.getuid() \
+                    or _running(int(match[1])):
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        # rmtree follows no symlink within, nor one swapped in for the entry meanwhile.
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("removed %s, left behind by an arbiter that is gone", entry.path)
+
+
+def _running(pid: int) -> bool:
+    """Whether another process has this pid. This process has not made its directory
+    yet: one with its pid was left by an earlier one (a container started again)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
 
 
 def _get(socket_path: str, path: str) -> Answer:

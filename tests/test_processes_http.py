@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from test_metrics import (
     scrape,
     value,
 )
-from test_processes import workers
+from test_processes import gone, workers
 from test_reload import config as reload_config
 from test_reload import reloadable
 
@@ -254,6 +256,54 @@ def test_arbiter_exits_promptly_while_slow_clients_hold_its_endpoint(
             assert proc.wait(timeout=5) == 0, proc.output
     finally:
         proc.stop()
+
+
+def test_a_killed_arbiters_socket_directory_is_removed_by_the_next(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    # The directory of the workers' sockets was left in the temporary directory, with
+    # its sockets, by every arbiter killed with SIGKILL.
+    temp = Path(tempfile.mkdtemp(prefix="ad-"))  # short: a socket's path has 108 bytes
+    env = {"TMPDIR": str(temp)}
+    config = PROBE_CONFIG.format(port=free_port())
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = DispatcherProcess(tmp_path / "first", config, broker.url, env=env,
+                              args=("--processes", "2"))
+    second: DispatcherProcess | None = None
+    try:
+        first.wait_for_log("all 2 workers consuming")
+        stale = temp / next(p.name for p in temp.iterdir() if p.name.startswith("amqp-"))
+        first.process.kill()
+        first.process.wait()
+        pids = [found[0] for found in workers(first).values()]
+        wait_until(lambda: all(gone(pid) for pid in pids), what="the workers to drain")
+        assert stale.is_dir() and list(stale.iterdir())  # the sockets are still there
+        # Not to be touched: a live process's directory, a name without a pid, a
+        # symlink named as a dead arbiter's, and what it points to.
+        live = temp / f"amqp-dispatcher-{os.getpid()}-live"
+        live.mkdir()
+        unrelated = temp / "amqp-dispatcher-notes"
+        unrelated.mkdir()
+        target = tmp_path / "target"
+        target.mkdir()
+        (target / "keep").touch()
+        link = temp / f"amqp-dispatcher-{first.process.pid}-link"
+        link.symlink_to(target)
+
+        second = DispatcherProcess(tmp_path / "second", config, broker.url, env=env,
+                                   args=("--processes", "2"))
+        second.wait_for_log("all 2 workers consuming")
+        assert not stale.exists()
+        assert live.is_dir() and unrelated.is_dir() and link.is_symlink()
+        assert (target / "keep").exists()
+        assert second.stop() == 0, second.output
+        assert sorted(p.name for p in temp.iterdir()) == \
+            sorted(p.name for p in (live, unrelated, link))  # its own one removed
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        shutil.rmtree(temp)
 
 
 def test_port_in_use_fails_the_arbiter_in_one_line(tmp_path: Path) -> None:
