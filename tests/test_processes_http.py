@@ -367,6 +367,44 @@ def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
         assert proc.stop() == 0, proc.output
 
 
+def test_sighup_sent_to_a_worker_itself_keeps_the_arbiters_counts(broker: BrokerHandle,
+                                                                    tmp_path: Path) -> None:
+    # A SIGHUP sent to the workers rather than the arbiter once reloaded each on its own:
+    # their counters started again from zero, and the arbiter, which keeps the highest
+    # figure a live worker reported, under-counted what they had counted before.
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url,
+                             args=("--processes", "2"))
+    acks = {"queue": "probed", "consumer": CONSUMER, "outcome": "ack"}
+
+    def acked(count: int) -> bool:
+        return value(scrape(port), "amqp_dispatcher_messages_total", **acks) == count
+
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        wait_until(lambda: ready(port), what="/readyz 200")
+        for i in range(20):
+            broker.publish("probed", f"ok-a{i}")
+        wait_until(lambda: acked(20), what="20 acks")
+        pids = [found[0] for found in workers(proc).values()]
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)
+        for pid in pids:
+            proc.wait_for_log(rf"\[{pid}\] (INFO: reloaded|WARNING: received SIGHUP)")
+        for i in range(20):
+            broker.publish("probed", f"ok-b{i}")
+        wait_until(lambda: broker.drained("probed") and len(proc.records()) == 40,
+                   what="40 messages consumed")
+        wait_until(lambda: acked(40), timeout=5, what="40 acks in the arbiter's sums")
+        arbiter = proc.process.pid
+        for pid in pids:
+            assert f"[{pid}] WARNING: received SIGHUP: this is a worker of --processes: " \
+                   f"ignored; send SIGHUP to the arbiter (pid {arbiter}), which reloads " \
+                   f"every worker" in proc.output
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
 def test_sighup_in_a_single_process_keeps_the_endpoint(broker: BrokerHandle,
                                                         tmp_path: Path) -> None:
     port = free_port()
