@@ -242,9 +242,13 @@ class Arbiter:
     def _read_links(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a wake-up or a line, and read the links that have
         one."""
-        links = {w.link: w for w in self.workers if w.link_open}
-        watched: list[Any] = [self.wake_r, *links]
-        readable, _, _ = select.select(watched, [], [], timeout)
+        # poll, not select: select refuses a descriptor >= 1024, which a link gets once
+        # the arbiter has that many files open (its endpoint's connections included).
+        links = {w.link.fileno(): w for w in self.workers if w.link_open}
+        poller = select.poll()
+        for fd in (self.wake_r, *links):
+            poller.register(fd, select.POLLIN)
+        readable = [fd for fd, _ in poller.poll(timeout * 1000)]
         if self.wake_r in readable:
             while True:
                 try:
@@ -252,9 +256,9 @@ class Arbiter:
                         break
                 except BlockingIOError:
                     break
-        for link in readable:
-            if link in links:
-                self._read_link(links[link])
+        for fd in readable:
+            if fd in links:
+                self._read_link(links[fd])
 
     def _read_link(self, worker: Worker) -> None:
         try:

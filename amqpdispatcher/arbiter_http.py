@@ -30,9 +30,11 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import socketserver
+import sys
 import tempfile
 import threading
 import time
@@ -50,7 +52,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .config import HttpConfig
-from .http import CONNECTION_TIMEOUT, MAX_CONNECTIONS, listen_error, make_app
+from .http import ClientErrors, Connections, listen_error, make_app
 
 log = logging.getLogger("amqp-dispatcher.http")
 
@@ -67,6 +69,12 @@ RENAMED = {
     "process_resident_memory_bytes": ("amqp_dispatcher_workers_resident_memory_bytes",
                                       "Resident memory of the worker processes, added up"),
 }
+# The directory of the workers' sockets: DIRECTORY_PREFIX, the arbiter's pid, "-" and
+# mkdtemp's random letters. The pid tells the next arbiter which directories an arbiter
+# killed by SIGKILL left behind (_remove_stale_directories).
+DIRECTORY_PREFIX = "amqp-dispatcher-"
+STALE_DIRECTORY = re.compile(re.escape(DIRECTORY_PREFIX) + r"([1-9][0-9]{0,8})-[a-z0-9_]+")
+
 # Families whose samples only ever grow in one worker's life.
 CUMULATIVE = ("counter", "histogram", "summary")
 
@@ -199,8 +207,11 @@ class ArbiterEndpoint(Collector):
         except OSError as exc:  # socket.gaierror included: an address that does not resolve
             raise listen_error(exc, self.config, self.config_path) from None
         self.server.set_app(self.app)
+        parent = tempfile.gettempdir()
+        _remove_stale_directories(parent)
         # Only this user can enter it, and so reach the workers' sockets.
-        self.directory = tempfile.mkdtemp(prefix="amqp-dispatcher-")
+        self.directory = tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-",
+                                          dir=parent)
         threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
         log.info("serving /metrics, /healthz and /readyz of the %d workers on "
                  "http://%s:%d/", self.processes, self.server.server_name,
@@ -297,6 +308,38 @@ class ArbiterEndpoint(Collector):
         return {view.socket: answers.get(view.socket, late) for view in workers}
 
 
+def _remove_stale_directories(parent: str) -> None:
+    """Remove the socket directories that arbiters now gone left in ``parent`` (one
+    killed by SIGKILL cannot remove its own): only those named as ours, with the pid
+    of no process, that are directories (not symlinks) of this user."""
+    for entry in os.scandir(parent):
+        match = STALE_DIRECTORY.fullmatch(entry.name)
+        try:
+            if match is None or not entry.is_dir(follow_symlinks=False) \
+                    or entry.stat(follow_symlinks=False).st_uid != os.getuid() \
+                    or _running(int(match[1])):
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        # rmtree follows no symlink within, nor one swapped in for the entry meanwhile.
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("removed %s, left behind by an arbiter that is gone", entry.path)
+
+
+def _running(pid: int) -> bool:
+    """Whether another process has this pid. This process has not made its directory
+    yet: one with its pid was left by an earlier one (a container started again)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
+
+
 def _get(socket_path: str, path: str) -> Answer:
     """GET ``path`` from the endpoint on the unix socket ``socket_path``."""
     connection = _UnixConnection(socket_path)
@@ -326,32 +369,34 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """A thread per connection, at most MAX_CONNECTIONS at once (more wait in the
-    listen backlog), each closed after CONNECTION_TIMEOUT of silence (the handler's
-    ``timeout``): as the workers' server (http.py), so that idle connections neither
-    keep the probes out nor pile up threads."""
+    """A thread per connection, within the limits of the workers' server (http.py:
+    Connections): so that slow or idle connections neither keep the probes out nor
+    pile up threads. Accepting never waits for a slot: ``shutdown`` (the arbiter's
+    exit) stops the loop within its poll interval, whatever the clients do."""
 
     daemon_threads = True  # a request in progress does not hold the arbiter's exit
     allow_reuse_port = False  # a port in use is an error, as with gevent's server
 
     def __init__(self, address: tuple[str, int], family: int) -> None:
         self.address_family = family
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.connections = Connections(ClientErrors())
         super().__init__(address, _QuietHandler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.slots.acquire()
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.connections.admit(request)  # False: closed unanswered
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.remove(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)  # a bug: its traceback
+        # else the client went away (or was closed, Connections): not worth a traceback
+
+    def service_actions(self) -> None:
+        # Called by serve_forever at least every poll interval (0.5 s).
+        self.connections.expire()
 
     def server_bind(self) -> None:
         # Not HTTPServer's, which looks the host's name up (socket.getfqdn) and can
@@ -363,7 +408,11 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = CONNECTION_TIMEOUT
+    server: _Server
+
+    def parse_request(self) -> bool:
+        # The request is read: answer it unless the connection was closed meanwhile.
+        return super().parse_request() and self.server.connections.answer(self.request)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass  # no access log: a scrape a second would drown everything else

@@ -22,10 +22,14 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import gevent.pool
 import gevent.socket
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import make_wsgi_app
@@ -38,14 +42,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amqp-dispatcher.http")
 
-# Connections served at once; more wait in the listen backlog. Scrapers and probes are
-# few; the margin is for connections that send nothing (a port scanner, a load
-# balancer's TCP check, a slowloris), which CONNECTION_TIMEOUT closes.
+# Connections held at once. Scrapers and probes are few; the margin is for clients that
+# are slow or send nothing (a port scanner, a load balancer's TCP check, a slowloris).
+# When all are held, a new connection closes the one waiting longest for its request
+# (Connections): a probe is served at once, whatever the slow clients do.
 MAX_CONNECTIONS = 64
-# Seconds a connection may stay silent (before or within a request) before the server
-# closes it: without it, a few idle connections would hold every slot, and a liveness
-# probe that cannot get one restarts a healthy daemon.
-CONNECTION_TIMEOUT = 5.0
+# Seconds a connection has for each request, whole: from when the server waits for it
+# (request line, headers, a body it reads past) to the end of the answer. A timeout on
+# each read was not enough: a client sending a byte a second kept its slot for ever.
+REQUEST_TIMEOUT = 5.0
+# How often the deadlines are looked at: a request's end is REQUEST_TIMEOUT late by
+# at most this.
+DEADLINE_CHECK_INTERVAL = 0.5
 # A broken request (garbage, too many headers, a line too long) is the client's
 # problem: one WARNING line at most every CLIENT_ERROR_INTERVAL seconds, no traceback,
 # so that no remote client can flood the log.
@@ -163,51 +171,176 @@ class HttpEndpoint:
 
 
 class Server(WSGIServer):
-    """gevent's WSGI server with MAX_CONNECTIONS, CONNECTION_TIMEOUT, no access log (a
-    scrape a second would drown everything else) and quiet client errors."""
-
-    connection_timeout = CONNECTION_TIMEOUT
+    """gevent's WSGI server with Connections' limits, no access log (a scrape a second
+    would drown everything else) and quiet client errors."""
 
     def __init__(self, listener: Any, app: WSGIApp) -> None:
-        super().__init__(listener, app, spawn=MAX_CONNECTIONS, log=None, error_log=log,
+        # An unbounded pool: Connections bounds the connections, and closes one to make
+        # room; a bounded pool would stop accepting instead, and leave a probe waiting.
+        super().__init__(listener, app, spawn=gevent.pool.Pool(), log=None, error_log=log,
                          handler_class=_Handler)
-        self.client_errors = _ClientErrors()
+        self.client_errors = ClientErrors()
+        self.connections = Connections(self.client_errors)
+        self.deadlines = self.loop.timer(DEADLINE_CHECK_INTERVAL, DEADLINE_CHECK_INTERVAL)
+
+    def start(self) -> None:
+        super().start()
+        self.deadlines.start(self.connections.expire)
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.deadlines.stop()
+        super().stop(timeout=timeout)
 
     def handle(self, sock: Any, address: Any) -> None:
-        sock.settimeout(self.connection_timeout)
-        super().handle(sock, address)
+        if not self.connections.admit(sock):
+            sock.close()
+            return
+        try:
+            super().handle(sock, address)
+        except OSError:
+            pass  # the client went away while it was sent a 400: not worth a traceback
+        finally:
+            self.connections.remove(sock)
 
 
 class _Handler(WSGIHandler):
+    def handle_one_request(self) -> Any:
+        connections = self.server.connections
+        connections.begin_request(self.socket)  # keep-alive: a new deadline
+        result = super().handle_one_request()
+        # Closed meanwhile (Connections): what was read is cut short, not broken.
+        return result if connections.holds(self.socket) else None
+
+    def handle_one_response(self) -> None:
+        if self.server.connections.answer(self.socket):
+            super().handle_one_response()
+        else:  # closed while it was sending the request: nothing to answer
+            self.close_connection = True
+
     def _handle_client_error(self, ex: BaseException) -> Any:
         # pywsgi prints a traceback on stderr for a broken request that is not a
-        # ValueError (over 100 headers, a header line too long, a read timing out);
-        # as a ValueError it only says why, through log_error below.
+        # ValueError (over 100 headers, a header line too long); as a ValueError it
+        # only says why, through log_error below.
         if not isinstance(ex, ValueError):
             ex = ValueError(str(ex) or type(ex).__name__)
         return super()._handle_client_error(ex)
 
     def log_error(self, msg: str, *args: Any) -> None:
         # Called by pywsgi for broken requests only (errors of the app go to the hub).
-        self.server.client_errors.report(msg % args if args else msg)
+        if self.server.connections.holds(self.socket):
+            self.server.client_errors.report("broken request: " + (msg % args if args else msg))
 
 
-class _ClientErrors:
-    """Broken requests, logged at most once every CLIENT_ERROR_INTERVAL seconds."""
+@dataclass(eq=False)
+class _Held:
+    sock: Any
+    deadline: float  # the end of its current request's REQUEST_TIMEOUT
+    answering: bool = False  # its request is read: the app runs, or the answer is sent
+
+
+class Connections:
+    """The connections an endpoint's server holds (this module's gevent server, and
+    the arbiter's threads, arbiter_http.py): at most MAX_CONNECTIONS, each given
+    REQUEST_TIMEOUT per request (``expire``, every DEADLINE_CHECK_INTERVAL).
+
+    When every slot is held, a new connection closes the one that has been waiting
+    longest for its request (a slow or silent client, or one idle between two
+    requests), so that a probe is served at once however many slow clients there
+    are; when every slot is answering a request, the new connection is closed
+    instead (those answers take milliseconds, or the arbiter's WORKER_TIMEOUT). A
+    connection closed by either is shut down, which its server's reads see as the
+    end of the request, and is not answered.
+
+    Thread-safe, and nothing under the lock waits: a shutdown does not block."""
+
+    def __init__(self, errors: ClientErrors) -> None:
+        self.errors = errors
+        self.timeout = REQUEST_TIMEOUT
+        self.lock = threading.Lock()
+        self.held: dict[Any, _Held] = {}  # by socket
+
+    def admit(self, sock: Any) -> bool:
+        """Whether to serve a new connection; room is made for it if it can be."""
+        with self.lock:
+            full = len(self.held) >= MAX_CONNECTIONS
+            waiting = [held for held in self.held.values() if not held.answering]
+            if full and waiting:
+                self._close(min(waiting, key=lambda held: held.deadline))
+            if not full or waiting:
+                self.held[sock] = _Held(sock, time.monotonic() + self.timeout)
+        if full:
+            self.errors.report(
+                f"all {MAX_CONNECTIONS} connections held: closed the one waiting longest "
+                f"for its request" if waiting else
+                f"all {MAX_CONNECTIONS} connections are being answered: closed a new one")
+        return not full or bool(waiting)
+
+    def begin_request(self, sock: Any) -> None:
+        """The server waits for the connection's next request (keep-alive)."""
+        with self.lock:
+            held = self.held.get(sock)
+            if held is not None:
+                held.deadline, held.answering = time.monotonic() + self.timeout, False
+
+    def answer(self, sock: Any) -> bool:
+        """The connection's request is read: whether to answer it (False: the connection
+        was closed meanwhile)."""
+        with self.lock:
+            held = self.held.get(sock)
+            if held is not None:
+                held.answering = True
+            return held is not None
+
+    def holds(self, sock: Any) -> bool:
+        """False once the connection was closed for a new one, or ran out of time."""
+        with self.lock:
+            return sock in self.held
+
+    def remove(self, sock: Any) -> None:
+        """The server is done with the connection: before it closes the socket, so that
+        a shutdown never reaches a closed socket's number, reused by another."""
+        with self.lock:
+            self.held.pop(sock, None)
+
+    def expire(self) -> None:
+        """Close the connections whose request has run out of REQUEST_TIMEOUT."""
+        now = time.monotonic()
+        with self.lock:
+            late = [held for held in self.held.values() if held.deadline <= now]
+            for held in late:
+                self._close(held)
+        if late:
+            self.errors.report(f"closed {len(late)} connection(s) whose request was not "
+                               f"done within {self.timeout:g}s (slow or silent clients)")
+
+    def _close(self, held: _Held) -> None:
+        del self.held[held.sock]
+        try:
+            held.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the client has gone already
+
+
+class ClientErrors:
+    """Broken requests and dropped connections, logged at most once every
+    CLIENT_ERROR_INTERVAL seconds."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()  # the arbiter's server reports from many threads
         self.next_report = 0.0
         self.held_back = 0
 
     def report(self, what: str) -> None:
         now = time.monotonic()
-        if now < self.next_report:
-            self.held_back += 1
-            return
-        more = f" ({self.held_back} more held back since the last)" if self.held_back else ""
-        log.warning("broken request: %s%s; the next are held back %gs",
-                    what.strip()[:300], more, CLIENT_ERROR_INTERVAL)
-        self.next_report, self.held_back = now + CLIENT_ERROR_INTERVAL, 0
+        with self.lock:
+            if now < self.next_report:
+                self.held_back += 1
+                return
+            held_back, self.next_report, self.held_back = \
+                self.held_back, now + CLIENT_ERROR_INTERVAL, 0
+        more = f" ({held_back} more held back since the last)" if held_back else ""
+        log.warning("%s%s; the next are held back %gs", what.strip()[:300], more,
+                    CLIENT_ERROR_INTERVAL)
 
 
 def _json(start_response: StartResponse, status: str, body: dict[str, Any],

@@ -50,7 +50,8 @@ log = logging.getLogger("amqp-dispatcher")
 
 # What each signal means to the process: TERM drains every generation (a second
 # TERM stops them at once), INT and QUIT stop them at once (dispatcher.py says how
-# a generation stops); HUP reloads. USR1 logs the stack of every greenlet, at once
+# a generation stops); HUP reloads (in a worker of --processes it is ignored: the
+# arbiter reloads every worker). USR1 logs the stack of every greenlet, at once
 # and in any phase. USR2 is logged and ignored (its default action would kill the
 # process without a drain).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -233,6 +234,12 @@ class Generations:
             log.warning("received %s: amqp-dispatcher does not use it; ignored", name)
         elif signum != RELOAD_SIGNAL:
             self._stop(signum)
+        elif self.link is not None:
+            # Reloaded alone, a worker would run another config than the others, and its
+            # counters would start again from zero under the arbiter's sums.
+            log.warning("received SIGHUP: this is a worker of --processes: ignored; send "
+                        "SIGHUP to the arbiter (pid %d), which reloads every worker",
+                        self.link.arbiter_pid)
         elif self.stopping:
             log.warning("received SIGHUP while stopping: ignored")
         elif not self.reloadable:

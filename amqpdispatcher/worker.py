@@ -28,6 +28,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import gevent
 import gevent.monkey
@@ -42,10 +43,15 @@ log = logging.getLogger("amqp-dispatcher")
 # KILL_TIMEOUT for stuck greenlets): the watchdog gives it drain_timeout + this.
 WATCHDOG_MARGIN = 10.0
 
+# How long the watchdog waits for its last line to be written before it exits anyway.
+LAST_LINE_TIMEOUT = 1.0
+
 # The blocking originals, should the consumer code monkey patch after the watchdog
 # has started: the watchdog must not depend on the hub.
 _poll = gevent.monkey.get_original("select", "poll")
 _sleep = gevent.monkey.get_original("time", "sleep")
+_allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
+_start_new_thread = gevent.monkey.get_original("_thread", "start_new_thread")
 
 
 class ArbiterLink:
@@ -117,8 +123,20 @@ class ArbiterLink:
         gone_at = time.monotonic()
         while (left := gone_at + self.drain_timeout + WATCHDOG_MARGIN - time.monotonic()) > 0:
             _sleep(min(left, 1.0))
-        log.critical("the arbiter is gone and this worker has not stopped within "
-                     "drain_timeout (%gs) + %gs (blocking code in consume?): exiting now "
-                     "with status %d; its unfinished messages go back to the queue",
-                     self.drain_timeout, WATCHDOG_MARGIN, EXIT_DRAIN_TIMEOUT)
+        # The last line is written by a thread of its own: the stuck code may hold the
+        # log handler's lock (blocked writing to a stderr pipe nobody reads), and the
+        # exit must not wait for it.
+        written = _allocate_lock()
+        written.acquire()
+        _start_new_thread(self._last_line, (written,))
+        written.acquire(timeout=LAST_LINE_TIMEOUT)
         os._exit(EXIT_DRAIN_TIMEOUT)
+
+    def _last_line(self, written: Any) -> None:
+        try:
+            log.critical("the arbiter is gone and this worker has not stopped within "
+                         "drain_timeout (%gs) + %gs (blocking code in consume?): exiting "
+                         "now with status %d; its unfinished messages go back to the queue",
+                         self.drain_timeout, WATCHDOG_MARGIN, EXIT_DRAIN_TIMEOUT)
+        finally:
+            written.release()

@@ -9,6 +9,8 @@ import json
 import re
 import signal
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -333,9 +335,93 @@ def test_probes_answer_while_idle_connections_are_open(broker: BrokerHandle,
         assert proc.stop() == 0
 
 
+class Tricklers:
+    """``count`` slow clients (a slowloris), a thread each: each sends a request a byte a
+    second and never finishes it, and connects again as soon as the server closes it."""
+
+    HEAD = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
+
+    def __init__(self, port: int, count: int = 70) -> None:
+        self.port = port
+        self.count = count
+        self.connects = 0  # connections made, reconnections included
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._trickle, name="trickler", daemon=True)
+                        for _ in range(count)]
+
+    def __enter__(self) -> Tricklers:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+
+    def all_connected(self) -> bool:
+        with self.lock:
+            return self.connects >= self.count
+
+    def _trickle(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                    sock.settimeout(None)  # else a recv with MSG_DONTWAIT waits the timeout
+                    sock.sendall(self.HEAD)
+                    with self.lock:
+                        self.connects += 1
+                    while not self.stopping.wait(1.0) and not self._closed(sock):
+                        sock.sendall(b"a")
+            except OSError:
+                self.stopping.wait(0.2)  # refused (the server is gone): not a busy loop
+
+    @staticmethod
+    def _closed(sock: socket.socket) -> bool:
+        try:
+            sock.recv(1, socket.MSG_DONTWAIT)  # end-of-file, or an answer: the end
+        except BlockingIOError:
+            return False
+        return True
+
+
+def probe_failures(port: int, seconds: float) -> list[str]:
+    """GET /healthz with a probe's 1 s timeout, again and again for ``seconds``: what
+    went wrong, with when."""
+    failures = []
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < seconds:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
+                                        timeout=1) as response:
+                if response.status != 200:
+                    failures.append(f"{elapsed:.1f}s: {response.status}")
+        except (OSError, urllib.error.URLError) as exc:
+            failures.append(f"{elapsed:.1f}s: {exc}")
+        threading.Event().wait(0.25)  # pacing, as a prober's period
+    return failures
+
+
+def test_probes_answer_while_slow_clients_hold_every_connection(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    # 64 clients sending a byte a second once held every slot for good: the timeout was
+    # per read, not per request, and a liveness probe failed for as long as they kept on.
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url)
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        with Tricklers(port) as tricklers:
+            wait_until(tricklers.all_connected, what="the slow clients connected")
+            assert probe_failures(port, 12) == []
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert "Traceback" not in proc.output
+
+
 def test_an_idle_connection_is_closed_by_the_server() -> None:
     server = http.Server(("127.0.0.1", 0), lambda environ, start_response: [])
-    server.connection_timeout = 0.2  # CONNECTION_TIMEOUT's 5 s, shortened for the test
+    server.connections.timeout = 0.2  # REQUEST_TIMEOUT's 5 s, shortened for the test
     server.start()
     try:
         client = gevent.socket.create_connection(("127.0.0.1", server.server_port))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -15,7 +17,15 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import REPO, TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
+from helpers import (
+    REPO,
+    SCRIPT,
+    TESTS,
+    BrokerHandle,
+    DispatcherProcess,
+    run_cli,
+    wait_until,
+)
 from test_reload import config as reload_config
 from test_reload import reloadable
 
@@ -388,6 +398,34 @@ def fake_worker(made: list[Worker], consuming: bool) -> tuple[Worker, socket.soc
     return worker, theirs
 
 
+def test_arbiter_reads_a_link_at_a_file_descriptor_above_1023(tmp_path: Path) -> None:
+    """select.select refuses a descriptor >= 1024 (ValueError): a worker spawned while
+    the arbiter had many files open (its endpoint's connections) once got such a link,
+    and the arbiter exited 70, taking every worker down."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}")
+    (tmp_path / "config.yml").write_text(RECORDER)
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    made: list[Worker] = []
+    worker, their_end = fake_worker(made, consuming=False)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    try:
+        high = fcntl.fcntl(worker.link.fileno(), fcntl.F_DUPFD_CLOEXEC, 1024)
+        worker.link.close()
+        worker.link = socket.socket(fileno=high)
+        arbiter.workers, arbiter.serving = [worker], {1: worker}
+        their_end.send(b"started\nconsuming\n")
+        arbiter._read_links(5)
+        assert worker.started and worker.consuming
+    finally:
+        for worker in made:
+            worker.process.kill()
+            worker.process.wait()
+            worker.link.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_new_set_consuming_during_a_stop_hands_nothing_over(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SIGTERM during a reload, then a new worker's 'consuming' line (written just before
@@ -477,6 +515,53 @@ def test_worker_stuck_in_blocking_code_exits_soon_after_the_arbiter_is_killed(
         proc.stop()
     assert "the arbiter is gone and this worker has not stopped within drain_timeout (1s) " \
            "+ 10s (blocking code in consume?): exiting now with status 6" in proc.output
+    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+
+
+def test_watchdog_exits_while_the_stuck_worker_holds_the_log(broker: BrokerHandle,
+                                                           tmp_path: Path) -> None:
+    """stderr a pipe nobody reads, and full: a consume blocked in its log write holds the
+    handler's lock. The watchdog logged its last line before os._exit, so it waited for
+    that lock for ever, and the worker outlived the arbiter."""
+    broker.declare("jobs", durable=True)
+    (tmp_path / "flooding.py").write_text(
+        "import logging, os\n"
+        "class C:\n"
+        "    def consume(self, amqp, msg):\n"
+        "        open(os.environ['RECORD_FILE'], 'a').write('start\\n')\n"
+        "        logging.getLogger('flood').warning('x' * 1000000)\n"
+        "    def shutdown(self, exception=None): pass\n")
+    (tmp_path / "config.yml").write_text(
+        "drain_timeout: 1\nqueues:\n  - queue: jobs\n"
+        "consumers:\n  - consumer: flooding:C\n    queue: jobs\n")
+    record = tmp_path / "record.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS / "consumers"), str(REPO)]),
+           "RABBITMQ_URL": broker.url, "RECORD_FILE": str(record)}
+    arbiter = subprocess.Popen(
+        [SCRIPT, "--processes", "2", "--config", "config.yml"], cwd=tmp_path, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert arbiter.stderr is not None
+    lines: list[str] = []
+    for line in arbiter.stderr:  # read until every worker consumes, then never again
+        lines.append(line.decode(errors="replace"))
+        if "all 2 workers consuming" in lines[-1]:
+            break
+    pids = [int(pid) for pid in re.findall(r"worker \d/2 \(pid (\d+)\) consuming",
+                                           "".join(lines))]
+    try:
+        assert len(pids) == 2, lines
+        broker.publish("jobs", "x")
+        wait_until(lambda: record.exists() and "start" in record.read_text(),
+                   what="a consume writing to the full pipe")
+        arbiter.kill()
+        arbiter.wait()
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout=1 + 10 + 5,
+                   what="every worker to exit within drain_timeout + 10 s")
+    finally:
+        kill_leftovers(pids)
+        arbiter.kill()
+        arbiter.wait()
+        arbiter.stderr.close()
     wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,14 +22,17 @@ from rabbitnode import Broker, free_port
 from test_metrics import (
     CONSUMER,
     METRICS_CONFIG,
+    PROBE_CONFIG,
+    Tricklers,
     expected_from,
     get,
     observed,
+    probe_failures,
     ready,
     scrape,
     value,
 )
-from test_processes import workers
+from test_processes import gone, workers
 from test_reload import config as reload_config
 from test_reload import reloadable
 
@@ -205,6 +211,101 @@ def test_a_wedged_worker_is_named_alone_under_concurrent_probes(broker: BrokerHa
         proc.stop()
 
 
+def test_arbiter_probes_answer_while_slow_clients_hold_every_connection(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    # As test_probes_answer_while_slow_clients_hold_every_connection, on the arbiter's
+    # own server (threads).
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url,
+                             args=("--processes", "2"))
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        with Tricklers(port) as tricklers:
+            wait_until(tricklers.all_connected, what="the slow clients connected")
+            assert probe_failures(port, 12) == []
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert "Traceback" not in proc.output
+
+
+def accepted(pid: int, port: int) -> int:
+    """How many connections to ``port`` process ``pid`` has accepted (and not closed)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(f"pid={pid}," in line for line in out.splitlines())
+
+
+def test_arbiter_exits_promptly_while_slow_clients_hold_its_endpoint(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    # The arbiter's server once waited for a free slot before accepting, and its stop
+    # waited for that: with slow clients holding every slot, the workers exited 0 and
+    # the arbiter never did.
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url,
+                             args=("--processes", "2"))
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        with Tricklers(port) as tricklers:
+            wait_until(tricklers.all_connected, what="the slow clients connected")
+            wait_until(lambda: accepted(proc.process.pid, port) >= 64,
+                       what="the arbiter holding 64 connections")
+            proc.signal(signal.SIGTERM)
+            wait_until(lambda: len(re.findall(r"worker \d/2 \(pid \d+\) exited with "
+                                              r"status 0", proc.output)) == 2,
+                       what="both workers to exit 0")
+            assert proc.wait(timeout=5) == 0, proc.output
+    finally:
+        proc.stop()
+
+
+def test_a_killed_arbiters_socket_directory_is_removed_by_the_next(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    # The directory of the workers' sockets was left in the temporary directory, with
+    # its sockets, by every arbiter killed with SIGKILL.
+    temp = Path(tempfile.mkdtemp(prefix="ad-"))  # short: a socket's path has 108 bytes
+    env = {"TMPDIR": str(temp)}
+    config = PROBE_CONFIG.format(port=free_port())
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = DispatcherProcess(tmp_path / "first", config, broker.url, env=env,
+                              args=("--processes", "2"))
+    second: DispatcherProcess | None = None
+    try:
+        first.wait_for_log("all 2 workers consuming")
+        stale = temp / next(p.name for p in temp.iterdir() if p.name.startswith("amqp-"))
+        first.process.kill()
+        first.process.wait()
+        pids = [found[0] for found in workers(first).values()]
+        wait_until(lambda: all(gone(pid) for pid in pids), what="the workers to drain")
+        assert stale.is_dir() and list(stale.iterdir())  # the sockets are still there
+        # Not to be touched: a live process's directory, a name without a pid, a
+        # symlink named as a dead arbiter's, and what it points to.
+        live = temp / f"amqp-dispatcher-{os.getpid()}-live"
+        live.mkdir()
+        unrelated = temp / "amqp-dispatcher-notes"
+        unrelated.mkdir()
+        target = tmp_path / "target"
+        target.mkdir()
+        (target / "keep").touch()
+        link = temp / f"amqp-dispatcher-{first.process.pid}-link"
+        link.symlink_to(target)
+
+        second = DispatcherProcess(tmp_path / "second", config, broker.url, env=env,
+                                   args=("--processes", "2"))
+        second.wait_for_log("all 2 workers consuming")
+        assert not stale.exists()
+        assert live.is_dir() and unrelated.is_dir() and link.is_symlink()
+        assert (target / "keep").exists()
+        assert second.stop() == 0, second.output
+        assert sorted(p.name for p in temp.iterdir()) == \
+            sorted(p.name for p in (live, unrelated, link))  # its own one removed
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        shutil.rmtree(temp)
+
+
 def test_port_in_use_fails_the_arbiter_in_one_line(tmp_path: Path) -> None:
     config = "http:\n  port: {port}\nconsumers:\n  - consumer: testconsumers:Recorder\n" \
              "    queue: jobs\n"
@@ -263,6 +364,44 @@ def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
         polling.set()
         if poller.is_alive():
             poller.join()
+        assert proc.stop() == 0, proc.output
+
+
+def test_sighup_sent_to_a_worker_itself_keeps_the_arbiters_counts(broker: BrokerHandle,
+                                                                    tmp_path: Path) -> None:
+    # A SIGHUP sent to the workers rather than the arbiter once reloaded each on its own:
+    # their counters started again from zero, and the arbiter, which keeps the highest
+    # figure a live worker reported, under-counted what they had counted before.
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, PROBE_CONFIG.format(port=port), broker.url,
+                             args=("--processes", "2"))
+    acks = {"queue": "probed", "consumer": CONSUMER, "outcome": "ack"}
+
+    def acked(count: int) -> bool:
+        return value(scrape(port), "amqp_dispatcher_messages_total", **acks) == count
+
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        wait_until(lambda: ready(port), what="/readyz 200")
+        for i in range(20):
+            broker.publish("probed", f"ok-a{i}")
+        wait_until(lambda: acked(20), what="20 acks")
+        pids = [found[0] for found in workers(proc).values()]
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)
+        for pid in pids:
+            proc.wait_for_log(rf"\[{pid}\] (INFO: reloaded|WARNING: received SIGHUP)")
+        for i in range(20):
+            broker.publish("probed", f"ok-b{i}")
+        wait_until(lambda: broker.drained("probed") and len(proc.records()) == 40,
+                   what="40 messages consumed")
+        wait_until(lambda: acked(40), timeout=5, what="40 acks in the arbiter's sums")
+        arbiter = proc.process.pid
+        for pid in pids:
+            assert f"[{pid}] WARNING: received SIGHUP: this is a worker of --processes: " \
+                   f"ignored; send SIGHUP to the arbiter (pid {arbiter}), which reloads " \
+                   f"every worker" in proc.output
+    finally:
         assert proc.stop() == 0, proc.output
 
 
