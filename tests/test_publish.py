@@ -524,3 +524,47 @@ def test_publish_while_blocked_times_out(alarm_node: Broker) -> None:
         set_alarm(alarm_node, False)
         publishing.close()
         broker.close()
+
+
+# -- returns matched to their publish ---------------------------------------------
+
+def test_returns_of_publishes_differing_only_in_headers_go_to_their_own_publish(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Before: a basic.return was matched to the oldest waiting mandatory publish with
+    the same exchange, routing key and body, whatever its headers. Through a headers
+    exchange, publishes differing only in headers collided: of 200 routed and 200
+    unroutable, about three in four unroutable ones were reported published (input
+    acked, output lost) and as many routed ones returned (input requeued, output
+    published twice). Now every routed output arrives once and every unroutable publish
+    raises PublishReturned."""
+    broker.channel.exchange_declare("hx", "headers")
+    broker.declare("out")
+    broker.channel.queue_bind("out", "hx", arguments={"x-match": "all", "tenant": "routed"})
+    proc = DispatcherProcess(tmp_path, config(("in", 8, 16), queues=("in",)), broker.url)
+    try:
+        proc.wait_consuming()
+        ids = {f"{tenant}{i}": tenant for i in range(200) for tenant in ("routed", "dropped")}
+        for id_, tenant in ids.items():  # interleaved: each routed next to an unroutable
+            broker.publish("in", order(id_, ["hx", "", {"tenant": tenant, "id": id_}, ""],
+                                       once=True, options={"mandatory": True}))
+        wait_until(lambda: finished(proc, *ids), timeout=60, what="every input handled")
+        wait_until(lambda: broker.drained("in"), what="every input acked")
+        published = []
+        while True:
+            method, props, _ = broker.channel.basic_get("out", auto_ack=True)
+            if method is None:
+                break
+            published.append(props.headers["id"])
+        routed = sorted(id_ for id_, tenant in ids.items() if tenant == "routed")
+        assert sorted(published) == routed  # each once: none lost, none duplicated
+        for id_, tenant in ids.items():
+            outcomes = [(c["redelivered"], c["outcome"]) for c in calls(proc, id_)]
+            if tenant == "routed":
+                assert outcomes == [(False, "ok")], (id_, outcomes)
+            else:  # returned, requeued, and the redelivery (once) publishes nothing
+                assert len(outcomes) == 2 and outcomes[1] == (True, "ok"), (id_, outcomes)
+                assert outcomes[0] == (False, "PublishReturned: the broker returned the "
+                                              "message to exchange 'hx' routing key '' as "
+                                              "unroutable (mandatory): 312 NO_ROUTE"), id_
+    finally:
+        assert proc.stop() == 0, proc.output
