@@ -239,9 +239,18 @@ class SyncChannel:
     def _wait(self, result: gevent.event.AsyncResult) -> Any:
         try:
             return result.get(timeout=RPC_TIMEOUT)
-        except gevent.Timeout:
-            self.close()  # never leave a channel behind that nobody tracks
-            raise BrokerError(f"no answer from the broker within {RPC_TIMEOUT:.0f}s") from None
+        except BrokerError:
+            raise  # the channel closed
+        except BaseException as exc:
+            # No answer in time, or something thrown into the waiting greenlet (a time
+            # limit, a stop): the caller is gone and the answer may still come, so
+            # close the channel now, or nothing ever would (the channel it was opening,
+            # too: pika closes it as soon as it is open).
+            self.close()
+            if isinstance(exc, gevent.Timeout):
+                raise BrokerError(f"no answer from the broker within {RPC_TIMEOUT:.0f}s") \
+                    from None
+            raise
         finally:
             self._waiting = None
 

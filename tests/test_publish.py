@@ -17,12 +17,16 @@ import pytest
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import Broker
 
+from amqpdispatcher.broker import SyncChannel
+from amqpdispatcher.pool import StopNow
 from amqpdispatcher.publisher import (
+    ConfirmChannel,
     PublishError,
     PublishingConnection,
     PublishTimeout,
     build_message,
 )
+from amqpdispatcher.retry import TimeLimitExceeded
 from amqpdispatcher.settings import parse_url
 
 
@@ -568,3 +572,57 @@ def test_returns_of_publishes_differing_only_in_headers_go_to_their_own_publish(
                                               "unroutable (mandatory): 312 NO_ROUTE"), id_
     finally:
         assert proc.stop() == 0, proc.output
+
+
+# -- a wait interrupted: nothing left open ----------------------------------------
+
+def _open_channels(node: Broker, vhost: str) -> int:
+    rows = node.ctl("list_connections", "-q", "--no-table-headers", "vhost", "channels")
+    return sum(int(row.split("\t")[1]) for row in rows.splitlines()
+               if row.split("\t")[0] == vhost)
+
+
+@pytest.mark.parametrize("thrown", [TimeLimitExceeded, StopNow])
+@pytest.mark.parametrize("waiting_for", ["channel.open", "confirm.select",
+                                         "exchange.declare"])
+def test_a_wait_interrupted_closes_the_channel_it_was_opening(
+        broker: BrokerHandle, thrown: type[BaseException], waiting_for: str) -> None:
+    """A time limit or a fast stop is thrown into the greenlet wherever it waits: here
+    while it opens a channel (any SyncChannel), puts the publishing channel in confirm
+    mode, or checks that an exchange exists. Before: the channel was opened all the
+    same and nothing tracked or closed it, one leaked per occurrence. Now it is closed."""
+    broker.channel.exchange_declare("checked", "fanout")
+    broker.close()  # the publishing connection's are the only channels in the vhost
+    publishing = PublishingConnection(parse_url(broker.url), confirms=True, timeout=5.0)
+
+    def step() -> None:
+        connection = publishing.wait_usable(time.monotonic() + 10)
+        if waiting_for == "channel.open":
+            SyncChannel.open(connection)
+        elif waiting_for == "confirm.select":
+            ConfirmChannel.open_on(connection, lambda method: None)
+        else:
+            publishing.check_exchange("checked", time.monotonic() + 10)
+
+    def waiting(channel: Any) -> bool:
+        if waiting_for == "channel.open":
+            return bool(channel.is_opening)
+        return bool(channel.is_open and channel._blocking == waiting_for.title())
+
+    def scenario() -> None:
+        publishing.wait_usable(time.monotonic() + 10)
+        greenlet = gevent.spawn(step)
+        deadline = time.monotonic() + 10
+        while not any(waiting(c) for c in publishing.connection._channels.values()):
+            assert time.monotonic() < deadline and not greenlet.dead
+            gevent.sleep(0)
+        greenlet.kill(thrown("thrown into the wait"), block=True, timeout=5)
+        assert isinstance(greenlet.exception, thrown)
+        gevent.sleep(1.0)  # the broker's answer arrives meanwhile
+        assert not publishing.connection._channels
+
+    try:
+        gevent.spawn(scenario).get(timeout=60)
+        assert _open_channels(broker.node, broker.vhost) == 0
+    finally:
+        publishing.close()
