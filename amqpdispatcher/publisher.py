@@ -68,6 +68,7 @@ from .broker import (
     REOPEN_MAX_DELAY,
     STABLE_SESSION,
     BrokerError,
+    NoAnswer,
     SyncChannel,
     close_connection,
     connect,
@@ -315,10 +316,11 @@ class ConfirmChannel:
 
     @classmethod
     def open_on(cls, connection: Any, on_unclaimed_return: Callable[[Any], None],
-                timeout: float = PUBLISH_TIMEOUT) -> ConfirmChannel:
-        """A new channel on the connection, in confirm mode; BrokerError if it cannot be
-        opened."""
-        sync = SyncChannel.open(connection)
+                timeout: float = PUBLISH_TIMEOUT,
+                deadline: float | None = None) -> ConfirmChannel:
+        """A new channel on the connection, in confirm mode, by ``deadline`` if given;
+        BrokerError (NoAnswer if in time) if it cannot be opened."""
+        sync = SyncChannel.open(connection, deadline)
         channel = cls(sync.channel, connection.params.frame_max, on_unclaimed_return, timeout)
         sync.call(sync.channel.confirm_delivery, ack_nack_callback=channel._on_confirm)
         return channel
@@ -330,6 +332,12 @@ class ConfirmChannel:
         Raises PublishError (or a subclass); a TypeError for headers AMQP cannot carry."""
         if not self.open:
             raise PublishError("the publishing channel closed before the message was sent")
+        if confirm and time.monotonic() >= deadline:
+            # Sent now, it could not be waited for: the input would be retried while
+            # the message is most likely on its way, and published twice.
+            raise PublishTimeout(f"this publish's {self.timeout:g}s ran out before the "
+                                 "message could be sent (waiting for the connection, the "
+                                 "channel or the exchange check); nothing was sent")
         if properties.headers:
             self._check_size(properties)
         try:
@@ -482,8 +490,7 @@ class Publisher:
     def _ready_channel(self, deadline: float) -> ConfirmChannel:
         self.publishing.wait_usable(deadline)
         if not self._opening.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise PublishTimeout(f"the publishing channel of {self.name} did not open within "
-                                 f"{self.publishing.timeout:g}s")
+            raise self._open_timeout()
         try:
             channel = self._channel
             if channel is not None and channel.open:  # opened by another greenlet meanwhile
@@ -496,15 +503,21 @@ class Publisher:
                                          f"of {self.name}: it is reopened in "
                                          f"{self._reopen_at - time.monotonic():.1f}s, after "
                                          "this publish's time ran out")
-            self._channel = channel = self._open(self.publishing.wait_usable(deadline))
+            self._channel = channel = self._open(self.publishing.wait_usable(deadline), deadline)
             return channel
         finally:
             self._opening.release()
 
-    def _open(self, connection: Any) -> ConfirmChannel:
+    def _open_timeout(self) -> PublishTimeout:
+        return PublishTimeout(f"the publishing channel of {self.name} did not open within "
+                              f"{self.publishing.timeout:g}s")
+
+    def _open(self, connection: Any, deadline: float) -> ConfirmChannel:
         try:
             channel = ConfirmChannel.open_on(connection, self._unclaimed_return,
-                                             self.publishing.timeout)
+                                             self.publishing.timeout, deadline)
+        except NoAnswer:
+            raise self._open_timeout() from None
         except BrokerError as exc:
             raise PublishError(f"cannot open the publishing channel of {self.name}: {exc}") \
                 from None
@@ -610,19 +623,26 @@ class PublishingConnection:
         try:
             missing = check.get(timeout=max(0.0, deadline - time.monotonic()))
         except gevent.Timeout:
-            raise PublishTimeout(f"no answer within {self.timeout:g}s to the check that "
-                                 f"exchange {exchange!r} exists; nothing was sent") from None
+            raise self._check_timeout(exchange) from None
         if missing is not None:
             raise missing
 
+    def _check_timeout(self, exchange: str) -> PublishTimeout:
+        return PublishTimeout(f"no answer within {self.timeout:g}s to the check that "
+                              f"exchange {exchange!r} exists; nothing was sent")
+
     def _exchange_missing(self, exchange: str, deadline: float) -> PublishError | None:
-        """A passive exchange.declare on a channel of its own: a 404 closes only that."""
+        """A passive exchange.declare on a channel of its own: a 404 closes only that.
+        It ends by the publish's deadline: the broker not answering by then is a
+        PublishTimeout, for this publish and those waiting for the same check."""
         if exchange.startswith("amq."):  # the broker's own: always there
             self.exchanges.add(exchange)
             return None
         connection = self.wait_usable(deadline)
         try:
-            sync = SyncChannel.open(connection)
+            sync = SyncChannel.open(connection, deadline)
+        except NoAnswer:
+            return self._check_timeout(exchange)
         except BrokerError as exc:
             return PublishError(f"cannot check that exchange {exchange!r} exists: {exc}")
         try:
@@ -631,6 +651,8 @@ class PublishingConnection:
             if getattr(sync.close_reason, "reply_code", None) == 404:
                 return PublishError(f"exchange {exchange!r} does not exist (the broker said "
                                     f"{exc}); nothing was sent")
+            if isinstance(exc, NoAnswer):
+                return self._check_timeout(exchange)
             if not exc.refused:
                 return PublishError(f"cannot check that exchange {exchange!r} exists: {exc}")
             # Refused otherwise (403): the publish itself will say what the broker thinks.

@@ -44,7 +44,9 @@ CONTENTS = [(routing_key, body, headers, message_id)
 class Publish:
     content: int  # index in CONTENTS
     mandatory: bool
-    kind: str  # "waited", "unwaited" (publisher_confirms: false) or "timeout"
+    # "waited"; "unwaited" (publisher_confirms: false); "timeout": the waiter gives up
+    # before the broker answers; "late": its time ran out before it could be sent.
+    kind: str
 
 
 class FakeConfirmChannel:
@@ -111,7 +113,8 @@ def _returned_properties(properties: pika.spec.BasicProperties) -> Any:
 @SETTINGS
 @given(publishes=st.lists(st.builds(Publish, st.integers(0, len(CONTENTS) - 1),
                                     st.booleans(),
-                                    st.sampled_from(["waited"] * 4 + ["unwaited", "timeout"])),
+                                    st.sampled_from(["waited"] * 4
+                                                    + ["unwaited", "timeout", "late"])),
                           min_size=1, max_size=12),
        routed=st.frozensets(st.integers(0, len(CONTENTS) - 1)),
        closes=st.booleans(), data=st.data())
@@ -125,6 +128,7 @@ def test_each_publish_gets_what_the_broker_said_of_it(publishes: list[Publish],
     far = time.monotonic() + 3600
     outcomes: dict[int, Any] = {}  # publish index -> a greenlet, or what publish did
     sent_before_close: list[int] = []  # publish index of each tag - 1
+    after_close: set[int] = set()  # publish indexes
     expected_unclaimed: list[int] = []  # tags returned with nobody waiting
     closed = False
     next_publish = 0
@@ -134,20 +138,23 @@ def test_each_publish_gets_what_the_broker_said_of_it(publishes: list[Publish],
         properties = pika.BasicProperties(headers=headers, message_id=message_id)
         kind = publishes[index].kind
         args = ("x", routing_key, body, properties, publishes[index].mandatory,
-                kind != "unwaited", far if kind == "waited" else time.monotonic() - 1)
-        if kind == "unwaited":
+                kind != "unwaited")
+        if kind in ("unwaited", "late"):
             try:
-                confirms.publish(*args)
+                confirms.publish(*args, far if kind == "unwaited" else time.monotonic())
                 outcomes[index] = None
             except PublishError as exc:
                 outcomes[index] = type(exc)
+        elif kind == "timeout":  # gives up before the broker says anything
+            outcomes[index] = greenlet = gevent.spawn(
+                lambda: confirms.publish(*args, time.monotonic() + 0.005))
+            greenlet.join()
         else:
-            greenlet = outcomes[index] = gevent.spawn(confirms.publish, *args)
-            if kind == "timeout":
-                greenlet.join()  # gave up before the broker said anything
-            else:
-                gevent.sleep(0)  # sent, and waiting
-        if not closed:
+            outcomes[index] = gevent.spawn(confirms.publish, *args, far)
+            gevent.sleep(0)  # sent, and waiting
+        if closed:
+            after_close.add(index)
+        elif kind != "late":
             sent_before_close.append(index)
 
     while True:
@@ -204,11 +211,11 @@ def test_each_publish_gets_what_the_broker_said_of_it(publishes: list[Publish],
             outcome.join(timeout=1)
             assert outcome.ready()
             outcome = None if outcome.successful() else type(outcome.exception)
-        if index not in sent_before_close:
+        if index in after_close:
             expected: Any = PublishError  # the channel had closed: nothing sent
         elif publish_.kind == "unwaited":
             expected = None
-        elif publish_.kind == "timeout":
+        elif publish_.kind in ("timeout", "late"):
             expected = PublishTimeout
         else:
             tag = sent_before_close.index(index) + 1

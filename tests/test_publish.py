@@ -14,6 +14,7 @@ from typing import Any
 
 import gevent
 import pytest
+from faultproxy import FaultProxy
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import Broker
 
@@ -21,6 +22,7 @@ from amqpdispatcher.broker import SyncChannel
 from amqpdispatcher.pool import StopNow
 from amqpdispatcher.publisher import (
     ConfirmChannel,
+    Publisher,
     PublishError,
     PublishingConnection,
     PublishTimeout,
@@ -410,6 +412,45 @@ def test_publishing_connection_closed_by_an_operator_is_reopened(broker: BrokerH
         assert all(c["outcome"] == "ok" for c in calls(proc))
     finally:
         assert proc.stop() == 0, proc.output
+
+
+def test_a_publish_waits_at_most_its_time_in_all_the_checks_included(
+        broker: BrokerHandle) -> None:
+    """In-process, with a 1 s bound instead of PUBLISH_TIMEOUT (30 s), and a broker that
+    stops answering once the publishing connection is open. Before: the check that an
+    exchange exists waited up to 30 s for its channel and 30 s more for its answer, and
+    opening an entry's publishing channel as long again, whatever the publish's bound
+    (then the message was sent with no time left to wait for its confirm). Now each
+    ends at the publish's deadline with PublishTimeout, nothing sent."""
+    broker.channel.exchange_declare("other", "fanout")
+    broker.declare("out")
+    with FaultProxy("127.0.0.1", broker.node.port) as proxy:
+        publishing = PublishingConnection(parse_url(proxy.rewrite_url(broker.url)),
+                                          confirms=True, timeout=1.0)
+        first, second = publishing.publisher("first"), publishing.publisher("second")
+
+        def timed(publisher: Publisher, exchange: str) -> tuple[float, str]:
+            started = time.monotonic()
+            with pytest.raises(PublishTimeout) as info:
+                publisher.publish_message(exchange, "out", None, b"late", False, {})
+            return time.monotonic() - started, str(info.value)
+
+        def scenario() -> list[tuple[float, str]]:
+            first.publish_message("", "out", None, b"warm", False, {})
+            proxy.pause()  # the broker goes silent
+            return [timed(first, "other"), timed(second, "")]
+
+        try:
+            (checking, checked), (opening, opened) = gevent.spawn(scenario).get(timeout=120)
+        finally:
+            proxy.resume()
+            publishing.close()
+    assert 0.9 <= checking < 2, checking
+    assert checked == "no answer within 1s to the check that exchange 'other' exists; " \
+                      "nothing was sent"
+    assert 0.9 <= opening < 2, opening
+    assert opened == "the publishing channel of second did not open within 1s"
+    assert broker.get_all("out") == [b"warm"]
 
 
 # -- a resource alarm: the broker blocks publishing connections -------------------
