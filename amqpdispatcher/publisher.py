@@ -28,7 +28,8 @@ This module owns:
   of ``amqp.publish``'s arguments (``build_message``).
 
 A publish waits at most PUBLISH_TIMEOUT in all: for the connection (opening,
-reconnecting, blocked), for its channel, and for the broker's confirm. With a
+reconnecting, blocked), for the exchange check, for its channel, and for the
+broker's confirm; once that time is gone nothing is sent. With a
 confirm it returns once the broker has taken responsibility for the message
 (its ``basic.ack``); otherwise it raises, so a consumer's input message is
 handled as a failure, and a crash in between can duplicate a message, never
