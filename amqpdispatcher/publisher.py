@@ -281,16 +281,21 @@ class _Pending:
         self.waited = waited  # False: publisher_confirms is off, nobody can raise
         self.returned: Any = None  # the basic.return method, if the broker returned it
 
-    def is_returned_as(self, method: Any, properties: pika.spec.BasicProperties,
-                       body: bytes) -> bool:
-        """Whether a basic.return carries this message: same exchange, routing key, body
-        and properties (compared as pika decodes them, as the returned ones were)."""
-        if not (self.mandatory and self.returned is None and body == self.body
+    def may_be_returned_as(self, method: Any, body: bytes) -> bool:
+        """Whether a basic.return may be this publish's: mandatory, not returned yet,
+        the same exchange, routing key and body."""
+        return (self.mandatory and self.returned is None and body == self.body
                 and method.routing_key == self.routing_key
-                and method.exchange == self.exchange):
-            return False
+                and method.exchange == self.exchange)
+
+    def was_sent_with(self, properties: pika.spec.BasicProperties) -> bool:
+        """Whether a returned message's properties are this publish's as the broker
+        returns them: as pika decodes them, less the BCC header, which the broker
+        removes from every message (verified on RabbitMQ 3.10)."""
         sent = pika.spec.BasicProperties()
         sent.decode(b"".join(self.properties.encode()))
+        if sent.headers:
+            sent.headers.pop("BCC", None)
         return sent == properties
 
 
@@ -420,21 +425,31 @@ class ConfirmChannel:
         #   6 to 9% of returns when publishes to several queues are mixed). So the
         #   next ack cannot name it, and order alone cannot tell apart two waiting
         #   publishes of which one is returned.
-        # What tells them apart is the message: the broker returns it as published. It
-        # belongs to the oldest publish above the floor with the same exchange, routing
-        # key, body and properties (headers too: through a headers exchange they are
-        # what routes it). Messages identical in all of that are routed alike, so the
-        # oldest is the right one; only a binding changed between two identical
-        # publishes could make one routed and the other not, and no client can tell
-        # those apart without adding something to the message.
+        # What tells them apart is the message, which the broker returns as published
+        # (less a BCC header). It belongs to the oldest publish above the floor with
+        # the same exchange, routing key, body and properties (headers too: through a
+        # headers exchange they are what routes it). Messages returned identically are
+        # routed alike, so the oldest is the right one, unless they differ only in BCC
+        # or a binding changed between them: no client can tell those apart without
+        # adding something to the message. If no publish has those properties, the
+        # broker changed them (a plugin such as rabbitmq_message_timestamp adds to
+        # them): the oldest with the same exchange, routing key and body is taken, as
+        # a return must never go unclaimed (its publish would be reported confirmed).
+        found: tuple[int, _Pending] | None = None
         for seq, pending in self._pending.items():
-            if seq > self._return_floor and pending.is_returned_as(method, properties, body):
-                self._return_floor = seq
-                pending.returned = method
-                if not pending.waited:
-                    self._on_unclaimed_return(method)
-                return
-        self._on_unclaimed_return(method)
+            if seq > self._return_floor and pending.may_be_returned_as(method, body):
+                if pending.was_sent_with(properties):
+                    found = seq, pending
+                    break
+                found = found or (seq, pending)
+        if found is None:
+            self._on_unclaimed_return(method)
+            return
+        seq, pending = found
+        self._return_floor = seq
+        pending.returned = method
+        if not pending.waited:
+            self._on_unclaimed_return(method)
 
     def _on_close(self, channel: Any, reason: Any) -> None:
         self.open = False
