@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
@@ -67,6 +68,10 @@ class BrokerError(Exception):
         super().__init__(message)
         self.refused = refused
         self.channel_only = channel_only or refused
+
+
+class NoAnswer(BrokerError):
+    """The broker did not answer within RPC_TIMEOUT, or by the caller's deadline."""
 
 
 class TopologyError(BrokerError):
@@ -212,19 +217,22 @@ class SyncChannel:
 
     Every failure comes out as BrokerError, with ``refused`` set when the broker
     closed the channel to refuse the request; pika's own exceptions never escape.
+    Each wait lasts at most RPC_TIMEOUT, and ends at ``deadline`` (time.monotonic())
+    if one is given: that of a publish, which waits so long in all.
     """
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, deadline: float | None = None) -> None:
         self.channel = channel
+        self.deadline = deadline
         self.close_reason: Any = None
         self._waiting: gevent.event.AsyncResult | None = None
         channel.add_on_close_callback(self._on_close)
 
     @classmethod
-    def open(cls, connection: Any) -> SyncChannel:
+    def open(cls, connection: Any, deadline: float | None = None) -> SyncChannel:
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         try:
-            sync = cls(connection.channel(on_open_callback=result.set))
+            sync = cls(connection.channel(on_open_callback=result.set), deadline)
         except pika.exceptions.AMQPError as exc:  # the connection closed meanwhile
             raise BrokerError(f"cannot open a channel: {describe_close(exc)}") from None
         sync._waiting = result
@@ -237,11 +245,22 @@ class SyncChannel:
             self._waiting.set_exception(_channel_error(reason))
 
     def _wait(self, result: gevent.event.AsyncResult) -> Any:
+        timeout = RPC_TIMEOUT
+        if self.deadline is not None:
+            timeout = max(0.0, min(timeout, self.deadline - time.monotonic()))
         try:
-            return result.get(timeout=RPC_TIMEOUT)
-        except gevent.Timeout:
-            self.close()  # never leave a channel behind that nobody tracks
-            raise BrokerError(f"no answer from the broker within {RPC_TIMEOUT:.0f}s") from None
+            return result.get(timeout=timeout)
+        except BrokerError:
+            raise  # the channel closed
+        except BaseException as exc:
+            # No answer in time, or something thrown into the waiting greenlet (a time
+            # limit, a stop): the caller is gone and the answer may still come, so
+            # close the channel now, or nothing ever would (the channel it was opening,
+            # too: pika closes it as soon as it is open).
+            self.close()
+            if isinstance(exc, gevent.Timeout):
+                raise NoAnswer(f"no answer from the broker within {timeout:.3g}s") from None
+            raise
         finally:
             self._waiting = None
 

@@ -28,7 +28,8 @@ This module owns:
   of ``amqp.publish``'s arguments (``build_message``).
 
 A publish waits at most PUBLISH_TIMEOUT in all: for the connection (opening,
-reconnecting, blocked), for its channel, and for the broker's confirm. With a
+reconnecting, blocked), for the exchange check, for its channel, and for the
+broker's confirm; once that time is gone nothing is sent. With a
 confirm it returns once the broker has taken responsibility for the message
 (its ``basic.ack``); otherwise it raises, so a consumer's input message is
 handled as a failure, and a crash in between can duplicate a message, never
@@ -38,7 +39,9 @@ Confirms are matched to publishes by sequence number: the broker numbers the
 publishes of a confirm-mode channel 1, 2, 3 ... and a ``basic.ack`` or
 ``basic.nack`` with ``multiple`` settles every pending number up to its tag. A
 ``mandatory`` message no queue takes comes back as ``basic.return`` before its
-ack, and is reported as returned.
+ack, and is reported as returned; a return carries no number, and is matched to
+its publish by the broker's order and the message itself
+(``ConfirmChannel._on_return``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from .broker import (
     REOPEN_MAX_DELAY,
     STABLE_SESSION,
     BrokerError,
+    NoAnswer,
     SyncChannel,
     close_connection,
     connect,
@@ -260,17 +264,39 @@ def build_message(exchange: Any, routing_key: Any, headers: Any, body: Any, mand
 # -- one confirm-mode channel -----------------------------------------------------
 
 class _Pending:
-    """A publish waiting for its confirm."""
+    """A publish the broker has not confirmed yet: waited for, or mandatory (a return
+    must find its own publish even when nobody waits for it)."""
 
-    __slots__ = ("result", "exchange", "routing_key", "body", "mandatory", "returned")
+    __slots__ = ("result", "exchange", "routing_key", "body", "properties", "mandatory",
+                 "waited", "returned")
 
-    def __init__(self, exchange: str, routing_key: str, body: bytes, mandatory: bool) -> None:
+    def __init__(self, exchange: str, routing_key: str, body: bytes,
+                 properties: pika.spec.BasicProperties, mandatory: bool, waited: bool) -> None:
         self.result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         self.exchange = exchange
         self.routing_key = routing_key
         self.body = body
+        self.properties = properties
         self.mandatory = mandatory
+        self.waited = waited  # False: publisher_confirms is off, nobody can raise
         self.returned: Any = None  # the basic.return method, if the broker returned it
+
+    def may_be_returned_as(self, method: Any, body: bytes) -> bool:
+        """Whether a basic.return may be this publish's: mandatory, not returned yet,
+        the same exchange, routing key and body."""
+        return (self.mandatory and self.returned is None and body == self.body
+                and method.routing_key == self.routing_key
+                and method.exchange == self.exchange)
+
+    def was_sent_with(self, properties: pika.spec.BasicProperties) -> bool:
+        """Whether a returned message's properties are this publish's as the broker
+        returns them: as pika decodes them, less the BCC header, which the broker
+        removes from every message (verified on RabbitMQ 3.10)."""
+        sent = pika.spec.BasicProperties()
+        sent.decode(b"".join(self.properties.encode()))
+        if sent.headers:
+            sent.headers.pop("BCC", None)
+        return sent == properties
 
 
 class ConfirmChannel:
@@ -288,16 +314,19 @@ class ConfirmChannel:
         self._on_unclaimed_return = on_unclaimed_return
         self._next = 1  # sequence number of the next publish
         self._pending: dict[int, _Pending] = {}  # by sequence number, oldest first
+        # Returns only belong to publishes above this sequence number (see _on_return).
+        self._return_floor = 0
         self.close_reason: Any = None  # why the channel closed, once it has
         channel.add_on_close_callback(self._on_close)
         channel.add_on_return_callback(self._on_return)
 
     @classmethod
     def open_on(cls, connection: Any, on_unclaimed_return: Callable[[Any], None],
-                timeout: float = PUBLISH_TIMEOUT) -> ConfirmChannel:
-        """A new channel on the connection, in confirm mode; BrokerError if it cannot be
-        opened."""
-        sync = SyncChannel.open(connection)
+                timeout: float = PUBLISH_TIMEOUT,
+                deadline: float | None = None) -> ConfirmChannel:
+        """A new channel on the connection, in confirm mode, by ``deadline`` if given;
+        BrokerError (NoAnswer if in time) if it cannot be opened."""
+        sync = SyncChannel.open(connection, deadline)
         channel = cls(sync.channel, connection.params.frame_max, on_unclaimed_return, timeout)
         sync.call(sync.channel.confirm_delivery, ack_nack_callback=channel._on_confirm)
         return channel
@@ -309,6 +338,12 @@ class ConfirmChannel:
         Raises PublishError (or a subclass); a TypeError for headers AMQP cannot carry."""
         if not self.open:
             raise PublishError("the publishing channel closed before the message was sent")
+        if confirm and time.monotonic() >= deadline:
+            # Sent now, it could not be waited for: the input would be retried while
+            # the message is most likely on its way, and published twice.
+            raise PublishTimeout(f"this publish's {self.timeout:g}s ran out before the "
+                                 "message could be sent (waiting for the connection, the "
+                                 "channel or the exchange check); nothing was sent")
         if properties.headers:
             self._check_size(properties)
         try:
@@ -319,18 +354,20 @@ class ConfirmChannel:
                 from None
         seq = self._next
         self._next += 1
+        if not (confirm or mandatory):
+            return
+        # Kept until the broker settles it, even after its waiter gave up: its return
+        # could otherwise be taken for another publish's.
+        pending = self._pending[seq] = _Pending(exchange, routing_key, body, properties,
+                                                mandatory, confirm)
         if not confirm:
             return
-        pending = _Pending(exchange, routing_key, body, mandatory)
-        self._pending[seq] = pending
         try:
             failure = pending.result.get(timeout=max(0.0, deadline - time.monotonic()))
         except gevent.Timeout:
             raise PublishTimeout(f"no confirm from the broker within {self.timeout:g}s "
                                  f"for a message to exchange {exchange!r} routing key "
                                  f"{routing_key!r}") from None
-        finally:
-            self._pending.pop(seq, None)
         if failure is not None:
             raise failure
 
@@ -349,6 +386,7 @@ class ConfirmChannel:
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         nacked = isinstance(method, pika.spec.Basic.Nack)
+        self._return_floor = max(self._return_floor, method.delivery_tag)
         if method.multiple:
             tags = []
             for tag in self._pending:
@@ -360,7 +398,7 @@ class ConfirmChannel:
         for tag in tags:
             pending = self._pending.pop(tag, None)  # settled once, whatever follows
             if pending is None:
-                continue  # not waited for (publisher_confirms: false), or timed out
+                continue  # neither waited for nor mandatory
             where = f"exchange {pending.exchange!r} routing key {pending.routing_key!r}"
             if nacked:
                 pending.result.set(PublishNacked(f"the broker nacked the message to {where}: "
@@ -374,16 +412,44 @@ class ConfirmChannel:
                 pending.result.set(None)
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        # A return precedes the ack of its publish and carries no sequence number: it
-        # belongs to the oldest pending mandatory publish with this exchange, routing
-        # key and body that was not already returned.
-        for pending in self._pending.values():
-            if pending.mandatory and pending.returned is None \
-                    and pending.routing_key == method.routing_key \
-                    and pending.exchange == method.exchange and pending.body == body:
-                pending.returned = method
-                return
-        self._on_unclaimed_return(method)
+        # A basic.return carries no sequence number. What RabbitMQ guarantees about
+        # the order (rabbit_channel: a publish no queue takes is returned while the
+        # channel handles it, and its ack is recorded after that and sent with the
+        # confirms collected so far, coalesced):
+        # - returns come in publish order, and a return comes before every confirm
+        #   frame whose delivery tag is its publish's or higher; so it belongs to a
+        #   publish above both the last one returned and the highest tag confirmed
+        #   (``_return_floor``);
+        # - but not always right before its own ack: confirms of lower, routed
+        #   publishes held back by the channel can be sent between the two (seen in
+        #   6 to 9% of returns when publishes to several queues are mixed). So the
+        #   next ack cannot name it, and order alone cannot tell apart two waiting
+        #   publishes of which one is returned.
+        # What tells them apart is the message, which the broker returns as published
+        # (less a BCC header). It belongs to the oldest publish above the floor with
+        # the same exchange, routing key, body and properties (headers too: through a
+        # headers exchange they are what routes it). Messages returned identically are
+        # routed alike, so the oldest is the right one, unless they differ only in BCC
+        # or a binding changed between them: no client can tell those apart without
+        # adding something to the message. If no publish has those properties, the
+        # broker changed them (a plugin such as rabbitmq_message_timestamp adds to
+        # them): the oldest with the same exchange, routing key and body is taken, as
+        # a return must never go unclaimed (its publish would be reported confirmed).
+        found: tuple[int, _Pending] | None = None
+        for seq, pending in self._pending.items():
+            if seq > self._return_floor and pending.may_be_returned_as(method, body):
+                if pending.was_sent_with(properties):
+                    found = seq, pending
+                    break
+                found = found or (seq, pending)
+        if found is None:
+            self._on_unclaimed_return(method)
+            return
+        seq, pending = found
+        self._return_floor = seq
+        pending.returned = method
+        if not pending.waited:
+            self._on_unclaimed_return(method)
 
     def _on_close(self, channel: Any, reason: Any) -> None:
         self.open = False
@@ -440,8 +506,7 @@ class Publisher:
     def _ready_channel(self, deadline: float) -> ConfirmChannel:
         self.publishing.wait_usable(deadline)
         if not self._opening.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise PublishTimeout(f"the publishing channel of {self.name} did not open within "
-                                 f"{self.publishing.timeout:g}s")
+            raise self._open_timeout()
         try:
             channel = self._channel
             if channel is not None and channel.open:  # opened by another greenlet meanwhile
@@ -454,15 +519,21 @@ class Publisher:
                                          f"of {self.name}: it is reopened in "
                                          f"{self._reopen_at - time.monotonic():.1f}s, after "
                                          "this publish's time ran out")
-            self._channel = channel = self._open(self.publishing.wait_usable(deadline))
+            self._channel = channel = self._open(self.publishing.wait_usable(deadline), deadline)
             return channel
         finally:
             self._opening.release()
 
-    def _open(self, connection: Any) -> ConfirmChannel:
+    def _open_timeout(self) -> PublishTimeout:
+        return PublishTimeout(f"the publishing channel of {self.name} did not open within "
+                              f"{self.publishing.timeout:g}s")
+
+    def _open(self, connection: Any, deadline: float) -> ConfirmChannel:
         try:
             channel = ConfirmChannel.open_on(connection, self._unclaimed_return,
-                                             self.publishing.timeout)
+                                             self.publishing.timeout, deadline)
+        except NoAnswer:
+            raise self._open_timeout() from None
         except BrokerError as exc:
             raise PublishError(f"cannot open the publishing channel of {self.name}: {exc}") \
                 from None
@@ -568,19 +639,26 @@ class PublishingConnection:
         try:
             missing = check.get(timeout=max(0.0, deadline - time.monotonic()))
         except gevent.Timeout:
-            raise PublishTimeout(f"no answer within {self.timeout:g}s to the check that "
-                                 f"exchange {exchange!r} exists; nothing was sent") from None
+            raise self._check_timeout(exchange) from None
         if missing is not None:
             raise missing
 
+    def _check_timeout(self, exchange: str) -> PublishTimeout:
+        return PublishTimeout(f"no answer within {self.timeout:g}s to the check that "
+                              f"exchange {exchange!r} exists; nothing was sent")
+
     def _exchange_missing(self, exchange: str, deadline: float) -> PublishError | None:
-        """A passive exchange.declare on a channel of its own: a 404 closes only that."""
+        """A passive exchange.declare on a channel of its own: a 404 closes only that.
+        It ends by the publish's deadline: the broker not answering by then is a
+        PublishTimeout, for this publish and those waiting for the same check."""
         if exchange.startswith("amq."):  # the broker's own: always there
             self.exchanges.add(exchange)
             return None
         connection = self.wait_usable(deadline)
         try:
-            sync = SyncChannel.open(connection)
+            sync = SyncChannel.open(connection, deadline)
+        except NoAnswer:
+            return self._check_timeout(exchange)
         except BrokerError as exc:
             return PublishError(f"cannot check that exchange {exchange!r} exists: {exc}")
         try:
@@ -589,6 +667,8 @@ class PublishingConnection:
             if getattr(sync.close_reason, "reply_code", None) == 404:
                 return PublishError(f"exchange {exchange!r} does not exist (the broker said "
                                     f"{exc}); nothing was sent")
+            if isinstance(exc, NoAnswer):
+                return self._check_timeout(exchange)
             if not exc.refused:
                 return PublishError(f"cannot check that exchange {exchange!r} exists: {exc}")
             # Refused otherwise (403): the publish itself will say what the broker thinks.
