@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import gevent
 import pytest
 from helpers import TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
 
+from amqpdispatcher.arbiter import Arbiter, Worker
 from amqpdispatcher.config import ConfigError, load_config
 from amqpdispatcher.metrics import ACK
 from amqpdispatcher.reload import Generation, Generations, load_afresh
@@ -385,3 +387,42 @@ def test_a_reload_that_consumes_as_it_times_out_keeps_the_running_generation(
         generations.stop()
         runner.join(timeout=30)
     assert runner.successful() and runner.value == 0
+
+
+class FakeProcess:
+    """What the arbiter's reload part uses of a worker's Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+def test_arbiter_ignores_a_new_worker_that_consumes_after_its_reload_timed_out(
+        tmp_path: Path) -> None:
+    """The same race under --processes: a new worker's "consuming" read after the reload
+    timeout cancelled its set changes nothing; the running worker carries on."""
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    try:
+        def worker(pid: int) -> Worker:
+            return Worker(1, 1, FakeProcess(pid), None, time.monotonic(),  # type: ignore[arg-type]
+                          "")
+
+        old, new = worker(100), worker(200)
+        old.consuming = True
+        arbiter.running = True
+        arbiter.serving = {1: old}
+        arbiter.workers = [old, new]
+        arbiter.new_set = {1: new}
+        arbiter.reload_deadline = 0.0
+        arbiter._reload_timeout_due()
+        assert new.process.signals == [signal.SIGTERM] and arbiter.new_set is None
+        new.consuming = True
+        arbiter._on_consuming(new)
+        assert arbiter.serving == {1: old} and not old.retired and not arbiter.stopping
+        assert old.process.signals == []
+    finally:
+        os.close(arbiter.wake_r)
+        os.close(arbiter.wake_w)
