@@ -669,6 +669,7 @@ class Dispatcher:
     def _stop_now(self, status: int) -> int:
         self.stopping = True
         for channel in self.channels.values():
+            channel.acker.flush()  # what consume finished is acked, not handled again
             channel.acker.close()
         for pool in self.pools:
             pool.stopping.set()

@@ -4,6 +4,7 @@ stand in for channels)."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import gevent
 import pika
@@ -28,8 +29,10 @@ from amqpdispatcher.config import (
     ExchangeConfig,
     QueueConfig,
     RetryConfig,
+    load_config_dict,
 )
-from amqpdispatcher.metrics import OUTCOMES
+from amqpdispatcher.dispatcher import Dispatcher
+from amqpdispatcher.metrics import ACK, DROPPED, OUTCOMES
 from amqpdispatcher.publisher import (
     ConfirmChannel,
     PublishError,
@@ -601,3 +604,26 @@ def test_cancel_consumer_passes_what_arrives_before_cancel_ok_to_the_consumer() 
     assert channel.consumer_tags == []  # pika forgot the consumer at cancel-ok
     # A consumer the broker cancelled already: nothing is sent, no cancel-ok will come.
     assert not cancel_consumer(channel, "ctag", cancel_oks.append)
+
+
+class _Consumer:
+    def consume(self, amqp: object, msg: object) -> None:
+        pass
+
+    def shutdown(self, exception: BaseException | None = None) -> None:
+        pass
+
+
+def test_a_fast_stop_sends_the_acks_already_collected() -> None:
+    """Acks are coalesced until the end of the hub's loop iteration: a fast stop (a
+    signal, drain_timeout running out) in that same iteration sends them rather than
+    dropping them with the channel, so those messages are not handled again."""
+    config, resolved = load_config_dict(
+        {"consumers": [{"consumer": f"{__name__}:_Consumer", "queue": "q"}]})
+    dispatcher = Dispatcher(config, resolved, parse_url("amqp://u:p@127.0.0.1:1/"))
+    acker, channel = make(2)
+    acker.ack(1)  # its consume returned; the flush is scheduled, not yet run
+    dispatcher.channels[0] = SimpleNamespace(acker=acker)  # type: ignore[assignment]
+    assert dispatcher._stop_now(130) == 130
+    assert channel.frames == [("ack", 1, True)]
+    assert acker.outcomes[ACK] == 1 and acker.outcomes[DROPPED] == 0
