@@ -285,6 +285,29 @@ class SyncChannel:
                 pass  # closed in the same read
 
 
+def cancel_consumer(channel: Any, consumer_tag: str,
+                    on_cancel_ok: Callable[[Any], None]) -> bool:
+    """Send basic.cancel; the deliveries the broker sent before it took the cancel keep
+    reaching the consumer's callback until the broker's cancel-ok, which then calls
+    ``on_cancel_ok``. False if pika no longer knows the consumer (the broker cancelled
+    it): no cancel-ok will come.
+
+    pika itself rejects, with requeue, every delivery that arrives for a consumer it is
+    cancelling (Channel._on_deliver checks the private set Channel._cancelled): on a
+    stream RabbitMQ closes the whole connection over a reject (540 NOT_IMPLEMENTED),
+    losing every other entry's acks with it, and on a queue the requeue goes uncounted.
+    pika's API has no way to keep the callback until cancel-ok, so the tag is taken
+    out of that set again: pika then passes those deliveries on, and forgets the consumer
+    at cancel-ok as usual. (A channel closed before the cancel-ok sends a second,
+    nowait, cancel, which the broker ignores.) tests/test_units.py pins this behaviour of
+    pika."""
+    if consumer_tag not in channel.consumer_tags:
+        return False
+    channel.basic_cancel(consumer_tag, callback=on_cancel_ok)
+    channel._cancelled.discard(consumer_tag)
+    return True
+
+
 def declare_topology(connection: Any, config: Config, exchanges: Iterable[ExchangeConfig],
                      queues: Iterable[QueueConfig]) -> list[tuple[Declared, BrokerError]]:
     """Declare these exchanges of the config, then their bindings to other exchanges,

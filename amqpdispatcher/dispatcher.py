@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.queue
 import pika.exceptions
 
@@ -47,6 +48,7 @@ from .broker import (
     Declared,
     SyncChannel,
     TopologyError,
+    cancel_consumer,
     close_connection,
     config_error,
     connect,
@@ -119,6 +121,15 @@ def _run_step(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool
         return False, exc
 
 
+def _drain(workers: list[gevent.Greenlet], channels: list[Channel]) -> None:
+    """The body of a graceful stop's wait: until the consume calls in progress are done
+    and the broker has confirmed every cancel. Until then it may still deliver what it
+    sent before it took the cancel: each is given back as it arrives, so that once this
+    returns every delivery is settled, and the last acks go out before the close."""
+    gevent.joinall(workers)
+    gevent.wait([channel.cancelled for channel in channels])
+
+
 def _redelivered(stream: bool) -> str:
     """What becomes of deliveries dropped unsettled: a stream keeps no position, so the
     next subscription starts from the entry's stream_offset, not from them."""
@@ -146,14 +157,24 @@ class Channel:
         self.acker = acker
         self.consumer_tag = consumer_tag
         self.opened_at = time.monotonic()
+        # Nothing more is delivered on this channel: the broker confirmed cancel() or
+        # the channel is gone.
+        self.cancelled = gevent.event.Event()
+        sync.channel.add_on_close_callback(lambda *_: self.cancelled.set())
 
     def cancel(self) -> None:
-        """Ask the broker for no more deliveries, without waiting for its answer."""
-        if self.sync.channel.is_open:
-            try:
-                self.sync.channel.basic_cancel(self.consumer_tag)
-            except pika.exceptions.AMQPError:
-                pass  # closing already: no more deliveries either way
+        """Ask the broker for no more deliveries. Those it sent before it took the cancel
+        still reach the entry's on_message, which gives them back (pool.py), until its
+        cancel-ok sets ``cancelled``."""
+        if not self.sync.channel.is_open:
+            return  # closing or closed: its close sets ``cancelled``
+        try:
+            cancelling = cancel_consumer(self.sync.channel, self.consumer_tag,
+                                         lambda _: self.cancelled.set())
+        except pika.exceptions.AMQPError:
+            return  # closing in the same read: its close sets ``cancelled``
+        if not cancelling:
+            self.cancelled.set()  # the broker cancelled it already
 
 
 class Dispatcher:
@@ -606,17 +627,24 @@ class Dispatcher:
         deadline = time.monotonic() + self.config.drain_timeout
         for pool in self.pools:
             pool.stopping.set()  # deliveries arriving from now on go straight back
-        for channel in self.channels.values():
+        channels = list(self.channels.values())
+        for channel in channels:
             channel.cancel()
         for pool in self.pools:
             pool.requeue_waiting()
         workers = [w for pool in self.pools for w in pool.stop_workers()]
-        drained = gevent.spawn(gevent.joinall, workers)
+        drained = gevent.spawn(_drain, workers, channels)
         drained.link(lambda _: self.events.put(("drained", None)))
         while True:
             try:
                 kind, detail = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except gevent.queue.Empty:
+                if all(worker.dead for worker in workers):
+                    drained.kill()
+                    log.warning("drain_timeout (%gs) ran out waiting for the broker to "
+                                "confirm the consumers' cancel; closing: the broker takes "
+                                "back whatever it still delivers", self.config.drain_timeout)
+                    break
                 busy = sum(pool.busy for pool in self.pools)
                 log.error("drain_timeout (%gs) ran out with %d message(s) still in consume "
                           "(or waiting for a publisher confirm); "
@@ -641,6 +669,7 @@ class Dispatcher:
     def _stop_now(self, status: int) -> int:
         self.stopping = True
         for channel in self.channels.values():
+            channel.acker.flush()  # what consume finished is acked, not handled again
             channel.acker.close()
         for pool in self.pools:
             pool.stopping.set()

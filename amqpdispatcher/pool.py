@@ -76,7 +76,9 @@ class ConsumerPool:
 
         def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
             delivered(method.delivery_tag)
-            if stopping():  # arrived after the cancel was sent: give it back at once
+            # Sent before the broker took the stop's cancel: give it back at once (on a
+            # stream, where a reject would close the connection, the Acknowledger acks).
+            if stopping():
                 acker.reject(method.delivery_tag, requeue=True)
                 return
             put((acker, method, properties, body))

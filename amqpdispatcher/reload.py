@@ -296,6 +296,13 @@ class Generations:
         generation.started = True
         if self.stopping:
             return  # it has been told to stop too
+        if generation.stopping:
+            # A new generation whose report was queued just behind its reload timeout,
+            # which stopped it: made the running one, it would stop, and the service with
+            # it. Its exit ends the reload (_on_exited).
+            log.warning("SIGHUP: the new generation consumes, but its reload had already "
+                        "timed out: it stops; carrying on with the running one")
+            return
         if generation is self.current:  # the first generation
             if self.link is not None:
                 self.link.consuming()

@@ -256,6 +256,9 @@ def test_graceful_stop_is_bounded_when_the_broker_does_not_answer(
         assert status == 0, proc.output
         assert "done:hold-a" in proc.records()
         assert elapsed < 2 + 8, f"the stop took {elapsed:.1f}s"
+        # The wait for the cancel-ok is bounded by drain_timeout too.
+        assert "ran out waiting for the broker to confirm the consumers' cancel" \
+            in proc.output, proc.output
     finally:
         proxy.resume()
         proc.stop()
@@ -264,13 +267,16 @@ def test_graceful_stop_is_bounded_when_the_broker_does_not_answer(
 def test_second_sigterm_acts_while_closing(broker: BrokerHandle, proxy: FaultProxy,
                                            tmp_path: Path) -> None:
     broker.declare("a")
-    config = "consumers:\n  - consumer: testconsumers:Hostile\n    queue: a\n"
+    config = "drain_timeout: 1\nconsumers:\n  - consumer: testconsumers:Hostile\n" \
+             "    queue: a\n"
     proc = DispatcherProcess(tmp_path, config, proxy.rewrite_url(broker.url))
     try:
         proc.wait_consuming()
         proxy.pause()
         proc.signal(signal.SIGTERM)
-        proc.wait_for_log("finishing messages in progress")
+        # The drain waits for the silent broker's cancel-ok until drain_timeout, then
+        # closes, waiting up to 5 s for it again: a second SIGTERM ends that wait.
+        proc.wait_for_log("ran out waiting for the broker to confirm")
         proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 128 + signal.SIGTERM, proc.output
     finally:

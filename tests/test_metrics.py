@@ -204,6 +204,76 @@ def test_metrics_match_what_the_consumer_did(broker: BrokerHandle, tmp_path: Pat
         assert proc.stop() == 0
 
 
+DRAIN_CONFIG = """
+http:
+  port: {port}
+stats_interval: 0
+queues:
+  - queue: plain
+{queue_keys}
+consumers:
+  - consumer: testconsumers:Outcomes
+    queue: plain
+    consumer_count: 2
+    prefetch_count: 200
+"""
+
+
+# Not a quorum queue: there the broker also returns, itself, what it had not yet sent
+# when it took the cancel; those come back redelivered without reaching the daemon.
+@pytest.mark.parametrize("queue_keys, arguments", [
+    ("", {}),
+    ("    x_single_active_consumer: true", {"x-single-active-consumer": True}),
+], ids=["classic", "single-active-consumer"])
+def test_deliveries_given_back_at_a_stop_are_counted(
+        broker: BrokerHandle, tmp_path: Path, queue_keys: str,
+        arguments: dict[str, Any]) -> None:
+    """SIGTERM while the broker is still sending: every delivery given back is counted as
+    ``requeue``, those already on their way when the consumer was cancelled included (pika
+    would reject those itself, uncounted). The broker marks each message given back as
+    redelivered: the count must match them."""
+    port = free_port()
+    release = tmp_path / "release"
+    broker.declare("plain", durable=True, arguments=arguments)
+    broker.publish("plain", "hold-1")
+    total = 20000
+    for i in range(total):
+        broker.publish("plain", f"ok-{i}")
+    proc = DispatcherProcess(tmp_path, DRAIN_CONFIG.format(port=port, queue_keys=queue_keys),
+                             broker.url, env={"RELEASE_FILE": str(release)})
+    labels = {"queue": "plain", "consumer": CONSUMER}
+    try:
+        # hold-1 came first: a worker holds it while the other takes the rest.
+        wait_until(lambda: len(proc.records()) > 200, what="messages flowing")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_log("received SIGTERM")
+        # Everything but hold-1 is back with the broker once its cancel took effect and
+        # every delivery sent before it was settled: the counts are final.
+        wait_until(lambda: broker.counts("plain")[1] == 1, what="only hold-1 unacked")
+        samples = scrape(port)
+        requeued = value(samples, "amqp_dispatcher_messages_total", **labels,
+                         outcome="requeue")
+        acked = value(samples, "amqp_dispatcher_messages_total", **labels, outcome="ack")
+        dropped = value(samples, "amqp_dispatcher_messages_total", **labels,
+                        outcome="dropped")
+        release.touch()
+        assert proc.wait() == 0, proc.output
+    finally:
+        proc.stop()
+    returned = [r for r in proc.records() if r.startswith("plain:ok-")]
+    assert acked == len(returned) and dropped == 0
+    redelivered = 0
+    left = 0
+    for method, _, _ in broker.channel.consume("plain", auto_ack=True, inactivity_timeout=1):
+        if method is None:
+            break
+        left += 1
+        redelivered += method.redelivered
+    broker.channel.cancel()
+    assert left == total - len(returned)
+    assert redelivered == requeued > 0
+
+
 # -- /healthz and /readyz -------------------------------------------------------------
 
 PROBE_CONFIG = """

@@ -6,14 +6,21 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import gevent
 import pytest
-from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from helpers import TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
 
+from amqpdispatcher.arbiter import Arbiter, Worker
 from amqpdispatcher.config import ConfigError, load_config
-from amqpdispatcher.reload import load_afresh
+from amqpdispatcher.metrics import ACK
+from amqpdispatcher.reload import Generation, Generations, load_afresh
+from amqpdispatcher.settings import parse_url
 
 # A consumer module the tests write next to the config (the working directory is on
 # sys.path), then rewrite to deploy new code.
@@ -320,3 +327,102 @@ def test_stop_status_counts_the_previous_generation_still_draining(
         proc.stop()
     assert "the previous generation stopped with status 6" in proc.output
     wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+
+
+class RacingGenerations(Generations):
+    """Generations whose reload's new generation reports that it consumes just as the
+    reload times out: both events are queued, the timeout's first (the race is a few
+    microseconds wide in a real process)."""
+
+    raced: Generation | None = None
+
+    def _launch(self, generation: Generation) -> None:
+        if generation is self.current:
+            super()._launch(generation)
+            return
+        self.raced = generation
+
+        def started() -> None:
+            self.events.put(("reload_timeout", generation))
+            self.events.put(("started", generation))
+
+        generation.greenlet = gevent.spawn(generation.dispatcher.run, started)
+        generation.greenlet.link(lambda _: self.events.put(("exited", generation)))
+
+
+def until(condition: Callable[[], Any], what: str, timeout: float = 30) -> None:
+    """wait_until for the greenlets of this process: yields to them while it waits."""
+    with gevent.Timeout(timeout, AssertionError(f"timed out after {timeout}s waiting for "
+                                                f"{what}")):
+        while not condition():
+            gevent.sleep(0.02)
+
+
+def test_a_reload_that_consumes_as_it_times_out_keeps_the_running_generation(
+        broker: BrokerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process, for the order of the events: the new generation was told to stop by
+    the timeout; its late report must not make it the running one (it would stop, and
+    the service with it, exit 0), and the running one carries on."""
+    monkeypatch.syspath_prepend(str(TESTS / "consumers"))
+    path = tmp_path / "config.yml"
+    path.write_text(config(1, consumer="testconsumers:Recorder"))
+    running, resolved = load_config(str(path))
+    generations = RacingGenerations(running, resolved, parse_url(broker.url))
+    runner = gevent.spawn(generations.run, False)
+    old = generations.current
+    try:
+        until(lambda: old.started, "the first generation consuming")
+        generations.events.put(("signal", signal.SIGHUP))
+        until(lambda: runner.dead or (generations.raced is not None
+                                      and not generations.raced.alive
+                                      and generations.candidate is None),
+              "the reload's end")
+        assert not runner.dead, f"the service stopped, status {runner.value}"
+        assert generations.current is old and not old.stopping and old.alive
+        assert not generations.stopping and not generations.retiring
+        broker.publish("jobs", "after")
+        acked = old.dispatcher.pools[0].metrics.outcomes
+        until(lambda: acked[ACK] == 1, "the running generation consuming")
+    finally:
+        generations.stop()
+        runner.join(timeout=30)
+    assert runner.successful() and runner.value == 0
+
+
+class FakeProcess:
+    """What the arbiter's reload part uses of a worker's Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+def test_arbiter_ignores_a_new_worker_that_consumes_after_its_reload_timed_out(
+        tmp_path: Path) -> None:
+    """The same race under --processes: a new worker's "consuming" read after the reload
+    timeout cancelled its set changes nothing; the running worker carries on."""
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    try:
+        def worker(pid: int) -> Worker:
+            return Worker(1, 1, FakeProcess(pid), None, time.monotonic(),  # type: ignore[arg-type]
+                          "")
+
+        old, new = worker(100), worker(200)
+        old.consuming = True
+        arbiter.running = True
+        arbiter.serving = {1: old}
+        arbiter.workers = [old, new]
+        arbiter.new_set = {1: new}
+        arbiter.reload_deadline = 0.0
+        arbiter._reload_timeout_due()
+        assert new.process.signals == [signal.SIGTERM] and arbiter.new_set is None
+        new.consuming = True
+        arbiter._on_consuming(new)
+        assert arbiter.serving == {1: old} and not old.retired and not arbiter.stopping
+        assert old.process.signals == []
+    finally:
+        os.close(arbiter.wake_r)
+        os.close(arbiter.wake_w)

@@ -678,3 +678,54 @@ def test_single_active_consumer(broker: BrokerHandle, tmp_path: Path) -> None:
     finally:
         assert active.stop() == 0
         assert standby.stop() == 0
+
+
+# -- stopping while stream deliveries are in transit -------------------------------------
+
+STREAM_AND_SLOW_CONFIG = """
+queues:
+  - queue: log
+    x_queue_type: stream
+  - queue: jobs
+consumers:
+  - consumer: testconsumers:Recorder
+    queue: log
+    stream_offset: first
+    prefetch_count: 200
+  - consumer: testconsumers:Timed
+    queue: jobs
+"""
+STREAM_BACKLOG = 60000
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_and_reload_with_stream_deliveries_in_transit(
+        broker: BrokerHandle, tmp_path: Path, signum: int) -> None:
+    """A stream read at full speed is cancelled while the broker still has deliveries on
+    the way: they are acked (pika would reject them, and RabbitMQ closes the whole
+    connection over a reject on a stream), and the other entry's consume in progress
+    finishes on a connection that is still open: its message is acked, once."""
+    publish_to_stream(broker, [f"m{i}" for i in range(STREAM_BACKLOG)])
+    broker.declare("jobs", durable=True)
+    broker.publish("jobs", "slow")
+    proc = DispatcherProcess(tmp_path, STREAM_AND_SLOW_CONFIG, broker.url, env={"SLOW": "4"})
+    try:
+        wait_until(lambda: "start:slow" in proc.records() and len(proc.records()) > 1000,
+                   what="the slow consume in progress, the stream flowing")
+        proc.signal(signum)
+        if signum == signal.SIGHUP:
+            proc.wait_for_log("the previous generation stopped")
+            # Had its ack been lost, the new generation would be handling it again now.
+            wait_until(lambda: broker.counts("jobs") == (0, 0), what="the slow message acked")
+            proc.signal(signal.SIGTERM)  # the new generation reads the stream again: once more
+        assert proc.wait(timeout=60) == 0, proc.output
+    finally:
+        proc.stop()
+    records = proc.records()
+    if signum == signal.SIGTERM:
+        assert len(records) - 2 < STREAM_BACKLOG, \
+            "the stream was read to its end before the stop: nothing was in transit"
+    assert records.count("start:slow") == 1 and records.count("done:slow") == 1
+    assert broker.counts("jobs") == (0, 0)
+    assert "NOT_IMPLEMENTED" not in proc.output and "connection lost" not in proc.output, \
+        proc.output

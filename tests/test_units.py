@@ -4,23 +4,35 @@ stand in for channels)."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import gevent
 import pika
+import pika.amqp_object
+import pika.callback
+import pika.channel
 import pika.exceptions
+import pika.frame
 import pika.spec
 import pytest
 
 from amqpdispatcher.acks import Acknowledger
-from amqpdispatcher.broker import _connect_failure, describe_inequivalent, is_delivery_ack_timeout
+from amqpdispatcher.broker import (
+    _connect_failure,
+    cancel_consumer,
+    describe_inequivalent,
+    is_delivery_ack_timeout,
+)
 from amqpdispatcher.config import (
     Config,
     ConsumerConfig,
     ExchangeConfig,
     QueueConfig,
     RetryConfig,
+    load_config_dict,
 )
-from amqpdispatcher.metrics import OUTCOMES
+from amqpdispatcher.dispatcher import Dispatcher
+from amqpdispatcher.metrics import ACK, DROPPED, OUTCOMES
 from amqpdispatcher.publisher import (
     ConfirmChannel,
     PublishError,
@@ -523,3 +535,95 @@ def test_a_connect_failure_without_a_message_still_says_something() -> None:
         "the connection before the AMQP handshake finished)")
     assert _connect_failure(ConnectionRefusedError(111, "Connection refused")) == (
         "ConnectionRefusedError: [Errno 111] Connection refused")
+
+
+# -- the private detail of pika that broker.cancel_consumer relies on --------------------
+
+class FrameRecorder:
+    """What a pika Channel needs of its connection: the callbacks, and somewhere to send."""
+
+    def __init__(self) -> None:
+        self.callbacks = pika.callback.CallbackManager()
+        self.sent: list[pika.amqp_object.Method] = []
+
+    def _send_method(self, channel_number: int, method: pika.amqp_object.Method,
+                     content: object = None) -> None:
+        self.sent.append(method)
+
+    def receive(self, channel: pika.channel.Channel, method: pika.amqp_object.Method) -> None:
+        """A method frame from the broker, dispatched as pika's Connection does."""
+        received = pika.frame.Method(channel.channel_number, method)
+        if self.callbacks.pending(channel.channel_number, method):
+            self.callbacks.process(channel.channel_number, method, self, received)
+        else:
+            channel._handle_content_frame(received)
+
+    def deliver(self, channel: pika.channel.Channel, tag: int) -> None:
+        self.receive(channel, pika.spec.Basic.Deliver(consumer_tag="ctag", delivery_tag=tag))
+        channel._handle_content_frame(pika.frame.Header(channel.channel_number, 1,
+                                                        pika.spec.BasicProperties()))
+        channel._handle_content_frame(pika.frame.Body(channel.channel_number, b"x"))
+
+
+def consuming_channel() -> tuple[FrameRecorder, pika.channel.Channel, list[int]]:
+    connection = FrameRecorder()
+    channel = pika.channel.Channel(connection, 1, lambda _: None)  # type: ignore[arg-type]
+    channel.open()
+    connection.receive(channel, pika.spec.Channel.OpenOk())
+    delivered: list[int] = []
+    channel.basic_consume("q", lambda _ch, method, _props, _body:
+                          delivered.append(method.delivery_tag), consumer_tag="ctag")
+    connection.receive(channel, pika.spec.Basic.ConsumeOk(consumer_tag="ctag"))
+    return connection, channel, delivered
+
+
+def test_pika_rejects_what_arrives_for_a_consumer_it_cancels() -> None:
+    """pika's own behaviour, the reason for broker.cancel_consumer: between basic_cancel
+    and the broker's cancel-ok, pika rejects (requeue) each delivery itself."""
+    connection, channel, delivered = consuming_channel()
+    channel.basic_cancel("ctag", callback=lambda _: None)
+    connection.deliver(channel, 1)
+    assert delivered == []
+    rejects = [m for m in connection.sent if isinstance(m, pika.spec.Basic.Reject)]
+    assert [(m.delivery_tag, m.requeue) for m in rejects] == [(1, True)]
+
+
+def test_cancel_consumer_passes_what_arrives_before_cancel_ok_to_the_consumer() -> None:
+    connection, channel, delivered = consuming_channel()
+    cancel_oks: list[object] = []
+    assert cancel_consumer(channel, "ctag", cancel_oks.append)
+    assert any(isinstance(m, pika.spec.Basic.Cancel) and not m.nowait
+               for m in connection.sent)
+    connection.deliver(channel, 1)
+    connection.deliver(channel, 2)
+    assert delivered == [1, 2]
+    assert not any(isinstance(m, pika.spec.Basic.Reject) for m in connection.sent)
+    assert cancel_oks == []
+    connection.receive(channel, pika.spec.Basic.CancelOk(consumer_tag="ctag"))
+    assert len(cancel_oks) == 1
+    assert channel.consumer_tags == []  # pika forgot the consumer at cancel-ok
+    # A consumer the broker cancelled already: nothing is sent, no cancel-ok will come.
+    assert not cancel_consumer(channel, "ctag", cancel_oks.append)
+
+
+class _Consumer:
+    def consume(self, amqp: object, msg: object) -> None:
+        pass
+
+    def shutdown(self, exception: BaseException | None = None) -> None:
+        pass
+
+
+def test_a_fast_stop_sends_the_acks_already_collected() -> None:
+    """Acks are coalesced until the end of the hub's loop iteration: a fast stop (a
+    signal, drain_timeout running out) in that same iteration sends them rather than
+    dropping them with the channel, so those messages are not handled again."""
+    config, resolved = load_config_dict(
+        {"consumers": [{"consumer": f"{__name__}:_Consumer", "queue": "q"}]})
+    dispatcher = Dispatcher(config, resolved, parse_url("amqp://u:p@127.0.0.1:1/"))
+    acker, channel = make(2)
+    acker.ack(1)  # its consume returned; the flush is scheduled, not yet run
+    dispatcher.channels[0] = SimpleNamespace(acker=acker)  # type: ignore[assignment]
+    assert dispatcher._stop_now(130) == 130
+    assert channel.frames == [("ack", 1, True)]
+    assert acker.outcomes[ACK] == 1 and acker.outcomes[DROPPED] == 0
