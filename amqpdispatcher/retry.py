@@ -21,6 +21,13 @@ confirm (``publisher.PublishError``) leaves the original unacked: it is rejected
 with requeue, or left to the broker if its channel is already gone. A message can
 be duplicated by a crash between the confirm and the ack, never lost.
 
+A move is a new publish by the dispatcher's user, so it keeps only what can be
+published again and means the same (``_republished``): ``user_id`` (RabbitMQ
+refuses one that is not the publishing user's), ``expiration`` (it would expire
+the copy in the delay or dead-letter queue) and the ``CC``/``BCC`` headers (they
+would copy it to other queues again) are dropped; the first two are recorded in
+headers.
+
 Failures without a policy can repeat as fast as the broker redelivers; their
 log lines are summarised (FailureLog).
 """
@@ -58,6 +65,12 @@ QUEUE_HEADER = "x-amqp-dispatcher-queue"
 EXCHANGE_HEADER = "x-amqp-dispatcher-exchange"  # as first published, kept across retries
 ROUTING_KEY_HEADER = "x-amqp-dispatcher-routing-key"
 CONSUMER_HEADER = "x-amqp-dispatcher-consumer"
+# Properties a move cannot keep, as they were on the first move: user_id (only the
+# publishing user's may be sent) and expiration (the copy must not expire).
+USER_ID_HEADER = "x-amqp-dispatcher-user-id"
+EXPIRATION_HEADER = "x-amqp-dispatcher-expiration"
+# Sender-selected distribution: the broker routes a publish to these queues too.
+ROUTING_HEADERS = ("CC", "BCC")
 MAX_EXCEPTION_TEXT = 1000  # characters of the exception header
 
 # Identical failures (same entry, exception type and place) without a policy are
@@ -225,8 +238,17 @@ def dead_letter_headers(headers: dict[str, Any] | None, exc: BaseException, atte
 
 
 def _republished(properties: Any, headers: dict[str, Any]) -> pika.spec.BasicProperties:
-    """The delivery's properties, with these headers, persistent."""
+    """The properties of a move of a delivery: its own, persistent, with ``headers``
+    (retry_headers or dead_letter_headers of its headers) less CC and BCC, and without
+    user_id and expiration, recorded in USER_ID_HEADER and EXPIRATION_HEADER unless a
+    move before this one did."""
     values = dict(vars(properties))
+    headers = {name: value for name, value in headers.items()
+               if name not in ROUTING_HEADERS}
+    for prop, header in (("user_id", USER_ID_HEADER), ("expiration", EXPIRATION_HEADER)):
+        value = values.pop(prop, None)
+        if value is not None:
+            headers.setdefault(header, value)
     values["headers"] = headers
     values["delivery_mode"] = 2
     return pika.spec.BasicProperties(**values)

@@ -353,3 +353,86 @@ def test_headers_too_large_to_republish_never_cost_the_connection(
     finally:
         proc.signal(signal.SIGINT)
         proc.wait()
+
+
+
+def _other_user(broker: BrokerHandle) -> tuple[str, str]:
+    """A user besides the dispatcher's, allowed everything on the test's vhost: (name,
+    its URL)."""
+    import uuid
+
+    user = f"u{uuid.uuid4().hex[:8]}"
+    broker.node.ctl("add_user", user, "pw-for-test")
+    broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", ".*", ".*")
+    return user, broker.url.replace("guest:guest", f"{user}:pw-for-test")
+
+
+
+def test_message_published_by_another_user_is_retried_then_dead_lettered(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Before: the move kept user_id, which RabbitMQ refuses from any other user (406
+    closes the channel): requeued at attempt 1 forever, never dead-lettered."""
+    import pika
+
+    user, url = _other_user(broker)
+    proc = DispatcherProcess(tmp_path, retry_config(max_attempts=3, delay=0.2), broker.url)
+    try:
+        proc.wait_consuming()
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        connection.channel().basic_publish(
+            "", "q", b"always-u", pika.BasicProperties(user_id=user, message_id="m-u"))
+        connection.close()
+        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=20,
+                   what="the other user's message dead-lettered")
+        assert [n for n, _ in attempts(proc.records(), "always-u")] == [1, 2, 3]
+        properties, _ = get_one(broker, "q.failed")
+        assert properties.user_id is None
+        assert properties.message_id == "m-u"
+        assert properties.headers["x-amqp-dispatcher-user-id"] == user
+        assert "closed the publishing channel" not in proc.output
+    finally:
+        assert proc.stop() == 0, proc.output
+        broker.node.ctl("delete_user", user)
+
+
+
+def test_a_move_does_not_keep_the_message_expiration(broker: BrokerHandle,
+                                                     tmp_path: Path) -> None:
+    """Before: the move kept ``expiration``: a 2 s delay was cut to the message's own
+    500 ms, and a dead-lettered copy expired from the dead-letter queue."""
+    proc = DispatcherProcess(tmp_path, retry_config(max_attempts=2, delay=2), broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "always-e", expiration="500")
+        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=20,
+                   what="dead-lettered after two attempts")
+        calls = attempts(proc.records(), "always-e")
+        assert [n for n, _ in calls] == [1, 2]
+        assert calls[1][1] - calls[0][1] >= 2 - 0.01, calls  # the whole delay
+        moved_at = time.monotonic()
+        # Past the message's own TTL in the dead-letter queue, it is still there.
+        wait_until(lambda: time.monotonic() - moved_at > 1.5, timeout=5, what="1.5 s")
+        properties, _ = get_one(broker, "q.failed")
+        assert properties.expiration is None
+        assert properties.headers["x-amqp-dispatcher-expiration"] == "500"
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+
+def test_a_retry_does_not_copy_the_message_to_its_cc_queues(broker: BrokerHandle,
+                                                            tmp_path: Path) -> None:
+    """Before: the move kept the CC header, so each retry also put a copy in the queues
+    it names (sender-selected distribution): 'audit' got one copy per attempt."""
+    broker.declare("audit")
+    broker.declare("hidden")
+    proc = DispatcherProcess(tmp_path, retry_config(max_attempts=3, delay=0.2), broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "twice-cc", headers={"CC": ["audit"], "BCC": ["hidden"]})
+        wait_until(lambda: "done:twice-cc" in proc.records(), what="the third attempt")
+        assert [n for n, _ in attempts(proc.records(), "twice-cc")] == [1, 2, 3]
+        assert broker.counts("audit") == (1, 0)  # as published, and no more
+        assert broker.counts("hidden") == (1, 0)
+    finally:
+        assert proc.stop() == 0, proc.output
