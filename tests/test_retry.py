@@ -436,3 +436,81 @@ def test_a_retry_does_not_copy_the_message_to_its_cc_queues(broker: BrokerHandle
         assert broker.counts("hidden") == (1, 0)
     finally:
         assert proc.stop() == 0, proc.output
+
+
+
+def test_a_refused_move_fails_no_other_move(broker: BrokerHandle, tmp_path: Path) -> None:
+    """A move the broker refuses closes its channel, and the broker sends no confirm for
+    the moves before it on that channel, though they are in their queue. Here the refusal
+    is a body over the broker's max_message_size, lowered after the message was queued
+    (a channel takes the limit when it opens). Before: every move shared one channel, so
+    the moves in flight next to the refused one were failed and their originals requeued
+    (attempt 1 again) while their copies waited in the delay queue: handled twice."""
+    config = retry_config(max_attempts=2, delay=0.5).replace(
+        "consumer_count: 2\n    prefetch_count: 4\n",
+        "consumer_count: 30\n    prefetch_count: 30\n")
+    broker.declare("q", durable=True)
+    small = [f"always-s{i}" for i in range(29)]
+    for round_ in range(4):  # with the big message in every batch of moves
+        broker.publish("q", f"always-big-{round_}" + "x" * 300_000)
+        for body in small[round_::4]:
+            broker.publish("q", body)
+    node = broker.node
+    node.ctl("eval", "application:set_env(rabbit, max_message_size, 100000).")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        wait_until(lambda: broker.counts("q.failed")[0] == len(small), timeout=30,
+                   what="every small message dead-lettered")
+        records = proc.records()
+        for body in small:
+            assert [n for n, _ in attempts(records, body)] == [1, 2], (body, records)
+        # The big ones keep failing to move (refused), and are never moved.
+        assert "message size" in proc.output, proc.output
+        assert {b.decode()[:12] for b in broker.get_all("q.failed")} == \
+            {body[:12] for body in small}
+    finally:
+        node.ctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
+        proc.signal(signal.SIGINT)
+        proc.wait()
+
+
+
+def test_a_move_confirmed_before_its_channel_closes_is_not_failed() -> None:
+    """The broker confirms publishes, then refuses a later one and closes the channel:
+    the confirmed ones succeed (their originals are acked); only those still waiting
+    fail. Pure logic: ConfirmChannel with a stand-in pika channel."""
+    import gevent
+    import pika.exceptions
+    import pika.spec
+
+    from amqpdispatcher.publisher import ConfirmChannel, PublishError
+
+    class Channel:
+        def add_on_close_callback(self, callback: Any) -> None:
+            self.close = callback
+
+        def add_on_return_callback(self, callback: Any) -> None:
+            pass
+
+        def basic_publish(self, *args: Any) -> None:
+            pass
+
+    channel = Channel()
+    confirms = ConfirmChannel(channel, 131072, lambda method: None)
+    properties = pika.spec.BasicProperties()
+
+    def move(queue: str) -> str:
+        try:
+            confirms.publish("", queue, b"m", properties, True, True, time.monotonic() + 5)
+        except PublishError as exc:
+            return f"failed: {exc}"
+        return "confirmed"
+
+    moves = [gevent.spawn(move, f"q{i}") for i in range(3)]
+    gevent.sleep(0)  # all three published, waiting for their confirms
+    ack = type("Frame", (), {"method": pika.spec.Basic.Ack(delivery_tag=2, multiple=True)})
+    confirms._on_confirm(ack)
+    channel.close(channel, pika.exceptions.ChannelClosedByBroker(406, "PRECONDITION_FAILED"))
+    results = [move.get(timeout=5) for move in moves]
+    assert results[:2] == ["confirmed", "confirmed"]
+    assert results[2].startswith("failed: the broker closed the publishing channel")
