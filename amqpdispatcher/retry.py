@@ -8,8 +8,8 @@ policy. ``FailurePolicy.failed`` decides, for one failed delivery:
 - no ``retry:`` on the entry: reject and requeue at once (as 0.4.3); on a
   stream, ack (a stream takes no reject, and keeps the message anyway);
 - attempts left: publish the message (confirmed) to the delay queue for its
-  next delay, ``<queue>.retry.<ms>ms``, whose message TTL dead-letters it back
-  to the entry's queue through the default exchange; then ack the original;
+  next delay, ``<queue>.retry.quorum.<ms>ms``, whose message TTL dead-letters it
+  back to the entry's queue through the default exchange; then ack the original;
 - attempts exhausted: publish it (confirmed) to ``dead_letter_queue`` with
   headers saying why, then ack the original; without a dead-letter queue,
   reject it without requeue (the queue's own dead-letter exchange decides).
@@ -49,6 +49,7 @@ import pika.spec
 
 from .acks import Acknowledger
 from .config import Config, ConsumerConfig, QueueConfig, describe_exception
+from .config.consumers import delay_queue_name
 from .logs import delivery_fields
 from .metrics import DEAD_LETTER, RETRY
 from .publisher import Publisher, PublishError, PublishReturned
@@ -104,8 +105,17 @@ def attempt_of(properties: Any) -> int:
     return 1
 
 
-def delay_queue_name(queue: str, delay_ms: int) -> str:
-    """The broker queue where messages of ``queue`` wait ``delay_ms`` before a retry."""
+def delay_queue_names(entry: ConsumerConfig) -> list[str]:
+    """The entry's delay queues, one per distinct delay, shortest first."""
+    if entry.retry is None:
+        return []
+    return [delay_queue_name(entry.queue, ms) for ms in entry.retry.delays_ms()]
+
+
+def legacy_delay_queue_name(queue: str, delay_ms: int) -> str:
+    """The classic delay queue earlier versions declared instead of delay_queue_name's.
+    Not declared any more; one left on the broker still dead-letters what it holds
+    back to ``queue`` when its TTL runs out (see the README, upgrading)."""
     return f"{queue}.retry.{delay_ms}ms"
 
 
@@ -113,18 +123,28 @@ def retry_queues(config: Config) -> tuple[QueueConfig, ...]:
     """The queues the retry policies need, declared with the config's own queues.
 
     One delay queue per distinct delay (a queue-wide TTL: a short delay never
-    waits behind a long one), durable, dead-lettering back to the entry's queue;
-    and each dead-letter queue, durable. A name declared already is left out.
+    waits behind a long one), dead-lettering back to the entry's queue; and each
+    dead-letter queue, durable. A name declared already is left out.
+
+    A delay queue is a quorum queue with at-least-once dead-lettering, whatever
+    the entry's queue is: it keeps an expired message until the entry's queue has
+    confirmed taking it. A classic queue dead-letters at most once: a message
+    that expires while the entry's queue cannot take it (a quorum queue without a
+    leader yet, after a broker restart; a full queue; a deleted one) is dropped.
+    At-least-once needs ``x-overflow: reject-publish``; a delay queue has no
+    length limit, so nothing is rejected.
     """
     names = {queue.queue for queue in config.queues}
     derived: list[QueueConfig] = []
     for entry in config.consumers:
         if entry.retry is None:
             continue
-        for ms in entry.retry.delays_ms():
+        for ms, name in zip(entry.retry.delays_ms(), delay_queue_names(entry)):
             derived.append(QueueConfig(
-                queue=delay_queue_name(entry.queue, ms), x_message_ttl=ms,
+                queue=name, x_queue_type="quorum", x_message_ttl=ms,
                 x_dead_letter_exchange="", x_dead_letter_routing_key=entry.queue,
+                x_overflow="reject-publish",
+                extra_arguments={"x-dead-letter-strategy": "at-least-once"},
                 path=f"{entry.path}.retry (delay queue)"))
         if entry.retry.dead_letter_queue:
             derived.append(QueueConfig(queue=entry.retry.dead_letter_queue,
