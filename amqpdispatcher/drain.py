@@ -3,9 +3,10 @@
 The work is done when, for SECONDS without a break:
 
 - every consumer's queue has no message ready, and neither has any delay queue of
-  its retry policy (``<queue>.retry.<ms>ms``: a message waiting for its retry is
-  not done); a consumer's queue that is missing is not empty (its entry is being
-  repaired), a missing delay queue holds nothing;
+  its retry policy (``<queue>.retry.quorum.<ms>ms``, and the classic
+  ``<queue>.retry.<ms>ms`` of earlier versions while one is left: a message
+  waiting for its retry is not done); a consumer's queue that is missing is not
+  empty (its entry is being repaired), a missing delay queue holds nothing;
 - no delivery is in this process: none waits for a worker, none is in
   ``consume`` or with the failure policy, none is settled but not yet acked;
 - the dispatcher is connected and every entry consumes: while disconnected or
@@ -33,7 +34,7 @@ from .broker import BrokerError, SyncChannel
 from .config import Config
 from .dispatcher import Dispatcher
 from .reload import Generations
-from .retry import delay_queue_name
+from .retry import delay_queue_names, legacy_delay_queue_name
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -41,14 +42,17 @@ MAX_INTERVAL = 1.0
 MIN_INTERVAL = 0.05  # for SECONDS 0: stop at the first sample that finds the work done
 
 
-def watched_queues(config: Config) -> tuple[list[str], list[str]]:
-    """The consumers' queues, and the delay queues of their retry policies."""
+def watched_queues(config: Config) -> tuple[list[str], list[str], list[str]]:
+    """The consumers' queues, the delay queues of their retry policies, and the classic
+    delay queues earlier versions declared for the same delays."""
     consumers = config.consumers
     queues = list(dict.fromkeys(entry.queue for entry in consumers))
     delay_queues = list(dict.fromkeys(
-        delay_queue_name(entry.queue, ms)
+        name for entry in consumers for name in delay_queue_names(entry)))
+    legacy = list(dict.fromkeys(
+        legacy_delay_queue_name(entry.queue, ms)
         for entry in consumers if entry.retry for ms in entry.retry.delays_ms()))
-    return queues, delay_queues
+    return queues, delay_queues, legacy
 
 
 class DrainWatch:
@@ -58,6 +62,10 @@ class DrainWatch:
         self.interval = max(MIN_INTERVAL, min(MAX_INTERVAL, seconds / 4))
         self._sync: SyncChannel | None = None
         self._connection: Any = None
+        # Earlier versions' delay queues found missing: nothing declares them any more,
+        # so they are not asked about again (each ask about a missing queue costs a
+        # channel, which the broker closes).
+        self._legacy_gone: set[str] = set()
 
     def run(self) -> None:
         """The watching greenlet's body: returns once it has stopped the process."""
@@ -85,12 +93,19 @@ class DrainWatch:
         dispatcher = self.generations.settled()
         if dispatcher is None or not _idle(dispatcher):
             return False
-        queues, delay_queues = watched_queues(dispatcher.config)
+        queues, delay_queues, legacy = watched_queues(dispatcher.config)
         try:
             if any(self._ready(dispatcher, name) != 0 for name in queues):
                 return False
             if any(self._ready(dispatcher, name) for name in delay_queues):
                 return False
+            for name in legacy:
+                if name not in self._legacy_gone:
+                    ready = self._ready(dispatcher, name)
+                    if ready:
+                        return False
+                    if ready is None:
+                        self._legacy_gone.add(name)
         except BrokerError:
             self._close()  # the connection's trouble: the dispatcher deals with it
             return False

@@ -8,8 +8,8 @@ policy. ``FailurePolicy.failed`` decides, for one failed delivery:
 - no ``retry:`` on the entry: reject and requeue at once (as 0.4.3); on a
   stream, ack (a stream takes no reject, and keeps the message anyway);
 - attempts left: publish the message (confirmed) to the delay queue for its
-  next delay, ``<queue>.retry.<ms>ms``, whose message TTL dead-letters it back
-  to the entry's queue through the default exchange; then ack the original;
+  next delay, ``<queue>.retry.quorum.<ms>ms``, whose message TTL dead-letters it
+  back to the entry's queue through the default exchange; then ack the original;
 - attempts exhausted: publish it (confirmed) to ``dead_letter_queue`` with
   headers saying why, then ack the original; without a dead-letter queue,
   reject it without requeue (the queue's own dead-letter exchange decides).
@@ -20,6 +20,15 @@ same whichever process gets the message next. A publish the broker did not
 confirm (``publisher.PublishError``) leaves the original unacked: it is rejected
 with requeue, or left to the broker if its channel is already gone. A message can
 be duplicated by a crash between the confirm and the ack, never lost.
+
+A move is a new publish by the dispatcher's user, so it keeps only what can be
+published again and means the same (``_republished``): ``user_id`` (RabbitMQ
+refuses one that is not the publishing user's), ``expiration`` (it would expire
+the copy in the delay or dead-letter queue) and the ``CC``/``BCC`` headers (they
+would copy it to other queues again) are dropped; the first two are recorded in
+headers. Each move has a channel to itself while in flight (MoveChannels): a
+move the broker refuses closes its channel, and with it the moves in flight on
+it, which may already be in their queue without a confirm.
 
 Failures without a policy can repeat as fast as the broker redelivers; their
 log lines are summarised (FailureLog).
@@ -40,6 +49,7 @@ import pika.spec
 
 from .acks import Acknowledger
 from .config import Config, ConsumerConfig, QueueConfig, describe_exception
+from .config.consumers import delay_queue_name
 from .logs import delivery_fields
 from .metrics import DEAD_LETTER, RETRY
 from .publisher import Publisher, PublishError, PublishReturned
@@ -58,6 +68,12 @@ QUEUE_HEADER = "x-amqp-dispatcher-queue"
 EXCHANGE_HEADER = "x-amqp-dispatcher-exchange"  # as first published, kept across retries
 ROUTING_KEY_HEADER = "x-amqp-dispatcher-routing-key"
 CONSUMER_HEADER = "x-amqp-dispatcher-consumer"
+# Properties a move cannot keep, as they were on the first move: user_id (only the
+# publishing user's may be sent) and expiration (the copy must not expire).
+USER_ID_HEADER = "x-amqp-dispatcher-user-id"
+EXPIRATION_HEADER = "x-amqp-dispatcher-expiration"
+# Sender-selected distribution: the broker routes a publish to these queues too.
+ROUTING_HEADERS = ("CC", "BCC")
 MAX_EXCEPTION_TEXT = 1000  # characters of the exception header
 
 # Identical failures (same entry, exception type and place) without a policy are
@@ -89,8 +105,17 @@ def attempt_of(properties: Any) -> int:
     return 1
 
 
-def delay_queue_name(queue: str, delay_ms: int) -> str:
-    """The broker queue where messages of ``queue`` wait ``delay_ms`` before a retry."""
+def delay_queue_names(entry: ConsumerConfig) -> list[str]:
+    """The entry's delay queues, one per distinct delay, shortest first."""
+    if entry.retry is None:
+        return []
+    return [delay_queue_name(entry.queue, ms) for ms in entry.retry.delays_ms()]
+
+
+def legacy_delay_queue_name(queue: str, delay_ms: int) -> str:
+    """The classic delay queue earlier versions declared instead of delay_queue_name's.
+    Not declared any more; one left on the broker still dead-letters what it holds
+    back to ``queue`` when its TTL runs out (see the README, upgrading)."""
     return f"{queue}.retry.{delay_ms}ms"
 
 
@@ -98,18 +123,28 @@ def retry_queues(config: Config) -> tuple[QueueConfig, ...]:
     """The queues the retry policies need, declared with the config's own queues.
 
     One delay queue per distinct delay (a queue-wide TTL: a short delay never
-    waits behind a long one), durable, dead-lettering back to the entry's queue;
-    and each dead-letter queue, durable. A name declared already is left out.
+    waits behind a long one), dead-lettering back to the entry's queue; and each
+    dead-letter queue, durable. A name declared already is left out.
+
+    A delay queue is a quorum queue with at-least-once dead-lettering, whatever
+    the entry's queue is: it keeps an expired message until the entry's queue has
+    confirmed taking it. A classic queue dead-letters at most once: a message
+    that expires while the entry's queue cannot take it (a quorum queue without a
+    leader yet, after a broker restart; a full queue; a deleted one) is dropped.
+    At-least-once needs ``x-overflow: reject-publish``; a delay queue has no
+    length limit, so nothing is rejected.
     """
     names = {queue.queue for queue in config.queues}
     derived: list[QueueConfig] = []
     for entry in config.consumers:
         if entry.retry is None:
             continue
-        for ms in entry.retry.delays_ms():
+        for ms, name in zip(entry.retry.delays_ms(), delay_queue_names(entry)):
             derived.append(QueueConfig(
-                queue=delay_queue_name(entry.queue, ms), x_message_ttl=ms,
+                queue=name, x_queue_type="quorum", x_message_ttl=ms,
                 x_dead_letter_exchange="", x_dead_letter_routing_key=entry.queue,
+                x_overflow="reject-publish",
+                extra_arguments={"x-dead-letter-strategy": "at-least-once"},
                 path=f"{entry.path}.retry (delay queue)"))
         if entry.retry.dead_letter_queue:
             derived.append(QueueConfig(queue=entry.retry.dead_letter_queue,
@@ -225,11 +260,53 @@ def dead_letter_headers(headers: dict[str, Any] | None, exc: BaseException, atte
 
 
 def _republished(properties: Any, headers: dict[str, Any]) -> pika.spec.BasicProperties:
-    """The delivery's properties, with these headers, persistent."""
+    """The properties of a move of a delivery: its own, persistent, with ``headers``
+    (retry_headers or dead_letter_headers of its headers) less CC and BCC, and without
+    user_id and expiration, recorded in USER_ID_HEADER and EXPIRATION_HEADER unless a
+    move before this one did."""
     values = dict(vars(properties))
+    headers = {name: value for name, value in headers.items()
+               if name not in ROUTING_HEADERS}
+    for prop, header in (("user_id", USER_ID_HEADER), ("expiration", EXPIRATION_HEADER)):
+        value = values.pop(prop, None)
+        if value is not None:
+            headers.setdefault(header, value)
     values["headers"] = headers
     values["delivery_mode"] = 2
     return pika.spec.BasicProperties(**values)
+
+
+class MoveChannels:
+    """The policy's publishing channels, each carrying at most one move at a time.
+
+    A publish the broker refuses (406, 403) closes its channel, and the broker then
+    sends no confirm for the publishes before it on that channel, though they may
+    already be in their queue: moves sharing a channel would be failed, and their
+    originals requeued while their copies wait in a delay queue. Each move takes an
+    idle channel, or opens another on the publishing connection (a Publisher: opened
+    by its first publish, reopened with backoff): at most one per concurrent move,
+    so at most the entry's consumer_count. The most recently used is taken first, so
+    moves one after another share one channel and its reopening backoff.
+    """
+
+    def __init__(self, first: Publisher) -> None:
+        self._first = first
+        self._idle = [first]
+        self._opened = 1
+
+    def publish(self, queue: str, body: bytes, properties: pika.spec.BasicProperties) -> None:
+        """Publish to ``queue`` through the default exchange, mandatory, and wait for the
+        confirm; raises PublishError as Publisher.publish does."""
+        if self._idle:
+            publisher = self._idle.pop()
+        else:
+            self._opened += 1
+            publisher = self._first.publishing.publisher(
+                f"{self._first.name}, channel {self._opened}")
+        try:
+            publisher.publish("", queue, body, properties, mandatory=True)
+        finally:
+            self._idle.append(publisher)
 
 
 @dataclass
@@ -280,9 +357,11 @@ class FailurePolicy:
     """One consumer entry's answer to a failed delivery (see the module docstring)."""
 
     def __init__(self, entry: ConsumerConfig, publisher: Publisher) -> None:
+        """``publisher``: the moves' first channel (MoveChannels opens more on its
+        connection when moves overlap)."""
         self.entry = entry
         self.retry = entry.retry
-        self.publisher = publisher
+        self.moves = MoveChannels(publisher)
         self.failures = FailureLog(entry.consumer)
         # Without a retry policy; on a stream the reject is an ack (see acks.py).
         self.without_retry = ("message acked (a stream keeps it, and does not deliver it "
@@ -343,7 +422,7 @@ class FailurePolicy:
         """Publish to ``queue`` and ack the original once confirmed, counted as ``outcome``
         (metrics.RETRY or DEAD_LETTER); else requeue it."""
         try:
-            self.publisher.publish("", queue, body, properties, mandatory=True)
+            self.moves.publish(queue, body, properties)
         except PublishError as not_moved:
             acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
             hint = " (was the queue deleted?)" if isinstance(not_moved, PublishReturned) else ""

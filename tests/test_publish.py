@@ -311,7 +311,7 @@ def test_retry_moves_are_not_failed_by_another_consumes_publish(broker: BrokerHa
         ids = [f"{kind}{i}" for kind in "xy" for i in range(pairs)]
         wait_until(lambda: finished(proc, *ids), timeout=pairs * 1.5 + 15,
                    what="every input handled")
-        wait_until(lambda: broker.drained("in") and broker.drained("in.retry.500ms"),
+        wait_until(lambda: broker.drained("in") and broker.drained("in.retry.quorum.500ms"),
                    what="no copy left")
         for id_ in ids:
             outcomes = [c["outcome"] for c in calls(proc, id_)]

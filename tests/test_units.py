@@ -284,10 +284,13 @@ def test_retry_queues_are_named_per_delay_and_declared_once() -> None:
         ConsumerConfig("m:D", "orders", retry=retry, path="consumers[1]"),
         ConsumerConfig("m:E", "other", path="consumers[2]")))
     queues = retry_queues(config)
-    assert [q.queue for q in queues] == ["orders.retry.1000ms", "orders.retry.2000ms"]
+    assert [q.queue for q in queues] == ["orders.retry.quorum.1000ms",
+                                         "orders.retry.quorum.2000ms"]
     assert queues[0].durable
     assert queues[0].arguments() == {"x-message-ttl": 1000, "x-dead-letter-exchange": "",
-                                     "x-dead-letter-routing-key": "orders"}
+                                     "x-dead-letter-routing-key": "orders",
+                                     "x-queue-type": "quorum", "x-overflow": "reject-publish",
+                                     "x-dead-letter-strategy": "at-least-once"}
 
 
 def test_attempt_header() -> None:
@@ -477,8 +480,9 @@ INEQUIVALENT = "PRECONDITION_FAILED - inequivalent arg '{}' for {} '{}' in vhost
      QueueConfig("q", path="queues[0]"), "with x-dead-letter-exchange dlx, the config asks "
      "for ''"),
     ("x-message-ttl", "received '1000' but current is '500'",
-     QueueConfig("o.retry.1000ms", path="consumers[0].retry (delay queue)"),
-     "c.yml: consumers[0].retry (delay queue): queue 'o.retry.1000ms' already exists"),
+     QueueConfig("o.retry.quorum.1000ms", path="consumers[0].retry (delay queue)"),
+     "c.yml: consumers[0].retry (delay queue): queue 'o.retry.quorum.1000ms' already "
+     "exists"),
     ("type", "received 'fanout' but current is 'topic'",
      ExchangeConfig("e", "fanout", path="exchanges[0]"),
      "c.yml: exchanges[0].type: exchange 'e' already exists with type topic, the config asks "

@@ -46,6 +46,14 @@ class RetryConfig:
 MAX_DELAY_QUEUES = 64
 
 
+def delay_queue_name(queue: str, delay_ms: int) -> str:
+    """The broker queue where messages of ``queue`` wait ``delay_ms`` before a retry (a
+    quorum queue: retry.retry_queues). Earlier versions declared classic queues named
+    ``<queue>.retry.<ms>ms`` (retry.legacy_delay_queue_name): a new name, as an existing
+    queue's type cannot change."""
+    return f"{queue}.retry.quorum.{delay_ms}ms"
+
+
 @dataclass(frozen=True)
 class ConsumerConfig:
     consumer: str
@@ -199,11 +207,10 @@ def _check_retry_names(checker: _Checker, config_queues: list[QueueConfig],
     if retry.dead_letter_queue == entry.queue:
         checker.problem(f"{key_path}.dead_letter_queue", f"{entry.queue!r} is the entry's own "
                         "queue: a message that keeps failing would come straight back")
-    # The name delay queues get (retry.delay_queue_name, kept in step).
-    longest = f"{entry.queue}.retry.{round(retry.max_delay * 1000)}ms"
+    longest = delay_queue_name(entry.queue, round(retry.max_delay * 1000))
     if len(longest.encode("utf-8")) > 255:
         checker.problem(f"{entry.path}.queue", "too long for a retry policy: its delay "
-                        "queues are named '<queue>.retry.<ms>ms', over 255 bytes")
+                        "queues are named '<queue>.retry.quorum.<ms>ms', over 255 bytes")
     taken = {q.queue: q.path for q in config_queues}
     prefix = f"{entry.queue}.retry."
     for name, path in taken.items():
