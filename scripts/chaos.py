@@ -1,6 +1,7 @@
 """Chaos soak: amqp-dispatcher --processes 2 under random faults must lose nothing.
 
     .venv/bin/python scripts/chaos.py --minutes 3 [--seed N] [--rate 40] [--keep]
+                                      [--faults kill_worker,reload,...] [--gap 3,8]
 
 Not part of CI or pytest: it runs for minutes and its faults are random.
 
@@ -282,12 +283,14 @@ class Faults(threading.Thread):
                "broker_stop_app": 2, "node_restart": 1}
 
     def __init__(self, node: Broker, proxy: FaultProxy, arbiter: subprocess.Popen[bytes],
-                 rng: random.Random, gap: tuple[float, float] = (3.0, 8.0)) -> None:
+                 rng: random.Random, kinds: list[str],
+                 gap: tuple[float, float] = (3.0, 8.0)) -> None:
         super().__init__(name="faults", daemon=True)
         self.node = node
         self.proxy = proxy
         self.arbiter = arbiter
         self.rng = rng
+        self.kinds = kinds
         self.gap = gap
         self.stopping = threading.Event()
         self.counts: collections.Counter[str] = collections.Counter()
@@ -296,10 +299,12 @@ class Faults(threading.Thread):
         self.stopped_pids: set[int] = set()
 
     def run(self) -> None:
-        names = list(self.WEIGHTS)
-        weights = [self.WEIGHTS[n] for n in names]
+        weights = [self.WEIGHTS[n] for n in self.kinds]
         while not self.stopping.wait(self.rng.uniform(*self.gap)):
-            fault = self.rng.choices(names, weights)[0]
+            fault = self.rng.choices(self.kinds, weights)[0]
+            # The time it started: what a loss is correlated with (a node restart
+            # takes seconds, and a stop_app's first second is when it bites).
+            started = time.strftime("%H:%M:%S", time.gmtime())
             try:
                 detail = getattr(self, fault)()
             except Exception as exc:  # noqa: BLE001  a failed fault is logged, the soak goes on
@@ -309,7 +314,7 @@ class Faults(threading.Thread):
             if detail is None:
                 continue  # nothing to act on (no worker up at that moment)
             self.counts[fault] += 1
-            self.events.append((time.strftime("%H:%M:%S", time.gmtime()), fault, detail))
+            self.events.append((started, fault, detail))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -449,6 +454,21 @@ def broker_log_lines(node: Broker, pattern: str) -> int:
     return found
 
 
+def dispatcher_lines(path: Path, ids: set[int]) -> dict[int, list[str]]:
+    """The dispatcher's log lines naming each of ``ids`` (the retry policy logs the
+    exception, whose message names the input: ``input 203 fails ...``)."""
+    found: dict[int, list[str]] = collections.defaultdict(list)
+    if not ids or not path.exists():
+        return found
+    regex = re.compile(r"input (\d+) ")
+    with open(path, errors="replace") as handle:
+        for line in handle:
+            match = regex.search(line)
+            if match and int(match.group(1)) in ids:
+                found[int(match.group(1))].append(line.rstrip())
+    return found
+
+
 def history(record: Path, ids: set[int]) -> dict[int, list[str]]:
     """What the consumer recorded for ``ids``: one 'pid attempt event' per line."""
     found: dict[int, list[str]] = collections.defaultdict(list)
@@ -472,9 +492,24 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--settle-timeout", type=float, default=180.0,
                         help="seconds to wait for the queues to empty after the faults")
+    parser.add_argument("--faults", default=",".join(Faults.WEIGHTS),
+                        help="the kinds of fault to inject, comma-separated "
+                             f"(default: all of {', '.join(Faults.WEIGHTS)})")
+    parser.add_argument("--gap", default="3,8",
+                        help="seconds between two faults: min,max (default 3,8)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (always kept when a check fails)")
     args = parser.parse_args()
+    kinds = [k for k in args.faults.split(",") if k]
+    unknown = [k for k in kinds if k not in Faults.WEIGHTS]
+    if unknown or not kinds:
+        parser.error(f"--faults: unknown kind(s) {unknown}; known: {list(Faults.WEIGHTS)}")
+    try:
+        low, high = (float(x) for x in args.gap.split(","))
+    except ValueError:
+        parser.error("--gap: expected two numbers, min,max")
+    if not 0 < low <= high:
+        parser.error("--gap: expected 0 < min <= max")
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
 
@@ -521,7 +556,7 @@ def main() -> int:
 
         publisher = Publisher(node.url, args.rate)
         memory = MemorySampler(dispatcher.pid)
-        faults = Faults(node, proxy, dispatcher, rng)
+        faults = Faults(node, proxy, dispatcher, rng, kinds, (low, high))
         publisher.start()
         memory.start()
         faults.start()
@@ -600,8 +635,18 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     published = confirmed | publisher.unconfirmed
     unknown_outputs = sorted(i for i in out_count if i not in published)
     duplicates = sum(1 for i in out_count if out_count[i] > 1)
+    dead_duplicates = sum(1 for i in dead_count if dead_count[i] > 1)
     leftover = {q: final_counts.get(q, (0, 0)) for q in (INPUT, *DELAY_QUEUES)}
+    # The broker's own account of a quorum queue command it threw away: a message
+    # dead-lettered from a delay queue while the queue's leader was not up yet.
+    dropped_commands = broker_log_lines(node, r"leader not known\. Command is dropped")
     leader_not_known = broker_log_lines(node, r"leader not known")
+    # A lost input whose last recorded attempt raised was last seen being moved to a
+    # delay queue by the retry policy (the dispatcher logs "retrying in ..."): it was
+    # lost between the delay queue and the input queue, on the broker.
+    trace = history(record, set(lost) | set(poison_missing) | set(healthy_dead))
+    lost_in_delay = sorted(i for i in set(lost) | set(poison_missing)
+                           if trace.get(i) and trace[i][-1].split()[-1].startswith("raise"))
 
     checks = {
         "no confirmed input lost": not lost,
@@ -614,6 +659,7 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     summary = {
         "seed": seed,
         "minutes": args.minutes,
+        "fault_kinds": args.faults,
         "inputs_confirmed": len(confirmed),
         "inputs_unconfirmed": len(publisher.unconfirmed),
         "publisher_failures": dict(publisher.failures),
@@ -628,6 +674,7 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
         "outputs_of_unpublished_ids": len(unknown_outputs),
         "duplicate_ids": duplicates,
         "duplicates_pct": round(100.0 * duplicates / max(1, len(out_count)), 3),
+        "dead_letter_duplicate_ids": dead_duplicates,
         "leftover": {q: list(c) for q, c in leftover.items()},
         "settled": drained,
         "settle_seconds": round(drain_took, 1),
@@ -636,7 +683,9 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
         "memory": memory.summary(),
         "faults": dict(faults.counts),
         "fault_errors": faults.errors,
+        "lost_last_seen_moving_to_delay_queue": len(lost_in_delay),
         "broker_leader_not_known_lines": leader_not_known,
+        "broker_command_dropped_lines": dropped_commands,
         "checks": checks,
         "ok": all(checks.values()),
     }
@@ -648,7 +697,8 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
           f"dead-lettered {len(dead)}")
     print(f"lost {len(lost)}; poison not dead-lettered {len(poison_missing)}; non-poison "
           f"dead-lettered {len(healthy_dead)}; duplicates {duplicates} ids "
-          f"({summary['duplicates_pct']}%)")
+          f"({summary['duplicates_pct']}% of ids with an output); dead-lettered more than "
+          f"once: {dead_duplicates} ids")
     print(f"settled: {drained} in {drain_took:.1f}s; leftover {leftover}")
     print(f"dispatcher exit {exit_status}, {term_took:.1f}s after SIGTERM")
     print(f"worker memory: {summary['memory']}")
@@ -656,16 +706,22 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     print("fault log:")
     for at, fault, detail in faults.events:
         print(f"  {at}Z {fault} {detail}")
-    print(f"broker log lines 'leader not known': {leader_not_known}")
+    print(f"broker log: {leader_not_known} line(s) 'leader not known', of which "
+          f"{dropped_commands} 'leader not known. Command is dropped'")
+    print(f"lost or missing poison last seen being moved to a delay queue: "
+          f"{len(lost_in_delay)} of {len(lost) + len(poison_missing)}")
     for name, passed in checks.items():
         print(f"  [{'ok' if passed else 'FAILED'}] {name}")
-    trace = history(record, set(lost[:20]) | set(poison_missing[:20]) | set(healthy_dead[:20]))
+    shown = set(lost[:20]) | set(poison_missing[:20]) | set(healthy_dead[:20])
+    logged = dispatcher_lines(work / "dispatcher.log", shown)
     for label, ids in (("lost", lost), ("poison not dead-lettered", poison_missing),
                        ("non-poison dead-lettered", healthy_dead)):
         if ids:
             print(f"{label} ids (first 20 of {len(ids)}): {ids[:20]}")
             for i in ids[:20]:
                 print(f"  {i} ({kind(i)}): {trace.get(i) or 'never reached consume'}")
+                if logged.get(i):
+                    print(f"      last dispatcher line: {logged[i][-1]}")
     print(json.dumps(summary, sort_keys=True))
     return bool(summary["ok"])
 
