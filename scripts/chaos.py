@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +295,7 @@ class Faults(threading.Thread):
         self.gap = gap
         self.stopping = threading.Event()
         self.counts: collections.Counter[str] = collections.Counter()
-        self.events: list[tuple[str, str, str]] = []  # (UTC time, fault, detail)
+        self.events: list[tuple[float, str, str]] = []  # (time.time() at start, fault, detail)
         self.errors: list[str] = []
         self.stopped_pids: set[int] = set()
 
@@ -304,7 +305,7 @@ class Faults(threading.Thread):
             fault = self.rng.choices(self.kinds, weights)[0]
             # The time it started: what a loss is correlated with (a node restart
             # takes seconds, and a stop_app's first second is when it bites).
-            started = time.strftime("%H:%M:%S", time.gmtime())
+            started = time.time()
             try:
                 detail = getattr(self, fault)()
             except Exception as exc:  # noqa: BLE001  a failed fault is logged, the soak goes on
@@ -445,13 +446,46 @@ def read_queue(url: str, queue: str) -> list[tuple[dict[str, Any], bytes]]:
     return messages
 
 
-def broker_log_lines(node: Broker, pattern: str) -> int:
+def utc(at: float) -> str:
+    return datetime.utcfromtimestamp(at).strftime("%H:%M:%S.%f")[:-3]
+
+
+def broker_log_times(node: Broker, pattern: str) -> list[float]:
+    """When the broker logged each line matching ``pattern`` (its log is in UTC:
+    ``2026-12-04 16:38:51.711228+00:00 [warning] ...``)."""
     regex = re.compile(pattern)
-    found = 0
+    found = []
     for path in (node.base / "log").glob("*.log"):
         with open(path, errors="replace") as handle:
-            found += sum(1 for line in handle if regex.search(line))
-    return found
+            for line in handle:
+                if regex.search(line):
+                    try:
+                        found.append(datetime.fromisoformat(line[:32]).timestamp())
+                    except ValueError:
+                        found.append(0.0)  # a continuation line: counted, time unknown
+    return sorted(found)
+
+
+def bursts(times: list[float], within: float = 1.0) -> list[tuple[float, int]]:
+    """``times`` grouped into bursts (each within ``within`` s of the previous):
+    (first time, count) each. The broker drops its commands all at once, at a boot."""
+    grouped: list[tuple[float, int]] = []
+    last = None
+    for at in times:
+        if last is not None and at - last <= within:
+            grouped[-1] = (grouped[-1][0], grouped[-1][1] + 1)
+        else:
+            grouped.append((at, 1))
+        last = at
+    return grouped
+
+
+def log_time(line: str) -> float | None:
+    """The time of a dispatcher log line (``2026-12-04 16:42:01,757 ...``, local time)."""
+    try:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
 
 
 def dispatcher_lines(path: Path, ids: set[int]) -> dict[int, list[str]]:
@@ -639,8 +673,9 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     leftover = {q: final_counts.get(q, (0, 0)) for q in (INPUT, *DELAY_QUEUES)}
     # The broker's own account of a quorum queue command it threw away: a message
     # dead-lettered from a delay queue while the queue's leader was not up yet.
-    dropped_commands = broker_log_lines(node, r"leader not known\. Command is dropped")
-    leader_not_known = broker_log_lines(node, r"leader not known")
+    dropped_times = broker_log_times(node, r"leader not known\. Command is dropped")
+    dropped_commands = len(dropped_times)
+    leader_not_known = len(broker_log_times(node, r"leader not known"))
     # A lost input whose last recorded attempt raised was last seen being moved to a
     # delay queue by the retry policy (the dispatcher logs "retrying in ..."): it was
     # lost between the delay queue and the input queue, on the broker.
@@ -705,11 +740,27 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     print(f"faults: {dict(faults.counts)}; failed faults: {faults.errors or 'none'}")
     print("fault log:")
     for at, fault, detail in faults.events:
-        print(f"  {at}Z {fault} {detail}")
+        print(f"  {utc(at)}Z {fault} {detail}")
     print(f"broker log: {leader_not_known} line(s) 'leader not known', of which "
           f"{dropped_commands} 'leader not known. Command is dropped'")
     print(f"lost or missing poison last seen being moved to a delay queue: "
           f"{len(lost_in_delay)} of {len(lost) + len(poison_missing)}")
+    if lost or poison_missing:
+        # Which broker fault each loss goes with: the dispatcher's last line about the
+        # id (its move to a delay queue) within 5 s after a broker stop began.
+        logged_all = dispatcher_lines(work / "dispatcher.log", set(lost) | set(poison_missing))
+        moved_at = {i: log_time(lines[-1]) for i, lines in logged_all.items() if lines}
+        broker_faults = [(at, fault) for at, fault, _ in faults.events
+                         if fault in ("broker_stop_app", "node_restart")]
+        matched = 0
+        print("missing inputs per broker fault (last move within 5 s after it began):")
+        for at, fault in broker_faults:
+            ids = sorted(i for i, t in moved_at.items() if t is not None and at <= t <= at + 5)
+            matched += len(ids)
+            print(f"  {utc(at)}Z {fault}: {len(ids)} {ids}")
+        print(f"  {matched} of {len(lost) + len(poison_missing)} missing inputs matched")
+        print("broker 'Command is dropped' lines per burst: "
+              + ", ".join(f"{utc(at)}Z x{n}" for at, n in bursts(dropped_times)))
     for name, passed in checks.items():
         print(f"  [{'ok' if passed else 'FAILED'}] {name}")
     shown = set(lost[:20]) | set(poison_missing[:20]) | set(healthy_dead[:20])
