@@ -392,32 +392,52 @@ class Faults(threading.Thread):
 # -- the end -----------------------------------------------------------------------
 
 
-def queue_counts(node: Broker) -> dict[str, tuple[int, int]]:
-    """(ready, unacked) of every queue on the node."""
+def queue_counts(node: Broker) -> dict[str, tuple[int, int, int]]:
+    """(ready, unacked, consumers) of every queue on the node, as rabbitmqctl says.
+
+    Not to be trusted alone just after a node (re)start: for some seconds it reports
+    0 ready and 0 unacked for quorum queues that hold thousands of messages (seen:
+    the output queue listed as empty right after a node_restart)."""
     out = node.ctl("list_queues", "-q", "--no-table-headers", "name", "messages_ready",
-                   "messages_unacknowledged", timeout=60)
+                   "messages_unacknowledged", "consumers", timeout=60)
     counts = {}
     for line in out.splitlines():
         fields = line.split("\t")
-        if len(fields) == 3:
-            counts[fields[0]] = (int(fields[1]), int(fields[2]))
+        if len(fields) == 4:
+            counts[fields[0]] = (int(fields[1]), int(fields[2]), int(fields[3]))
     return counts
 
 
-def settled(node: Broker) -> dict[str, tuple[int, int]] | None:
-    """The input and delay queues' counts if all are (0, 0), else None."""
+def ready_counts(url: str, queues: tuple[str, ...]) -> dict[str, int]:
+    """Messages ready in each of ``queues``, from a passive queue.declare: answered by
+    the queue itself (a quorum queue's leader), so it is exact, unlike list_queues
+    after a restart. Raises if the node is not up."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
+        channel = connection.channel()
+        return {q: channel.queue_declare(q, passive=True).method.message_count
+                for q in queues}
+    finally:
+        connection.close()
+
+
+def settled(node: Broker) -> bool:
+    """The input and delay queues hold nothing, ready or unacked, and the dispatcher
+    consumes from the input queue again (after a last broker fault, its reconnect
+    backoff can be many seconds: until it is back, an empty queue proves nothing)."""
+    try:
+        ready = ready_counts(node.url, (INPUT, *DELAY_QUEUES))
         counts = queue_counts(node)
-    except (RuntimeError, subprocess.TimeoutExpired):
-        return None
-    mine = {q: counts.get(q, (0, 0)) for q in (INPUT, *DELAY_QUEUES)}
-    return mine if all(c == (0, 0) for c in mine.values()) else None
+    except (RuntimeError, subprocess.TimeoutExpired, pika.exceptions.AMQPError):
+        return False
+    unacked = sum(counts.get(q, (0, 0, 0))[1] for q in (INPUT, *DELAY_QUEUES))
+    consumers = counts.get(INPUT, (0, 0, 0))[2]
+    return sum(ready.values()) == 0 and unacked == 0 and consumers > 0
 
 
 def wait_settled(node: Broker, timeout: float) -> tuple[bool, float]:
-    """Wait until the input and delay queues are empty and nothing is unacked, three
-    checks in a row (a message dead-lettered from a delay queue back to the input
-    queue is briefly in neither)."""
+    """Wait until ``settled``, three checks in a row (a message dead-lettered from a
+    delay queue back to the input queue is briefly in neither)."""
     started = time.monotonic()
     streak = 0
     while time.monotonic() - started < timeout:
@@ -610,10 +630,9 @@ def main() -> int:
         log(f"waiting up to {args.settle_timeout:.0f}s for {INPUT} and its delay queues "
             "to empty")
         drained, drain_took = wait_settled(node, args.settle_timeout)
-        final_counts = queue_counts(node)
-        log(f"settled={drained} after {drain_took:.1f}s: "
-            + ", ".join(f"{q} {final_counts.get(q)}" for q in (INPUT, *DELAY_QUEUES, OUTPUT,
-                                                               DEAD)))
+        counts = queue_counts(node)
+        log(f"settled={drained} after {drain_took:.1f}s: (ready, unacked, consumers) "
+            + ", ".join(f"{q} {counts.get(q)}" for q in (INPUT, *DELAY_QUEUES, OUTPUT, DEAD)))
         memory.stop()
 
         log(f"SIGTERM to the arbiter pid {dispatcher.pid}")
@@ -628,10 +647,18 @@ def main() -> int:
         term_took = time.monotonic() - term_at
         log(f"dispatcher exited {exit_status} {term_took:.1f}s after SIGTERM")
 
+        # With the dispatcher gone nothing is unacked: whatever the input and delay
+        # queues hold now is ready, and a passive declare counts it exactly. It is
+        # left over, not lost; its ids are read (after the longest delay, the delay
+        # queues have moved theirs to the input queue) to tell the two apart.
+        leftover = ready_counts(node.url, (INPUT, *DELAY_QUEUES))
+        time.sleep(max(DELAYS_MS) / 1000 + 0.5)
+        left_ids = {int(h["message_id"]) for q in (*DELAY_QUEUES, INPUT)
+                    for h, _ in read_queue(node.url, q)}
         outputs = read_queue(node.url, OUTPUT)
         dead = read_queue(node.url, DEAD)
         ok = report(args, seed, work, node, publisher, faults, memory, outputs, dead,
-                    final_counts, drained, drain_took, exit_status, term_took, record)
+                    leftover, left_ids, drained, drain_took, exit_status, term_took, record)
         return 0 if ok else 1
     finally:
         if dispatcher is not None and dispatcher.poll() is None:
@@ -652,7 +679,8 @@ def main() -> int:
 def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
            publisher: Publisher, faults: Faults, memory: MemorySampler,
            outputs: list[tuple[dict[str, Any], bytes]],
-           dead: list[tuple[dict[str, Any], bytes]], final_counts: dict[str, tuple[int, int]],
+           dead: list[tuple[dict[str, Any], bytes]], leftover: dict[str, int],
+           left_ids: set[int],
            drained: bool, drain_took: float, exit_status: int | None, term_took: float,
            record: Path) -> bool:
     out_count: collections.Counter[int] = collections.Counter(
@@ -662,33 +690,32 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     confirmed = publisher.confirmed
     poison = {i for i in confirmed if kind(i) == "poison"}
     healthy = confirmed - poison
-    lost = sorted(i for i in healthy if i not in out_count and i not in dead_count)
-    poison_missing = sorted(i for i in poison if i not in dead_count)
+    lost = sorted(i for i in healthy
+                  if i not in out_count and i not in dead_count and i not in left_ids)
+    poison_missing = sorted(i for i in poison if i not in dead_count and i not in left_ids)
     poison_with_output = sorted(i for i in poison if i in out_count)
     healthy_dead = sorted(i for i in healthy if i in dead_count)
     published = confirmed | publisher.unconfirmed
     unknown_outputs = sorted(i for i in out_count if i not in published)
     duplicates = sum(1 for i in out_count if out_count[i] > 1)
     dead_duplicates = sum(1 for i in dead_count if dead_count[i] > 1)
-    leftover = {q: final_counts.get(q, (0, 0)) for q in (INPUT, *DELAY_QUEUES)}
     # The broker's own account of a quorum queue command it threw away: a message
     # dead-lettered from a delay queue while the queue's leader was not up yet.
     dropped_times = broker_log_times(node, r"leader not known\. Command is dropped")
     dropped_commands = len(dropped_times)
     leader_not_known = len(broker_log_times(node, r"leader not known"))
-    # A lost input whose last recorded attempt raised was last seen being moved to a
-    # delay queue by the retry policy (the dispatcher logs "retrying in ..."): it was
-    # lost between the delay queue and the input queue, on the broker.
+    # A missing input whose last line in the dispatcher's log is the retry policy's
+    # "retrying in ..." was last seen moved (confirmed) to a delay queue: it was lost
+    # between the delay queue and the input queue, on the broker.
     trace = history(record, set(lost) | set(poison_missing) | set(healthy_dead))
-    lost_in_delay = sorted(i for i in set(lost) | set(poison_missing)
-                           if trace.get(i) and trace[i][-1].split()[-1].startswith("raise"))
+    logged_all = dispatcher_lines(work / "dispatcher.log", set(lost) | set(poison_missing))
+    lost_in_delay = sorted(i for i, lines in logged_all.items() if "retrying in" in lines[-1])
 
     checks = {
         "no confirmed input lost": not lost,
         "every poison input dead-lettered": not poison_missing,
         "no poison input has an output": not poison_with_output,
-        "input and delay queues empty, nothing unacked": all(
-            c == (0, 0) for c in leftover.values()),
+        "input and delay queues empty after the stop": not any(leftover.values()),
         "dispatcher exited 0 after SIGTERM": exit_status == 0,
     }
     summary = {
@@ -710,7 +737,8 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
         "duplicate_ids": duplicates,
         "duplicates_pct": round(100.0 * duplicates / max(1, len(out_count)), 3),
         "dead_letter_duplicate_ids": dead_duplicates,
-        "leftover": {q: list(c) for q, c in leftover.items()},
+        "leftover": leftover,
+        "leftover_confirmed_ids": len(left_ids & confirmed),
         "settled": drained,
         "settle_seconds": round(drain_took, 1),
         "exit_status": exit_status,
@@ -734,7 +762,8 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
           f"dead-lettered {len(healthy_dead)}; duplicates {duplicates} ids "
           f"({summary['duplicates_pct']}% of ids with an output); dead-lettered more than "
           f"once: {dead_duplicates} ids")
-    print(f"settled: {drained} in {drain_took:.1f}s; leftover {leftover}")
+    print(f"settled: {drained} in {drain_took:.1f}s; left in the queues after the stop "
+          f"(not counted as lost): {leftover}")
     print(f"dispatcher exit {exit_status}, {term_took:.1f}s after SIGTERM")
     print(f"worker memory: {summary['memory']}")
     print(f"faults: {dict(faults.counts)}; failed faults: {faults.errors or 'none'}")
@@ -748,7 +777,6 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     if lost or poison_missing:
         # Which broker fault each loss goes with: the dispatcher's last line about the
         # id (its move to a delay queue) within 5 s after a broker stop began.
-        logged_all = dispatcher_lines(work / "dispatcher.log", set(lost) | set(poison_missing))
         moved_at = {i: log_time(lines[-1]) for i, lines in logged_all.items() if lines}
         broker_faults = [(at, fault) for at, fault, _ in faults.events
                          if fault in ("broker_stop_app", "node_restart")]
@@ -764,7 +792,8 @@ def report(args: argparse.Namespace, seed: int, work: Path, node: Broker,
     for name, passed in checks.items():
         print(f"  [{'ok' if passed else 'FAILED'}] {name}")
     shown = set(lost[:20]) | set(poison_missing[:20]) | set(healthy_dead[:20])
-    logged = dispatcher_lines(work / "dispatcher.log", shown)
+    logged = dispatcher_lines(work / "dispatcher.log", shown - set(logged_all))
+    logged.update(logged_all)
     for label, ids in (("lost", lost), ("poison not dead-lettered", poison_missing),
                        ("non-poison dead-lettered", healthy_dead)):
         if ids:
