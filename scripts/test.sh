@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check amqpdispatcher tests examples bench
+.venv/bin/ruff check amqpdispatcher tests examples bench scripts
 .venv/bin/mypy amqpdispatcher
 .venv/bin/pytest "$@"
