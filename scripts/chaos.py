@@ -63,13 +63,15 @@ from chaosconsumer import kind  # noqa: E402  (scripts/ is sys.path[0] when run 
 from faultproxy import FaultProxy  # noqa: E402
 from rabbitnode import Broker  # noqa: E402
 
+from amqpdispatcher.config.consumers import delay_queue_name  # noqa: E402
+
 DISPATCHER = str(Path(sys.executable).parent / "amqp-dispatcher")
 
 INPUT = "chaos.in"
 OUTPUT = "chaos.out"
 DEAD = "chaos.dead"
 DELAYS_MS = (200, 500)  # what the retry policy below gives: 0.2, then 0.2 * 2.5
-DELAY_QUEUES = tuple(f"{INPUT}.retry.{ms}ms" for ms in DELAYS_MS)
+DELAY_QUEUES = tuple(delay_queue_name(INPUT, ms) for ms in DELAYS_MS)
 WORKERS = 2
 DRAIN_TIMEOUT = 15
 
