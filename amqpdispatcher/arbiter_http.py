@@ -34,6 +34,7 @@ import re
 import shutil
 import socket
 import socketserver
+import stat
 import sys
 import tempfile
 import threading
@@ -311,19 +312,26 @@ class ArbiterEndpoint(Collector):
 def _remove_stale_directories(parent: str) -> None:
     """Remove the socket directories that arbiters now gone left in ``parent`` (one
     killed by SIGKILL cannot remove its own): only those named as ours, with the pid
-    of no process, that are directories (not symlinks) of this user."""
+    of no process, that are directories (not symlinks) of this user, holding nothing
+    but sockets (what an arbiter puts there: anything else is someone's data)."""
     for entry in os.scandir(parent):
         match = STALE_DIRECTORY.fullmatch(entry.name)
         try:
             if match is None or not entry.is_dir(follow_symlinks=False) \
                     or entry.stat(follow_symlinks=False).st_uid != os.getuid() \
-                    or _running(int(match[1])):
+                    or _running(int(match[1])) or not _only_sockets(entry.path):
                 continue
         except OSError:
             continue  # gone meanwhile
         # rmtree follows no symlink within, nor one swapped in for the entry meanwhile.
         shutil.rmtree(entry.path, ignore_errors=True)
         log.info("removed %s, left behind by an arbiter that is gone", entry.path)
+
+
+def _only_sockets(path: str) -> bool:
+    with os.scandir(path) as entries:
+        return all(stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+                   for entry in entries)
 
 
 def _running(pid: int) -> bool:

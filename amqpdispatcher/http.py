@@ -212,7 +212,13 @@ class _Handler(WSGIHandler):
         return result if connections.holds(self.socket) else None
 
     def handle_one_response(self) -> None:
-        if self.server.connections.answer(self.socket):
+        # After the answer pywsgi reads whatever the request's body the app left unread
+        # (ours read none), which the client may never send: such a request stays one a
+        # new connection can close, or clients announcing a body would hold every slot
+        # "answering" and each probe be closed instead.
+        body = self.environ.get("CONTENT_LENGTH", "0") not in ("", "0") \
+            or "chunked" in self.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if self.server.connections.answer(self.socket, evictable=body):
             super().handle_one_response()
         else:  # closed while it was sending the request: nothing to answer
             self.close_connection = True
@@ -282,13 +288,14 @@ class Connections:
             if held is not None:
                 held.deadline, held.answering = time.monotonic() + self.timeout, False
 
-    def answer(self, sock: Any) -> bool:
+    def answer(self, sock: Any, evictable: bool = False) -> bool:
         """The connection's request is read: whether to answer it (False: the connection
-        was closed meanwhile)."""
+        was closed meanwhile). ``evictable``: the request waits on its client even so
+        (for a body the server reads after the answer), and a new connection may close it."""
         with self.lock:
             held = self.held.get(sock)
             if held is not None:
-                held.answering = True
+                held.answering = not evictable
             return held is not None
 
     def holds(self, sock: Any) -> bool:

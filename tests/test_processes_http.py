@@ -289,6 +289,10 @@ def test_a_killed_arbiters_socket_directory_is_removed_by_the_next(
         (target / "keep").touch()
         link = temp / f"amqp-dispatcher-{first.process.pid}-link"
         link.symlink_to(target)
+        # Named as a dead arbiter's, but holding what no arbiter puts there: a user's.
+        data = temp / f"amqp-dispatcher-{first.process.pid}-data"
+        data.mkdir()
+        (data / "notes.txt").write_text("keep me")
 
         second = DispatcherProcess(tmp_path / "second", config, broker.url, env=env,
                                    args=("--processes", "2"))
@@ -296,9 +300,10 @@ def test_a_killed_arbiters_socket_directory_is_removed_by_the_next(
         assert not stale.exists()
         assert live.is_dir() and unrelated.is_dir() and link.is_symlink()
         assert (target / "keep").exists()
+        assert (data / "notes.txt").read_text() == "keep me"
         assert second.stop() == 0, second.output
         assert sorted(p.name for p in temp.iterdir()) == \
-            sorted(p.name for p in (live, unrelated, link))  # its own one removed
+            sorted(p.name for p in (live, unrelated, link, data))  # its own one removed
     finally:
         first.stop()
         if second is not None:
