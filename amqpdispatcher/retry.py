@@ -262,15 +262,19 @@ def dead_letter_headers(headers: dict[str, Any] | None, exc: BaseException, atte
 def _republished(properties: Any, headers: dict[str, Any]) -> pika.spec.BasicProperties:
     """The properties of a move of a delivery: its own, persistent, with ``headers``
     (retry_headers or dead_letter_headers of its headers) less CC and BCC, and without
-    user_id and expiration, recorded in USER_ID_HEADER and EXPIRATION_HEADER unless a
-    move before this one did."""
+    user_id and expiration, recorded in USER_ID_HEADER and EXPIRATION_HEADER.
+
+    A delivery that has the property is as first published (a move drops it): its
+    value is recorded, over whatever the publisher put in the header itself (the
+    broker validated user_id, not the header). A delivery without it keeps the header
+    an earlier move recorded."""
     values = dict(vars(properties))
     headers = {name: value for name, value in headers.items()
                if name not in ROUTING_HEADERS}
     for prop, header in (("user_id", USER_ID_HEADER), ("expiration", EXPIRATION_HEADER)):
         value = values.pop(prop, None)
         if value is not None:
-            headers.setdefault(header, value)
+            headers[header] = value
     values["headers"] = headers
     values["delivery_mode"] = 2
     return pika.spec.BasicProperties(**values)
