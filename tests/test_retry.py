@@ -424,6 +424,7 @@ def test_a_refused_move_fails_no_other_move(broker: BrokerHandle, tmp_path: Path
     node.ctl("eval", "application:set_env(rabbit, max_message_size, 100000).")
     proc = DispatcherProcess(tmp_path, config, broker.url)
     try:
+        proc.wait_consuming()  # q.failed declared: counts() raises KeyError before
         wait_until(lambda: broker.counts("q.failed")[0] == len(small), timeout=30,
                    what="every small message dead-lettered")
         records = proc.records()
