@@ -72,6 +72,7 @@ from .broker import (
     STABLE_SESSION,
     BrokerError,
     NoAnswer,
+    NoFreeChannel,
     SyncChannel,
     close_connection,
     connect,
@@ -147,6 +148,11 @@ class PublishReturned(PublishError):
         super().__init__(message)
         self.reply_code = reply_code
         self.reply_text = reply_text
+
+
+class PublishNoChannel(PublishError):
+    """No channel could be opened for the publish: the publishing connection has as
+    many as the broker's channel_max allows. Nothing was sent."""
 
 
 class PublishTimeout(PublishError):
@@ -536,6 +542,9 @@ class Publisher:
                                              self.publishing.timeout, deadline)
         except NoAnswer:
             raise self._open_timeout() from None
+        except NoFreeChannel as exc:
+            raise PublishNoChannel(f"cannot open the publishing channel of {self.name}: "
+                                   f"{exc}; nothing was sent") from None
         except BrokerError as exc:
             raise PublishError(f"cannot open the publishing channel of {self.name}: {exc}") \
                 from None
@@ -595,7 +604,8 @@ class Publishers:
     Publisher: opened by its first publish, reopened with backoff): one per
     concurrent publish, up to ``limit`` (the entry's consumer_count: one per worker;
     greenlets a consume spawns to publish side by side share the channels beyond
-    that). The most recently used is taken first, so publishes one after another
+    that, or the broker's channel_max: a channel that cannot be opened for it lowers
+    the limit). The most recently used is taken first, so publishes one after another
     share one channel and its reopening backoff. A publish nobody waits for
     (``confirm`` false) goes on the first channel: a refusal fails no publish that
     waits, and one consume's publishes keep their order.
@@ -622,6 +632,7 @@ class Publishers:
         if not confirm or (not self._idle and self._opened >= self.limit):
             self.first.publish(exchange, routing_key, body, properties, mandatory, confirm)
             return
+        publisher: Publisher | None
         if self._idle:
             publisher = self._idle.pop()
         else:
@@ -630,8 +641,18 @@ class Publishers:
                 f"{self.first.name}, channel {self._opened}")
         try:
             publisher.publish(exchange, routing_key, body, properties, mandatory, confirm)
+        except PublishNoChannel:
+            if publisher is self.first:
+                raise
+            # The broker's channel_max is reached: this entry keeps the channels it has,
+            # and the publish (nothing was sent) shares the first one.
+            self._opened -= 1
+            self.limit = self._opened
+            publisher = None
+            self.first.publish(exchange, routing_key, body, properties, mandatory, confirm)
         finally:
-            self._idle.append(publisher)
+            if publisher is not None:
+                self._idle.append(publisher)
 
 
 # -- the process's publishing connection ------------------------------------------
