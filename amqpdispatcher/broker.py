@@ -74,6 +74,10 @@ class NoAnswer(BrokerError):
     """The broker did not answer within RPC_TIMEOUT, or by the caller's deadline."""
 
 
+class NoFreeChannel(BrokerError):
+    """The connection has as many channels open as the broker's channel_max allows."""
+
+
 class TopologyError(BrokerError):
     """The broker refused an exchange, queue, binding or consumer that the config asks
     for. ``refused_type``: the exchange whose type the broker does not know, over which
@@ -233,6 +237,10 @@ class SyncChannel:
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         try:
             sync = cls(connection.channel(on_open_callback=result.set), deadline)
+        except pika.exceptions.NoFreeChannels:
+            raise NoFreeChannel(f"cannot open a channel: the connection has the "
+                                f"{connection.params.channel_max} the broker allows "
+                                "(channel_max)") from None
         except pika.exceptions.AMQPError as exc:  # the connection closed meanwhile
             raise BrokerError(f"cannot open a channel: {describe_close(exc)}") from None
         sync._waiting = result

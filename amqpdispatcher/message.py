@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .acks import Acknowledger
-from .publisher import Publisher
+from .publisher import Publishers
 from .retry import attempt_of
 
 _PROPERTY_NAMES = (
@@ -71,7 +71,7 @@ class AMQPProxy:
 
     __slots__ = ("_acker", "_publisher", "tag", "_response")
 
-    def __init__(self, acker: Acknowledger, publisher: Publisher, tag: int) -> None:
+    def __init__(self, acker: Acknowledger, publisher: Publishers, tag: int) -> None:
         self._acker = acker
         self._publisher = publisher
         self.tag = tag

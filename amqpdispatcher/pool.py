@@ -25,7 +25,7 @@ from .config import ConsumerConfig, describe_exception
 from .logs import delivery_fields
 from .message import AMQPProxy, Message
 from .metrics import EntryMetrics
-from .publisher import Publisher
+from .publisher import Publisher, Publishers
 from .retry import FailurePolicy, TimeLimit, attempt_of
 
 log = logging.getLogger("amqp-dispatcher")
@@ -43,7 +43,8 @@ class ConsumerPool:
                  policy_publisher: Publisher, timed: bool = False) -> None:
         self.entry = entry
         self.cls = cls
-        self.publisher = publisher  # amqp.publish's channel
+        # amqp.publish's channels: one per publish waiting for its confirm (Publishers).
+        self.publisher = Publishers(publisher, entry.consumer_count)
         # timed: measure each consume call's duration (only when /metrics can show it).
         self.metrics = EntryMetrics(timed)
         # The policy's moves have a channel of their own: a consume's publish that gets

@@ -10,8 +10,10 @@ This module owns:
   is opened by the first publish (a process that never publishes never opens it),
   then kept open: reconnected with the consuming connection's backoff after a
   loss, and closed at stop, after the drain.
-- Per consumer entry, one channel on it for ``amqp.publish`` and one for its retry
-  policy's moves (``Publisher``), each opened by its first publish, always in
+- Per consumer entry, channels on it for ``amqp.publish`` and others for its retry
+  policy's moves (``Publishers``: one per publish waiting for its confirm, as a
+  refused publish fails every other on its channel; each a ``Publisher``), each
+  opened by its first publish, always in
   confirm mode (the retry policy needs confirms; ``publisher_confirms: false``
   only stops ``amqp.publish`` from waiting). The broker closing a channel fails
   the publishes in flight on it and nothing else: consumption never notices, and
@@ -70,6 +72,7 @@ from .broker import (
     STABLE_SESSION,
     BrokerError,
     NoAnswer,
+    NoFreeChannel,
     SyncChannel,
     close_connection,
     connect,
@@ -145,6 +148,11 @@ class PublishReturned(PublishError):
         super().__init__(message)
         self.reply_code = reply_code
         self.reply_text = reply_text
+
+
+class PublishNoChannel(PublishError):
+    """No channel could be opened for the publish: the publishing connection has as
+    many as the broker's channel_max allows. Nothing was sent."""
 
 
 class PublishTimeout(PublishError):
@@ -534,6 +542,9 @@ class Publisher:
                                              self.publishing.timeout, deadline)
         except NoAnswer:
             raise self._open_timeout() from None
+        except NoFreeChannel as exc:
+            raise PublishNoChannel(f"cannot open the publishing channel of {self.name}: "
+                                   f"{exc}; nothing was sent") from None
         except BrokerError as exc:
             raise PublishError(f"cannot open the publishing channel of {self.name}: {exc}") \
                 from None
@@ -578,6 +589,70 @@ class Publisher:
                         self.name, self._returns, method.exchange, method.routing_key,
                         method.reply_code, method.reply_text)
             self._returns, self._returns_logged_at = 0, now
+
+
+class Publishers:
+    """One consumer entry's publishing channels of one kind (``amqp.publish``'s, or its
+    retry policy's moves), each carrying at most one confirmed publish at a time.
+
+    A publish the broker refuses (a 404 for an exchange deleted since it was checked,
+    a 403 topic permission, a 406 ``user_id`` or message size) closes its channel, and
+    the broker then sends no confirm for the publishes before it on that channel,
+    though they may already be in their queue: a publish sharing the channel would
+    raise, its input be retried, and its message be published twice. Each confirmed
+    publish takes an idle channel, or opens another on the publishing connection (a
+    Publisher: opened by its first publish, reopened with backoff): one per
+    concurrent publish, up to ``limit`` (the entry's consumer_count: one per worker;
+    greenlets a consume spawns to publish side by side share the channels beyond
+    that, or the broker's channel_max: a channel that cannot be opened for it lowers
+    the limit). The most recently used is taken first, so publishes one after another
+    share one channel and its reopening backoff. A publish nobody waits for
+    (``confirm`` false) goes on the first channel: a refusal fails no publish that
+    waits, and one consume's publishes keep their order.
+    """
+
+    def __init__(self, first: Publisher, limit: int) -> None:
+        self.first = first
+        self.limit = max(1, limit)
+        self._idle = [first]
+        self._opened = 1
+
+    def publish_message(self, exchange: Any, routing_key: Any, headers: Any, body: Any,
+                        mandatory: Any, options: dict[str, Any]) -> None:
+        """``amqp.publish``: as Publisher.publish_message."""
+        data, properties = build_message(exchange, routing_key, headers, body, mandatory,
+                                         options)
+        self.publish(exchange, routing_key, data, properties, mandatory,
+                     self.first.publishing.confirms)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes,
+                properties: pika.spec.BasicProperties, mandatory: bool = True,
+                confirm: bool = True) -> None:
+        """As Publisher.publish, on a channel no other waiting publish is on."""
+        if not confirm or (not self._idle and self._opened >= self.limit):
+            self.first.publish(exchange, routing_key, body, properties, mandatory, confirm)
+            return
+        publisher: Publisher | None
+        if self._idle:
+            publisher = self._idle.pop()
+        else:
+            self._opened += 1
+            publisher = self.first.publishing.publisher(
+                f"{self.first.name}, channel {self._opened}")
+        try:
+            publisher.publish(exchange, routing_key, body, properties, mandatory, confirm)
+        except PublishNoChannel:
+            if publisher is self.first:
+                raise
+            # The broker's channel_max is reached: this entry keeps the channels it has,
+            # and the publish (nothing was sent) shares the first one.
+            self._opened -= 1
+            self.limit = self._opened
+            publisher = None
+            self.first.publish(exchange, routing_key, body, properties, mandatory, confirm)
+        finally:
+            if publisher is not None:
+                self._idle.append(publisher)
 
 
 # -- the process's publishing connection ------------------------------------------

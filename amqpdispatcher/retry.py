@@ -26,7 +26,7 @@ published again and means the same (``_republished``): ``user_id`` (RabbitMQ
 refuses one that is not the publishing user's), ``expiration`` (it would expire
 the copy in the delay or dead-letter queue) and the ``CC``/``BCC`` headers (they
 would copy it to other queues again) are dropped; the first two are recorded in
-headers. Each move has a channel to itself while in flight (MoveChannels): a
+headers. Each move has a channel to itself while in flight (publisher.Publishers): a
 move the broker refuses closes its channel, and with it the moves in flight on
 it, which may already be in their queue without a confirm.
 
@@ -52,7 +52,7 @@ from .config import Config, ConsumerConfig, QueueConfig, describe_exception
 from .config.consumers import delay_queue_name
 from .logs import delivery_fields
 from .metrics import DEAD_LETTER, RETRY
-from .publisher import Publisher, PublishError, PublishReturned
+from .publisher import Publisher, PublishError, Publishers, PublishReturned
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -262,51 +262,22 @@ def dead_letter_headers(headers: dict[str, Any] | None, exc: BaseException, atte
 def _republished(properties: Any, headers: dict[str, Any]) -> pika.spec.BasicProperties:
     """The properties of a move of a delivery: its own, persistent, with ``headers``
     (retry_headers or dead_letter_headers of its headers) less CC and BCC, and without
-    user_id and expiration, recorded in USER_ID_HEADER and EXPIRATION_HEADER unless a
-    move before this one did."""
+    user_id and expiration, recorded in USER_ID_HEADER and EXPIRATION_HEADER.
+
+    A delivery that has the property is as first published (a move drops it): its
+    value is recorded, over whatever the publisher put in the header itself (the
+    broker validated user_id, not the header). A delivery without it keeps the header
+    an earlier move recorded."""
     values = dict(vars(properties))
     headers = {name: value for name, value in headers.items()
                if name not in ROUTING_HEADERS}
     for prop, header in (("user_id", USER_ID_HEADER), ("expiration", EXPIRATION_HEADER)):
         value = values.pop(prop, None)
         if value is not None:
-            headers.setdefault(header, value)
+            headers[header] = value
     values["headers"] = headers
     values["delivery_mode"] = 2
     return pika.spec.BasicProperties(**values)
-
-
-class MoveChannels:
-    """The policy's publishing channels, each carrying at most one move at a time.
-
-    A publish the broker refuses (406, 403) closes its channel, and the broker then
-    sends no confirm for the publishes before it on that channel, though they may
-    already be in their queue: moves sharing a channel would be failed, and their
-    originals requeued while their copies wait in a delay queue. Each move takes an
-    idle channel, or opens another on the publishing connection (a Publisher: opened
-    by its first publish, reopened with backoff): at most one per concurrent move,
-    so at most the entry's consumer_count. The most recently used is taken first, so
-    moves one after another share one channel and its reopening backoff.
-    """
-
-    def __init__(self, first: Publisher) -> None:
-        self._first = first
-        self._idle = [first]
-        self._opened = 1
-
-    def publish(self, queue: str, body: bytes, properties: pika.spec.BasicProperties) -> None:
-        """Publish to ``queue`` through the default exchange, mandatory, and wait for the
-        confirm; raises PublishError as Publisher.publish does."""
-        if self._idle:
-            publisher = self._idle.pop()
-        else:
-            self._opened += 1
-            publisher = self._first.publishing.publisher(
-                f"{self._first.name}, channel {self._opened}")
-        try:
-            publisher.publish("", queue, body, properties, mandatory=True)
-        finally:
-            self._idle.append(publisher)
 
 
 @dataclass
@@ -357,11 +328,11 @@ class FailurePolicy:
     """One consumer entry's answer to a failed delivery (see the module docstring)."""
 
     def __init__(self, entry: ConsumerConfig, publisher: Publisher) -> None:
-        """``publisher``: the moves' first channel (MoveChannels opens more on its
+        """``publisher``: the moves' first channel (Publishers opens more on its
         connection when moves overlap)."""
         self.entry = entry
         self.retry = entry.retry
-        self.moves = MoveChannels(publisher)
+        self.moves = Publishers(publisher, entry.consumer_count)
         self.failures = FailureLog(entry.consumer)
         # Without a retry policy; on a stream the reject is an ack (see acks.py).
         self.without_retry = ("message acked (a stream keeps it, and does not deliver it "
@@ -422,7 +393,7 @@ class FailurePolicy:
         """Publish to ``queue`` and ack the original once confirmed, counted as ``outcome``
         (metrics.RETRY or DEAD_LETTER); else requeue it."""
         try:
-            self.moves.publish(queue, body, properties)
+            self.moves.publish("", queue, body, properties, mandatory=True)
         except PublishError as not_moved:
             acker.reject(tag, requeue=True)  # a no-op if its channel closed meanwhile
             hint = " (was the queue deleted?)" if isinstance(not_moved, PublishReturned) else ""

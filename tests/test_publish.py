@@ -321,6 +321,45 @@ def test_retry_moves_are_not_failed_by_another_consumes_publish(broker: BrokerHa
         assert proc.stop() == 0, proc.output
 
 
+def test_a_refused_publish_fails_no_other_consumes_publish(broker: BrokerHandle,
+                                                          tmp_path: Path) -> None:
+    """Before: an entry's consumes shared one channel for amqp.publish. Input x publishes
+    to a quorum queue; 2 ms later input y publishes to an exchange deleted since it was
+    checked, and the broker closes that channel before confirming x's message, which it
+    had routed: x's publish raised, x was requeued and published again (5 of 6 x in
+    'out' twice). Now each publish waiting for its confirm has a channel to itself."""
+    pairs = 6
+    for i in range(pairs):
+        broker.channel.exchange_declare(f"gone{i}", "fanout")
+    text = ("queues:\n  - queue: in\n  - queue: out\n    x_queue_type: quorum\n"
+            "consumers:\n  - consumer: publishers:Publisher\n    queue: in\n"
+            "    consumer_count: 10\n    prefetch_count: 10\n")
+    proc = DispatcherProcess(tmp_path, text, broker.url)
+    try:
+        proc.wait_consuming()
+        for i in range(pairs):  # the dispatcher checks each exchange, and remembers it
+            broker.publish("in", order(f"warm{i}", [f"gone{i}", "", None, "w"], once=True))
+        wait_until(lambda: finished(proc, *(f"warm{i}" for i in range(pairs))),
+                   what="the exchanges checked")
+        for i in range(pairs):
+            broker.channel.exchange_delete(f"gone{i}")
+        start = time.time() + 1.0
+        for i in range(pairs):
+            at = start + i * 1.5
+            broker.publish("in", order(f"x{i}", ["", "out", None, f"x{i}"], at=at))
+            broker.publish("in", order(f"y{i}", [f"gone{i}", "", None, "y"], once=True,
+                                       at=at + 0.002))
+        ids = [f"{kind}{i}" for kind in "xy" for i in range(pairs)]
+        wait_until(lambda: finished(proc, *ids), timeout=pairs * 1.5 + 15,
+                   what="every input handled")
+        wait_until(lambda: broker.drained("in"), what="every input acked")
+        assert sorted(broker.get_all("out")) == sorted(f"x{i}".encode() for i in range(pairs))
+        for i in range(pairs):
+            assert [c["outcome"] for c in calls(proc, f"x{i}")] == ["ok"]
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
 def test_exchanges_are_checked_once_and_forgotten_when_deleted(broker: BrokerHandle) -> None:
     """In-process: the first publish to an exchange checks it on a side channel (a
     missing one raises without closing the publishing channel); a checked exchange

@@ -424,6 +424,7 @@ def test_a_refused_move_fails_no_other_move(broker: BrokerHandle, tmp_path: Path
     node.ctl("eval", "application:set_env(rabbit, max_message_size, 100000).")
     proc = DispatcherProcess(tmp_path, config, broker.url)
     try:
+        proc.wait_consuming()  # q.failed declared: counts() raises KeyError before
         wait_until(lambda: broker.counts("q.failed")[0] == len(small), timeout=30,
                    what="every small message dead-lettered")
         records = proc.records()
@@ -580,3 +581,42 @@ def test_a_move_confirmed_before_its_channel_closes_is_not_failed() -> None:
     results = [move.get(timeout=5) for move in moves]
     assert results[:2] == ["confirmed", "confirmed"]
     assert results[2].startswith("failed: the broker closed the publishing channel")
+
+
+def test_moves_beyond_the_brokers_channel_max_share_a_channel_and_keep_their_delay(
+        tmp_path: Path) -> None:
+    """Each move in flight opens a channel of its own, up to consumer_count. Before: with
+    a broker whose channel_max is below that (channel_max = 16, consumer_count 30), a
+    move that found no channel number failed ('cannot open the publishing channel ...
+    NoFreeChannels'), its message was requeued at once with the same attempt, and
+    consume was called up to 12 times for a message the policy allows 3. Now such a
+    move shares the entry's first channel."""
+    import collections
+    import uuid
+
+    from rabbitnode import Broker
+
+    node = Broker(name=f"adtest-chmax-{uuid.uuid4().hex[:6]}", conf="channel_max = 16\n")
+    node.start()
+    handle = BrokerHandle(node, "/")
+    try:
+        config = retry_config(max_attempts=3, delay=1, backoff=1).replace(
+            "consumer_count: 2\n    prefetch_count: 4\n",
+            "consumer_count: 30\n    prefetch_count: 30\n")
+        proc = DispatcherProcess(tmp_path, config, node.url)
+        try:
+            proc.wait_consuming()
+            bodies = [f"twice-c{i}" for i in range(200)]
+            for body in bodies:
+                handle.publish("q", body, delivery_mode=2)
+            wait_until(lambda: all(f"done:{body}" in proc.records() for body in bodies),
+                       timeout=120, what="every message done")
+            calls = collections.Counter(line.split(":")[1] for line in proc.records()
+                                        if line.startswith("attempt:"))
+            assert set(calls.values()) == {3}, collections.Counter(calls.values())
+            assert "cannot open the publishing channel" not in proc.output
+        finally:
+            assert proc.stop() == 0, proc.output
+    finally:
+        handle.close()
+        node.stop()

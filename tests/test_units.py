@@ -334,6 +334,27 @@ def test_retry_and_dead_letter_headers() -> None:
     assert dead["x-amqp-dispatcher-first-failure"].startswith("1970-01-01T00:00:00.000")
 
 
+def test_a_move_records_the_validated_user_id_not_a_header_the_publisher_forged() -> None:
+    """Before: the recording headers were only set when absent, so a publisher could
+    send ``x-amqp-dispatcher-user-id: admin`` with its own (broker-validated) user_id:
+    the first move dropped the real user_id and kept the forged header, which the README
+    says holds the user_id as first published. A delivery with the property is as first
+    published (a move drops it), so the property is what is recorded."""
+    from amqpdispatcher.retry import EXPIRATION_HEADER, USER_ID_HEADER, _republished
+
+    forged = {USER_ID_HEADER: "admin", EXPIRATION_HEADER: "86400000"}
+    first = _republished(pika.BasicProperties(user_id="guest", expiration="500",
+                                              headers=dict(forged)),
+                         retry_headers(forged, 1, _Method(), 0.0))
+    assert first.user_id is None and first.expiration is None
+    assert first.headers[USER_ID_HEADER] == "guest"
+    assert first.headers[EXPIRATION_HEADER] == "500"
+    # A later move (the property gone) keeps what the first move recorded.
+    later = _republished(first, retry_headers(first.headers, 2, _Method(), 1.0))
+    assert later.headers[USER_ID_HEADER] == "guest"
+    assert later.headers[EXPIRATION_HEADER] == "500"
+
+
 class _FakeChannel:
     def __init__(self) -> None:
         self.published: list[str] = []
