@@ -3,58 +3,30 @@
 from __future__ import annotations
 
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 from helpers import BrokerHandle, DispatcherProcess, wait_until
 from rabbitnode import free_port
-from test_metrics import PROBE_CONFIG, probe_failures, ready
+from test_metrics import PROBE_CONFIG, Tricklers, probe_failures, ready
 
 
-class BodyHolders:
-    """``count`` clients, a thread each: each sends a whole request announcing a body it
-    never sends, and connects again as soon as the server closes it."""
+class BodyHolders(Tricklers):
+    """Tricklers whose request is whole and announces a body they never send."""
 
-    def __init__(self, port: int, head: bytes, count: int = 70) -> None:
-        self.head = head
-        self.port = port
-        self.count = count
-        self.connects = 0
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._hold, daemon=True) for _ in range(count)]
+    def __init__(self, port: int, head: bytes) -> None:
+        super().__init__(port)
+        self.HEAD = head
 
-    def __enter__(self) -> BodyHolders:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join()
-
-    def all_connected(self) -> bool:
-        with self.lock:
-            return self.connects >= self.count
-
-    def _hold(self) -> None:
+    def hold(self, sock: socket.socket) -> None:
+        # The answer comes first; the connection is held until the server closes it.
+        sock.settimeout(0.5)
         while not self.stopping.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                    sock.sendall(self.head)
-                    with self.lock:
-                        self.connects += 1
-                    sock.settimeout(0.5)
-                    while not self.stopping.is_set():
-                        try:
-                            if sock.recv(65536) == b"":
-                                break  # closed by the server: connect again
-                        except socket.timeout:
-                            continue
-            except OSError:
-                self.stopping.wait(0.2)
+                if sock.recv(65536) == b"":
+                    return
+            except socket.timeout:
+                continue
 
 
 @pytest.mark.parametrize("body", ["Content-Length: 1000000", "Transfer-Encoding: chunked"])

@@ -442,10 +442,14 @@ class Tricklers:
                     sock.sendall(self.HEAD)
                     with self.lock:
                         self.connects += 1
-                    while not self.stopping.wait(1.0) and not self._closed(sock):
-                        sock.sendall(b"a")
+                    self.hold(sock)
             except OSError:
                 self.stopping.wait(0.2)  # refused (the server is gone): not a busy loop
+
+    def hold(self, sock: socket.socket) -> None:
+        """Keep the connection busy until the server closes it (then connect again)."""
+        while not self.stopping.wait(1.0) and not self._closed(sock):
+            sock.sendall(b"a")
 
     @staticmethod
     def _closed(sock: socket.socket) -> bool:
