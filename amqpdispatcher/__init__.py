@@ -5,21 +5,21 @@ from typing import TYPE_CHECKING, Any
 __version__ = "1.0.0.dev0"
 
 if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ below
+    from .amqp.errors import PublishError as PublishError
+    from .amqp.errors import PublishNacked as PublishNacked
+    from .amqp.errors import PublishReturned as PublishReturned
+    from .amqp.errors import PublishTimeout as PublishTimeout
     from .api import Dispatcher as Dispatcher
     from .config import ConfigError as ConfigError
-    from .publisher import PublishError as PublishError
-    from .publisher import PublishNacked as PublishNacked
-    from .publisher import PublishReturned as PublishReturned
-    from .publisher import PublishTimeout as PublishTimeout
-    from .retry import TimeLimitExceeded as TimeLimitExceeded
-    from .settings import SettingsError as SettingsError
+    from .config.settings import SettingsError as SettingsError
+    from .consuming.failure import TimeLimitExceeded as TimeLimitExceeded
 
 # The public names, each imported on first use: setup.py imports this package for
 # __version__ before gevent and pika are installed, and importing it stays cheap.
-_LAZY = {"Dispatcher": "api", "ConfigError": "config", "SettingsError": "settings",
-         "TimeLimitExceeded": "retry", "PublishError": "publisher",
-         "PublishNacked": "publisher", "PublishReturned": "publisher",
-         "PublishTimeout": "publisher"}
+_LAZY = {"Dispatcher": "api", "ConfigError": "config", "SettingsError": "config.settings",
+         "TimeLimitExceeded": "consuming.failure", "ListenError": "observability.wsgi",
+         "PublishError": "amqp.errors", "PublishNacked": "amqp.errors",
+         "PublishReturned": "amqp.errors", "PublishTimeout": "amqp.errors"}
 
 
 def __getattr__(name: str) -> Any:

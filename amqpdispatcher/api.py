@@ -7,9 +7,9 @@
     dispatcher.stop()                               # from another greenlet: as SIGTERM
 
 It is the process the command line runs (cli.py builds one with
-``Dispatcher.from_config`` from the config it has checked): reload.py's
+``Dispatcher.from_config`` from the config it has checked): runtime/generations.py's
 Generations (the signals, SIGHUP reload, the HTTP endpoint, the dispatcher
-generations doing the work), and with ``exit_when_drained`` drain.py's watch.
+generations doing the work), and with ``exit_when_drained`` runtime/drain.py's watch.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Any, Union
 import gevent
 
 from .config import Config, Resolved, load_config, load_config_dict
-from .drain import DrainWatch
-from .logs import redact_password
-from .reload import Generations
-from .settings import Settings, parse_url, settings_from_env
-from .worker import ArbiterLink
+from .config.settings import Settings, parse_url, settings_from_env
+from .observability.logs import redact_password
+from .runtime.drain import DrainWatch
+from .runtime.generations import Generations, Link
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -48,7 +47,7 @@ class Dispatcher:
     every log line from then on.
 
     ``exit_when_drained``: seconds; ``run`` returns 0 once every consumer's queue
-    has been empty and nothing has been in flight for that long (see drain.py).
+    has been empty and nothing has been in flight for that long (see runtime/drain.py).
     None (the default): run until stopped.
 
     Raises ``amqpdispatcher.ConfigError`` (its ``problems``: one line each) for a
@@ -70,7 +69,7 @@ class Dispatcher:
     @classmethod
     def from_config(cls, config: Config, resolved: Resolved, settings: Settings, *,
                     exit_when_drained: float | None = None,
-                    link: ArbiterLink | None = None) -> Dispatcher:
+                    link: Link | None = None) -> Dispatcher:
         """From a config ``load_config`` has read and imported (the command line's way;
         ``link``: this process is a worker of ``--processes``)."""
         self = cls.__new__(cls)
@@ -78,7 +77,7 @@ class Dispatcher:
         return self
 
     def _init(self, config: Config, resolved: Resolved, settings: Settings,
-              exit_when_drained: float | None, link: ArbiterLink | None,
+              exit_when_drained: float | None, link: Link | None,
               reloadable: bool) -> None:
         if exit_when_drained is not None and not exit_when_drained >= 0:
             raise ValueError(f"exit_when_drained: expected zero or more seconds, "
@@ -92,7 +91,7 @@ class Dispatcher:
         hub that will run the dispatcher (normally the main thread).
 
         With an ``http`` key in the config, the endpoint's port is bound first:
-        ``amqpdispatcher.http.ListenError`` (one line) if it cannot be.
+        ``amqpdispatcher.ListenError`` (one line) if it cannot be.
 
         ``handle_signals``: act on SIGTERM, SIGINT, SIGQUIT, SIGHUP (reload), SIGUSR1
         and SIGUSR2 as the command line does (README, "Process lifecycle"), until

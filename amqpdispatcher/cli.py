@@ -1,5 +1,6 @@
 """The command line: flags, start-up checks, exit statuses, and what a signal does until
-the main loop (reload.py) or the arbiter (arbiter.py) takes the signals over (see README.md)."""
+the main loop (runtime/generations.py) or the arbiter (supervision/arbiter.py) takes
+the signals over (see README.md)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ import traceback
 from types import FrameType
 from typing import TextIO
 
-from . import __version__, preflight
+from . import __version__
+from .amqp import preflight
 from .api import Dispatcher
-from .arbiter import Arbiter
 from .config import ConfigError, load_config, schema_text
-from .dispatcher import EXIT_CONFIG
-from .http import ListenError
-from .logs import redact, redact_password, setup_logging
-from .retry import time_limit_warnings
-from .settings import SettingsError, settings_from_env
-from .worker import ArbiterLink
+from .config.settings import SettingsError, settings_from_env
+from .consuming.failure import time_limit_warnings
+from .contracts.exits import EXIT_CONFIG
+from .contracts.signals import START_SIGNALS
+from .observability.logs import redact, redact_password, setup_logging
+from .observability.wsgi import ListenError
+from .supervision.arbiter import Arbiter
+from .supervision.link import ArbiterLink
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -78,13 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# Until the main loop (reload.py) or the arbiter installs its own, what each signal
-# means while the process starts (importing the consumer code can take a while): the
-# stop signals end the start at once (nothing was consumed); SIGUSR1 logs where the
-# start is; SIGHUP and SIGUSR2 are logged and ignored (their default action would kill
-# the process).
-START_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                 signal.SIGUSR1, signal.SIGUSR2)
+# What each signal means while the process starts: contracts/signals.py (START_SIGNALS).
 
 
 class StoppedAtStart(BaseException):

@@ -9,6 +9,6 @@ collections.Callable = collections.abc.Callable
 if not hasattr(inspect, "getargspec"):
     inspect.getargspec = inspect.getfullargspec
 
-from amqpdispatcher.dispatcher import main  # noqa: E402
+from amqpdispatcher.runtime.generation import main  # noqa: E402
 
 sys.exit(main())

@@ -17,7 +17,7 @@ from helpers import REPO, SCRIPT
 
 from amqpdispatcher.cli import parse_args
 from amqpdispatcher.config import Config
-from amqpdispatcher.dispatcher import CLOSE_TIMEOUT
+from amqpdispatcher.contracts.timeouts import CLOSE_TIMEOUT
 
 EXAMPLES = REPO / "examples"
 DEFAULT_DRAIN_TIMEOUT = Config(path="").drain_timeout

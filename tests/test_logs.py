@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 
-from amqpdispatcher import logs
+from amqpdispatcher.observability import logs
 
 SECRET = "pw-Zq81xK"
 
@@ -244,7 +244,7 @@ def test_bad_log_format_in_consume_is_reported_not_raised(broker: BrokerHandle,
 
 def test_password_as_written_in_the_url_is_redacted_too(logger: logging.Logger) -> None:
     """Any percent-encoding of it (lower-case hex, needless escapes) stays hidden."""
-    from amqpdispatcher.settings import parse_url
+    from amqpdispatcher.config.settings import parse_url
 
     url = "amqp://u:p%c3%a4ssw%c3%b6rd%65@h/"
     settings = parse_url(url)

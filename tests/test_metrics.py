@@ -24,9 +24,8 @@ from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from rabbitnode import Broker, free_port
 
-from amqpdispatcher import http
-from amqpdispatcher.acks import Acknowledger
-from amqpdispatcher.metrics import (
+from amqpdispatcher.consuming.acks import Acknowledger
+from amqpdispatcher.consuming.outcomes import (
     ACK,
     DEAD_LETTER,
     DROPPED,
@@ -36,6 +35,8 @@ from amqpdispatcher.metrics import (
     RETRY,
     Durations,
 )
+from amqpdispatcher.observability import http
+from amqpdispatcher.observability.metrics import cumulative
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -699,7 +700,7 @@ def test_duration_buckets_are_cumulative_and_inclusive() -> None:
     durations = Durations()
     for seconds in (0.0005, 0.001, 0.003, 400.0):
         durations.observe(seconds)
-    buckets = dict(durations.cumulative())
+    buckets = dict(cumulative(durations))
     assert buckets["0.001"] == 2  # "le": an observation on the bound is in its bucket
     assert buckets["0.0025"] == 2 and buckets["0.005"] == 3
     assert buckets["300.0"] == 3 and buckets["+Inf"] == 4
@@ -712,7 +713,8 @@ def test_entries_with_the_same_queue_and_consumer_share_one_series() -> None:
     from prometheus_client import generate_latest
 
     from amqpdispatcher.config import ConsumerConfig
-    from amqpdispatcher.metrics import EntryMetrics, registry
+    from amqpdispatcher.consuming.outcomes import EntryMetrics
+    from amqpdispatcher.observability.metrics import registry
 
     def pool(queue: str, acks: int, busy: int) -> SimpleNamespace:
         metrics = EntryMetrics(timed=True)

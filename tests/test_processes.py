@@ -29,9 +29,9 @@ from helpers import (
 from test_reload import config as reload_config
 from test_reload import reloadable
 
-from amqpdispatcher import arbiter as arbiter_module
-from amqpdispatcher.arbiter import Arbiter, Worker
 from amqpdispatcher.cli import parse_args
+from amqpdispatcher.supervision import arbiter as arbiter_module
+from amqpdispatcher.supervision.arbiter import Arbiter, Worker
 
 RECORDER = ("queues:\n  - queue: jobs\n"
             "consumers:\n  - consumer: testconsumers:Recorder\n    queue: jobs\n")

@@ -36,7 +36,7 @@ from test_processes import gone, workers
 from test_reload import config as reload_config
 from test_reload import reloadable
 
-from amqpdispatcher.arbiter_http import Totals, parse
+from amqpdispatcher.supervision.endpoint import Totals, parse
 
 # The same two entries as the single-process metrics test.
 CONFIG = METRICS_CONFIG

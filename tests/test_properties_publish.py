@@ -16,15 +16,10 @@ import pika.spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amqpdispatcher.acks import Acknowledger
-from amqpdispatcher.metrics import ACK, OUTCOMES, RETRY
-from amqpdispatcher.publisher import (
-    ConfirmChannel,
-    PublishError,
-    PublishNacked,
-    PublishReturned,
-    PublishTimeout,
-)
+from amqpdispatcher.amqp.confirms import ConfirmChannel
+from amqpdispatcher.amqp.errors import PublishError, PublishNacked, PublishReturned, PublishTimeout
+from amqpdispatcher.consuming.acks import Acknowledger
+from amqpdispatcher.consuming.outcomes import ACK, OUTCOMES, RETRY
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -12,10 +12,11 @@ import pika
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from amqpdispatcher.amqp.errors import PublishError, PublishNacked, PublishReturned
 from amqpdispatcher.config import MAX_DELAY_QUEUES, ConsumerConfig, RetryConfig
-from amqpdispatcher.metrics import DEAD_LETTER, RETRY
-from amqpdispatcher.publisher import PublishError, PublishNacked, PublishReturned
-from amqpdispatcher.retry import ATTEMPT_HEADER, FailurePolicy, delay_queue_names
+from amqpdispatcher.config.retry import delay_queue_names
+from amqpdispatcher.consuming.failure import ATTEMPT_HEADER, FailurePolicy
+from amqpdispatcher.consuming.outcomes import DEAD_LETTER, RETRY
 
 POLICY_PREFIX = "x-amqp-dispatcher-"
 # Kept as they are by every move.

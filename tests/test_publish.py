@@ -19,18 +19,15 @@ from faultproxy import FaultProxy
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import Broker
 
-from amqpdispatcher.broker import SyncChannel, close_connection, connect
-from amqpdispatcher.pool import StopNow
-from amqpdispatcher.publisher import (
-    ConfirmChannel,
-    Publisher,
-    PublishError,
-    PublishingConnection,
-    PublishTimeout,
-    build_message,
-)
-from amqpdispatcher.retry import TimeLimitExceeded
-from amqpdispatcher.settings import parse_url
+from amqpdispatcher.amqp.arguments import build_message
+from amqpdispatcher.amqp.channel import SyncChannel
+from amqpdispatcher.amqp.confirms import ConfirmChannel
+from amqpdispatcher.amqp.connection import close_connection, connect
+from amqpdispatcher.amqp.errors import PublishError, PublishTimeout
+from amqpdispatcher.amqp.publishing import Publisher, PublishingConnection
+from amqpdispatcher.config.settings import parse_url
+from amqpdispatcher.consuming.failure import TimeLimitExceeded
+from amqpdispatcher.consuming.pool import StopNow
 
 
 def order(id_: str, publish: list[Any] | None = None, **extra: Any) -> str:

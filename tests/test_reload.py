@@ -16,11 +16,11 @@ import gevent
 import pytest
 from helpers import TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
 
-from amqpdispatcher.arbiter import Arbiter, Worker
 from amqpdispatcher.config import ConfigError, load_config
-from amqpdispatcher.metrics import ACK
-from amqpdispatcher.reload import Generation, Generations, load_afresh
-from amqpdispatcher.settings import parse_url
+from amqpdispatcher.config.settings import parse_url
+from amqpdispatcher.consuming.outcomes import ACK
+from amqpdispatcher.runtime.generations import Generations, Running, load_afresh
+from amqpdispatcher.supervision.arbiter import Arbiter, Worker
 
 # A consumer module the tests write next to the config (the working directory is on
 # sys.path), then rewrite to deploy new code.
@@ -334,9 +334,9 @@ class RacingGenerations(Generations):
     reload times out: both events are queued, the timeout's first (the race is a few
     microseconds wide in a real process)."""
 
-    raced: Generation | None = None
+    raced: Running | None = None
 
-    def _launch(self, generation: Generation) -> None:
+    def _launch(self, generation: Running) -> None:
         if generation is self.current:
             super()._launch(generation)
             return
@@ -346,7 +346,7 @@ class RacingGenerations(Generations):
             self.events.put(("reload_timeout", generation))
             self.events.put(("started", generation))
 
-        generation.greenlet = gevent.spawn(generation.dispatcher.run, started)
+        generation.greenlet = gevent.spawn(generation.generation.run, started)
         generation.greenlet.link(lambda _: self.events.put(("exited", generation)))
 
 
@@ -381,7 +381,7 @@ def test_a_reload_that_consumes_as_it_times_out_keeps_the_running_generation(
         assert generations.current is old and not old.stopping and old.alive
         assert not generations.stopping and not generations.retiring
         broker.publish("jobs", "after")
-        acked = old.dispatcher.pools[0].metrics.outcomes
+        acked = old.generation.pools[0].metrics.outcomes
         until(lambda: acked[ACK] == 1, "the running generation consuming")
     finally:
         generations.stop()

@@ -550,7 +550,8 @@ def test_a_move_confirmed_before_its_channel_closes_is_not_failed() -> None:
     import pika.exceptions
     import pika.spec
 
-    from amqpdispatcher.publisher import ConfirmChannel, PublishError
+    from amqpdispatcher.amqp.confirms import ConfirmChannel
+    from amqpdispatcher.amqp.errors import PublishError
 
     class Channel:
         def add_on_close_callback(self, callback: Any) -> None:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization  # trustme's own depend
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import Broker, free_port
 
-from amqpdispatcher.settings import QUERY_PARAMETERS, SettingsError, parse_url, ssl_reason
+from amqpdispatcher.config.settings import QUERY_PARAMETERS, SettingsError, parse_url, ssl_reason
 
 PASSWORD = "s3cret-pw"  # on the node below it is guest's password
 CONFIG = "consumers:\n  - consumer: testconsumers:Recorder\n    queue: {queue}\n"

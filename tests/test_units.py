@@ -16,13 +16,11 @@ import pika.frame
 import pika.spec
 import pytest
 
-from amqpdispatcher.acks import Acknowledger
-from amqpdispatcher.broker import (
-    _connect_failure,
-    cancel_consumer,
-    describe_inequivalent,
-    is_delivery_ack_timeout,
-)
+from amqpdispatcher.amqp.channel import cancel_consumer
+from amqpdispatcher.amqp.confirms import ConfirmChannel
+from amqpdispatcher.amqp.connection import _connect_failure, is_delivery_ack_timeout
+from amqpdispatcher.amqp.errors import PublishError, PublishNacked, PublishReturned, PublishTimeout
+from amqpdispatcher.amqp.topology import describe_inequivalent
 from amqpdispatcher.config import (
     Config,
     ConsumerConfig,
@@ -31,25 +29,19 @@ from amqpdispatcher.config import (
     RetryConfig,
     load_config_dict,
 )
-from amqpdispatcher.dispatcher import Dispatcher
-from amqpdispatcher.metrics import ACK, DROPPED, OUTCOMES
-from amqpdispatcher.publisher import (
-    ConfirmChannel,
-    PublishError,
-    PublishNacked,
-    PublishReturned,
-    PublishTimeout,
-)
-from amqpdispatcher.retry import (
+from amqpdispatcher.config.retry import retry_queues
+from amqpdispatcher.config.settings import SettingsError, parse_url
+from amqpdispatcher.consuming.acks import Acknowledger
+from amqpdispatcher.consuming.failure import (
     ATTEMPT_HEADER,
     TimeLimit,
     TimeLimitExceeded,
     attempt_of,
     dead_letter_headers,
     retry_headers,
-    retry_queues,
 )
-from amqpdispatcher.settings import SettingsError, parse_url
+from amqpdispatcher.consuming.outcomes import ACK, DROPPED, OUTCOMES
+from amqpdispatcher.runtime.generation import Generation
 
 
 def test_url_defaults_and_decoding() -> None:
@@ -340,7 +332,7 @@ def test_a_move_records_the_validated_user_id_not_a_header_the_publisher_forged(
     the first move dropped the real user_id and kept the forged header, which the README
     says holds the user_id as first published. A delivery with the property is as first
     published (a move drops it), so the property is what is recorded."""
-    from amqpdispatcher.retry import EXPIRATION_HEADER, USER_ID_HEADER, _republished
+    from amqpdispatcher.consuming.failure import EXPIRATION_HEADER, USER_ID_HEADER, _republished
 
     forged = {USER_ID_HEADER: "admin", EXPIRATION_HEADER: "86400000"}
     first = _republished(pika.BasicProperties(user_id="guest", expiration="500",
@@ -645,7 +637,7 @@ def test_a_fast_stop_sends_the_acks_already_collected() -> None:
     dropping them with the channel, so those messages are not handled again."""
     config, resolved = load_config_dict(
         {"consumers": [{"consumer": f"{__name__}:_Consumer", "queue": "q"}]})
-    dispatcher = Dispatcher(config, resolved, parse_url("amqp://u:p@127.0.0.1:1/"))
+    dispatcher = Generation(config, resolved, parse_url("amqp://u:p@127.0.0.1:1/"))
     acker, channel = make(2)
     acker.ack(1)  # its consume returned; the flush is scheduled, not yet run
     dispatcher.channels[0] = SimpleNamespace(acker=acker)  # type: ignore[assignment]

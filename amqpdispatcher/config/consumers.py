@@ -1,5 +1,5 @@
 """The ``consumers:`` section: each entry's keys, defaults and checks, and its
-``retry:`` policy (RETRY_KEYS; the policy itself runs in amqpdispatcher/retry.py)."""
+``retry:`` policy (RETRY_KEYS; the policy itself runs in amqpdispatcher/consuming/failure.py)."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ CONSUMER_KEYS: dict[str, _Key] = {
     "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
     # basic.qos carries prefetch_count in 16 bits.
     "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
-    # Beyond 0.4.3: failure handling (amqpdispatcher/retry.py).
+    # Beyond 0.4.3: failure handling (amqpdispatcher/consuming/failure.py).
     "time_limit": _Key((float, int), positive=True,
                        doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
     "retry": _Key((dict,), entries=RETRY_KEYS,

@@ -55,7 +55,7 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "publisher_confirms": _Key((bool,), default=True, nullable=False,
                                doc="amqp.publish waits for the broker's confirm and raises "
                                    "if it does not take the message"),
-    # Beyond 0.4.3: observability (amqpdispatcher/metrics.py, amqpdispatcher/http.py).
+    # Beyond 0.4.3: observability (amqpdispatcher/observability/).
     "http": _Key((dict,), entries=HTTP_KEYS,
                  doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
                      "absent: no port opened"),

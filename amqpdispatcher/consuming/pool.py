@@ -1,12 +1,12 @@
-"""One consumer entry: ``consumer_count`` worker greenlets, each owning one instance.
+"""One consumer entry: ``consumer_count`` slot greenlets, each owning one instance.
 
 This module holds the answer to "what happens to a message after ``consume``
 returns or raises": see ``ConsumerPool._handle``; after a failure it asks the
-entry's failure policy (``retry.FailurePolicy``).
+entry's failure policy (``failure.FailurePolicy``).
 
-A worker greenlet lives as long as the process: every exception from user
+A slot greenlet lives as long as the process: every exception from user
 code and from settling is contained in ``_handle``, so the number of live
-workers always equals ``consumer_count`` until the dispatcher stops them.
+slots always equals ``consumer_count`` until the dispatcher stops them.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import gevent
 import gevent.event
 import gevent.queue
 
+from ..amqp.publishing import Publisher, Publishers
+from ..config import ConsumerConfig, describe_exception
 from .acks import Acknowledger
-from .config import ConsumerConfig, describe_exception
-from .logs import delivery_fields
+from .failure import FailurePolicy, TimeLimit, attempt_of
 from .message import AMQPProxy, Message
-from .metrics import EntryMetrics
-from .publisher import Publisher, Publishers
-from .retry import FailurePolicy, TimeLimit, attempt_of
+from .outcomes import EntryMetrics, delivery_fields
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -35,7 +34,7 @@ REPLACE_MAX_DELAY = 30.0
 
 
 class StopNow(BaseException):
-    """Thrown into a worker to stop it at once (fast stop). Never raised by user code."""
+    """Thrown into a slot greenlet to stop it at once (fast stop). Never raised by user code."""
 
 
 class ConsumerPool:
@@ -55,7 +54,7 @@ class ConsumerPool:
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
         # One per slot; None while a failed instance is being replaced.
         self.instances: list[Any] = []
-        self.workers: list[gevent.Greenlet] = []
+        self.slots: list[gevent.Greenlet] = []
         self.busy = 0  # consume calls running now
         self.stopping = gevent.event.Event()
 
@@ -65,9 +64,9 @@ class ConsumerPool:
             self.instances.append(self.cls())
 
     def start(self) -> None:
-        self.workers = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
-        for slot, worker in enumerate(self.workers):  # named in SIGUSR1's stack dump
-            worker.name = f"{self.entry.path} {self.entry.consumer} slot {slot}"
+        self.slots = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
+        for slot, greenlet in enumerate(self.slots):  # named in SIGUSR1's stack dump
+            greenlet.name = f"{self.entry.path} {self.entry.consumer} slot {slot}"
 
     def on_message(self, acker: Acknowledger) -> Callable[..., None]:
         """The basic_consume callback for one channel. Runs in the I/O loop: never blocks."""
@@ -168,7 +167,7 @@ class ConsumerPool:
             delay = min(delay * 2, REPLACE_MAX_DELAY)
 
     def requeue_waiting(self) -> int:
-        """Give back deliveries that no worker has started (used when stopping)."""
+        """Give back deliveries that no slot has started (used when stopping)."""
         count = 0
         while True:
             try:
@@ -200,16 +199,16 @@ class ConsumerPool:
         return dropped
 
     def live_instances(self) -> int:
-        """Worker slots with a live greenlet and an instance (not being replaced)."""
-        return sum(1 for worker, instance in zip(self.workers, self.instances)
-                   if instance is not None and not worker.dead)
+        """Slots with a live greenlet and an instance (not being replaced)."""
+        return sum(1 for greenlet, instance in zip(self.slots, self.instances)
+                   if instance is not None and not greenlet.dead)
 
-    def stop_workers(self) -> list[gevent.Greenlet]:
-        """Ask each worker to exit after its current message; return them to wait on."""
+    def stop_slots(self) -> list[gevent.Greenlet]:
+        """Ask each slot greenlet to exit after its current message; return them to wait on."""
         self.stopping.set()
-        for _ in self.workers:
+        for _ in self.slots:
             self.work.put_nowait(None)
-        return self.workers
+        return self.slots
 
     def shutdown_instances(self) -> None:
         """``shutdown(None)`` on every instance, once."""

@@ -19,9 +19,9 @@ so tags already rejected or acked singly below it are untouched.
 When the channel is gone (connection lost, channel closed), the tags mean
 nothing on any other channel: settling is a no-op and the broker redelivers.
 pika's errors for a channel that closed under us end up the same way; they
-never reach the worker that settles.
+never reach the slot greenlet that settles.
 
-Each delivery's outcome is counted here (metrics.OUTCOMES), as its frame is
+Each delivery's outcome is counted here (outcomes.OUTCOMES), as its frame is
 sent: plain acks once per flush, the rest one by one; a settle that cannot be
 sent counts as ``dropped`` instead.
 """
@@ -34,7 +34,7 @@ from typing import Any
 import gevent
 import pika.exceptions
 
-from .metrics import ACK, DROPPED, REJECT, REQUEUE
+from .outcomes import ACK, DROPPED, REJECT, REQUEUE
 
 log = logging.getLogger("amqp-dispatcher.acks")
 
@@ -81,7 +81,7 @@ class Acknowledger:
 
     def ack_now(self, tag: int, outcome: int) -> None:
         """Ack at once, counted as ``outcome``: the failure policy's ack of a message it
-        moved to a delay or dead-letter queue (metrics.RETRY, metrics.DEAD_LETTER)."""
+        moved to a delay or dead-letter queue (outcomes.RETRY, outcomes.DEAD_LETTER)."""
         self._send_now(self.channel.basic_ack, tag, outcome)
 
     def drop(self) -> None:

@@ -7,13 +7,13 @@ The work is done when, for SECONDS without a break:
   ``<queue>.retry.<ms>ms`` of earlier versions while one is left: a message
   waiting for its retry is not done); a consumer's queue that is missing is not
   empty (its entry is being repaired), a missing delay queue holds nothing;
-- no delivery is in this process: none waits for a worker, none is in
+- no delivery is in this process: none waits for a slot, none is in
   ``consume`` or with the failure policy, none is settled but not yet acked;
 - the dispatcher is connected and every entry consumes: while disconnected or
   repairing, nothing is known, so the work is never done; nor while a SIGHUP
   reload is in progress (a new generation starting, a replaced one draining).
 
-DrainWatch follows the process's current generation (reload.py's
+DrainWatch follows the process's current generation (generations.py's
 Generations), whose config says which queues to look at. It samples every
 min(1 s, SECONDS / 4), asking the broker on a channel of its own (a passive
 ``queue.declare`` answers with the number of messages ready) between two looks
@@ -30,11 +30,12 @@ from typing import Any
 
 import gevent
 
-from .broker import BrokerError, SyncChannel
-from .config import Config
-from .dispatcher import Dispatcher
-from .reload import Generations
-from .retry import delay_queue_names, legacy_delay_queue_name
+from ..amqp.channel import SyncChannel
+from ..amqp.errors import BrokerError
+from ..config import Config
+from ..config.retry import delay_queue_names, legacy_delay_queue_name
+from .generation import Generation
+from .generations import Generations
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -111,7 +112,7 @@ class DrainWatch:
             return False
         return self.generations.settled() is dispatcher and _idle(dispatcher)
 
-    def _ready(self, dispatcher: Dispatcher, queue: str) -> int | None:
+    def _ready(self, dispatcher: Generation, queue: str) -> int | None:
         """Messages ready in the queue; None if it does not exist."""
         connection = dispatcher.connection
         if self._sync is None or self._sync.close_reason is not None \
@@ -134,7 +135,7 @@ class DrainWatch:
             self._sync = None
 
 
-def _idle(dispatcher: Dispatcher) -> bool:
+def _idle(dispatcher: Generation) -> bool:
     """Connected, every entry consuming, and no delivery in this generation."""
     connection = dispatcher.connection
     if connection is None or not connection.is_open or dispatcher.broken \

@@ -1,4 +1,5 @@
-"""A worker process under the arbiter (``--processes N``, arbiter.py): its link to it.
+"""A worker process under the arbiter (``--processes N``, arbiter.py): its link to it
+(what both sides agree on: contracts/link.py).
 
 The arbiter starts each worker with its name in AMQP_DISPATCHER_WORKER (``2/4``,
 added to the connection's ``connection_name``) and one end of a socket pair in
@@ -17,7 +18,7 @@ the process with ``os._exit(EXIT_DRAIN_TIMEOUT)`` if it is still there
 WATCHDOG_MARGIN seconds after the longest ``drain_timeout`` it runs with.
 
 When the config has ``http``, AMQP_DISPATCHER_HTTP_SOCKET names the unix socket
-on which the worker serves its endpoint for the arbiter (arbiter_http.py).
+on which the worker serves its endpoint for the arbiter (endpoint.py).
 """
 
 from __future__ import annotations
@@ -34,14 +35,11 @@ import gevent
 import gevent.monkey
 import gevent.socket
 
-from .arbiter import HTTP_SOCKET_ENV, LINK_FD_ENV, WORKER_ENV
-from .dispatcher import EXIT_DRAIN_TIMEOUT
+from ..contracts.exits import EXIT_DRAIN_TIMEOUT
+from ..contracts.link import CONSUMING, HTTP_SOCKET_ENV, LINK_FD_ENV, STARTED, WORKER_ENV
+from ..contracts.timeouts import WATCHDOG_MARGIN
 
 log = logging.getLogger("amqp-dispatcher")
-
-# A stop takes at most drain_timeout plus about 5 s (CLOSE_TIMEOUT for the closes,
-# KILL_TIMEOUT for stuck greenlets): the watchdog gives it drain_timeout + this.
-WATCHDOG_MARGIN = 10.0
 
 # How long the watchdog waits for its last line to be written before it exits anyway.
 LAST_LINE_TIMEOUT = 1.0
@@ -60,7 +58,7 @@ class ArbiterLink:
         self.fd = fd
         self.http_socket = http_socket  # where to serve /metrics, /readyz for the arbiter
         self.arbiter_pid = os.getppid()
-        # The longest drain_timeout of the configs this process has run (reload.py
+        # The longest drain_timeout of the configs this process has run (runtime/generations.py
         # keeps it up to date); none before the config is loaded: nothing to drain.
         self.drain_timeout = 0.0
 
@@ -88,12 +86,12 @@ class ArbiterLink:
 
     def started(self) -> None:
         """Tell the arbiter this process handles its signals; start the watchdog."""
-        self._tell(b"started\n")
+        self._tell(STARTED + b"\n")
         threading.Thread(target=self._watchdog, name="arbiter watchdog", daemon=True).start()
 
     def consuming(self) -> None:
         """Tell the arbiter that every consumer entry consumes."""
-        self._tell(b"consuming\n")
+        self._tell(CONSUMING + b"\n")
 
     def watch(self, gone: Callable[[], None]) -> None:
         """Call ``gone`` (in a greenlet of its own) once the arbiter is gone."""

@@ -22,28 +22,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from .settings import SettingsError
+from ..config.settings import SettingsError
+from ..consuming.outcomes import DELIVERY_FIELDS
 
 if TYPE_CHECKING:
-    from .config import ConsumerConfig
+    pass
 
 DEFAULT_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
 LOG_FORMATS = ("text", "json")
-
-# Attributes a line about one delivery carries (delivery_fields); JSON logs show them.
-DELIVERY_FIELDS = ("queue", "consumer", "delivery_tag", "outcome", "attempt")
-
-
-def delivery_fields(entry: ConsumerConfig, delivery_tag: int, outcome: str | None,
-                    attempt: int) -> dict[str, Any]:
-    """The ``extra=`` of a log line about one delivery. ``outcome`` as in the metrics
-    (metrics.OUTCOMES); None when the consumer settled the delivery itself."""
-    fields = {"queue": entry.queue, "consumer": entry.consumer, "delivery_tag": delivery_tag,
-              "attempt": attempt}
-    if outcome is not None:
-        fields["outcome"] = outcome
-    return fields
-
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, pid, the

@@ -61,27 +61,21 @@ from typing import Any
 
 import pika
 
-from .broker import (
-    RPC_TIMEOUT,
-    BrokerError,
-    SyncChannel,
-    close_connection,
-    connect,
-    describe_close,
-    describe_inequivalent,
-    is_refused_exchange_type,
-)
-from .config import Binding, Config, ConsumerConfig, ExchangeConfig, QueueConfig
-from .publisher import ConfirmChannel, PublishError, PublishReturned
-from .retry import retry_queues
-from .settings import Settings
+from ..config import Binding, Config, ConsumerConfig, ExchangeConfig, QueueConfig
+from ..config.retry import retry_queues
+from ..config.settings import Settings
+from ..contracts.timeouts import CLOSE_TIMEOUT
+from .channel import SyncChannel
+from .confirms import ConfirmChannel
+from .connection import RPC_TIMEOUT, close_connection, connect, describe_close
+from .errors import BrokerError, PublishError, PublishReturned
+from .topology import describe_inequivalent, is_refused_exchange_type
 
 # A value the broker refuses for these arguments, after its permission checks.
 PROBE = "amqp-dispatcher --check"
 PROBE_QUEUE_ARGUMENT = "x-max-length"
 PROBE_EXCHANGE_ARGUMENT = "alternate-exchange"  # refused unless a string
 PROBE_CONSUME_ARGUMENT = "x-priority"
-CLOSE_TIMEOUT = 5.0
 
 
 def check(config: Config, settings: Settings) -> int:

@@ -8,7 +8,7 @@ channel, closing) runs in a greenlet of its own while the main greenlet keeps
 reading events, so a signal is acted on at once in every phase, start-up
 included.
 
-Consumer instances and their worker greenlets live for the whole process; a
+Consumer instances and their slot greenlets live for the whole process; a
 connection (a "session") can come and go under them. Deliveries carry the
 Acknowledger of the channel they came on, and settling on a channel that is
 gone is a no-op: the broker redelivers those messages.
@@ -19,7 +19,7 @@ entries consume meanwhile. Only at start does a refusal stop the process
 (status 4): then it is a config error, not an incident.
 
 Publishing (``amqp.publish``, the retry policies) has a connection of its own,
-owned by ``publisher.PublishingConnection``: opened by the first publish,
+owned by amqp/publishing.py's ``PublishingConnection``: opened by the first publish,
 repaired on its own, and closed here at stop, after the drain.
 """
 
@@ -37,57 +37,48 @@ import gevent.event
 import gevent.queue
 import pika.exceptions
 
-from .acks import Acknowledger
-from .broker import (
+from ..amqp.channel import SyncChannel, cancel_consumer
+from ..amqp.connection import (
     RECONNECT_FIRST_DELAY,
     RECONNECT_MAX_DELAY,
     REOPEN_FIRST_DELAY,
     REOPEN_MAX_DELAY,
     STABLE_SESSION,
-    BrokerError,
-    Declared,
-    SyncChannel,
-    TopologyError,
-    cancel_consumer,
     close_connection,
-    config_error,
     connect,
-    declare_topology,
     describe_close,
     is_delivery_ack_timeout,
 )
-from .config import Config, ExchangeConfig, Resolved, describe_exception
-from .metrics import StatsLog
-from .pool import ConsumerPool, StopNow
-from .publisher import PublishingConnection
-from .retry import retry_queues
-from .settings import Settings
+from ..amqp.errors import BrokerError, TopologyError
+from ..amqp.publishing import PublishingConnection
+from ..amqp.topology import Declared, config_error, declare_topology
+from ..config import Config, ExchangeConfig, Resolved, describe_exception
+from ..config.retry import retry_queues
+from ..config.settings import Settings
+from ..consuming.acks import Acknowledger
+from ..consuming.pool import ConsumerPool, StopNow
+from ..contracts.exits import (
+    EXIT_BROKER,
+    EXIT_DRAIN_TIMEOUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_TOPOLOGY,
+    EXIT_USER_CODE,
+)
+from ..contracts.signals import GRACEFUL_SIGNALS
+from ..contracts.timeouts import CLOSE_TIMEOUT, KILL_TIMEOUT
+from ..observability.metrics import StatsLog
 
 log = logging.getLogger("amqp-dispatcher")
 
-# Exit statuses; README.md documents each (2, bad usage, is argparse's).
-EXIT_OK = 0
-EXIT_CONFIG = 1
-EXIT_BROKER = 3
-EXIT_TOPOLOGY = 4
-EXIT_USER_CODE = 5
-EXIT_DRAIN_TIMEOUT = 6
-EXIT_INTERNAL = 70  # a bug in the dispatcher (EX_SOFTWARE); the traceback is logged
+# What each signal means to a generation: contracts/signals.py (GRACEFUL_SIGNALS,
+# FAST_SIGNALS); exit statuses: contracts/exits.py.
 
-# What a signal means to a dispatcher (reload.py owns the process's signals and
-# passes each on to the dispatchers it concerns): TERM drains (a second TERM stops
-# at once); HUP, passed on to a dispatcher a reload has replaced, drains too; INT
-# and QUIT stop at once. A stop at once exits 128 + the signal number.
-GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-FAST_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
-
-# The backoff delays (RECONNECT_*, REOPEN_*, STABLE_SESSION) are in broker.py: the
-# publishing connection backs off the same way. A session that stayed up
+# The backoff delays (RECONNECT_*, REOPEN_*, STABLE_SESSION) are in amqp/connection.py:
+# the publishing connection backs off the same way. A session that stayed up
 # STABLE_SESSION resets the reconnect backoff; a connection that flaps faster keeps
-# backing off, and reconnect_give_up_after keeps counting.
-# Bounds on the steps of a stop that wait on the broker or on stuck greenlets.
-CLOSE_TIMEOUT = 5.0
-KILL_TIMEOUT = 5.0
+# backing off, and reconnect_give_up_after keeps counting. The bounds on the steps of
+# a stop (CLOSE_TIMEOUT, KILL_TIMEOUT) are in contracts/timeouts.py.
 
 
 class UserCodeError(Exception):
@@ -121,12 +112,12 @@ def _run_step(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool
         return False, exc
 
 
-def _drain(workers: list[gevent.Greenlet], channels: list[Channel]) -> None:
+def _drain(slots: list[gevent.Greenlet], channels: list[Channel]) -> None:
     """The body of a graceful stop's wait: until the consume calls in progress are done
     and the broker has confirmed every cancel. Until then it may still deliver what it
     sent before it took the cancel: each is given back as it arrives, so that once this
     returns every delivery is settled, and the last acks go out before the close."""
-    gevent.joinall(workers)
+    gevent.joinall(slots)
     gevent.wait([channel.cancelled for channel in channels])
 
 
@@ -164,7 +155,7 @@ class Channel:
 
     def cancel(self) -> None:
         """Ask the broker for no more deliveries. Those it sent before it took the cancel
-        still reach the entry's on_message, which gives them back (pool.py), until its
+        still reach the entry's on_message, which gives them back (consuming/pool.py), until its
         cancel-ok sets ``cancelled``."""
         if not self.sync.channel.is_open:
             return  # closing or closed: its close sets ``cancelled``
@@ -177,7 +168,7 @@ class Channel:
             self.cancelled.set()  # the broker cancelled it already
 
 
-class Dispatcher:
+class Generation:
     def __init__(self, config: Config, resolved: Resolved, settings: Settings) -> None:
         self.config = config
         self.resolved = resolved
@@ -208,7 +199,7 @@ class Dispatcher:
         self.backoff: dict[str, float] = {}
         self.repair_timer: gevent.Greenlet | None = None
         self.repair_due = 0.0
-        # Observability: what /metrics, /healthz and /readyz (http.py) read, and the
+        # Observability: what /metrics, /healthz and /readyz (observability/http.py) read, and the
         # stats line.
         self.stopping = False
         self.reconnects = 0
@@ -260,7 +251,7 @@ class Dispatcher:
         return self._finish(status)
 
     def _stop_during_start(self, signum: int) -> int:
-        # Nothing was consumed yet (workers start once every entry consumes).
+        # Nothing was consumed yet (slot greenlets start once every entry consumes).
         log.info("received %s during start-up: stopping", signal.Signals(signum).name)
         return self._finish(EXIT_OK if signum in GRACEFUL_SIGNALS else 128 + signum)
 
@@ -632,14 +623,14 @@ class Dispatcher:
             channel.cancel()
         for pool in self.pools:
             pool.requeue_waiting()
-        workers = [w for pool in self.pools for w in pool.stop_workers()]
-        drained = gevent.spawn(_drain, workers, channels)
+        slots = [w for pool in self.pools for w in pool.stop_slots()]
+        drained = gevent.spawn(_drain, slots, channels)
         drained.link(lambda _: self.events.put(("drained", None)))
         while True:
             try:
                 kind, detail = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except gevent.queue.Empty:
-                if all(worker.dead for worker in workers):
+                if all(slot.dead for slot in slots):
                     drained.kill()
                     log.warning("drain_timeout (%gs) ran out waiting for the broker to "
                                 "confirm the consumers' cancel; closing: the broker takes "
@@ -673,8 +664,8 @@ class Dispatcher:
             channel.acker.close()
         for pool in self.pools:
             pool.stopping.set()
-        workers = [w for pool in self.pools for w in pool.workers]
-        gevent.killall(workers, StopNow, block=True, timeout=KILL_TIMEOUT)
+        slots = [w for pool in self.pools for w in pool.slots]
+        gevent.killall(slots, StopNow, block=True, timeout=KILL_TIMEOUT)
         return self._finish(status)
 
     def _shutdown_instances(self) -> None:

@@ -1,18 +1,6 @@
-"""What the dispatcher counts, and its two readers: the Prometheus collector behind
-``GET /metrics`` and the periodic INFO stats line (``stats_interval``).
-
-Each consumer entry has an EntryMetrics. The points where the flow decides
-something feed it with a plain integer increment, no lock, no allocation:
-
-- acks.Acknowledger counts every delivery's outcome (OUTCOMES) as the frame
-  that settles it is sent, or DROPPED when it cannot be sent (the channel is
-  gone: the broker redelivers). Plain acks are coalesced there and counted
-  once per flush; the failure policy's retry and dead-letter acks carry their
-  own outcome. Every delivery thus ends in exactly one outcome, also those
-  given back unstarted when stopping (``requeue``) and those discarded with a
-  closed channel (``dropped``, counted by pool.discard_waiting).
-- pool.ConsumerPool counts failed consume calls and replaced instances, and,
-  only when the ``http`` endpoint is on, each consume call's duration.
+"""The readers of what consuming counts (consuming/outcomes.py): the Prometheus
+collector behind ``GET /metrics`` and the periodic INFO stats line
+(``stats_interval``).
 
 Counting in plain integers and exposing them through a collector at scrape
 time is measured cheaper than prometheus_client's own metric objects (on the
@@ -21,17 +9,20 @@ benchmark machine: a list increment ~16 ns and a bucket lookup ~60 ns, against
 ``observe()``, which take a lock each).
 
 The registry (``registry``) is the process's own, never prometheus_client's
-process-wide default, and reads whichever dispatcher generation is current: a
-SIGHUP reload replaces the generation, and its counters start over (Prometheus'
-``rate()`` and ``increase()`` take a counter reset in their stride).
+process-wide default, and reads whichever generation is current: a SIGHUP reload
+replaces the generation, and its counters start over (Prometheus' ``rate()`` and
+``increase()`` take a counter reset in their stride).
+
+What is read is described by the protocols below (Observed, ObservedPool), which
+runtime/generation.py's Generation and consuming/pool.py's ConsumerPool satisfy:
+observability reads the runtime without importing it.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 from prometheus_client.gc_collector import GCCollector
@@ -46,76 +37,55 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from ..consuming.outcomes import DURATION_BUCKETS, OUTCOMES, Durations, EntryMetrics
+
 if TYPE_CHECKING:
-    from .dispatcher import Dispatcher
-    from .pool import ConsumerPool
+    from ..config import ConsumerConfig
 
 log = logging.getLogger("amqp-dispatcher")
 
-# The outcome label of amqp_dispatcher_messages_total; indexes into EntryMetrics.outcomes.
-OUTCOMES = ("ack", "requeue", "reject", "retry", "dead_letter", "dropped")
-ACK, REQUEUE, REJECT, RETRY, DEAD_LETTER, DROPPED = range(len(OUTCOMES))
 
-# Upper bounds (seconds) of the consume duration histogram's buckets; +Inf follows.
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0, 60.0, 300.0)
+class ObservedPool(Protocol):
+    """One consumer entry, as observed (consuming.pool.ConsumerPool)."""
 
-
-class Durations:
-    """A histogram of consume durations: a count per bucket, and the sum."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        # The first bucket whose upper bound is >= seconds (Prometheus' "le").
-        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.sum += seconds
-
-    @staticmethod
-    def total(many: Sequence[Durations]) -> Durations:
-        """One histogram adding up several (entries sharing a series)."""
-        result = Durations()
-        for one in many:
-            result.counts = [a + b for a, b in zip(result.counts, one.counts)]
-            result.sum += one.sum
-        return result
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        """(le, count) pairs as Prometheus wants them: cumulative, ending with +Inf."""
-        total = 0
-        buckets = []
-        for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.counts):
-            total += count
-            buckets.append((floatToGoString(bound), float(total)))
-        return buckets
+    @property
+    def entry(self) -> ConsumerConfig: ...
+    @property
+    def metrics(self) -> EntryMetrics: ...
+    @property
+    def busy(self) -> int: ...
+    def live_instances(self) -> int: ...
 
 
-class EntryMetrics:
-    """One consumer entry's counts; see the module docstring for who feeds what."""
+class Observed(Protocol):
+    """One generation of consumers, as observed (runtime.generation.Generation)."""
 
-    __slots__ = ("outcomes", "failures", "replacements", "durations")
-
-    def __init__(self, timed: bool) -> None:
-        self.outcomes = [0] * len(OUTCOMES)
-        self.failures = 0  # consume calls that raised or ran past time_limit
-        self.replacements = 0  # failed instances replaced by a fresh one
-        # Measured only when someone can read it (the http endpoint is on).
-        self.durations = Durations() if timed else None
-
-    def handled(self) -> int:
-        """Deliveries settled so far (or dropped), whatever the outcome."""
-        return sum(self.outcomes)
+    @property
+    def pools(self) -> Sequence[ObservedPool]: ...
+    @property
+    def channels(self) -> Collection[int]: ...  # the indexes of the entries consuming
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def reconnects(self) -> int: ...
+    def is_connected(self) -> bool: ...
 
 
-class DispatcherCollector(Collector):
-    """Reads a Dispatcher's state at scrape time. Entries with the same queue and
+def cumulative(durations: Durations) -> list[tuple[str, float]]:
+    """(le, count) pairs as Prometheus wants them: cumulative, ending with +Inf."""
+    total = 0
+    buckets = []
+    for bound, count in zip((*DURATION_BUCKETS, float("inf")), durations.counts):
+        total += count
+        buckets.append((floatToGoString(bound), float(total)))
+    return buckets
+
+
+class GenerationCollector(Collector):
+    """Reads a generation's state at scrape time. Entries with the same queue and
     consumer share one series (their numbers are added up)."""
 
-    def __init__(self, current: Callable[[], Dispatcher]) -> None:
+    def __init__(self, current: Callable[[], Observed]) -> None:
         self.current = current  # the process's current generation (a reload replaces it)
 
     def collect(self) -> Iterator[Metric]:
@@ -135,7 +105,7 @@ class DispatcherCollector(Collector):
             "amqp_dispatcher_in_flight", "Deliveries in consume now (or being settled "
             "by the failure policy)", labels=labels)
         instances = GaugeMetricFamily(
-            "amqp_dispatcher_instances", "Live worker slots with an instance "
+            "amqp_dispatcher_instances", "Live consumer slots with an instance "
             "(consumer_count when healthy)", labels=labels)
         replacements = CounterMetricFamily(
             "amqp_dispatcher_instance_replacements_total",
@@ -154,7 +124,7 @@ class DispatcherCollector(Collector):
             timed = [p.metrics.durations for p in pools if p.metrics.durations is not None]
             if timed:
                 total = Durations.total(timed)
-                durations.add_metric(list(key), total.cumulative(), total.sum)
+                durations.add_metric(list(key), cumulative(total), total.sum)
             failures.add_metric(list(key), sum(p.metrics.failures for p in pools))
             in_flight.add_metric(list(key), sum(p.busy for p in pools))
             instances.add_metric(list(key), sum(p.live_instances() for p in pools))
@@ -170,19 +140,19 @@ class DispatcherCollector(Collector):
                                   value=d.reconnects)
 
 
-def registry(current: Callable[[], Dispatcher]) -> CollectorRegistry:
+def registry(current: Callable[[], Observed]) -> CollectorRegistry:
     """A registry of the process's own: the current dispatcher's metrics, and the
     process, platform and garbage collector metrics of prometheus_client's default
     collectors."""
     result = CollectorRegistry()
-    result.register(DispatcherCollector(current))
+    result.register(GenerationCollector(current))
     ProcessCollector(registry=result)
     PlatformCollector(registry=result)
     GCCollector(registry=result)
     return result
 
 
-def stats_line(pools: Sequence[ConsumerPool], before: list[tuple[int, int]]) -> str:
+def stats_line(pools: Sequence[ObservedPool], before: list[tuple[int, int]]) -> str:
     """One line: per entry, messages handled and failures since ``before`` (updated in
     place), and deliveries in flight now."""
     parts = []
@@ -197,7 +167,7 @@ def stats_line(pools: Sequence[ConsumerPool], before: list[tuple[int, int]]) -> 
 class StatsLog:
     """Logs stats_line at INFO every ``interval`` seconds (0: never)."""
 
-    def __init__(self, pools: Sequence[ConsumerPool], interval: float) -> None:
+    def __init__(self, pools: Sequence[ObservedPool], interval: float) -> None:
         self.pools = pools
         self.interval = interval
         self.greenlet: gevent.Greenlet | None = None

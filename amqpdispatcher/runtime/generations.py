@@ -1,6 +1,6 @@
 """SIGHUP: reloading a running dispatcher process; and the process's signals.
 
-A dispatcher process runs one generation (a Dispatcher: its own connection,
+A dispatcher process runs one generation (a Generation: its own connection,
 consumer instances and worker greenlets), except during a reload. SIGHUP reads
 the config file again and imports the consumer code afresh (``load_afresh``).
 If that finds problems they are logged, the same lines ``--validate`` prints,
@@ -14,7 +14,7 @@ carries on.
 The new code is imported, and the new generation's startup handler and consumer
 constructors run, in the process's one thread: consumption pauses for as long as
 they take (README.md, "Reload (SIGHUP)"). Under ``--processes`` a reload imports
-in fresh interpreters instead (arbiter.py), without that pause.
+in fresh interpreters instead (supervision/arbiter.py), without that pause.
 
 Generations happen inside the one process, so its pid, which supervisord and
 systemd watch, never changes.
@@ -23,7 +23,7 @@ This module owns the process's signals: each is queued and acted on in
 ``Generations.run``, which passes it on to the generations it concerns
 (``stop()`` is SIGTERM's graceful stop, for the library API and
 ``--exit-when-drained``, api.py and drain.py). Under ``--processes``
-(worker.py) it also tells the arbiter when the process first consumes, and
+(supervision/link.py) it also tells the arbiter when the process first consumes, and
 drains when the arbiter is gone.
 """
 
@@ -33,31 +33,24 @@ import importlib
 import logging
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import gevent
 import gevent.queue
 import gevent.util
 
-from .arbiter import RELOAD_TIMEOUT
-from .config import Config, ConfigError, Resolved, describe_exception, load_config
-from .dispatcher import EXIT_INTERNAL, Dispatcher
-from .http import HttpEndpoint
-from .settings import Settings
-from .worker import ArbiterLink
+from ..config import Config, ConfigError, Resolved, describe_exception, load_config
+from ..config.settings import Settings
+from ..contracts.exits import EXIT_INTERNAL
+from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
+from ..contracts.timeouts import RELOAD_TIMEOUT
+from ..observability.http import HttpEndpoint
+from .generation import Generation
 
 log = logging.getLogger("amqp-dispatcher")
 
-# What each signal means to the process: TERM drains every generation (a second
-# TERM stops them at once), INT and QUIT stop them at once (dispatcher.py says how
-# a generation stops); HUP reloads (in a worker of --processes it is ignored: the
-# arbiter reloads every worker). USR1 logs the stack of every greenlet, at once
-# and in any phase. USR2 is logged and ignored (its default action would kill the
-# process without a drain).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-RELOAD_SIGNAL = signal.SIGHUP
-STACKS_SIGNAL = signal.SIGUSR1
-IGNORED_SIGNALS = (signal.SIGUSR2,)
+# What each signal means to the process: contracts/signals.py.
 
 
 def _log_stacks() -> None:
@@ -98,6 +91,18 @@ def load_afresh(running: Config) -> tuple[Config, Resolved]:
         raise
 
 
+class Link(Protocol):
+    """This process's link to the arbiter of ``--processes``, when it is one of its
+    workers (supervision/link.py's ArbiterLink; the command line passes it in)."""
+
+    http_socket: str | None  # where to serve the HTTP endpoint for the arbiter
+    arbiter_pid: int
+    drain_timeout: float  # the longest drain_timeout run with: the watchdog's bound
+
+    def consuming(self) -> None: ...
+    def watch(self, gone: Callable[[], None]) -> None: ...
+
+
 class _SignalHandlers:
     """The process's signals, queued on ``events`` while installed; ``cancel`` gives
     each back to the handler it had (Python's, for a program that goes on)."""
@@ -119,11 +124,11 @@ class _SignalHandlers:
                 signal.signal(signum, previous)
 
 
-class Generation:
-    """One Dispatcher, running in a greenlet of its own."""
+class Running:
+    """A Generation, running in a greenlet of its own."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
         self.greenlet: gevent.Greenlet | None = None
         self.started = False
         self.stopping = False  # told to stop: a first SIGTERM asks nothing more of it
@@ -134,7 +139,7 @@ class Generation:
 
     def send(self, signum: int) -> None:
         self.stopping = True
-        self.dispatcher.events.put(("signal", signum))
+        self.generation.events.put(("signal", signum))
 
     def status(self) -> int:
         assert self.greenlet is not None
@@ -149,25 +154,25 @@ class Generations:
     given as a dict (api.py), which has no file to read again: SIGHUP is ignored."""
 
     def __init__(self, config: Config, resolved: Resolved, settings: Settings,
-                 link: ArbiterLink | None = None, reloadable: bool = True) -> None:
+                 link: Link | None = None, reloadable: bool = True) -> None:
         self.settings = settings
         self.link = link
         self.reloadable = reloadable
         self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
-        self.current = Generation(Dispatcher(config, resolved, settings))
-        self.candidate: Generation | None = None  # a reload's new generation, until it consumes
-        self.retiring: list[Generation] = []  # replaced by a reload, draining
+        self.current = Running(Generation(config, resolved, settings))
+        self.candidate: Running | None = None  # a reload's new generation, until it consumes
+        self.retiring: list[Running] = []  # replaced by a reload, draining
         self.reload_pending = False
         self.stopping = False
         self.exit_status: int | None = None  # the current generation's, once it exited
         self.stop_statuses: list[int] = []  # of every generation that exited while stopping
         if link is not None:
-            link.drain_timeout = config.drain_timeout  # the watchdog's bound (worker.py)
+            link.drain_timeout = config.drain_timeout  # the watchdog's bound (supervision/link.py)
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
         # current. Under --processes the arbiter listens on the config's port, and a
         # worker serves it on the unix socket it was given (when the config has http).
         where = config.http if link is None else link.http_socket
-        self.http = (HttpEndpoint(lambda: self.current.dispatcher, where, config.path)
+        self.http = (HttpEndpoint(lambda: self.current.generation, where, config.path)
                      if where is not None else None)
 
     def listen(self) -> None:
@@ -191,12 +196,12 @@ class Generations:
         """Stop as a SIGTERM to the process does (a second call: as a second SIGTERM)."""
         self.events.put(("signal", signal.SIGTERM))
 
-    def settled(self) -> Dispatcher | None:
+    def settled(self) -> Generation | None:
         """The current generation's dispatcher, unless the process is stopping or a reload
         is in progress (a new generation starting, or a replaced one draining)."""
         if self.stopping or self.candidate is not None or self.retiring:
             return None
-        return self.current.dispatcher
+        return self.current.generation
 
     def _run(self) -> int:
         if self.link is not None:
@@ -223,8 +228,8 @@ class Generations:
         # replaced and still draining included (6: one's drain_timeout ran out).
         return max([self.exit_status, *self.stop_statuses])
 
-    def _launch(self, generation: Generation) -> None:
-        generation.greenlet = gevent.spawn(generation.dispatcher.run,
+    def _launch(self, generation: Running) -> None:
+        generation.greenlet = gevent.spawn(generation.generation.run,
                                            lambda: self.events.put(("started", generation)))
         generation.greenlet.link(lambda _: self.events.put(("exited", generation)))
 
@@ -263,10 +268,10 @@ class Generations:
                 generation.send(signum)
 
     def _reload(self) -> None:
-        path = self.current.dispatcher.config.path
+        path = self.current.generation.config.path
         log.info("received SIGHUP: reading %s and importing the consumer code again", path)
         try:
-            config, resolved = load_afresh(self.current.dispatcher.config)
+            config, resolved = load_afresh(self.current.generation.config)
         except ConfigError as exc:
             for line in exc.problems:
                 log.error("%s", line)
@@ -277,22 +282,22 @@ class Generations:
             log.error("SIGHUP: importing the consumer code raised %s: carrying on with the "
                       "running config", describe_exception(exc))
             return
-        if config.http != self.current.dispatcher.config.http and self.link is None:
+        if config.http != self.current.generation.config.http and self.link is None:
             log.warning("SIGHUP: http: a changed address or port takes effect at the next "
                         "start; the endpoint stays where it is")
         if self.link is not None:
             self.link.drain_timeout = max(self.link.drain_timeout, config.drain_timeout)
-        self.candidate = Generation(Dispatcher(config, resolved, self.settings))
+        self.candidate = Running(Generation(config, resolved, self.settings))
         self._launch(self.candidate)
         gevent.spawn_later(RELOAD_TIMEOUT, self.events.put, ("reload_timeout", self.candidate))
 
-    def _on_reload_timeout(self, generation: Generation) -> None:
+    def _on_reload_timeout(self, generation: Running) -> None:
         if generation is self.candidate and not generation.stopping:
             log.error("SIGHUP: the new generation did not consume within %gs: stopping it",
                       RELOAD_TIMEOUT)
             generation.send(signal.SIGTERM)  # during its start: it stops at once
 
-    def _on_started(self, generation: Generation) -> None:
+    def _on_started(self, generation: Running) -> None:
         generation.started = True
         if self.stopping:
             return  # it has been told to stop too
@@ -316,7 +321,7 @@ class Generations:
             self.reload_pending = False
             self._reload()
 
-    def _on_exited(self, generation: Generation) -> None:
+    def _on_exited(self, generation: Running) -> None:
         status = generation.status()
         if self.stopping:
             self.stop_statuses.append(status)

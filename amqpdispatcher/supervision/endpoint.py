@@ -4,8 +4,8 @@
 The arbiter listens on ``http.address:http.port`` itself, once the config checks
 out and before any worker starts (a port in use: one line, exit 1, as without
 ``--processes``). It knows nothing of consumers and never imports their code, so
-it asks the workers: each serves its own endpoint (http.py) on a unix socket in a
-directory of the arbiter's that only its user can enter (worker.py). A request to
+it asks the workers: each serves its own endpoint (observability/http.py) on a unix socket in a
+directory of the arbiter's that only its user can enter (link.py). A request to
 the arbiter asks every worker at once and waits at most WORKER_TIMEOUT for them.
 
 - ``/metrics``: the workers' ``amqp_dispatcher_*`` series added up, series by
@@ -52,8 +52,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .config import HttpConfig
-from .http import ClientErrors, Connections, listen_error, make_app
+from ..config import HttpConfig
+from ..observability.wsgi import ClientErrors, Connections, listen_error, make_app
 
 log = logging.getLogger("amqp-dispatcher.http")
 
@@ -377,7 +377,7 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """A thread per connection, within the limits of the workers' server (http.py:
+    """A thread per connection, within the limits of the workers' server (observability/wsgi.py:
     Connections): so that slow or idle connections neither keep the probes out nor
     pile up threads. Accepting never waits for a slot: ``shutdown`` (the arbiter's
     exit) stops the loop within its poll interval, whatever the clients do."""

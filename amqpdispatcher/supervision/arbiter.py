@@ -15,11 +15,11 @@ sharing (the arbiter has imported no consumer code), and a fresh interpreter
 imports the consumer code as it is on disk now, which is what SIGHUP needs.
 The workers run in sessions of their own, so signals meant for the service
 (a terminal's Ctrl-C, supervisord's stopasgroup) reach the arbiter only, and
-it passes each on once. worker.py is the workers' side of the link between
+it passes each on once. link.py is the workers' side of the link between
 them. With ``http`` in the config, the arbiter serves the service's /metrics,
-/healthz and /readyz, asking the workers (arbiter_http.py).
+/healthz and /readyz, asking the workers (endpoint.py).
 
-With ``--exit-when-drained SECONDS``, each worker runs its own watch (drain.py)
+With ``--exit-when-drained SECONDS``, each worker runs its own watch (runtime/drain.py)
 and exits 0 once its work is done; the arbiter does not replace a worker that
 consumed and then exited 0, and exits 0 once no worker is left.
 
@@ -43,19 +43,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .arbiter_http import ArbiterEndpoint, WorkerView
-from .config import ConfigError, HttpConfig, read_http
-from .dispatcher import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TOPOLOGY, EXIT_USER_CODE
-from .http import ListenError
+from ..config import ConfigError, HttpConfig, read_http
+from ..contracts.exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TOPOLOGY, EXIT_USER_CODE
+from ..contracts.link import CONSUMING, HTTP_SOCKET_ENV, LINK_FD_ENV, STARTED, WORKER_ENV
+from ..contracts.signals import ARBITER_SIGNALS
+from ..contracts.timeouts import RELOAD_TIMEOUT
+from ..observability.wsgi import ListenError
+from .endpoint import ArbiterEndpoint, WorkerView
 
 log = logging.getLogger("amqp-dispatcher.arbiter")
 
-# How the arbiter tells a worker its name ("2/4"), the file descriptor of its end
-# of the link, and where to serve its http endpoint for the arbiter (worker.py reads
-# them).
-WORKER_ENV = "AMQP_DISPATCHER_WORKER"
-LINK_FD_ENV = "AMQP_DISPATCHER_LINK_FD"
-HTTP_SOCKET_ENV = "AMQP_DISPATCHER_HTTP_SOCKET"
+# How the arbiter and a worker talk: contracts/link.py.
 
 # A worker of the service's first start that exits with one of these before it
 # consumes would fail the same way again (the config, a refused topology, failing user
@@ -76,23 +74,11 @@ STABLE_WORKER = 30.0
 # The loop wakes on every signal (SIGCHLD included) and link; it also polls its
 # children this often, should a wake-up ever be missed.
 LOOP_TIMEOUT = 1.0
-# A reload whose new workers (reload.py: new generation) do not all consume this long
-# after they started is cancelled: they are stopped and the running ones carry on.
-RELOAD_TIMEOUT = 120.0
+# A reload is cancelled after contracts.timeouts.RELOAD_TIMEOUT.
 # prctl(2): the signal the kernel sends a process when its parent dies.
 PR_SET_PDEATHSIG = 1
 
-# What each signal means to the arbiter: the method of Arbiter the main loop calls.
-SIGNALS: dict[int, str] = {
-    signal.SIGTERM: "_on_term",        # every worker drains, then the arbiter exits; a
-                                       # second SIGTERM stops them at once
-    signal.SIGINT: "_on_fast_stop",    # every worker stops at once
-    signal.SIGQUIT: "_on_fast_stop",
-    signal.SIGHUP: "_on_hup",          # reload: a new set of workers, then the old set drains
-    signal.SIGUSR1: "_on_usr1",        # passed on to the workers that handle it (those
-                                       # that reported "started"): each logs its stacks
-    signal.SIGUSR2: "_on_usr2",        # logged and ignored
-}
+SIGNALS = ARBITER_SIGNALS  # what each signal means to the arbiter (contracts/signals.py)
 
 
 def _status(returncode: int) -> int:
@@ -132,7 +118,7 @@ class Worker:
     http_socket: str  # where it serves /metrics and /readyz for the arbiter; "" without http
     link_open: bool = True
     received: bytes = b""  # the start of a line not yet read whole
-    started: bool = False  # it has its signal handlers (worker.py)
+    started: bool = False  # it has its signal handlers (link.py)
     consuming: bool = False
     term_sent: bool = False  # a second SIGTERM would stop it at once
     # "of the previous set", "of the cancelled reload": left behind by a reload, its
@@ -270,9 +256,9 @@ class Arbiter:
             return
         *lines, worker.received = (worker.received + data).split(b"\n")
         for line in lines:
-            if line == b"started":
+            if line == STARTED:
                 worker.started = True
-            elif line == b"consuming" and not worker.consuming:
+            elif line == CONSUMING and not worker.consuming:
                 worker.consuming = True
                 log.info("worker %s consuming", worker.name)
                 self._on_consuming(worker)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..amqp.publishing import Publishers
 from .acks import Acknowledger
-from .publisher import Publishers
-from .retry import attempt_of
+from .failure import attempt_of
 
 _PROPERTY_NAMES = (
     "content_type", "content_encoding", "headers", "delivery_mode", "priority",
@@ -104,7 +104,7 @@ class AMQPProxy:
     def publish(self, exchange: str, routing_key: str, headers: dict[str, Any] | None,
                 body: bytes | str, *, mandatory: bool = False, **properties: Any) -> None:
         """Publish on the process's publishing connection (0.4.3's four arguments, then
-        optional AMQP properties by name: see publisher.PROPERTY_CHECKS).
+        optional AMQP properties by name: see amqp/arguments.py, PROPERTY_CHECKS).
 
         With publisher_confirms (the default) returns once the broker confirmed, and
         raises amqpdispatcher.PublishError (PublishNacked, PublishReturned with

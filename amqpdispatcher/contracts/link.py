@@ -1,0 +1,22 @@
+"""The link between the arbiter of ``--processes`` and each of its workers.
+
+The arbiter (supervision/arbiter.py) starts each worker with its name in WORKER_ENV
+(``2/4``, added to the connection's ``connection_name``), one end of a socket pair
+in LINK_FD_ENV, and, when the config has ``http``, the path of the unix socket on
+which the worker serves its endpoint for the arbiter in HTTP_SOCKET_ENV. The worker
+(supervision/link.py) removes them from its environment, so that processes the
+consumer code starts do not inherit them.
+
+Only the worker writes on the link, one line per event: STARTED once its signal
+handlers are installed (from then on SIGUSR1 is safe to send it), CONSUMING once
+every consumer entry consumes. End-of-file, either way, means the other side is gone.
+"""
+
+from __future__ import annotations
+
+WORKER_ENV = "AMQP_DISPATCHER_WORKER"
+LINK_FD_ENV = "AMQP_DISPATCHER_LINK_FD"
+HTTP_SOCKET_ENV = "AMQP_DISPATCHER_HTTP_SOCKET"
+
+STARTED = b"started"
+CONSUMING = b"consuming"
