@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization  # trustme's own depend
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import Broker, free_port
 
+from amqpdispatcher.amqp.connection import connection_parameters
 from amqpdispatcher.config.settings import QUERY_PARAMETERS, SettingsError, parse_url, ssl_reason
 
 PASSWORD = "s3cret-pw"  # on the node below it is guest's password
@@ -282,11 +283,11 @@ def test_verify_none_disables_verification_and_the_name_check() -> None:
 
 def test_every_host_gets_the_same_tls_options() -> None:
     # No server_hostname: pika checks each connection against its own host.
-    params = parse_url("amqps://u:p@a,b:5/").connection_parameters()
+    params = connection_parameters(parse_url("amqps://u:p@a,b:5/"))
     assert {p.ssl_options.server_hostname for p in params} == {None}
     assert len({id(p.ssl_options.context) for p in params}) == 1
-    params = parse_url("amqps://u:p@a,b:5/?server_name_indication=rabbit.example"
-                       ).connection_parameters()
+    params = connection_parameters(
+        parse_url("amqps://u:p@a,b:5/?server_name_indication=rabbit.example"))
     assert {p.ssl_options.server_hostname for p in params} == {"rabbit.example"}
     assert {p.host for p in params} == {"a", "b"}
 

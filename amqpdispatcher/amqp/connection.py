@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
+import socket
 import ssl
+import uuid
 from typing import Any
 
 import gevent
@@ -87,6 +90,35 @@ def describe_close(reason: Any) -> str:
     return str(reason) or type(reason).__name__
 
 
+def connection_parameters(settings: Settings) -> list[pika.ConnectionParameters]:
+    """One parameter set per host, in a fresh random order."""
+    name = f"amqp-dispatcher {socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
+    if settings.worker:
+        name += f" worker {settings.worker}"
+    credentials = pika.PlainCredentials(settings.user, settings.password)
+    # Without a server_hostname, pika checks each host against its own name.
+    ssl_options = (pika.SSLOptions(settings.tls.context, settings.tls.server_name)
+                   if settings.tls else None)
+    params = []
+    for host, port in settings.hosts:
+        kwargs = dict(
+            host=host,
+            port=port,
+            virtual_host=settings.vhost,
+            credentials=credentials,
+            client_properties={"connection_name": name, "product": "amqp-dispatcher"},
+            connection_attempts=1,
+            socket_timeout=5,
+            stack_timeout=15,
+            ssl_options=ssl_options,
+        )
+        if settings.heartbeat is not None:
+            kwargs["heartbeat"] = settings.heartbeat
+        params.append(pika.ConnectionParameters(**kwargs))
+    random.shuffle(params)
+    return params
+
+
 def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> GeventConnection:
     """Open a connection to the first host, tried in random order, that accepts one.
 
@@ -94,7 +126,7 @@ def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> Gev
     so operators can tell the process's connections apart.
     """
     failures = []
-    for params in settings.connection_parameters():
+    for params in connection_parameters(settings):
         if purpose:
             properties = dict(params.client_properties or {})
             properties["connection_name"] = f"{properties.get('connection_name', '')} {purpose}"

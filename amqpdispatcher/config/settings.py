@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
-import socket
 import ssl
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 from urllib.parse import quote, unquote
-
-import pika
 
 log = logging.getLogger("amqp-dispatcher.connection")
 
@@ -76,34 +71,6 @@ class Settings:
         scheme = "amqps" if self.tls else "amqp"
         hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
         return f"{scheme}://{self.user}:***@{hosts}/{quote(self.vhost, safe='')}"
-
-    def connection_parameters(self) -> list[pika.ConnectionParameters]:
-        """One parameter set per host, in a fresh random order."""
-        name = f"amqp-dispatcher {socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
-        if self.worker:
-            name += f" worker {self.worker}"
-        credentials = pika.PlainCredentials(self.user, self.password)
-        # Without a server_hostname, pika checks each host against its own name.
-        ssl_options = (pika.SSLOptions(self.tls.context, self.tls.server_name)
-                       if self.tls else None)
-        params = []
-        for host, port in self.hosts:
-            kwargs = dict(
-                host=host,
-                port=port,
-                virtual_host=self.vhost,
-                credentials=credentials,
-                client_properties={"connection_name": name, "product": "amqp-dispatcher"},
-                connection_attempts=1,
-                socket_timeout=5,
-                stack_timeout=15,
-                ssl_options=ssl_options,
-            )
-            if self.heartbeat is not None:
-                kwargs["heartbeat"] = self.heartbeat
-            params.append(pika.ConnectionParameters(**kwargs))
-        random.shuffle(params)
-        return params
 
 
 def _split_hosts(netloc: str, default_port: int) -> list[tuple[str, int | None]]:
