@@ -338,6 +338,34 @@ def run_scale(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
     return {"startup_s": startup, "rss": rss}
 
 
+# What marks "every worker consuming" in each system's log.
+CONSUMING_LINE = {"dispatcher": "consuming from", "dispatcher-p2": "all 2 workers consuming"}
+
+
+def run_start(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
+    """Seconds from exec to every worker consuming, the median of ``repeat`` starts."""
+    publish(broker.url, workload["queue"], 0, 0)
+    log = tmp / f"{system}.log"
+    times = []
+    for _ in range(workload["repeat"]):
+        argv, env = command(system, workload, tmp, None)
+        full_env = dict(os.environ, RABBITMQ_URL=broker.url, BENCH_OUT=str(tmp / "start.txt"),
+                        **env)
+        with open(log, "wb") as out:
+            t0 = time.monotonic()
+            proc = subprocess.Popen(argv, env=full_env, cwd=tmp, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            deadline = t0 + 60
+            while CONSUMING_LINE[system] not in log.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    finish(proc)
+                    return {"error": f"did not start consuming; see {log}"}
+                time.sleep(0.002)
+            times.append(time.monotonic() - t0)
+        finish(proc)
+    return {"startup_s": statistics.median(times), "starts": times}
+
+
 WORKLOADS = [
     {"name": "1. no-op 30k x 100 B, 10 consumers, prefetch 100", "kind": "throughput",
      "queue": "bench_noop", "count": 30000, "size": 100, "consumers": 10, "prefetch": 100,
@@ -396,6 +424,12 @@ WORKLOADS = [
      "systems": ["dispatcher", "dispatcher-p2"], "baseline": "dispatcher",
      "note": "One process is one core: about 500 msg/s at most. Target: dispatcher-p2 "
              "(--processes 2) >= 1.6x dispatcher on two cores, which the broker shares."},
+    {"name": "10. start: exec to every worker consuming, 4 consumers, --processes 1 vs 2",
+     "kind": "start", "queue": "bench_start", "consumers": 4, "prefetch": 20, "repeat": 5,
+     "systems": ["dispatcher", "dispatcher-p2"], "baseline": "dispatcher",
+     "note": "From the exec of the console script to its log line saying every consumer "
+             "consumes ('all 2 workers consuming' from the arbiter), the median of 5 starts "
+             "per run. Target: dispatcher-p2 within 0.2 s of dispatcher."},
 ]
 
 # Heavy tail: a run slower than about a fifth of the in-order bound is reported as
@@ -403,7 +437,8 @@ WORKLOADS = [
 BOUND_TIMEOUT_FACTOR = 5
 MIN_TIMEOUT = 10
 
-RUNNERS = {"throughput": run_throughput, "idle": run_idle, "scale": run_scale}
+RUNNERS = {"throughput": run_throughput, "idle": run_idle, "scale": run_scale,
+           "start": run_start}
 
 
 def prepare(workload: dict, quick: bool) -> dict:
@@ -534,6 +569,21 @@ def write_report(results: list[tuple[dict, dict[str, list[dict]]]], out_dir: Pat
             for system, runs in per_system.items():
                 lines.append(f"| {system} | {statistics.median(r['core_pct'] for r in runs):.2f} "
                              f"| {max(r['rss'] for r in runs):.0f} |")
+        elif workload["kind"] == "start":
+            lines += ["| system | exec to every worker consuming, s (median) | each start, s "
+                      "| vs baseline |", "|---|---|---|---|"]
+            base = [s for r in per_system.get(workload["baseline"], []) for s in
+                    r.get("starts", [])]
+            for system, runs in per_system.items():
+                ok = [r for r in runs if "startup_s" in r]
+                if not ok:
+                    lines.append(f"| {system} | failed: {runs[0].get('error')} | | |")
+                    continue
+                starts = [s for r in ok for s in r["starts"]]
+                median = statistics.median(starts)
+                diff = (f"{median - statistics.median(base):+.2f} s" if base else "-")
+                lines.append(f"| {system} | {median:.2f} "
+                             f"| {', '.join(f'{s:.2f}' for s in starts)} | {diff} |")
         else:
             lines += ["| system | start to consuming, s | peak RSS MB |", "|---|---|---|"]
             for system, runs in per_system.items():
