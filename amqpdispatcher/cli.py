@@ -13,20 +13,21 @@ import signal
 import sys
 import traceback
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .amqp import preflight
-from .api import Dispatcher
 from .config import ConfigError, load_config, schema_text
-from .config.settings import SettingsError, settings_from_env
-from .consuming.failure import time_limit_warnings
+from .config.settings import Settings, SettingsError, settings_from_env
 from .contracts.exits import EXIT_CONFIG
 from .contracts.signals import START_SIGNALS
 from .observability.logs import redact, redact_password, setup_logging
-from .observability.wsgi import ListenError
 from .supervision.arbiter import Arbiter
-from .supervision.link import ArbiterLink
+
+if TYPE_CHECKING:
+    from .supervision.link import ArbiterLink
+
+# The single process's parts (gevent, pika, the consumer code) are imported by
+# _single only: an arbiter never loads them, and starts its workers that much sooner.
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -112,9 +113,12 @@ def say(line: str, file: TextIO | None = None) -> None:
     print(redact(line), file=file or sys.stdout)
 
 
-def fail(lines: list[str]) -> int:
-    for line in lines:
-        say(line, sys.stderr)
+def fail(lines: list[str], link: ArbiterLink | None = None) -> int:
+    """Exit 1 with these problems printed, or, in a worker of --processes, told to the
+    arbiter, which prints them once for the whole service (supervision/arbiter.py)."""
+    if link is None or not link.problems([redact(line) for line in lines]):
+        for line in lines:
+            say(line, sys.stderr)
     return EXIT_CONFIG
 
 
@@ -131,9 +135,14 @@ def _main(args: argparse.Namespace) -> int:
     if args.print_schema:
         sys.stdout.write(schema_text())
         return 0
-    link = ArbiterLink.from_environ()  # set when this process is a worker of --processes
-    if link is not None:
-        link.started()
+    arbiter = args.processes > 1 and not (args.validate or args.check)
+    link = None
+    if not arbiter:  # set when this process is a worker of --processes
+        from .supervision.link import ArbiterLink
+
+        link = ArbiterLink.from_environ()
+        if link is not None:
+            link.started()
     # Like `python -m`: consumer modules in the working directory are importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -144,12 +153,22 @@ def _main(args: argparse.Namespace) -> int:
         return fail([str(exc)])
     redact_password(settings.password)
     redact_password(settings.password_as_written)
-    if args.processes > 1 and not (args.validate or args.check):
+    if arbiter:
         return Arbiter(args.config, args.processes, args.exit_when_drained).run()
+    return _single(args, settings, link)
+
+
+def _single(args: argparse.Namespace, settings: Settings, link: ArbiterLink | None) -> int:
+    """One process: --validate, --check, or the dispatcher (alone, or a worker)."""
+    from .amqp import preflight
+    from .api import Dispatcher
+    from .consuming.failure import time_limit_warnings
+    from .observability.wsgi import ListenError
+
     try:
         config, resolved = load_config(args.config)
     except ConfigError as exc:
-        return fail(exc.problems)
+        return fail(exc.problems, link)
     if args.validate:
         for line in time_limit_warnings(config):
             say(line, sys.stderr)
@@ -166,7 +185,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         return dispatcher.run()
     except ListenError as exc:
-        return fail([str(exc)])
+        return fail([str(exc)], link)
 
 
 def run() -> None:

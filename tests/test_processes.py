@@ -204,12 +204,16 @@ def test_worker_failing_at_start_stops_the_service(broker: BrokerHandle,
 
 
 def test_bad_config_is_reported_once_with_status_1(tmp_path: Path) -> None:
+    """The workers start at once and each finds the problem; the arbiter prints it once
+    and exits 1, starting none of them again."""
     config = "consumers:\n  - consumer: testconsumers:Missing\n    queue: jobs\n"
     result = run_cli(tmp_path, "--processes", "3", "--config", "config.yml", config=config)
     assert result.returncode == 1, result.stderr
     problem = "config.yml: consumers[0].consumer: cannot import 'testconsumers:Missing'"
     assert result.stderr.count(problem) == 1, result.stderr
-    assert not re.search(r"worker \d/3 \(pid", result.stderr)  # no worker was started
+    started = re.findall(r"worker (\d)/3 \(pid \d+\) started", result.stderr)
+    assert sorted(started) == ["1", "2", "3"], result.stderr  # none started again
+    assert "Traceback" not in result.stderr and not result.stdout
     for bad in ("0", "-1", "two"):
         result = run_cli(tmp_path, "--processes", bad, "--config", "config.yml")
         assert result.returncode == 2
@@ -336,6 +340,31 @@ def test_replacement_failing_at_start_is_started_again_once_the_service_consumed
                      r"with status 5", proc.output), proc.output
 
 
+def test_replacement_finding_a_config_problem_logs_it_and_is_started_again(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """After the first start, a config problem a replacement finds (the file edited on
+    disk) is logged at ERROR, named by worker, and the replacement is started again with
+    the backoff; nothing is printed as at the first start."""
+    broker.declare("jobs", durable=True)
+    proc = DispatcherProcess(tmp_path, RECORDER, broker.url, args=("--processes", "2"))
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        proc.config_path.write_text(RECORDER.replace("Recorder", "Missing"))
+        os.kill(workers(proc)[1][0], signal.SIGKILL)
+        proc.wait_for_log(r"ERROR: worker 1/2 \(pid \d+\): .*config.yml: consumers\[0\]"
+                          r"\.consumer: cannot import 'testconsumers:Missing'")
+        proc.wait_for_log(r"worker 1/2 \(pid \d+\) exited with status 1 \(the config or the "
+                          r"environment has a problem\) before it consumed; starting a new one")
+        proc.config_path.write_text(RECORDER)
+        wait_until(lambda: len(workers(proc).get(1, [])) == 2, what="a new worker 1 consuming")
+        broker.publish("jobs", "after")
+        wait_until(lambda: "after" in " ".join(proc.records()), what="the message consumed")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert proc.output.count("cannot import 'testconsumers:Missing'") >= 1
+    assert not re.search(r"^config.yml: ", proc.output, re.M), proc.output  # logged, not printed
+
+
 def test_sigusr1_is_passed_on_only_to_workers_that_handle_it(broker: BrokerHandle,
                                                             tmp_path: Path) -> None:
     """A worker still starting its interpreter has no handler: SIGUSR1's default action
@@ -360,7 +389,7 @@ def test_sigusr1_is_passed_on_only_to_workers_that_handle_it(broker: BrokerHandl
     assert "killed by SIGUSR1" not in proc.output, proc.output
 
 
-def test_sighup_during_the_first_config_check_reloads_once_the_workers_consume(
+def test_sighup_during_the_start_reloads_once_the_workers_consume(
         broker: BrokerHandle, tmp_path: Path) -> None:
     """A SIGHUP during the start is acted on once every worker consumes, once."""
     broker.declare("jobs", durable=True)
@@ -371,7 +400,7 @@ def test_sighup_during_the_first_config_check_reloads_once_the_workers_consume(
     config = "queues:\n  - queue: jobs\nconsumers:\n  - consumer: slowimport:C\n    queue: jobs\n"
     proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
     try:
-        proc.wait_for_log("arbiter pid")  # logged as the first check starts
+        proc.wait_for_log("arbiter pid")  # logged as the workers start
         proc.signal(signal.SIGHUP)
         proc.wait_for_log("received SIGHUP: reloading once the start, check or reload in "
                           "progress is done")

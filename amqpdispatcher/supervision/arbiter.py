@@ -3,12 +3,13 @@
 Each worker is a complete dispatcher in a fresh interpreter (``python -m
 amqpdispatcher --config FILE``) with its own connection, named ``... worker
 2/4``. The arbiter never runs consumer code and never talks to the broker. It
-checks the config by running ``amqp-dispatcher --validate`` as a child
-process (importing the consumer modules runs their code); starts the workers;
-replaces one that dies, backing off if it keeps dying; stops them all on a
-signal, exiting only once every one has exited; and on SIGHUP checks the
-config again, starts a new set of workers, and once every new worker consumes,
-has the old set drain and stop.
+starts the workers at once (each checks the config as it loads it: one that
+finds a problem tells the arbiter, which prints it once and stops the service
+with status 1); replaces one that dies, backing off if it keeps dying; stops
+them all on a signal, exiting only once every one has exited; and on SIGHUP
+checks the config by running ``amqp-dispatcher --validate`` as a child process
+(importing the consumer modules runs their code), starts a new set of workers,
+and once every new worker consumes, has the old set drain and stop.
 
 Fresh interpreters rather than forks of the arbiter: there is nothing worth
 sharing (the arbiter has imported no consumer code), and a fresh interpreter
@@ -30,6 +31,7 @@ gunicorn's arbiter; SIGNALS says what each one means.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import select
@@ -40,12 +42,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..config import ConfigError, HttpConfig, read_http
 from ..contracts.exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TOPOLOGY, EXIT_USER_CODE
-from ..contracts.link import CONSUMING, HTTP_SOCKET_ENV, LINK_FD_ENV, STARTED, WORKER_ENV
+from ..contracts.link import (
+    CONSUMING,
+    HTTP_SOCKET_ENV,
+    LINK_FD_ENV,
+    PROBLEM,
+    STARTED,
+    WORKER_ENV,
+)
 from ..contracts.signals import ARBITER_SIGNALS
 from ..contracts.timeouts import RELOAD_TIMEOUT
 from ..observability.wsgi import ListenError
@@ -124,6 +133,7 @@ class Worker:
     # "of the previous set", "of the cancelled reload": left behind by a reload, its
     # exit starts nothing (during a stop its status counts, as every worker's)
     retired: str = ""
+    problems: list[str] = field(default_factory=list)  # in the config, as it told them
 
     @property
     def name(self) -> str:
@@ -132,11 +142,10 @@ class Worker:
 
 @dataclass(eq=False)
 class Check:
-    """``amqp-dispatcher --validate`` running in a child process."""
+    """``amqp-dispatcher --validate`` running in a child process, for a reload."""
 
     process: subprocess.Popen[bytes]
     output: IO[bytes]  # a temporary file: no pipe to drain, whatever the imports print
-    reload: bool  # False: the check before the first workers start
 
 
 class Arbiter:
@@ -167,10 +176,12 @@ class Arbiter:
 
     def run(self) -> int:
         self._install_signals()
-        log.info("arbiter pid %d: checking %s, then starting %d worker processes",
-                 os.getpid(), self.config_path, self.processes)
+        log.info("arbiter pid %d: starting %d worker processes with %s",
+                 os.getpid(), self.processes, self.config_path)
         try:
-            self._start_check(reload=False)
+            if self._listen():
+                for number in range(1, self.processes + 1):
+                    self.serving[number] = self._spawn(number)
             while not self.stopping or self.workers or self.check is not None:
                 self._wait()
                 while self.signals:
@@ -262,6 +273,8 @@ class Arbiter:
                 worker.consuming = True
                 log.info("worker %s consuming", worker.name)
                 self._on_consuming(worker)
+            elif line.startswith(PROBLEM + b" "):
+                worker.problems.append(str(json.loads(line[len(PROBLEM) + 1:])))
 
     def _reap(self) -> None:
         if self.check is not None and self.check.process.poll() is not None:
@@ -298,7 +311,7 @@ class Arbiter:
             self.reload_pending = True
         else:
             log.info("received SIGHUP: checking %s", self.config_path)
-            self._start_check(reload=True)
+            self._start_check()
 
     def _on_usr1(self, signum: int) -> None:
         # A worker still starting its interpreter has no handler yet: SIGUSR1's default
@@ -342,14 +355,14 @@ class Arbiter:
 
     # -- the config check ---------------------------------------------------------
 
-    def _start_check(self, reload: bool) -> None:
+    def _start_check(self) -> None:
         output = tempfile.TemporaryFile()
         process = subprocess.Popen(
             [sys.executable, "-m", "amqpdispatcher", "--validate", "--config",
              self.config_path],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
             preexec_fn=_die_with_this_process())
-        self.check = Check(process, output, reload)
+        self.check = Check(process, output)
 
     def _on_check_done(self) -> None:
         check, self.check = self.check, None
@@ -361,21 +374,11 @@ class Arbiter:
         if self.stopping:
             return
         if returncode == 0:
-            if check.reload:
-                log.info("%s is valid: starting %d new workers; the running ones stop once "
-                         "every new one consumes", self.config_path, self.processes)
-                self._warn_if_http_changed()
-                self.new_set = {n: self._spawn(n) for n in range(1, self.processes + 1)}
-                self.reload_deadline = time.monotonic() + RELOAD_TIMEOUT
-            elif self._listen():
-                for number in range(1, self.processes + 1):
-                    self.serving[number] = self._spawn(number)
-            return
-        if not check.reload:  # the same lines, and the same status, as without --processes
-            for line in lines:
-                print(line, file=sys.stderr)
-            self.failed_status = _status(returncode)
-            self._stop()
+            log.info("%s is valid: starting %d new workers; the running ones stop once "
+                     "every new one consumes", self.config_path, self.processes)
+            self._warn_if_http_changed()
+            self.new_set = {n: self._spawn(n) for n in range(1, self.processes + 1)}
+            self.reload_deadline = time.monotonic() + RELOAD_TIMEOUT
             return
         for line in lines:
             log.error("%s", line)
@@ -387,7 +390,8 @@ class Arbiter:
 
     def _listen(self) -> bool:
         """Open the http endpoint, if the config has one, before any worker starts.
-        False if it cannot listen: the line is printed, and the arbiter exits 1."""
+        False if it cannot listen, or the file cannot be read: the line is printed, and
+        the arbiter exits 1."""
         try:
             self.http_config = read_http(self.config_path)
             if self.http_config is not None:
@@ -395,7 +399,7 @@ class Arbiter:
                                            self.processes)
                 endpoint.listen()
                 self.http = endpoint
-        except (ConfigError, ListenError) as exc:  # ConfigError: changed since its check
+        except (ConfigError, ListenError) as exc:
             for line in exc.problems if isinstance(exc, ConfigError) else [str(exc)]:
                 print(line, file=sys.stderr)
             self.failed_status = EXIT_CONFIG
@@ -495,7 +499,7 @@ class Arbiter:
             self.reload_pending = False
             log.info("reloading again, for the SIGHUP received meanwhile: checking %s",
                      self.config_path)
-            self._start_check(reload=True)
+            self._start_check()
 
     def _on_worker_exit(self, worker: Worker) -> None:
         returncode = worker.process.returncode
@@ -505,6 +509,14 @@ class Arbiter:
             status = 0  # stopped while starting: it had consumed nothing
         if self.stopping:  # the stop's status is the highest of the workers it waited for
             self.stopped_statuses.append(status)
+        if worker.problems and not self.running and self.failed_status is None:
+            # The service's first start: the same lines, and the same status, as
+            # without --processes, once, whichever worker found them first.
+            for line in worker.problems:
+                print(line, file=sys.stderr)
+        elif worker.problems and not self.stopping:  # a replacement, or a reload's worker
+            for line in worker.problems:
+                log.error("worker %s: %s", worker.name, line)
         if worker.retired:
             if status == 0:
                 log.info("worker %s %s stopped", worker.name, worker.retired)

@@ -6,7 +6,9 @@ added to the connection's ``connection_name``) and one end of a socket pair in
 AMQP_DISPATCHER_LINK_FD; only the arbiter holds the other end, and it never
 writes to it. The worker writes a line ``started`` once its signal handlers
 are installed (before the consumer code is imported: from then on SIGUSR1 is
-safe to send it) and a line ``consuming`` once every entry consumes.
+safe to send it) and a line ``consuming`` once every entry consumes; one that
+cannot start because of a config problem writes ``problem "..."`` lines instead
+of printing them (cli.py), so that the arbiter prints them once for the service.
 
 End-of-file on the link comes when the arbiter is gone, whatever killed it: the
 worker then drains and stops, as on SIGTERM (``watch``, on the hub). A worker
@@ -23,6 +25,7 @@ on which the worker serves its endpoint for the arbiter (endpoint.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -36,7 +39,14 @@ import gevent.monkey
 import gevent.socket
 
 from ..contracts.exits import EXIT_DRAIN_TIMEOUT
-from ..contracts.link import CONSUMING, HTTP_SOCKET_ENV, LINK_FD_ENV, STARTED, WORKER_ENV
+from ..contracts.link import (
+    CONSUMING,
+    HTTP_SOCKET_ENV,
+    LINK_FD_ENV,
+    PROBLEM,
+    STARTED,
+    WORKER_ENV,
+)
 from ..contracts.timeouts import WATCHDOG_MARGIN
 
 log = logging.getLogger("amqp-dispatcher")
@@ -78,11 +88,11 @@ class ArbiterLink:
             return None
         return cls(name, int(fd), http_socket)
 
-    def _tell(self, line: bytes) -> None:
+    def _tell(self, line: bytes) -> bool:
         try:
-            os.write(self.fd, line)
+            return os.write(self.fd, line) == len(line)
         except OSError:
-            pass  # the arbiter is gone: watch() and the watchdog see it
+            return False  # the arbiter is gone: watch() and the watchdog see it
 
     def started(self) -> None:
         """Tell the arbiter this process handles its signals; start the watchdog."""
@@ -92,6 +102,12 @@ class ArbiterLink:
     def consuming(self) -> None:
         """Tell the arbiter that every consumer entry consumes."""
         self._tell(CONSUMING + b"\n")
+
+    def problems(self, lines: list[str]) -> bool:
+        """Tell the arbiter why this process cannot start (it prints them once for the
+        service); False if it could not be told, and the caller prints them."""
+        return self._tell(b"".join(PROBLEM + b" " + json.dumps(line).encode() + b"\n"
+                                   for line in lines))
 
     def watch(self, gone: Callable[[], None]) -> None:
         """Call ``gone`` (in a greenlet of its own) once the arbiter is gone."""
