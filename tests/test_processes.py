@@ -214,6 +214,17 @@ def test_bad_config_is_reported_once_with_status_1(tmp_path: Path) -> None:
     started = re.findall(r"worker (\d)/3 \(pid \d+\) started", result.stderr)
     assert sorted(started) == ["1", "2", "3"], result.stderr  # none started again
     assert "Traceback" not in result.stderr and not result.stdout
+    # Many problems (kilobytes on the link, written just before the worker exits): all
+    # printed, once each, as a single process prints them.
+    config = "consumers:\n" + "".join(f"  - consumer: testconsumers:Missing{i}\n"
+                                      f"    queue: jobs\n    prefetch_count: -{i + 1}\n"
+                                      for i in range(30))
+    single = run_cli(tmp_path, "--config", "config.yml", config=config)
+    assert single.returncode == 1 and len(single.stderr) > 4096, single.stderr
+    result = run_cli(tmp_path, "--processes", "2", "--config", "config.yml")
+    assert result.returncode == 1, result.stderr
+    printed = [line for line in result.stderr.splitlines() if line.startswith("config.yml")]
+    assert printed == single.stderr.splitlines(), result.stderr
     for bad in ("0", "-1", "two"):
         result = run_cli(tmp_path, "--processes", bad, "--config", "config.yml")
         assert result.returncode == 2

@@ -170,6 +170,7 @@ class Arbiter:
         self.stopped_statuses: list[int] = []  # of the workers that exited while stopping
         self.wake_r, self.wake_w = os.pipe()
         self.http_config: HttpConfig | None = None  # as read at start: a reload keeps it
+        self.http_unread = False  # the file had problems at start, yet the workers run
         self.http: ArbiterEndpoint | None = None
 
     # -- the main loop ------------------------------------------------------------
@@ -259,7 +260,7 @@ class Arbiter:
 
     def _read_link(self, worker: Worker) -> None:
         try:
-            data = worker.link.recv(256)
+            data = worker.link.recv(65536)
         except OSError:
             data = b""
         if not data:  # the worker is exiting; _reap sees it
@@ -282,8 +283,8 @@ class Arbiter:
         for worker in list(self.workers):
             if worker.process.poll() is not None:
                 self.workers.remove(worker)
-                if worker.link_open:  # a "consuming" line it wrote just before it exited
-                    worker.link.setblocking(False)
+                worker.link.setblocking(False)
+                while worker.link_open:  # what it wrote just before it exited, to the end
                     self._read_link(worker)
                 worker.link.close()
                 self._on_worker_exit(worker)
@@ -390,21 +391,27 @@ class Arbiter:
 
     def _listen(self) -> bool:
         """Open the http endpoint, if the config has one, before any worker starts.
-        False if it cannot listen, or the file cannot be read: the line is printed, and
-        the arbiter exits 1."""
+        False if it cannot listen: the line is printed, and the arbiter exits 1.
+
+        A config with problems starts no endpoint, and the workers start all the same:
+        each reads the file with the consumer code, finds every problem (the arbiter
+        reads only the file's shape) and tells it, and the arbiter prints them once."""
         try:
             self.http_config = read_http(self.config_path)
-            if self.http_config is not None:
-                endpoint = ArbiterEndpoint(self.http_config, self.config_path,
-                                           self.processes)
-                endpoint.listen()
-                self.http = endpoint
-        except (ConfigError, ListenError) as exc:
-            for line in exc.problems if isinstance(exc, ConfigError) else [str(exc)]:
-                print(line, file=sys.stderr)
+        except ConfigError:
+            self.http_unread = True
+            return True
+        if self.http_config is None:
+            return True
+        endpoint = ArbiterEndpoint(self.http_config, self.config_path, self.processes)
+        try:
+            endpoint.listen()
+        except ListenError as exc:
+            print(exc, file=sys.stderr)
             self.failed_status = EXIT_CONFIG
             self._stop()
             return False
+        self.http = endpoint
         return True
 
     def _warn_if_http_changed(self) -> None:
@@ -462,6 +469,9 @@ class Arbiter:
             log.info("all %d workers consuming", self.processes)
             if not self.running:
                 self.running = True
+                if self.http_unread:  # the file was mended while the workers started
+                    log.warning("%s had problems when the arbiter read it: no http "
+                                "endpoint until the next start", self.config_path)
                 self._reload_if_pending()
 
     def _hand_over(self) -> None:
