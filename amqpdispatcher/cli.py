@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import traceback
 from types import FrameType
 from typing import TYPE_CHECKING, TextIO
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 # _single only: an arbiter never loads them, and starts its workers that much sooner.
 
 log = logging.getLogger("amqp-dispatcher")
+
+# Set once the dispatcher runs: until then no consume has started and no message is held.
+_dispatching = False
 
 
 def processes(text: str) -> int:
@@ -123,12 +127,17 @@ def fail(lines: list[str], link: ArbiterLink | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for signum in START_SIGNALS:
-        signal.signal(signum, _signal_at_start)
+    previous = {signum: signal.signal(signum, _signal_at_start) for signum in START_SIGNALS}
     try:
         return _main(parse_args(argv))
     except StoppedAtStart as stop:
         return stop.status
+    finally:
+        # What follows is the interpreter's exit, which waits for any thread the consumer
+        # code left running: a signal means again what it meant before (SIGTERM ends it).
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -182,6 +191,8 @@ def _single(args: argparse.Namespace, settings: Settings, link: ArbiterLink | No
         settings = dataclasses.replace(settings, worker=link.name)
     dispatcher = Dispatcher.from_config(config, resolved, settings,
                                         exit_when_drained=args.exit_when_drained, link=link)
+    global _dispatching
+    _dispatching = True
     try:
         return dispatcher.run()
     except ListenError as exc:
@@ -189,4 +200,17 @@ def _single(args: argparse.Namespace, settings: Settings, link: ArbiterLink | No
 
 
 def run() -> None:
-    sys.exit(main())
+    status = main()
+    left = [t.name for t in threading.enumerate()
+            if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+    if left and not _dispatching:
+        # A start that failed or was stopped (or --validate, --check) with threads the
+        # consumer code started at import: the interpreter's exit would wait for them,
+        # for ever. Nothing ran: there is nothing for them to finish.
+        log.warning("the consumer code left %d thread(s) running (%s): exiting without "
+                    "waiting for them", len(left), ", ".join(left))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -618,7 +618,7 @@ def test_config_check_child_dies_with_the_killed_arbiter(broker: BrokerHandle,
         "    def shutdown(self, exception=None): pass\n")
     config = "queues:\n  - queue: jobs\nconsumers:\n  - consumer: slowimport:C\n    queue: jobs\n"
     proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
-    check = f"--validate --config {proc.config_path}"
+    check = f"--validate --config={proc.config_path}"
     try:
         proc.wait_for_log("all 2 workers consuming")
         seconds.write_text("30")

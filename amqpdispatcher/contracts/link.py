@@ -9,10 +9,10 @@ consumer code starts do not inherit them.
 
 Only the worker writes on the link, one line per event: STARTED once its signal
 handlers are installed (from then on SIGUSR1 is safe to send it), CONSUMING once
-every consumer entry consumes, and, when it cannot start because of a problem in
-the config (exit status 1), PROBLEM followed by a space and the problem as a JSON
-string, one line per problem, instead of printing them: the arbiter prints them
-once for the whole service. End-of-file, either way, means the other side is gone.
+every consumer entry consumes, and, when it cannot start because of problems in
+the config (exit status 1), one line PROBLEMS, a space and the problems as a JSON
+array of strings, instead of printing them: the arbiter prints them once for the
+whole service. End-of-file, either way, means the other side is gone.
 """
 
 from __future__ import annotations
@@ -23,4 +23,4 @@ HTTP_SOCKET_ENV = "AMQP_DISPATCHER_HTTP_SOCKET"
 
 STARTED = b"started"
 CONSUMING = b"consuming"
-PROBLEM = b"problem"
+PROBLEMS = b"problems"

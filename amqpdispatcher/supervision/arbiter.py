@@ -42,16 +42,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 from ..config import ConfigError, HttpConfig, read_http
-from ..contracts.exits import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TOPOLOGY, EXIT_USER_CODE
+from ..contracts.exits import (
+    EXIT_BROKER,
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_TOPOLOGY,
+    EXIT_USER_CODE,
+)
 from ..contracts.link import (
     CONSUMING,
     HTTP_SOCKET_ENV,
     LINK_FD_ENV,
-    PROBLEM,
+    PROBLEMS,
     STARTED,
     WORKER_ENV,
 )
@@ -133,7 +139,6 @@ class Worker:
     # "of the previous set", "of the cancelled reload": left behind by a reload, its
     # exit starts nothing (during a stop its status counts, as every worker's)
     retired: str = ""
-    problems: list[str] = field(default_factory=list)  # in the config, as it told them
 
     @property
     def name(self) -> str:
@@ -171,6 +176,7 @@ class Arbiter:
         self.wake_r, self.wake_w = os.pipe()
         self.http_config: HttpConfig | None = None  # as read at start: a reload keeps it
         self.http_unread = False  # the file had problems at start, yet the workers run
+        self.problems_told: list[str] | None = None  # the config problems last shown
         self.http: ArbiterEndpoint | None = None
 
     # -- the main loop ------------------------------------------------------------
@@ -274,8 +280,8 @@ class Arbiter:
                 worker.consuming = True
                 log.info("worker %s consuming", worker.name)
                 self._on_consuming(worker)
-            elif line.startswith(PROBLEM + b" "):
-                worker.problems.append(str(json.loads(line[len(PROBLEM) + 1:])))
+            elif line.startswith(PROBLEMS + b" "):
+                self._on_problems(worker, [str(p) for p in json.loads(line[len(PROBLEMS):])])
 
     def _reap(self) -> None:
         if self.check is not None and self.check.process.poll() is not None:
@@ -359,8 +365,8 @@ class Arbiter:
     def _start_check(self) -> None:
         output = tempfile.TemporaryFile()
         process = subprocess.Popen(
-            [sys.executable, "-m", "amqpdispatcher", "--validate", "--config",
-             self.config_path],
+            [sys.executable, "-m", "amqpdispatcher", "--validate",
+             f"--config={self.config_path}"],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
             preexec_fn=_die_with_this_process())
         self.check = Check(process, output)
@@ -441,7 +447,7 @@ class Arbiter:
         http_socket = self.http.socket_for_worker() if self.http is not None else ""
         if http_socket:
             env[HTTP_SOCKET_ENV] = http_socket
-        args = [sys.executable, "-m", "amqpdispatcher", "--config", self.config_path]
+        args = [sys.executable, "-m", "amqpdispatcher", f"--config={self.config_path}"]
         if self.exit_when_drained is not None:
             args += ["--exit-when-drained", str(self.exit_when_drained)]
         try:
@@ -458,7 +464,28 @@ class Arbiter:
         log.info("worker %s started", worker.name)
         return worker
 
+    def _on_problems(self, worker: Worker, problems: list[str]) -> None:
+        """A worker cannot start: the config has these problems (it exits 1 next, or
+        hangs in its interpreter's exit on a thread the consumer code left running)."""
+        if not self.running:  # the first start: printed once, the service exits 1
+            if self.problems_told is None:
+                self.problems_told = problems
+                for line in problems:  # as without --processes
+                    print(line, file=sys.stderr)
+                if self.failed_status is None:
+                    self.failed_status = EXIT_CONFIG
+                if not self.stopping:
+                    log.error("worker %s found problems in %s at start (above): stopping "
+                              "every worker", worker.name, self.config_path)
+                    self._stop()
+        elif problems != self.problems_told:  # a replacement, a reload's new worker
+            self.problems_told = problems
+            for line in problems:
+                log.error("worker %s: %s", worker.name, line)
+
     def _on_consuming(self, worker: Worker) -> None:
+        if self.running:
+            self.problems_told = None  # the config works: a problem found later is new
         if self.stopping:
             return  # every worker is stopping: nothing to hand over, nothing to start
         if self.new_set is not None and self.new_set.get(worker.number) is worker:
@@ -517,16 +544,11 @@ class Arbiter:
         status = _status(returncode)
         if returncode == -signal.SIGTERM and not worker.consuming and worker.term_sent:
             status = 0  # stopped while starting: it had consumed nothing
-        if self.stopping:  # the stop's status is the highest of the workers it waited for
+        # The stop's status is the highest of the workers it waited for; a worker that
+        # lost the broker as the stop began would have been replaced (status 3 is never
+        # the arbiter's).
+        if self.stopping and status != EXIT_BROKER:
             self.stopped_statuses.append(status)
-        if worker.problems and not self.running and self.failed_status is None:
-            # The service's first start: the same lines, and the same status, as
-            # without --processes, once, whichever worker found them first.
-            for line in worker.problems:
-                print(line, file=sys.stderr)
-        elif worker.problems and not self.stopping:  # a replacement, or a reload's worker
-            for line in worker.problems:
-                log.error("worker %s: %s", worker.name, line)
         if worker.retired:
             if status == 0:
                 log.info("worker %s %s stopped", worker.name, worker.retired)

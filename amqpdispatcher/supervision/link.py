@@ -7,8 +7,8 @@ AMQP_DISPATCHER_LINK_FD; only the arbiter holds the other end, and it never
 writes to it. The worker writes a line ``started`` once its signal handlers
 are installed (before the consumer code is imported: from then on SIGUSR1 is
 safe to send it) and a line ``consuming`` once every entry consumes; one that
-cannot start because of a config problem writes ``problem "..."`` lines instead
-of printing them (cli.py), so that the arbiter prints them once for the service.
+cannot start because of config problems writes them in a line ``problems [...]``
+instead of printing them (cli.py), so that the arbiter prints them once.
 
 End-of-file on the link comes when the arbiter is gone, whatever killed it: the
 worker then drains and stops, as on SIGTERM (``watch``, on the hub). A worker
@@ -43,7 +43,7 @@ from ..contracts.link import (
     CONSUMING,
     HTTP_SOCKET_ENV,
     LINK_FD_ENV,
-    PROBLEM,
+    PROBLEMS,
     STARTED,
     WORKER_ENV,
 )
@@ -105,9 +105,18 @@ class ArbiterLink:
 
     def problems(self, lines: list[str]) -> bool:
         """Tell the arbiter why this process cannot start (it prints them once for the
-        service); False if it could not be told, and the caller prints them."""
-        return self._tell(b"".join(PROBLEM + b" " + json.dumps(line).encode() + b"\n"
-                                   for line in lines))
+        service), in one line however long, written whole; False if the arbiter is gone,
+        and the caller prints them."""
+        data = PROBLEMS + b" " + json.dumps(lines).encode() + b"\n"
+        os.set_blocking(self.fd, True)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            return False
+        finally:
+            os.set_blocking(self.fd, False)
+        return True
 
     def watch(self, gone: Callable[[], None]) -> None:
         """Call ``gone`` (in a greenlet of its own) once the arbiter is gone."""
