@@ -5,15 +5,20 @@ SIGHUP reload."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pika
@@ -36,7 +41,14 @@ from test_processes import gone, workers
 from test_reload import config as reload_config
 from test_reload import reloadable
 
-from amqpdispatcher.supervision.endpoint import Totals, parse
+from amqpdispatcher.config import HttpConfig
+from amqpdispatcher.supervision.endpoint import (
+    WORKER_TIMEOUT,
+    ArbiterEndpoint,
+    Totals,
+    WorkerView,
+    parse,
+)
 
 # The same two entries as the single-process metrics test.
 CONFIG = METRICS_CONFIG
@@ -370,6 +382,69 @@ def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
         if poller.is_alive():
             poller.join()
         assert proc.stop() == 0, proc.output
+
+
+class WorkerEndpoint:
+    """A worker's endpoint on a unix socket, as the arbiter asks it: /readyz answers
+    ``status`` with ``body``, after ``meanwhile()`` (if any) has run."""
+
+    def __init__(self, path: str, status: int, body: dict,
+                 meanwhile: Callable[[], None] | None = None) -> None:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the base's name
+                if outer.meanwhile is not None:
+                    outer.meanwhile()
+                outer.asked += 1
+                data = json.dumps(outer.body).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.status, self.body, self.meanwhile, self.asked = status, body, meanwhile, 0
+        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_readyz_asked_during_a_hand_over_answers_for_the_new_set(tmp_path: Path) -> None:
+    """A /readyz request that read the arbiter's workers just before a reload handed
+    over asked the previous set, which by then had its SIGTERM and answered 503
+    (stopping): under load, test_sighup_under_processes_keeps_the_endpoint_ready once
+    saw one 503. The set that serves once the request has its answers is asked."""
+    endpoint = ArbiterEndpoint(HttpConfig(port=free_port()), "config.yml", 1)
+    old = WorkerView(1, 100, str(tmp_path / "old.sock"), current=True)
+    new = WorkerView(1, 200, str(tmp_path / "new.sock"), current=False)
+
+    def hand_over() -> None:  # the arbiter, while the old worker is being asked
+        endpoint.update([replace(old, current=False), replace(new, current=True)], False)
+
+    stopping = {"ready": False, "connected": True, "stopping": True, "not_consuming": []}
+    previous = WorkerEndpoint(old.socket, 503, stopping, meanwhile=hand_over)
+    serving = WorkerEndpoint(new.socket, 200, {"ready": True})
+    try:
+        endpoint.update([old, new], False)
+        assert endpoint._readyz() == (True, {"ready": True})
+        assert (previous.asked, serving.asked) == (1, 1)
+        # Without a hand-over meanwhile, a worker that is not ready is named at once.
+        serving.status, serving.body = 503, stopping
+        started = time.monotonic()
+        assert endpoint._readyz() == (False, {"ready": False, "stopping": False, "not_ready": [
+            {"worker": "1/1", "pid": 200, "connected": True, "stopping": True,
+             "not_consuming": []}]})
+        assert serving.asked == 2 and time.monotonic() - started < WORKER_TIMEOUT
+    finally:
+        previous.close()
+        serving.close()
 
 
 def test_sighup_sent_to_a_worker_itself_keeps_the_arbiters_counts(broker: BrokerHandle,
