@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,10 +38,11 @@ from test_metrics import (
     value,
 )
 from test_processes import gone, workers
+from test_reload import FakeProcess, reloadable
 from test_reload import config as reload_config
-from test_reload import reloadable
 
 from amqpdispatcher.config import HttpConfig
+from amqpdispatcher.supervision.arbiter import Arbiter, Worker
 from amqpdispatcher.supervision.endpoint import (
     WORKER_TIMEOUT,
     ArbiterEndpoint,
@@ -445,6 +446,37 @@ def test_readyz_asked_during_a_hand_over_answers_for_the_new_set(tmp_path: Path)
     finally:
         previous.close()
         serving.close()
+
+
+def test_a_hand_over_makes_the_new_set_current_before_the_previous_one_stops(
+        tmp_path: Path) -> None:
+    """The arbiter sent the previous set its SIGTERM, and only later told the endpoint
+    that the new set served: a /readyz between the two asked workers that were stopping,
+    and answered 503 during a reload."""
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    published: list[list[WorkerView]] = []
+
+    class Endpoint:
+        def update(self, workers: Iterable[WorkerView], stopping: bool) -> None:
+            published.append(list(workers))
+
+    try:
+        old = Worker(1, 1, FakeProcess(100), None, time.monotonic(), "old.sock",  # type: ignore[arg-type]
+                     consuming=True)
+        new = Worker(1, 1, FakeProcess(200), None, time.monotonic(), "new.sock")  # type: ignore[arg-type]
+        arbiter.running = True
+        arbiter.workers, arbiter.serving, arbiter.new_set = [old, new], {1: old}, {1: new}
+        arbiter.http = Endpoint()  # type: ignore[assignment]
+        seen_at_term: list[list[WorkerView]] = []
+        old.process.send_signal = (  # type: ignore[method-assign]
+            lambda signum: seen_at_term.append(published[-1] if published else []))
+        new.consuming = True
+        arbiter._on_consuming(new)
+        assert arbiter.serving == {1: new} and seen_at_term
+        assert {view.pid: view.current for view in seen_at_term[0]} == {100: False, 200: True}
+    finally:
+        os.close(arbiter.wake_r)
+        os.close(arbiter.wake_w)
 
 
 def test_sighup_sent_to_a_worker_itself_keeps_the_arbiters_counts(broker: BrokerHandle,
