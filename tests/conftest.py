@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -40,3 +42,37 @@ def broker(rabbit: Broker) -> Iterator[BrokerHandle]:
     finally:
         handle.close()
         rabbit.ctl("delete_vhost", vhost, check=False)
+
+
+# What a test leaves changed in this process reaches every later test, and the processes
+# they start (an ignored signal and the environment are inherited through exec): a
+# result would then depend on what ran before. The environment, the handlers of the
+# signals the dispatcher uses and the signal mask are put back, and the test fails.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+            signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE)
+
+
+@pytest.fixture(autouse=True)
+def _process_state_given_back() -> Iterator[None]:
+    handlers = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    environ = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    yield
+    changed = [f"the handler of {signal.Signals(signum).name}: {before!r} -> {now!r}"
+               for signum, before in handlers.items()
+               if (now := signal.getsignal(signum)) != before]
+    if (now_mask := signal.pthread_sigmask(signal.SIG_SETMASK, mask)) != mask:
+        changed.append(f"the signal mask: {sorted(mask)} -> {sorted(now_mask)}")
+    for signum, before in handlers.items():
+        if before is not None:
+            signal.signal(signum, before)
+    for key in {*environ, *os.environ} - {"PYTEST_CURRENT_TEST"}:
+        if os.environ.get(key) != environ.get(key):
+            changed.append(f"${key}: {environ.get(key)!r} -> {os.environ.get(key)!r}")
+            if key in environ:
+                os.environ[key] = environ[key]
+            else:
+                del os.environ[key]
+    if changed:
+        pytest.fail("left changed for the tests after it (put back): " + "; ".join(changed),
+                    pytrace=False)

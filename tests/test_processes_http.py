@@ -5,15 +5,20 @@ SIGHUP reload."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pika
@@ -33,10 +38,18 @@ from test_metrics import (
     value,
 )
 from test_processes import gone, workers
+from test_reload import FakeProcess, reloadable
 from test_reload import config as reload_config
-from test_reload import reloadable
 
-from amqpdispatcher.supervision.endpoint import Totals, parse
+from amqpdispatcher.config import HttpConfig
+from amqpdispatcher.supervision.arbiter import Arbiter, Worker
+from amqpdispatcher.supervision.endpoint import (
+    WORKER_TIMEOUT,
+    ArbiterEndpoint,
+    Totals,
+    WorkerView,
+    parse,
+)
 
 # The same two entries as the single-process metrics test.
 CONFIG = METRICS_CONFIG
@@ -333,12 +346,15 @@ def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
     http = f"http:\n  port: {port}\n"
     proc = DispatcherProcess(tmp_path, http + reload_config(2), broker.url,
                              args=("--processes", "2"))
-    answers: list[int] = []
+    answers: list[tuple[int, str]] = []
     polling = threading.Event()
 
     def poll() -> None:
         while not polling.wait(0.05):
-            answers.append(get(port, "/readyz")[0])
+            try:
+                answers.append(get(port, "/readyz"))
+            except OSError as exc:  # no answer at all: as much a failure as a 503
+                answers.append((0, repr(exc)))
 
     poller = threading.Thread(target=poll)
     try:
@@ -358,7 +374,8 @@ def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
                    what="the previous workers to stop")
         polling.set()
         poller.join()
-        assert answers and set(answers) == {200}, answers
+        assert answers and {status for status, _ in answers} == {200}, \
+            [answer for answer in answers if answer[0] != 200]  # what a 503 said
         samples = scrape(port)
         labels = {"queue": "jobs", "consumer": "reloadable:Consumer"}
         assert value(samples, "amqp_dispatcher_instances", **labels) == 2 * 3
@@ -370,6 +387,100 @@ def test_sighup_under_processes_keeps_the_endpoint_ready(broker: BrokerHandle,
         if poller.is_alive():
             poller.join()
         assert proc.stop() == 0, proc.output
+
+
+class WorkerEndpoint:
+    """A worker's endpoint on a unix socket, as the arbiter asks it: /readyz answers
+    ``status`` with ``body``, after ``meanwhile()`` (if any) has run."""
+
+    def __init__(self, path: str, status: int, body: dict,
+                 meanwhile: Callable[[], None] | None = None) -> None:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the base's name
+                if outer.meanwhile is not None:
+                    outer.meanwhile()
+                outer.asked += 1
+                data = json.dumps(outer.body).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.status, self.body, self.meanwhile, self.asked = status, body, meanwhile, 0
+        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_readyz_asked_during_a_hand_over_answers_for_the_new_set(tmp_path: Path) -> None:
+    """A /readyz request that read the arbiter's workers just before a reload handed
+    over asked the previous set, which by then had its SIGTERM and answered 503
+    (stopping): under load, test_sighup_under_processes_keeps_the_endpoint_ready once
+    saw one 503. The set that serves once the request has its answers is asked."""
+    endpoint = ArbiterEndpoint(HttpConfig(port=free_port()), "config.yml", 1)
+    old = WorkerView(1, 100, str(tmp_path / "old.sock"), current=True)
+    new = WorkerView(1, 200, str(tmp_path / "new.sock"), current=False)
+
+    def hand_over() -> None:  # the arbiter, while the old worker is being asked
+        endpoint.update([replace(old, current=False), replace(new, current=True)], False)
+
+    stopping = {"ready": False, "connected": True, "stopping": True, "not_consuming": []}
+    previous = WorkerEndpoint(old.socket, 503, stopping, meanwhile=hand_over)
+    serving = WorkerEndpoint(new.socket, 200, {"ready": True})
+    try:
+        endpoint.update([old, new], False)
+        assert endpoint._readyz() == (True, {"ready": True})
+        assert (previous.asked, serving.asked) == (1, 1)
+        # Without a hand-over meanwhile, a worker that is not ready is named at once.
+        serving.status, serving.body = 503, stopping
+        started = time.monotonic()
+        assert endpoint._readyz() == (False, {"ready": False, "stopping": False, "not_ready": [
+            {"worker": "1/1", "pid": 200, "connected": True, "stopping": True,
+             "not_consuming": []}]})
+        assert serving.asked == 2 and time.monotonic() - started < WORKER_TIMEOUT
+    finally:
+        previous.close()
+        serving.close()
+
+
+def test_a_hand_over_makes_the_new_set_current_before_the_previous_one_stops(
+        tmp_path: Path) -> None:
+    """The arbiter sent the previous set its SIGTERM, and only later told the endpoint
+    that the new set served: a /readyz between the two asked workers that were stopping,
+    and answered 503 during a reload."""
+    arbiter = Arbiter(str(tmp_path / "config.yml"), 1)
+    published: list[list[WorkerView]] = []
+
+    class Endpoint:
+        def update(self, workers: Iterable[WorkerView], stopping: bool) -> None:
+            published.append(list(workers))
+
+    try:
+        old = Worker(1, 1, FakeProcess(100), None, time.monotonic(), "old.sock",  # type: ignore[arg-type]
+                     consuming=True)
+        new = Worker(1, 1, FakeProcess(200), None, time.monotonic(), "new.sock")  # type: ignore[arg-type]
+        arbiter.running = True
+        arbiter.workers, arbiter.serving, arbiter.new_set = [old, new], {1: old}, {1: new}
+        arbiter.http = Endpoint()  # type: ignore[assignment]
+        seen_at_term: list[list[WorkerView]] = []
+        old.process.send_signal = (  # type: ignore[method-assign]
+            lambda signum: seen_at_term.append(published[-1] if published else []))
+        new.consuming = True
+        arbiter._on_consuming(new)
+        assert arbiter.serving == {1: new} and seen_at_term
+        assert {view.pid: view.current for view in seen_at_term[0]} == {100: False, 200: True}
+    finally:
+        os.close(arbiter.wake_r)
+        os.close(arbiter.wake_w)
 
 
 def test_sighup_sent_to_a_worker_itself_keeps_the_arbiters_counts(broker: BrokerHandle,

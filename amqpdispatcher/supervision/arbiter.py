@@ -504,10 +504,13 @@ class Arbiter:
     def _hand_over(self) -> None:
         """Every worker of a reload's set consumes: the previous set drains and stops."""
         assert self.new_set is not None
-        for worker in self.serving.values():
+        previous, self.serving, self.new_set = self.serving, self.new_set, None
+        # The endpoint's /readyz asks the new set before the previous one, told to
+        # stop, answers that it is not ready (endpoint.py, ArbiterEndpoint._readyz).
+        self._publish()
+        for worker in previous.values():
             worker.retired = "of the previous set"
             self._send(worker, signal.SIGTERM)
-        self.serving, self.new_set = self.new_set, None
         self.respawn_at.clear()
         self.backoff.clear()
         log.info("reloaded: the %d new workers consume; the previous ones finish their "

@@ -260,12 +260,28 @@ class ArbiterEndpoint(Collector):
         return (False, {"status": "stopping"}) if stopping else (True, {"status": "ok"})
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
-        with self.lock:
-            workers, stopping = self.workers, self.stopping
-        if stopping:
-            return False, {"ready": False, "stopping": True, "not_ready": []}
-        current = {view.number: view for view in workers if view.current}
-        answers = self._ask(list(current.values()), "/readyz")
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        while True:
+            with self.lock:
+                workers, stopping = self.workers, self.stopping
+            if stopping:
+                return False, {"ready": False, "stopping": True, "not_ready": []}
+            current = {view.number: view for view in workers if view.current}
+            not_ready = self._not_ready(current, self._ask(list(current.values()), "/readyz",
+                                                           deadline))
+            if not not_ready:
+                return True, {"ready": True}
+            # A reload handed over while the workers were asked: the previous set, told
+            # to stop once the arbiter had made the new one current, says it is not
+            # ready. The set that serves now is the one to ask, within the same time.
+            with self.lock:
+                handed_over = _current(self.workers) != _current(workers)
+            if not handed_over or time.monotonic() >= deadline:
+                return False, {"ready": False, "stopping": False, "not_ready": not_ready}
+
+    def _not_ready(self, current: dict[int, WorkerView],
+                   answers: dict[str, Answer]) -> list[dict[str, Any]]:
+        """Each worker of the current set, by number, that is not ready, and why."""
         not_ready: list[dict[str, Any]] = []
         for number in range(1, self.processes + 1):
             name = f"{number}/{self.processes}"
@@ -283,17 +299,17 @@ class ArbiterEndpoint(Collector):
                 except ValueError:
                     said = {"error": f"answered {answer[0]}"}
                 not_ready.append({"worker": name, "pid": view.pid, **said})
-        if not_ready:
-            return False, {"ready": False, "stopping": False, "not_ready": not_ready}
-        return True, {"ready": True}
+        return not_ready
 
-    def _ask(self, workers: Sequence[WorkerView], path: str) -> dict[str, Answer]:
+    def _ask(self, workers: Sequence[WorkerView], path: str,
+             deadline: float | None = None) -> dict[str, Answer]:
         """GET ``path`` of every worker at once; by worker, its answer or why there is
-        none, within WORKER_TIMEOUT of asking."""
+        none, by ``deadline`` (by default WORKER_TIMEOUT from now)."""
         # A thread per question, started now: with a shared pool, a wedged worker's
         # questions held its threads for WORKER_TIMEOUT each, and a healthy worker's
         # waited for one past their deadline (and got it blamed).
-        deadline = time.monotonic() + WORKER_TIMEOUT
+        if deadline is None:
+            deadline = time.monotonic() + WORKER_TIMEOUT
         answers: dict[str, Answer] = {}
 
         def ask(view: WorkerView) -> None:
@@ -307,6 +323,10 @@ class ArbiterEndpoint(Collector):
             thread.join(max(0.0, deadline - time.monotonic()))
         late = f"did not answer within {WORKER_TIMEOUT:g}s"
         return {view.socket: answers.get(view.socket, late) for view in workers}
+
+
+def _current(workers: Iterable[WorkerView]) -> set[WorkerView]:
+    return {view for view in workers if view.current}
 
 
 def _remove_stale_directories(parent: str) -> None:
