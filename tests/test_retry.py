@@ -78,7 +78,10 @@ def test_always_failing_message_is_retried_with_backoff_then_dead_lettered(
         wait_until(lambda: len(attempts(proc.records(), "always-1")) == 4, timeout=30,
                    what="the fourth attempt")
         cpu_used, window = cpu_seconds(pid) - cpu_before, time.monotonic() - started
-        wait_until(lambda: broker.ready("q.failed") == 1, what="the dead-lettered message")
+        # The move is confirmed, then logged, then the instance shut down: wait for all.
+        wait_until(lambda: broker.ready("q.failed") == 1
+                   and proc.records().count("shutdown:ValueError") == 4,
+                   what="the dead-lettered message, and the failed instance shut down")
         calls = attempts(proc.records(), "always-1")
         assert [n for n, _ in calls] == [1, 2, 3, 4]
         gaps = [b - a for (_, a), (_, b) in zip(calls, calls[1:])]
@@ -162,8 +165,10 @@ def test_time_limit_interrupts_consume_and_the_policy_applies(broker: BrokerHand
         proc.wait_consuming()
         broker.publish("q", "sleep-1")
         broker.publish("q", "swallow-1")
-        wait_until(lambda: broker.ready("q.failed") == 2, timeout=30,
-                   what="both messages dead-lettered")
+        # Each move is confirmed before the failed instance is shut down: wait for both.
+        wait_until(lambda: broker.ready("q.failed") == 2
+                   and proc.records().count("shutdown:TimeLimitExceeded") == 4, timeout=30,
+                   what="both messages dead-lettered, and the instances shut down")
         records = proc.records()
         assert [n for n, _ in attempts(records, "sleep-1")] == [1, 2]
         assert [n for n, _ in attempts(records, "swallow-1")] == [1, 2]
@@ -190,7 +195,10 @@ def test_without_dead_letter_queue_the_queues_own_dlx_receives_it(
     try:
         proc.wait_consuming()
         broker.publish("q", "always-d")
-        wait_until(lambda: broker.ready("dead") == 1, what="the queue's own DLX")
+        # The reject reaches the broker before the line is logged: wait for both.
+        wait_until(lambda: broker.ready("dead") == 1
+                   and "giving up: rejected without requeue" in proc.output,
+                   what="the queue's own DLX")
         assert [n for n, _ in attempts(proc.records(), "always-d")] == [1, 2]
         assert get_one(broker, "dead")[1] == b"always-d"
         assert "giving up: rejected without requeue" in proc.output
