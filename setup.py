@@ -15,7 +15,8 @@ setup(
     install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1", "prometheus-client>=0.17"],
     extras_require={
         "test": ["pytest>=7", "supervisor>=4.2", "trustme>=1.0", "ruff", "mypy",
-                 "types-PyYAML", "jsonschema>=4", "hypothesis>=6", "import-linter>=2.1"],
+                 "types-PyYAML", "jsonschema>=4", "hypothesis>=6", "import-linter>=2.1",
+                 "pytest-timeout>=2.1", "pytest-xdist>=3"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"]},

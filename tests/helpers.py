@@ -14,11 +14,19 @@ from typing import Any
 from urllib.parse import quote
 
 import pika
+import rabbitnode
+import yaml
 from rabbitnode import Broker
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 SCRIPT = str(Path(sys.executable).parent / "amqp-dispatcher")
+
+
+def _guard(marker: str) -> None:
+    """tests/conftest.py's check that the running test carries ``marker``."""
+    if rabbitnode.guard is not None:
+        rabbitnode.guard(marker)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "condition",
@@ -69,13 +77,47 @@ class BrokerHandle:
     def queue_info(self, queue: str) -> dict[str, str]:
         return self.node.queue_info(queue, self.vhost)
 
+    def _declare_ok(self, queue: str) -> Any:
+        """The queue's own answer to a passive queue.declare: no rabbitmqctl (an Erlang
+        VM started per call), and exact at once, also for a quorum queue (whose counts
+        in rabbitmqctl are refreshed only every few seconds). KeyError if there is no
+        such queue, as for queue_info."""
+        for attempt in (1, 2):
+            try:
+                return self.channel.queue_declare(queue, passive=True).method
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:
+                    raise KeyError(queue) from None
+                raise
+            except pika.exceptions.AMQPConnectionError:
+                # A test closed the connections or restarted the broker: pika finds out
+                # at the next use of this connection. Once more on a new one.
+                self._connection = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def ready(self, queue: str) -> int:
+        """Messages ready in the queue (not those delivered and unacknowledged)."""
+        return int(self._declare_ok(queue).message_count)
+
+    def consumers(self, queue: str) -> int:
+        return int(self._declare_ok(queue).consumer_count)
+
     def counts(self, queue: str) -> tuple[int, int]:
-        """(ready, unacknowledged) as the broker reports them."""
+        """(ready, unacknowledged) as rabbitmqctl reports them: only rabbitmqctl knows
+        the unacknowledged count. In a wait, has_counts() is cheaper."""
         info = self.queue_info(queue)
         return int(info["messages_ready"]), int(info["messages_unacknowledged"])
 
+    def has_counts(self, queue: str, ready: int, unacked: int) -> bool:
+        """counts(queue) == (ready, unacked), asking rabbitmqctl only once the ready
+        count, from a passive declare, is the one expected."""
+        return self.ready(queue) == ready and self.counts(queue)[1] == unacked
+
     def drained(self, queue: str) -> bool:
-        return self.counts(queue) == (0, 0)
+        """Nothing ready and nothing unacknowledged."""
+        return self.has_counts(queue, 0, 0)
 
     def get_all(self, queue: str) -> list[bytes]:
         bodies = []
@@ -102,6 +144,7 @@ class DispatcherProcess:
         if url is not None:
             full_env["RABBITMQ_URL"] = url
         full_env.update(env or {})
+        _guard("process")
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [SCRIPT, "--config", str(self.config_path), *args],
@@ -129,8 +172,29 @@ class DispatcherProcess:
 
         wait_until(found, timeout, f"log line {pattern!r}")
 
-    def wait_consuming(self, timeout: float = 30) -> None:
-        self.wait_for_log(r"consuming from", timeout)
+    def consumer_entries(self) -> int:
+        """How many consumers entries the config has (1 if it cannot be read as one)."""
+        try:
+            entries = yaml.safe_load(self.config_path.read_text()).get("consumers")
+        except (yaml.YAMLError, AttributeError):
+            return 1
+        return len(entries) if isinstance(entries, list) and entries else 1
+
+    def wait_consuming(self, timeout: float = 30, count: int | None = None) -> None:
+        """Until ``count`` "consuming from" lines are logged: by default one per consumers
+        entry of the config (each entry logs one once its basic.consume is confirmed),
+        so that a test publishing next never publishes before every entry consumes."""
+        wanted = self.consumer_entries() if count is None else count
+
+        def consuming() -> bool:
+            found = self.output.count("consuming from ")
+            if found < wanted and self.process.poll() is not None:
+                raise AssertionError(f"dispatcher exited ({self.process.returncode}) "
+                                     f"after {found} of {wanted} 'consuming from' lines:\n"
+                                     f"{self.output}")
+            return found >= wanted
+
+        wait_until(consuming, timeout, f"{wanted} 'consuming from' log line(s)")
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -157,6 +221,7 @@ class DispatcherProcess:
 def run_cli(tmp_path: Path, *args: str, config: str | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the console script to completion (validation, start-up errors)."""
+    _guard("process")
     if config is not None:
         (tmp_path / "config.yml").write_text(config)
     full_env = dict(os.environ)

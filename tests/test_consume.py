@@ -95,7 +95,7 @@ def test_proxy_operations(broker: BrokerHandle, tmp_path: Path) -> None:
         assert any(re.fullmatch(r"error:AlreadyRespondedError:delivery_tag_\d+:"
                                 r"_cannot_ack,_it_was_already_acked", r) for r in records)
         assert "done:publish:5:False" in records
-        wait_until(lambda: broker.counts("published_out")[0] == 1, what="published message")
+        wait_until(lambda: broker.ready("published_out") == 1, what="published message")
         method, props, body = broker.channel.basic_get("published_out", auto_ack=True)
         assert body == b"from-consumer"
         assert props.headers == {"x-origin": "consumer"}

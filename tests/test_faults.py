@@ -190,7 +190,7 @@ def test_drain_timeout_gives_unfinished_messages_back(broker: BrokerHandle,
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 6
     assert "drain_timeout (1s) ran out with 1 message(s) still in consume" in proc.output
-    wait_until(lambda: broker.counts("bad") == (1, 0), what="message back in the queue")
+    wait_until(lambda: broker.has_counts("bad", 1, 0), what="message back in the queue")
 
 
 def test_second_sigterm_stops_at_once(broker: BrokerHandle, tmp_path: Path) -> None:
@@ -202,7 +202,7 @@ def test_second_sigterm_stops_at_once(broker: BrokerHandle, tmp_path: Path) -> N
     proc.wait_for_log("finishing messages in progress")
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 128 + signal.SIGTERM
-    wait_until(lambda: broker.counts("bad") == (1, 0), what="message back in the queue")
+    wait_until(lambda: broker.has_counts("bad", 1, 0), what="message back in the queue")
 
 
 def test_sigint_stops_at_once(broker: BrokerHandle, tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_sigint_stops_at_once(broker: BrokerHandle, tmp_path: Path) -> None:
     wait_until(lambda: "hanging:hang-3" in proc.records(), what="consume in progress")
     proc.signal(signal.SIGINT)
     assert proc.wait(timeout=15) == 128 + signal.SIGINT
-    wait_until(lambda: broker.counts("bad") == (1, 0), what="message back in the queue")
+    wait_until(lambda: broker.has_counts("bad", 1, 0), what="message back in the queue")
 
 
 def test_reconnect_gives_up_after_bound(broker: BrokerHandle, tmp_path: Path) -> None:
@@ -248,7 +248,7 @@ def test_reconnects_leave_no_file_descriptor_behind(broker: BrokerHandle,
         try:
             proc.wait_consuming()
             broker.publish("commands", "publish")  # opens the publishing connection
-            wait_until(lambda: broker.counts("published_out")[0] == 1, what="a publish")
+            wait_until(lambda: broker.ready("published_out") == 1, what="a publish")
             before = fds()
             proxy.refuse(True)
             proxy.drop_all()
@@ -257,7 +257,7 @@ def test_reconnects_leave_no_file_descriptor_behind(broker: BrokerHandle,
             proxy.refuse(False)
             proc.wait_for_log("reconnected after")
             broker.publish("commands", "publish")
-            wait_until(lambda: broker.counts("published_out")[0] == 2, what="a publish again",
+            wait_until(lambda: broker.ready("published_out") == 2, what="a publish again",
                        timeout=60)
             attempts = proc.output.count("reconnect attempt") + proc.output.count(
                 "cannot open the publishing connection") + 2

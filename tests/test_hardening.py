@@ -45,7 +45,7 @@ def test_one_slow_message_does_not_stall_its_entry(broker: BrokerHandle,
         # 400 x 10 ms on the 3 free instances is about 1.5 s; the slow one takes 120 s.
         wait_until(lambda: len(done(proc, "f")) == 400, timeout=30,
                    what="the 400 quick messages, while the slow one runs")
-        wait_until(lambda: broker.counts("q") == (0, 1), what="only the slow one unacked")
+        wait_until(lambda: broker.has_counts("q", 0, 1), what="only the slow one unacked")
     finally:
         proc.signal(signal.SIGINT)
         proc.wait()

@@ -168,7 +168,7 @@ def test_second_sigterm_or_sigint_stops_every_worker_at_once(
     # The worker in consume (not only the arbiter) stopped at once.
     assert re.search(r"amqp-dispatcher\[\d+\] INFO: received SIG(TERM while draining|INT): "
                      "stopping now", proc.output), proc.output
-    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+    wait_until(lambda: broker.has_counts("jobs", 1, 0), what="the message back in the queue")
 
 
 def test_worker_that_keeps_failing_is_restarted_with_backoff(tmp_path: Path) -> None:
@@ -555,7 +555,7 @@ def test_worker_stuck_in_blocking_code_exits_soon_after_the_arbiter_is_killed(
         proc.stop()
     assert "the arbiter is gone and this worker has not stopped within drain_timeout (1s) " \
            "+ 10s (blocking code in consume?): exiting now with status 6" in proc.output
-    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+    wait_until(lambda: broker.has_counts("jobs", 1, 0), what="the message back in the queue")
 
 
 def test_watchdog_exits_while_the_stuck_worker_holds_the_log(broker: BrokerHandle,
@@ -602,7 +602,7 @@ def test_watchdog_exits_while_the_stuck_worker_holds_the_log(broker: BrokerHandl
         arbiter.kill()
         arbiter.wait()
         arbiter.stderr.close()
-    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+    wait_until(lambda: broker.has_counts("jobs", 1, 0), what="the message back in the queue")
 
 
 def test_config_check_child_dies_with_the_killed_arbiter(broker: BrokerHandle,

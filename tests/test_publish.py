@@ -417,7 +417,7 @@ def test_without_confirms_publish_returns_once_written(broker: BrokerHandle,
         broker.publish("in", order("unroutable", ["", "nowhere", None, "x"],
                                    options={"mandatory": True}))
         wait_until(lambda: finished(proc, "sent", "unroutable"), what="both handled")
-        wait_until(lambda: broker.counts("out") == (1, 0), what="the published message")
+        wait_until(lambda: broker.has_counts("out", 1, 0), what="the published message")
         assert [c["outcome"] for c in calls(proc, "unroutable")] == ["ok"]  # acked: no raise
         proc.wait_for_log(r"consumers\[0\] \(in\): the broker returned 1 message\(s\) "
                           r"published with mandatory=True as unroutable \(last: exchange '' "
@@ -536,7 +536,7 @@ def test_blocked_publishing_connection_does_not_stall_acks(alarm_node: Broker,
         for i in range(3):
             broker.publish("pub", order(f"b{i}", ["", "out", None, f"b{i}"], gate="pub"))
             broker.publish("plain", order(f"c{i}", gate="plain"))
-        wait_until(lambda: broker.counts("pub") == (0, 3) and broker.counts("plain") == (0, 3),
+        wait_until(lambda: broker.has_counts("pub", 0, 3) and broker.has_counts("plain", 0, 3),
                    what="every message in consume")
         set_alarm(alarm_node, True)
         (tmp_path / "pub").touch()  # publishing now gets the connection blocked

@@ -326,7 +326,7 @@ def test_stop_status_counts_the_previous_generation_still_draining(
     finally:
         proc.stop()
     assert "the previous generation stopped with status 6" in proc.output
-    wait_until(lambda: broker.counts("jobs") == (1, 0), what="the message back in the queue")
+    wait_until(lambda: broker.has_counts("jobs", 1, 0), what="the message back in the queue")
 
 
 class RacingGenerations(Generations):

@@ -78,7 +78,10 @@ def test_always_failing_message_is_retried_with_backoff_then_dead_lettered(
         wait_until(lambda: len(attempts(proc.records(), "always-1")) == 4, timeout=30,
                    what="the fourth attempt")
         cpu_used, window = cpu_seconds(pid) - cpu_before, time.monotonic() - started
-        wait_until(lambda: broker.counts("q.failed")[0] == 1, what="the dead-lettered message")
+        # The move is confirmed, then logged, then the instance shut down: wait for all.
+        wait_until(lambda: broker.ready("q.failed") == 1
+                   and proc.records().count("shutdown:ValueError") == 4,
+                   what="the dead-lettered message, and the failed instance shut down")
         calls = attempts(proc.records(), "always-1")
         assert [n for n, _ in calls] == [1, 2, 3, 4]
         gaps = [b - a for (_, a), (_, b) in zip(calls, calls[1:])]
@@ -127,7 +130,7 @@ def test_restart_during_a_delay_keeps_the_count(broker: BrokerHandle, tmp_path: 
     assert waiting(broker, "q.retry.quorum.2000ms") == 1
     second = DispatcherProcess(second_dir, config, broker.url)
     try:
-        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=30,
+        wait_until(lambda: broker.ready("q.failed") == 1, timeout=30,
                    what="dead-lettered by the second process")
         calls = attempts(first.records(), "always-r") + attempts(second.records(), "always-r")
         assert [n for n, _ in calls] == [1, 2, 3, 4], calls
@@ -162,8 +165,10 @@ def test_time_limit_interrupts_consume_and_the_policy_applies(broker: BrokerHand
         proc.wait_consuming()
         broker.publish("q", "sleep-1")
         broker.publish("q", "swallow-1")
-        wait_until(lambda: broker.counts("q.failed")[0] == 2, timeout=30,
-                   what="both messages dead-lettered")
+        # Each move is confirmed before the failed instance is shut down: wait for both.
+        wait_until(lambda: broker.ready("q.failed") == 2
+                   and proc.records().count("shutdown:TimeLimitExceeded") == 4, timeout=30,
+                   what="both messages dead-lettered, and the instances shut down")
         records = proc.records()
         assert [n for n, _ in attempts(records, "sleep-1")] == [1, 2]
         assert [n for n, _ in attempts(records, "swallow-1")] == [1, 2]
@@ -190,7 +195,10 @@ def test_without_dead_letter_queue_the_queues_own_dlx_receives_it(
     try:
         proc.wait_consuming()
         broker.publish("q", "always-d")
-        wait_until(lambda: broker.counts("dead")[0] == 1, what="the queue's own DLX")
+        # The reject reaches the broker before the line is logged: wait for both.
+        wait_until(lambda: broker.ready("dead") == 1
+                   and "giving up: rejected without requeue" in proc.output,
+                   what="the queue's own DLX")
         assert [n for n, _ in attempts(proc.records(), "always-d")] == [1, 2]
         assert get_one(broker, "dead")[1] == b"always-d"
         assert "giving up: rejected without requeue" in proc.output
@@ -207,7 +215,7 @@ def test_quorum_queue_counts_its_own_attempts(broker: BrokerHandle, tmp_path: Pa
         proc.wait_consuming()
         broker.publish("q", "always-q")
         broker.publish("q", "twice-q")
-        wait_until(lambda: broker.counts("q.failed")[0] == 1 and "done:twice-q" in
+        wait_until(lambda: broker.ready("q.failed") == 1 and "done:twice-q" in
                    proc.records(), timeout=30, what="dead-lettered and succeeded")
         assert [n for n, _ in attempts(proc.records(), "always-q")] == [1, 2, 3]
         assert [n for n, _ in attempts(proc.records(), "twice-q")] == [1, 2, 3]
@@ -342,7 +350,7 @@ def test_publishing_channel_refused_again_and_again_backs_off(broker: BrokerHand
         assert proc.output.count("closed the publishing channel") - closes <= 4, proc.output
         assert cpu_seconds(proc.process.pid) - cpu_before < 1.5
         broker.node.ctl("set_permissions", "-p", broker.vhost, user, ".*", ".*", ".*")
-        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=90,
+        wait_until(lambda: broker.ready("q.failed") == 1, timeout=90,
                    what="dead-lettered once the broker accepts publishes again")
     finally:
         assert proc.stop() == 0, proc.output
@@ -391,7 +399,7 @@ def test_message_published_by_another_user_is_retried_then_dead_lettered(
         connection.channel().basic_publish(
             "", "q", b"always-u", pika.BasicProperties(user_id=user, message_id="m-u"))
         connection.close()
-        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=20,
+        wait_until(lambda: broker.ready("q.failed") == 1, timeout=20,
                    what="the other user's message dead-lettered")
         assert [n for n, _ in attempts(proc.records(), "always-u")] == [1, 2, 3]
         properties, _ = get_one(broker, "q.failed")
@@ -425,7 +433,7 @@ def test_a_refused_move_fails_no_other_move(broker: BrokerHandle, tmp_path: Path
     proc = DispatcherProcess(tmp_path, config, broker.url)
     try:
         proc.wait_consuming()  # q.failed declared: counts() raises KeyError before
-        wait_until(lambda: broker.counts("q.failed")[0] == len(small), timeout=30,
+        wait_until(lambda: broker.ready("q.failed") == len(small), timeout=30,
                    what="every small message dead-lettered")
         records = proc.records()
         for body in small:
@@ -448,7 +456,7 @@ def test_a_move_does_not_keep_the_message_expiration(broker: BrokerHandle,
     try:
         proc.wait_consuming()
         broker.publish("q", "always-e", expiration="500")
-        wait_until(lambda: broker.counts("q.failed")[0] == 1, timeout=20,
+        wait_until(lambda: broker.ready("q.failed") == 1, timeout=20,
                    what="dead-lettered after two attempts")
         calls = attempts(proc.records(), "always-e")
         assert [n for n, _ in calls] == [1, 2]

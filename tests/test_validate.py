@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 from pathlib import Path
 
 import pytest
-from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from helpers import TESTS, BrokerHandle, DispatcherProcess, run_cli, wait_until
+
+from amqpdispatcher import cli
+from amqpdispatcher.config import ConfigError, load_config
+from amqpdispatcher.config.settings import settings_from_env
+from amqpdispatcher.observability import logs
 
 GOOD = """
 startup_handler: testconsumers:startup
@@ -316,19 +323,76 @@ def test_example_config_validates(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("text, expected", BAD, ids=[e for _, e in BAD])
-@pytest.mark.parametrize("mode", ["validate", "daemon"])
-def test_bad_config(tmp_path: Path, mode: str, text: str, expected: str) -> None:
-    args = ["--config", "config.yml"] + (["--validate"] if mode == "validate" else [])
-    # The daemon must refuse before connecting: this URL reaches nothing.
-    env = {"RABBITMQ_URL": "amqp://u:s3cretpw@127.0.0.1:1/"}
-    result = run_cli(tmp_path, *args, config=text, env=env)
-    assert result.returncode == 1, result
-    lines = result.stderr.strip().splitlines()
+# The daemon must refuse before connecting: this URL reaches nothing, and its password is
+# never printed.
+BAD_URL = "amqp://u:s3cretpw@127.0.0.1:1/"
+
+
+def check_problem_lines(stdout: str, stderr: str, expected: str) -> None:
+    lines = stderr.strip().splitlines()
     assert any(line.startswith(f"config.yml: {expected}") for line in lines), lines
     assert all(line.startswith("config.yml: ") for line in lines), lines
-    assert "Traceback" not in result.stderr + result.stdout
-    assert "s3cretpw" not in result.stderr + result.stdout
+    assert "Traceback" not in stderr + stdout
+    assert "s3cretpw" not in stderr + stdout
+
+
+@pytest.fixture
+def like_the_console_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process set up as the console script's is in these tests: the consumer
+    modules importable, the config's directory the working directory, no password
+    registered for redaction; all put back afterwards (as in test_logs.py)."""
+    monkeypatch.syspath_prepend(str(TESTS / "consumers"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logs, "_passwords", ())
+    monkeypatch.setattr(logs, "_pattern", None)
+    for cls, name in ((logging.Handler, "format"), (logging.Handler, "handleError"),
+                      (logging.handlers.SocketHandler, "makePickle"),
+                      (logging.handlers.HTTPHandler, "mapLogRecord")):
+        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    return tmp_path
+
+
+@pytest.mark.parametrize("text, expected", BAD, ids=[e for _, e in BAD])
+@pytest.mark.parametrize("mode", ["validate", "daemon"])
+def test_bad_config(like_the_console_script: Path, capsys: pytest.CaptureFixture[str],
+                    monkeypatch: pytest.MonkeyPatch, mode: str, text: str,
+                    expected: str) -> None:
+    """In this process: the problems load_config finds, printed by the function the
+    console script prints them with (cli.fail). Both modes load the config before
+    anything differs (cli._main), the daemon once it has registered its URL's password
+    for redaction; test_bad_config_from_the_console_script runs some of them as users
+    do."""
+    args = cli.parse_args(["--config", "config.yml"] + (["--validate"] if mode == "validate"
+                                                         else []))
+    assert args.validate == (mode == "validate")
+    (like_the_console_script / args.config).write_text(text)
+    if mode == "daemon":
+        monkeypatch.setenv("RABBITMQ_URL", BAD_URL)
+        logs.redact_password(settings_from_env().password)
+    with pytest.raises(ConfigError) as raised:
+        load_config(args.config)
+    capsys.readouterr()
+    assert cli.fail(raised.value.problems) == 1  # the exit status
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err.strip().splitlines() == raised.value.problems
+    check_problem_lines(printed.out, printed.err, expected)
+
+
+# Each kind of problem once, through the console script: a shape, YAML syntax, an import
+# that fails, and consumer code raising at import.
+CONSOLE_BAD = [BAD[0], BAD[1], BAD[9], BAD[13]]
+
+
+@pytest.mark.parametrize("text, expected", CONSOLE_BAD, ids=[e for _, e in CONSOLE_BAD])
+@pytest.mark.parametrize("mode", ["validate", "daemon"])
+def test_bad_config_from_the_console_script(tmp_path: Path, mode: str, text: str,
+                                            expected: str) -> None:
+    args = ["--config", "config.yml"] + (["--validate"] if mode == "validate" else [])
+    result = run_cli(tmp_path, *args, config=text, env={"RABBITMQ_URL": BAD_URL})
+    assert result.returncode == 1, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    check_problem_lines(result.stdout, result.stderr, expected)
 
 
 def test_topology_keys_validate(tmp_path: Path) -> None:
