@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import gevent
 import pytest
-from helpers import REPO
+from helpers import REPO, TESTS, run_cli
 
 from amqpdispatcher import PublishError, PublishReturned, TimeLimitExceeded
 from amqpdispatcher.amqp.errors import TopologyError
@@ -207,6 +208,23 @@ def test_a_config_the_daemon_refuses_is_refused_with_its_lines() -> None:
         "<dict>: consumers[0].retry.dead_letter_queue: 'q' is the entry's own queue: "
         "a message that keeps failing would come straight back",
     ]
+
+
+def test_the_harness_refuses_a_file_with_the_lines_of_validate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = ("queues:\n  - queue: q\n    x_max_lenght: 3\n"
+            "consumers:\n  - consumer: harnessed:Orders\n    queue: q\n"
+            "    consumer_count: 0\n    retry: {delay: 10, max_delay: 5}\n"
+            "  - consumer: harnessed:Missing\n    queue: q\n")
+    validated = run_cli(tmp_path, "--validate", "--config", "config.yml", config=text)
+    assert validated.returncode == 1
+    lines = [line for line in validated.stderr.splitlines() if line.startswith("config.yml")]
+    assert len(lines) == 4, validated.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(TESTS / "consumers"))
+    with pytest.raises(ConfigError) as refused:
+        Harness("config.yml")
+    assert refused.value.problems == lines
 
 
 def test_passive_needs_what_the_test_created() -> None:
