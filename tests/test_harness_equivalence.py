@@ -7,12 +7,14 @@ in every queue.
 The scenario: topic routing (``*``, ``#``), a headers exchange bound to the topic one
 (exchange-to-exchange) with x-match all (an ``x-`` argument ignored) and any, a fanout
 exchange, consumers publishing downstream (mandatory, with a fallback when returned),
-a flaky message retried once, a poison message and an uncaught PublishReturned
-dead-lettered after three attempts, a reject going to the queue's dead-letter
+a flaky message retried once, a poison message, an uncaught PublishReturned
+and a consume running past its time_limit dead-lettered after three attempts (the
+dead-lettered copies carry the same headers, but times), a reject going to the queue's dead-letter
 exchange, a nack redelivered, and unroutable publishes dropped."""
 
 from __future__ import annotations
 
+import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -24,6 +26,7 @@ from helpers import TESTS, BrokerHandle, DispatcherProcess, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from rabbitnode import free_port
 
+from amqpdispatcher.consuming.failure import EXCEPTION_HEADER
 from amqpdispatcher.testing import Harness
 from amqpdispatcher.testing.harness import OUTCOME_NAMES as OUTCOMES
 
@@ -64,7 +67,7 @@ def config(port: int) -> dict[str, Any]:
         ],
         "consumers": [
             {"consumer": "harnessed:Orders", "queue": "orders", "consumer_count": 2,
-             "prefetch_count": 2, "time_limit": 30,
+             "prefetch_count": 2, "time_limit": 2,
              "retry": {"max_attempts": 3, "delay": 0.1, "backoff": 2,
                        "dead_letter_queue": "orders.failed"}},
             {"consumer": "harnessed:Renderer", "queue": "renders", "time_limit": 30},
@@ -88,6 +91,7 @@ PUBLISHED: list[tuple[str, str, dict[str, Any] | None, bytes]] = [
     ("events", "order.eu.more", {"format": "pdf"}, b"not-an-order:10"),
     ("billing", "nothing.here", None, b"unroutable:11"),
     ("audit", "", None, b"audit:12"),
+    ("events", "order.eu", None, b"slow:eu:13"),
 ]
 
 
@@ -109,6 +113,35 @@ def scrape(port: int) -> dict[str, dict[str, int]]:
     return counts
 
 
+# Where a PublishReturned was raised: the daemon's confirm channel, or the harness's
+# publisher. An exception raised in the consumer's own code names the same line in both.
+RAISED_BY_THE_LIBRARY = re.compile(r" \(at (confirms|harness)\.py:\d+\)$")
+
+
+def comparable(headers: dict[str, Any] | None) -> dict[str, Any]:
+    """What the daemon's and the harness's copies of a message must agree on: the
+    headers but the times (failures, x-death's) and where in the library an exception
+    was raised; x-death as (queue, reason, count)."""
+    result = {name: value for name, value in (headers or {}).items()
+              if not name.endswith("-failure") and name != "x-death"}
+    if EXCEPTION_HEADER in result:
+        result[EXCEPTION_HEADER] = RAISED_BY_THE_LIBRARY.sub(" (at the library)",
+                                                             result[EXCEPTION_HEADER])
+    if headers and "x-death" in headers:
+        result["x-death"] = [(death["queue"], death["reason"], death["count"])
+                             for death in headers["x-death"]]
+    return result
+
+
+def take_all(broker: BrokerHandle, queue: str) -> list[tuple[bytes, dict[str, Any]]]:
+    taken = []
+    while True:
+        method, properties, body = broker.channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return sorted(taken, key=lambda message: message[0])
+        taken.append((body, comparable(properties.headers)))
+
+
 def test_the_daemon_and_the_harness_end_alike(broker: BrokerHandle, tmp_path: Path) -> None:
     port = free_port()
     the_config = config(port)
@@ -121,14 +154,17 @@ def test_the_daemon_and_the_harness_end_alike(broker: BrokerHandle, tmp_path: Pa
                              for entry in the_config["consumers"]}
         queues = sorted(h.broker.queues)
         expected_left = {queue: sorted(h.messages(queue)) for queue in queues}
+        expected_dead = {queue: sorted(((m.body, comparable(m.properties.headers))
+                                        for m in h.stored(queue)), key=lambda m: m[0])
+                         for queue in ("orders.failed", "orders.rejected")}
 
     # What the scenario means, so that a harness wrong in the same way as a broken
     # comparison cannot pass unseen.
     assert expected_outcomes == {
-        "orders": {"ack": 5, "requeue": 1, "reject": 1, "retry": 5, "dead_letter": 2},
+        "orders": {"ack": 5, "requeue": 1, "reject": 1, "retry": 7, "dead_letter": 3},
         "renders": {"ack": 2, "requeue": 0, "reject": 0, "retry": 0, "dead_letter": 0},
     }
-    assert expected_left["orders.failed"] == [b"poison:eu:5", b"strict:zz:8"]
+    assert expected_left["orders.failed"] == [b"poison:eu:5", b"slow:eu:13", b"strict:zz:8"]
     assert expected_left["orders.rejected"] == [b"reject:eu:6"]
     assert expected_left["invoices.unknown"] == [b"order:xx:3"]
     assert expected_left["french"] == [b"order:us:2", b"reject:eu:6"]
@@ -158,5 +194,7 @@ def test_the_daemon_and_the_harness_end_alike(broker: BrokerHandle, tmp_path: Pa
         assert scrape(port) == expected_outcomes
     finally:
         assert daemon.stop() == 0, daemon.output
+    assert {queue: take_all(broker, queue) for queue in expected_dead} == expected_dead
     left = {queue: sorted(broker.get_all(queue)) for queue in queues}
-    assert left == expected_left
+    assert left == {queue: bodies for queue, bodies in expected_left.items()
+                    if queue not in expected_dead} | dict.fromkeys(expected_dead, [])

@@ -3,6 +3,8 @@ and by amqpdispatcher.testing.Harness. What they do depends on the message alone
 (body, msg.attempt, redelivered), never on timing or on what came before, so both
 must end with the same outcomes and the same messages left in every queue."""
 
+import gevent
+
 from amqpdispatcher import PublishReturned
 
 
@@ -12,7 +14,7 @@ class Orders:
     flaky: fails on attempt 1, then as order. poison: always fails. reject: rejected
     without requeue (the queue's dead-letter exchange takes it). nack: nacked when
     first delivered, then as order. strict: a mandatory publish to invoice.REGION,
-    PublishReturned not caught."""
+    PublishReturned not caught. slow: sleeps (cooperatively) far past any time_limit."""
 
     def consume(self, amqp, msg):
         kind, region, _ = msg.body.decode().split(":")
@@ -20,6 +22,8 @@ class Orders:
             raise ValueError("flaky on its first attempt")
         if kind == "poison":
             raise ValueError("poison")
+        if kind == "slow":
+            gevent.sleep(600)
         if kind == "reject":
             amqp.reject(requeue=False)
             return
