@@ -562,3 +562,15 @@ def test_the_plugin_fixture_is_registered_and_runs_the_example() -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_loading_the_plugin_loads_neither_gevent_nor_pika() -> None:
+    """pytest loads the plugin at every start, before a conftest.py that monkey-patches
+    with gevent: it must not have imported socket-using modules by then."""
+    code = ("import sys, amqpdispatcher.testing.plugin; "
+            "print(sorted(m for m in ('gevent', 'pika', 'ssl', 'amqpdispatcher.testing.harness',"
+            " 'amqpdispatcher.runtime') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
