@@ -5,6 +5,7 @@ time_limit, run()'s bound, Harness.consume's outcome rules, and the pytest plugi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,24 @@ def test_startup_handler_runs_first_and_its_failure_is_the_daemons() -> None:
                                             "RuntimeError: no database"):
         Harness({"startup_handler": f"{ME}:broken_startup", "consumers": [entry("q")]},
                 existing_queues=["q"])
+
+
+class CannotStart:
+    def __init__(self) -> None:
+        raise OSError("no database")
+
+    def consume(self, amqp: Any, msg: Any) -> None:
+        pass
+
+    def shutdown(self, exception: BaseException | None = None) -> None:
+        pass
+
+
+def test_an_instance_that_cannot_be_built_at_start_is_the_daemons_user_code_error() -> None:
+    with pytest.raises(UserCodeError) as refused:
+        Harness({"consumers": [entry("q", "CannotStart")]}, existing_queues=["q"])
+    assert re.fullmatch(rf"<dict>: consumers\[0\]\.consumer: {ME}:CannotStart\(\) raised "
+                        r"OSError: no database \(at test_harness\.py:\d+\)", str(refused.value))
 
 
 def test_what_is_not_modelled_is_refused_by_name() -> None:

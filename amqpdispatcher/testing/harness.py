@@ -157,7 +157,10 @@ class _Entry:
             try:
                 return factory()
             except BaseException as exc:  # noqa: BLE001 - user code
-                # The daemon retries with backoff for ever; a test learns it at once.
+                if not self.limits:  # at start: the daemon's UserCodeError (start())
+                    raise
+                # A replacement: the daemon retries with backoff for ever; a test
+                # learns it at once.
                 self.replacement_failed = exc
                 raise StopNow() from exc
 
