@@ -151,13 +151,14 @@ class _Entry:
     def __init__(self, entry: ConsumerConfig, factory: Callable[[], Any], confirms: bool,
                  publish: Send, move: Send) -> None:
         self.entry = entry
+        self.started = False  # instances built: a failing factory is now a replacement's
         self.replacement_failed: BaseException | None = None
 
         def build() -> Any:
             try:
                 return factory()
             except BaseException as exc:  # noqa: BLE001 - user code
-                if not self.limits:  # at start: the daemon's UserCodeError (start())
+                if not self.started:  # at start: the daemon's UserCodeError (start())
                     raise
                 # A replacement: the daemon retries with backoff for ever; a test
                 # learns it at once.
@@ -188,6 +189,7 @@ class _Entry:
             self.pool.instances = instances
         self.limits = [TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
                        for _ in self.pool.instances]
+        self.started = True
 
     def deliver(self, body: bytes, properties: pika.spec.BasicProperties, exchange: str,
                 routing_key: str, redelivered: bool) -> tuple[int, str]:
