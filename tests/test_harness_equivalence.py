@@ -67,7 +67,7 @@ def config(port: int) -> dict[str, Any]:
         ],
         "consumers": [
             {"consumer": "harnessed:Orders", "queue": "orders", "consumer_count": 2,
-             "prefetch_count": 2, "time_limit": 2,
+             "prefetch_count": 2, "time_limit": 4,  # a first publish opens a connection
              "retry": {"max_attempts": 3, "delay": 0.1, "backoff": 2,
                        "dead_letter_queue": "orders.failed"}},
             {"consumer": "harnessed:Renderer", "queue": "renders", "time_limit": 30},
