@@ -19,7 +19,11 @@ setup(
                  "pytest-timeout>=2.1", "pytest-xdist>=3"],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"]},
+    entry_points={
+        "console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"],
+        # The amqp_harness fixture (amqpdispatcher/testing/plugin.py, docs/testing.md).
+        "pytest11": ["amqp_dispatcher = amqpdispatcher.testing.plugin"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: System :: Networking",
