@@ -9,6 +9,7 @@ collections.Callable = collections.abc.Callable
 if not hasattr(inspect, "getargspec"):
     inspect.getargspec = inspect.getfullargspec
 
-from amqpdispatcher.runtime.generation import main  # noqa: E402
+# 0.11.0's own module (its package, installed in bench/work/ad-0.11.0), not ours.
+from amqpdispatcher.dispatcher import main  # noqa: E402
 
 sys.exit(main())
