@@ -46,6 +46,9 @@ def test_failover_to_another_node(cluster: list[Broker], tmp_path: Path) -> None
     connection = pika.BlockingConnection(pika.URLParameters(cluster[0].url))
     channel = connection.channel()
     channel.queue_declare("quorum_jobs", durable=True, arguments={"x-queue-type": "quorum"})
+    # Confirmed, each: a quorum queue may drop what an unconfirmed publish had in flight
+    # when its connection closes (the last 4 ids were missing so, once).
+    channel.confirm_delivery()
     ids = {f"id{i}" for i in range(300)}
     for body in sorted(ids):
         channel.basic_publish("", "quorum_jobs", body.encode(),
@@ -61,6 +64,7 @@ def test_failover_to_another_node(cluster: list[Broker], tmp_path: Path) -> None
     def done() -> collections.Counter[str]:
         return collections.Counter(r[5:] for r in proc.records() if r.startswith("done:"))
 
+    victim = None
     try:
         proc.wait_consuming()
         wait_until(lambda: len(done()) > 30, what="messages in flight")
@@ -72,17 +76,25 @@ def test_failover_to_another_node(cluster: list[Broker], tmp_path: Path) -> None
         assert proc.process.poll() is None
         try:
             wait_until(lambda: ids <= set(done()), timeout=120, what="every id handled")
-        except AssertionError:  # lost, or only slow: what the dispatcher said
-            missing = sorted(ids - set(done()))
-            raise AssertionError(f"{len(missing)} ids not handled ({missing[:10]}); "
-                                 f"the dispatcher's log ends:\n{proc.output[-6000:]}") from None
+        except AssertionError:  # lost, or left in the queue: what the broker and the
+            missing = sorted(ids - set(done()))  # dispatcher say
+            survivor = next(node for node in cluster if node is not victim)
+            with pika.BlockingConnection(pika.URLParameters(survivor.url)) as look:
+                ready = look.channel().queue_declare("quorum_jobs", passive=True)
+            raise AssertionError(
+                f"{len(missing)} ids not handled ({missing[:10]}); "
+                f"{ready.method.message_count} ready in quorum_jobs, "
+                f"{ready.method.consumer_count} consumer(s); the dispatcher's log ends:\n"
+                f"{proc.output[-6000:]}") from None
         counts = done()
         print(f"\n[cluster failover] messages={len(ids)} lost={len(ids - set(counts))} "
               f"duplicates={sum(counts.values()) - len(counts)} failover_s={failover:.1f}")
         assert set(counts) == ids
-        victim.ctl("start_app")
     finally:
-        assert proc.stop() == 0, proc.output
+        status = proc.stop()
+        if victim is not None:  # the next test needs every node
+            victim.ctl("start_app")
+        assert status == 0, proc.output
 
 
 class _Publisher:
