@@ -103,10 +103,13 @@ RETRY_KEYS: dict[str, _Key] = {
 CONSUMER_KEYS: dict[str, _Key] = {
     "consumer": _Key((str,), required=True, nullable=False, import_path="module:Class",
                      doc="the consumer class, module:Class"),
-    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True),
-    "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
+                  doc="the queue to consume (declared in queues, or existing on the broker)"),
+    "consumer_count": _Key((int,), default=1, nullable=False, positive=True,
+                           doc="instances of the class, each handling one message at a time"),
     # basic.qos carries prefetch_count in 16 bits.
-    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
+    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535,
+                           doc="deliveries the broker sends ahead, unacked, to this entry"),
     # Beyond 0.4.3: failure handling (amqpdispatcher/consuming/failure.py).
     "time_limit": _Key((float, int), positive=True,
                        doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
@@ -170,7 +173,7 @@ def _check_consume(checker: _Checker, declared: QueueConfig | None,
     if entry.stream and entry.retry is not None:
         checker.problem(f"{entry.path}.retry", "not for a stream: a stream keeps every message "
                         "for every reader, so a retry would append a copy of a failed message "
-                        "to it (a failed message is acked; see README, Streams)")
+                        "to it (a failed message is acked; see docs/guides/topology.md, Streams)")
     for other in consumers[:-1]:
         if other.queue == entry.queue and (entry.exclusive or other.exclusive):
             exclusive, shared = (entry, other) if entry.exclusive else (other, entry)

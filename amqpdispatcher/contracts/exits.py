@@ -1,8 +1,8 @@
 """Exit statuses: the same for a single process and for the arbiter of ``--processes``.
 
-Each constant is documented in STATUSES, which the README's "Exit statuses" table
-is generated from (``python scripts/docs.py``; tests/test_docs.py fails when the
-README and this module disagree). Under a supervisor, EXIT_BROKER is the status to
+Each constant is documented in STATUSES, which docs/reference/exit-statuses.md is
+generated from (``python scripts/docs.py``; tests/test_docs.py fails when the page
+and this module disagree). Under a supervisor, EXIT_BROKER is the status to
 restart on; EXIT_CONFIG, EXIT_TOPOLOGY and EXIT_USER_CODE fail the same way again
 until the config or the code is fixed.
 """
@@ -94,7 +94,7 @@ STATUSES = (
 
 
 def markdown_table() -> str:
-    """The README's table."""
+    """The reference page's table."""
     lines = ["| status | meaning | with `--processes` |", "|---|---|---|"]
     lines += [f"| {s.status} | {s.meaning} | {s.with_processes} |".replace("|  |", "| |")
               for s in STATUSES]

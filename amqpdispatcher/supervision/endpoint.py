@@ -53,6 +53,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..config import HttpConfig
+from ..contracts.metrics import help_text
 from ..observability.wsgi import ClientErrors, Connections, listen_error, make_app
 
 log = logging.getLogger("amqp-dispatcher.http")
@@ -66,9 +67,9 @@ WORKER_TIMEOUT = 0.8
 # arbiter's process_* describe the arbiter.
 RENAMED = {
     "process_cpu_seconds": ("amqp_dispatcher_workers_cpu_seconds",
-                            "CPU time (user and system) of the worker processes, added up"),
+                            help_text("amqp_dispatcher_workers_cpu_seconds_total")),
     "process_resident_memory_bytes": ("amqp_dispatcher_workers_resident_memory_bytes",
-                                      "Resident memory of the worker processes, added up"),
+                                      help_text("amqp_dispatcher_workers_resident_memory_bytes")),
 }
 # The directory of the workers' sockets: DIRECTORY_PREFIX, the arbiter's pid, "-" and
 # mkdtemp's random letters. The pid tells the next arbiter which directories an arbiter
@@ -250,8 +251,7 @@ class ArbiterEndpoint(Collector):
         parsed = {key: parse(answer[1].decode()) for key, answer in answers.items()
                   if not isinstance(answer, str) and answer[0] == 200}
         yield from self.totals.add_up(parsed)
-        yield GaugeMetricFamily("amqp_dispatcher_workers", "Worker processes running (more "
-                                "than --processes while a reload hands over)",
+        yield GaugeMetricFamily("amqp_dispatcher_workers", help_text("amqp_dispatcher_workers"),
                                 value=len(workers))
 
     def _healthz(self) -> tuple[bool, dict[str, Any]]:
