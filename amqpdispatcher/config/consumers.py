@@ -114,7 +114,7 @@ CONSUMER_KEYS: dict[str, _Key] = {
     "time_limit": _Key((float, int), positive=True,
                        doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
     "retry": _Key((dict,), entries=RETRY_KEYS,
-                  doc="retry policy (RETRY_KEYS); absent: reject and requeue at once"),
+                  doc="retry policy (the keys below); absent: reject and requeue at once"),
     # Beyond 0.4.3: consume arguments. x-priority is a signed integer.
     "priority": _Key((int,), minimum=_MIN_LONG, maximum=_MAX_LONG,
                      doc="consumer priority (x-priority): deliveries go to the highest "

@@ -57,7 +57,7 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
                                    "if it does not take the message"),
     # Beyond 0.4.3: observability (amqpdispatcher/observability/).
     "http": _Key((dict,), entries=HTTP_KEYS,
-                 doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
+                 doc="HTTP endpoint for /metrics, /healthz, /readyz (the keys below); "
                      "absent: no port opened"),
     "stats_interval": _Key((float, int), default=60, nullable=False,
                            doc=f"seconds between the INFO stats lines (at least "
