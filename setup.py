@@ -12,11 +12,15 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["amqpdispatcher", "amqpdispatcher.*"]),
     package_data={"amqpdispatcher": ["py.typed", "config-schema.json"]},
-    install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1", "prometheus-client>=0.17"],
+    install_requires=["gevent>=21.1", "pika>=1.3,<2", "PyYAML>=5.1", "prometheus-client>=0.17",
+                      "opentelemetry-api>=1.20"],
     extras_require={
         "test": ["pytest>=7", "supervisor>=4.2", "trustme>=1.0", "ruff", "mypy",
                  "types-PyYAML", "jsonschema>=4", "hypothesis>=6", "import-linter>=2.1",
-                 "pytest-timeout>=2.1", "pytest-xdist>=3"],
+                 "pytest-timeout>=2.1", "pytest-xdist>=3",
+                 # tracing's tests: the SDK's in-memory exporter, and the launcher
+                 # opentelemetry-instrument with the console exporter
+                 "opentelemetry-sdk>=1.20", "opentelemetry-distro>=0.41b0"],
         # The docs site (mkdocs.yml): built with --strict by scripts/test.sh.
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10"],
         "bench": ["matplotlib"],

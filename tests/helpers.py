@@ -132,7 +132,10 @@ class DispatcherProcess:
     """The console script as a subprocess, with its output captured to a file."""
 
     def __init__(self, tmp_path: Path, config: str, url: str | None = None,
-                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 launcher: tuple[str, ...] = ()) -> None:
+        """``launcher``: a command the console script runs under (``opentelemetry-instrument
+        --``)."""
         self.config_path = tmp_path / "config.yml"
         self.config_path.write_text(config)
         self.record = tmp_path / "record.txt"
@@ -147,7 +150,7 @@ class DispatcherProcess:
         _guard("process")
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [SCRIPT, "--config", str(self.config_path), *args],
+            [*launcher, SCRIPT, "--config", str(self.config_path), *args],
             cwd=tmp_path, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )

@@ -224,6 +224,9 @@ class Publishers:
     def __init__(self, first: Publisher, limit: int) -> None:
         self.first = first
         self.limit = max(1, limit)
+        # Set by the consumer pool once an OpenTelemetry SDK is configured: publishes
+        # are then spans whose context the message carries (consuming/tracing.py).
+        self.tracer: Any = None
         self._idle = [first]
         self._opened = 1
 

@@ -287,7 +287,8 @@ class FailurePolicy:
                               "again)" if entry.stream else "message requeued")
 
     def failed(self, acker: Acknowledger, method: Any, properties: Any, body: bytes,
-               exc: BaseException) -> None:
+               exc: BaseException) -> str:
+        """Settle a failed delivery; return its outcome (outcomes.py's names)."""
         tag = method.delivery_tag
         retry = self.retry
         attempt = attempt_of(properties)
@@ -296,39 +297,51 @@ class FailurePolicy:
             outcome = "ack" if self.entry.stream else "requeue"
             self.failures.failed(exc, self.without_retry,
                                  self._fields(acker, tag, outcome, attempt))
-            return
+            return outcome
         if not acker.open:  # its channel is gone: the broker redelivers it
             acker.drop()
             log.warning("%s: consume raised %s; its channel closed meanwhile: the broker "
                         "redelivers the message", self.entry.consumer, describe_exception(exc),
                         extra=self._fields(acker, tag, "dropped", attempt))
-            return
+            return "dropped"
         now = time.time()
         if attempt < retry.max_attempts:
             delay_ms = retry.delay_ms(attempt)
             queue = delay_queue_name(self.entry.queue, delay_ms)
-            headers = retry_headers(properties.headers, attempt, method, now)
-            if self._move(acker, tag, attempt, exc, queue, body,
-                          _republished(properties, headers), RETRY):
-                log.info("%s: consume raised %s; attempt %d of %d, retrying in %gs",
-                         self.entry.consumer, describe_exception(exc), attempt,
-                         retry.max_attempts, delay_ms / 1000,
-                         extra=self._fields(acker, tag, "retry", attempt))
-            return
+            headers = self._traced(retry_headers(properties.headers, attempt, method, now))
+            if not self._move(acker, tag, attempt, exc, queue, body,
+                              _republished(properties, headers), RETRY):
+                return "requeue"
+            log.info("%s: consume raised %s; attempt %d of %d, retrying in %gs",
+                     self.entry.consumer, describe_exception(exc), attempt,
+                     retry.max_attempts, delay_ms / 1000,
+                     extra=self._fields(acker, tag, "retry", attempt))
+            return "retry"
         if retry.dead_letter_queue is None:
             acker.reject(tag, requeue=False)
             log.warning("%s: consume raised %s; attempt %d of %d, giving up: rejected without "
                         "requeue (the queue's dead-letter exchange, if any, receives it)",
                         self.entry.consumer, describe_exception(exc), attempt,
                         retry.max_attempts, extra=self._fields(acker, tag, "reject", attempt))
-            return
-        headers = dead_letter_headers(properties.headers, exc, attempt, method, self.entry, now)
-        if self._move(acker, tag, attempt, exc, retry.dead_letter_queue, body,
-                      _republished(properties, headers), DEAD_LETTER):
-            log.warning("%s: consume raised %s; attempt %d of %d, giving up: moved to %s",
-                        self.entry.consumer, describe_exception(exc), attempt,
-                        retry.max_attempts, retry.dead_letter_queue,
-                        extra=self._fields(acker, tag, "dead_letter", attempt))
+            return "reject"
+        headers = self._traced(dead_letter_headers(properties.headers, exc, attempt, method,
+                                                   self.entry, now))
+        if not self._move(acker, tag, attempt, exc, retry.dead_letter_queue, body,
+                          _republished(properties, headers), DEAD_LETTER):
+            return "requeue"
+        log.warning("%s: consume raised %s; attempt %d of %d, giving up: moved to %s",
+                    self.entry.consumer, describe_exception(exc), attempt,
+                    retry.max_attempts, retry.dead_letter_queue,
+                    extra=self._fields(acker, tag, "dead_letter", attempt))
+        return "dead_letter"
+
+    def _traced(self, headers: dict[str, Any]) -> dict[str, Any]:
+        """With tracing on, a move carries the failed consume's span context: the next
+        attempt, or the dead letter's reader, continues the same trace."""
+        if self.moves.tracer is None:
+            return headers
+        from . import tracing
+        return tracing.inject(headers)
 
     def _fields(self, acker: Acknowledger, tag: int, outcome: str,
                 attempt: int) -> dict[str, Any]:

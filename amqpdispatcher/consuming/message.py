@@ -69,36 +69,40 @@ class AlreadyRespondedError(Exception):
 class AMQPProxy:
     """The ``amqp`` argument of ``consume``: settle this delivery, or publish."""
 
-    __slots__ = ("_acker", "_publisher", "tag", "_response")
+    __slots__ = ("_acker", "_publisher", "tag", "_response", "outcome")
 
     def __init__(self, acker: Acknowledger, publisher: Publishers, tag: int) -> None:
         self._acker = acker
         self._publisher = publisher
         self.tag = tag
         self._response: str | None = None
+        # What the consumer's own answer made of the delivery (outcomes.py's names), or
+        # None while it has not answered.
+        self.outcome: str | None = None
 
     @property
     def has_responded_to_message(self) -> bool:
         return self._response is not None
 
-    def _respond(self, how: str) -> None:
+    def _respond(self, how: str, outcome: str) -> None:
         if self._response is not None:
             raise AlreadyRespondedError(
                 f"delivery tag {self.tag}: cannot {how}, it was already {self._response}"
             )
         self._response = {"ack": "acked", "nack": "nacked", "reject": "rejected"}[how]
+        self.outcome = "ack" if self._acker.stream else outcome  # a stream only acks
 
     def ack(self) -> None:
-        self._respond("ack")
+        self._respond("ack", "ack")
         self._acker.ack(self.tag)
 
     def nack(self) -> None:
         """Negative acknowledgement: the broker requeues the message."""
-        self._respond("nack")
+        self._respond("nack", "requeue")
         self._acker.reject(self.tag, requeue=True)
 
     def reject(self, requeue: bool = True) -> None:
-        self._respond("reject")
+        self._respond("reject", "requeue" if requeue else "reject")
         self._acker.reject(self.tag, requeue=requeue)
 
     def publish(self, exchange: str, routing_key: str, headers: dict[str, Any] | None,
@@ -112,5 +116,14 @@ class AMQPProxy:
         TypeError or ValueError. Either way, unless caught, the input message is
         handled as a failure.
         """
-        self._publisher.publish_message(exchange, routing_key, headers, body, mandatory,
-                                        properties)
+        publisher = self._publisher
+        if publisher.tracer is None:
+            publisher.publish_message(exchange, routing_key, headers, body, mandatory,
+                                      properties)
+            return
+        from . import tracing  # a PRODUCER span, and its traceparent in the message
+        with tracing.publish_span(publisher.tracer, exchange, routing_key, properties):
+            if headers is None or isinstance(headers, dict):  # else the check says why
+                headers = tracing.inject(dict(headers or {}))
+            publisher.publish_message(exchange, routing_key, headers, body, mandatory,
+                                      properties)

@@ -12,6 +12,8 @@ slots always equals ``consumer_count`` until the dispatcher stops them.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -57,6 +59,8 @@ class ConsumerPool:
         self.slots: list[gevent.Greenlet] = []
         self.busy = 0  # consume calls running now
         self.stopping = gevent.event.Event()
+        self.tracer: Any = None  # an OpenTelemetry tracer once an SDK is configured
+
 
     def create_instances(self) -> None:
         """Construct every instance; a failure here is raised to the caller (start-up)."""
@@ -64,6 +68,10 @@ class ConsumerPool:
             self.instances.append(self.cls())
 
     def start(self) -> None:
+        if _tracing_configured():  # after the startup handler, which may configure it
+            from . import tracing
+            self.tracer = tracing.tracer()
+            self.publisher.tracer = self.policy.moves.tracer = self.tracer
         self.slots = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
         for slot, greenlet in enumerate(self.slots):  # named in SIGUSR1's stack dump
             greenlet.name = f"{self.entry.path} {self.entry.consumer} slot {slot}"
@@ -87,7 +95,7 @@ class ConsumerPool:
 
     def _work(self, slot: int) -> None:
         get = self.work.get
-        handle = self._handle
+        handle = self._handle if self.tracer is None else self._handle_traced
         limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
         try:
             while True:
@@ -98,13 +106,27 @@ class ConsumerPool:
         except StopNow:
             return  # a fast stop: the broker redelivers what was not settled
 
-    def _handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
+    def _handle_traced(self, slot: int, item: tuple[Any, ...],
+                       limit: TimeLimit | None) -> None:
+        """_handle in a span of its own (consuming/tracing.py), current while consume
+        and the settling run, so that publishes and moves carry its context."""
+        from . import tracing
+        method, properties = item[1], item[2]
+        with tracing.consume_span(self.tracer, self.entry, method, properties,
+                                  attempt_of(properties)) as span:
+            outcome, failure = self._handle(slot, item, limit)
+            tracing.settled(span, outcome, failure)
+
+    def _handle(self, slot: int, item: tuple[Any, ...],
+                limit: TimeLimit | None) -> tuple[str, BaseException | None]:
+        """Run consume on one delivery and settle it; return its outcome (outcomes.py's
+        names) and what consume raised."""
         acker, method, properties, body = item
         tag = method.delivery_tag
         instance = self.instances[slot]
         if instance is None:  # stopping while a replacement was pending
             acker.reject(tag, requeue=True)
-            return
+            return "requeue", None
         amqp = AMQPProxy(acker, self.publisher, tag)
         durations = self.metrics.durations
         self.busy += 1  # a delivery in hand: in consume, or being settled by the policy
@@ -124,23 +146,26 @@ class ConsumerPool:
             failure = None
         if durations is not None:
             durations.observe(perf_counter() - started)
-        responded = amqp.has_responded_to_message
+        responded = amqp.outcome
         if failure is None:
             self.busy -= 1
-            if not responded:
+            if responded is None:
                 acker.ack(tag)
-            return
+                return "ack", None
+            return responded, None
         self.metrics.failures += 1
         try:
-            if responded:  # the consumer's own answer stands
+            if responded is not None:  # the consumer's own answer stands
                 log.error("%s: consume raised %s; delivery tag %d was already settled",
                           self.entry.consumer, describe_exception(failure), tag,
                           extra=delivery_fields(self.entry, tag, None, attempt_of(properties)))
+                outcome = responded
             else:  # may wait for a publisher confirm
-                self.policy.failed(acker, method, properties, body, failure)
+                outcome = self.policy.failed(acker, method, properties, body, failure)
         finally:
             self.busy -= 1
         self._replace(slot, failure)
+        return outcome, failure
 
     def _replace(self, slot: int, exc: BaseException | None) -> None:
         """Shut the failed instance down and put a fresh one in its slot."""
@@ -222,3 +247,11 @@ class ConsumerPool:
                 raise
             except BaseException as exc:  # noqa: BLE001
                 log.error("%s: shutdown raised %s", self.entry.consumer, describe_exception(exc))
+
+
+def _tracing_configured() -> bool:
+    """Whether an OpenTelemetry SDK may be configured: the API is imported (by the
+    launcher, the startup handler or consumer code) or told which provider to load.
+    Importing it costs about 0.1 s, which a process that does not trace never pays."""
+    return "opentelemetry.trace" in sys.modules or bool(
+        os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))

@@ -33,6 +33,13 @@ VARIABLES = (
     Variable("LOG_FORMAT", "`text`",
              "`text` or `json` (one JSON object per line); ignored when "
              "`LOGGING_FILE_CONFIG` is set; any other value is an error (exit 1)"),
+    Variable("OTEL_SERVICE_NAME, OTEL_TRACES_EXPORTER, OTEL_TRACES_SAMPLER, ...", "",
+             "OpenTelemetry's standard variables, read by its SDK where one is configured "
+             "(`opentelemetry-instrument -- amqp-dispatcher ...`): see "
+             "[Tracing](../guides/tracing.md)"),
+    Variable("OTEL_PYTHON_TRACER_PROVIDER", "",
+             "the OpenTelemetry tracer provider to load; when set, the dispatcher looks for "
+             "one even if nothing imported OpenTelemetry before it started"),
     Variable("TMPDIR", "`/tmp`",
              "with `--processes` and `http`, where the workers' unix sockets go (a "
              "directory `amqp-dispatcher-PID-XXXXXXXX`, removed at exit)"),
