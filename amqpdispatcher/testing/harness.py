@@ -3,7 +3,7 @@
 Every rule is the daemon's own code, driven over recording fakes of the two things
 that need a live connection:
 
-- a delivery is handled by the real ``ConsumerPool._handle`` (consuming/pool.py):
+- a delivery is handled by the real ``ConsumerPool.handle`` (consuming/pool.py):
   the real ``Message`` and ``AMQPProxy``, auto-ack on return, the failure policy on
   a raise (consuming/failure.py, ``FailurePolicy``, with its headers and delay queue
   names), ``time_limit`` (``TimeLimit``), ``shutdown(exc)`` and a fresh instance
@@ -42,13 +42,13 @@ from ..config import (
     load_config_dict,
 )
 from ..config.retry import retry_queues
-from ..config.top_level import _parse_data
+from ..config.top_level import parse_data
 from ..consuming.acks import Acknowledger
 from ..consuming.failure import ATTEMPT_HEADER, TimeLimit
-from ..consuming.message import _PROPERTY_NAMES
+from ..consuming.message import PROPERTY_NAMES
 from ..consuming.outcomes import DROPPED, OUTCOMES
 from ..consuming.pool import ConsumerPool, StopNow
-from ..runtime.generation import _run_user_code
+from ..runtime.generation import run_user_code
 from .broker import BUILT_IN_TYPES, X_MATCH, Broker, Queue, Stored, UnknownExchange
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
@@ -97,7 +97,7 @@ class Result:
 def _record(exchange: str, routing_key: str, body: bytes,
             properties: pika.spec.BasicProperties, mandatory: bool,
             queues: Iterable[str] = ()) -> Published:
-    values = {name: value for name in _PROPERTY_NAMES
+    values = {name: value for name in PROPERTY_NAMES
               if name != "headers" and (value := getattr(properties, name, None)) is not None}
     return Published(exchange, routing_key, properties.headers, body, values, mandatory,
                      tuple(queues))
@@ -202,7 +202,7 @@ class _Entry:
         slot, self._slot = self._slot, (self._slot + 1) % len(self.pool.instances)
         self.acker.delivered(tag)
         try:
-            self.pool._handle(slot, (self.acker, method, properties, body), self.limits[slot])
+            self.pool.handle(slot, (self.acker, method, properties, body), self.limits[slot])
         except StopNow:
             exc = self.replacement_failed
             raise HarnessError(f"{self.entry.path}: creating a replacement instance of "
@@ -255,10 +255,10 @@ class Harness:
                         for entry in self.config.consumers]
         path = self.config.path
         if resolved.startup_handler is not None:
-            _run_user_code(resolved.startup_handler,
+            run_user_code(resolved.startup_handler,
                            f"{path}: startup_handler: {self.config.startup_handler}")
         for state in self.entries:
-            _run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
+            run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
                                         f"{state.entry.consumer}()")
         self._declare()
         self._next_entry: dict[str, int] = {}
@@ -499,7 +499,7 @@ class Harness:
             spec["retry"] = dict(retry)
         if time_limit is not None:
             spec["time_limit"] = time_limit
-        config, problems = _parse_data({"consumers": [spec]}, "<Harness.consume>")
+        config, problems = parse_data({"consumers": [spec]}, "<Harness.consume>")
         if problems:
             raise ConfigError(problems)
         cls = type(consumer)
