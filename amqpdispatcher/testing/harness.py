@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Union, cast
 
 import pika.spec
+from pika.compat import long
 
+from ..amqp.confirms import check_headers
 from ..amqp.errors import PublishError, PublishReturned, TopologyError
 from ..amqp.publishing import Publisher
 from ..config import (
@@ -49,7 +51,15 @@ from ..consuming.message import PROPERTY_NAMES
 from ..consuming.outcomes import DROPPED, OUTCOMES
 from ..consuming.pool import ConsumerPool, StopNow
 from ..runtime.generation import run_user_code
-from .broker import BUILT_IN_TYPES, X_MATCH, Broker, Queue, Stored, UnknownExchange
+from .broker import (
+    BUILT_IN_TYPES,
+    X_MATCH,
+    Broker,
+    Queue,
+    RefusedMessage,
+    Stored,
+    decoded,
+)
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -92,6 +102,15 @@ class Result:
     published: list[Published] = field(default_factory=list)
     exception: BaseException | None = None
     moved: Published | None = None
+
+
+def _sent(properties: pika.spec.BasicProperties) -> pika.spec.BasicProperties:
+    """What the daemon's publish checks before sending (confirms.check_headers: a
+    TypeError naming a header AMQP cannot carry, a PublishError for headers over a
+    frame), then the properties as they travel: encoded and decoded by pika."""
+    if properties.headers:
+        check_headers(properties, pika.spec.FRAME_MAX_SIZE)
+    return decoded(properties)
 
 
 def _record(exchange: str, routing_key: str, body: bytes,
@@ -339,33 +358,47 @@ class Harness:
         from ..amqp.arguments import build_message
 
         data, props = build_message(exchange, routing_key, headers, body, False, properties)
-        return self._route(exchange, routing_key, data, props)
+        self._exists(exchange)
+        return self._route(exchange, routing_key, data, _sent(props))
+
+    def _exists(self, exchange: str) -> None:
+        """The daemon checks that an exchange exists before it sends to it (whatever
+        publisher_confirms): PublishError."""
+        if exchange != "" and exchange not in self.broker.exchanges:
+            raise PublishError(f"exchange {exchange!r} does not exist (the broker said "
+                               f"{_no('exchange', exchange)}); nothing was sent")
 
     def _route(self, exchange: str, routing_key: str, body: bytes,
-               properties: pika.spec.BasicProperties) -> list[str]:
-        target = self.broker.exchanges.get(exchange)
-        if target is not None and target.internal:
-            raise PublishError(f"the broker closed the publishing channel: 403 "
-                               f"ACCESS_REFUSED - cannot publish to internal exchange "
-                               f"{exchange!r} in vhost '/'")
+               properties: pika.spec.BasicProperties, confirm: bool = True) -> list[str]:
+        """Hand a sent message (``_sent``) to the broker, which may refuse it (an
+        internal exchange, a CC or BCC header that is not a list), closing the
+        channel: PublishError when the publish waits for its confirm, else the message
+        is lost without a word, as in the daemon."""
         try:
+            if self.broker.exchanges[exchange].internal if exchange else False:
+                raise RefusedMessage(f"403 ACCESS_REFUSED - cannot publish to internal "
+                                     f"exchange {exchange!r} in vhost '/'")
             return self.broker.publish(exchange, routing_key, body, properties)
-        except UnknownExchange:
-            raise PublishError(f"exchange {exchange!r} does not exist (the broker said "
-                               f"{_no('exchange', exchange)}); nothing was sent") from None
+        except RefusedMessage as refused:
+            if not confirm:
+                return []
+            raise PublishError(f"the broker closed the publishing channel: {refused.reply}; "
+                               f"the message to exchange {exchange!r} may or may not have "
+                               "been taken") from None
 
     def _publish_from_consume(self, exchange: str, routing_key: str, body: bytes,
                               properties: pika.spec.BasicProperties, mandatory: bool,
                               confirm: bool) -> None:
-        queues = self._route(exchange, routing_key, body, properties)
-        self.published.append(_record(exchange, routing_key, body, properties, mandatory,
-                                      queues))
+        self._exists(exchange)
+        sent = _sent(properties)
+        queues = self._route(exchange, routing_key, body, sent, confirm)
+        self.published.append(_record(exchange, routing_key, body, sent, mandatory, queues))
         if not queues and mandatory and confirm:
             raise _returned(exchange, routing_key)
 
     def _move(self, exchange: str, routing_key: str, body: bytes,
               properties: pika.spec.BasicProperties, mandatory: bool, confirm: bool) -> None:
-        if not self._route(exchange, routing_key, body, properties) and mandatory:
+        if not self._route(exchange, routing_key, body, _sent(properties)) and mandatory:
             raise _returned(exchange, routing_key)
 
     # -- consuming -----------------------------------------------------------------------
@@ -408,8 +441,13 @@ class Harness:
         states = [state for state in self.entries if state.entry.queue == queue.name]
         turn = self._next_entry.get(queue.name, 0)
         self._next_entry[queue.name] = (turn + 1) % len(states)
+        properties = message.properties
+        if queue.argument("x-queue-type") == "quorum":  # its count of earlier returns
+            properties = decoded(properties)
+            properties.headers = {**(properties.headers or {}),
+                                  "x-delivery-count": long(message.requeues)}
         _, how = states[turn % len(states)].deliver(
-            message.body, message.properties, message.exchange, message.routing_key,
+            message.body, properties, message.exchange, message.routing_key,
             message.redelivered)
         if how == "ack":
             return
@@ -505,22 +543,27 @@ class Harness:
         cls = type(consumer)
         entry = ConsumerConfig(**{**vars(config.consumers[0]),
                                   "consumer": f"{cls.__module__}:{cls.__qualname__}"})
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"Harness.consume: attempt: expected an int from 1 (the first "
+                             f"delivery), got {attempt!r}")
         if attempt != 1:
             headers = {**(headers or {}), ATTEMPT_HEADER: attempt}
         data, props = build_message(exchange, routing_key, headers, body, False,
                                     dict(properties or {}))
+        props = _sent(props)  # as a delivery carries it
         published: list[Published] = []
         moves: list[Published] = []
 
         def publish(exchange: str, routing_key: str, body: bytes,
                     properties: pika.spec.BasicProperties, mandatory: bool,
                     confirm: bool) -> None:
-            published.append(_record(exchange, routing_key, body, properties, mandatory))
+            published.append(_record(exchange, routing_key, body, _sent(properties),
+                                     mandatory))
 
         def move(exchange: str, routing_key: str, body: bytes,
                  properties: pika.spec.BasicProperties, mandatory: bool,
                  confirm: bool) -> None:
-            moves.append(_record(exchange, routing_key, body, properties, mandatory,
+            moves.append(_record(exchange, routing_key, body, _sent(properties), mandatory,
                                  [routing_key]))
 
         recording = _Recording(consumer)
