@@ -593,3 +593,115 @@ def test_loading_the_plugin_loads_neither_gevent_nor_pika() -> None:
                             timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# -- what a hostile review found ---------------------------------------------------------
+
+class Publishes:
+    """Publishes what its body names: 'float' (a header AMQP cannot carry), 'huge'
+    (headers over a frame), 'internal', 'cc-str' (a CC header that is not a list),
+    'mutate' (changes its headers dict after publishing it)."""
+
+    def consume(self, amqp: Any, msg: Any) -> None:
+        what = msg.body.decode()
+        if what == "float":
+            amqp.publish("", "out", {"price": 9.99}, b"x")
+        elif what == "huge":
+            amqp.publish("", "out", {"big": "x" * 200_000}, b"x")
+        elif what == "internal":
+            amqp.publish("internal", "", None, b"x")
+        elif what == "cc-str":
+            amqp.publish("", "out", {"CC": "out"}, b"x")
+        elif what == "mutate":
+            headers = {"k": "v", "list": [1]}
+            amqp.publish("", "out", headers, b"x")
+            headers["k"] = "changed"
+            headers["list"].append(2)
+
+    def shutdown(self, exception: BaseException | None = None) -> None:
+        pass
+
+
+FLOAT = ("amqp.publish: headers['price']: a float cannot be sent in AMQP headers: use an "
+         "int, a str or a decimal.Decimal")
+
+
+def test_a_header_amqp_cannot_carry_fails_as_in_the_daemon() -> None:
+    result = Harness.consume(Publishes(), b"float")
+    assert result.outcome == "requeue" and isinstance(result.exception, TypeError)
+    assert str(result.exception) == FLOAT
+    result = Harness.consume(Publishes(), b"huge")
+    assert isinstance(result.exception, PublishError)
+    assert str(result.exception).startswith("headers too large for a frame")
+    with pytest.raises(TypeError, match=re.escape(FLOAT)):
+        Harness.consume(Publishes(), b"x", headers={"price": 9.99})  # no such delivery
+    with Harness({"queues": [{"queue": "in"}, {"queue": "out"}],
+                  "consumers": [entry("in", "Publishes")]}) as h:
+        with pytest.raises(TypeError, match=re.escape(FLOAT)):
+            h.publish("", "out", b"x", {"price": 9.99})
+        h.publish("", "in", b"mutate")
+        h.publish("", "in", b"float")  # TypeError each time: requeued, as by the daemon
+        with pytest.raises(HarnessError, match="requeued 100 times"):
+            h.run()
+        # What was published is what the broker holds: nothing shared with the dict.
+        assert h.stored("out")[0].properties.headers == {"k": "v", "list": [1]}
+        assert h.published[0].headers == {"k": "v", "list": [1]}
+
+
+def test_a_message_the_broker_refuses_is_lost_silently_without_confirms() -> None:
+    def config(confirms: bool) -> dict[str, Any]:
+        return {"publisher_confirms": confirms,
+                "exchanges": [{"exchange": "internal", "type": "fanout", "internal": True}],
+                "queues": [{"queue": "in"},
+                           {"queue": "out", "bindings": [{"exchange": "internal",
+                                                          "routing_key": ""}]}],
+                "consumers": [entry("in", "Publishes")]}
+
+    with Harness(config(False)) as h:
+        h.publish("", "in", b"internal")
+        h.publish("", "in", b"cc-str")
+        h.run()
+        assert h.outcomes("in") == counts(ack=2) and h.messages("out") == []
+    result = Harness.consume(Publishes(), b"cc-str")  # no broker: recorded only
+    assert result.outcome == "ack"
+    with Harness(config(True)) as h:
+        h.publish("", "in", b"cc-str")
+        with pytest.raises(HarnessError, match="requeued 100 times"):
+            h.run()  # PublishError each time: requeued, as the daemon would
+        assert h.messages("out") == []
+
+
+def test_an_existing_queue_is_declared_with_the_configs_arguments() -> None:
+    config = {"exchanges": [{"exchange": "dlx", "type": "fanout"}],
+              "queues": [{"queue": "q", "x_dead_letter_exchange": "dlx"},
+                         {"queue": "dlq", "bindings": [{"exchange": "dlx",
+                                                        "routing_key": ""}]}],
+              "consumers": [entry("q", "Commands")]}
+    with Harness(config, existing_queues=["q"]) as h:
+        h.publish("", "q", b"reject")
+        h.run()
+        assert h.messages("dlq") == [b"reject"]
+
+
+def test_an_existing_exchange_of_another_type_is_the_daemons_topology_error() -> None:
+    config = {"exchanges": [{"exchange": "events", "type": "topic"}],
+              "consumers": [entry("q")], "queues": [{"queue": "q"}]}
+    with pytest.raises(TopologyError) as refused:
+        Harness(config, existing_exchanges={"events": "fanout"})
+    # tests/test_topology.py has the daemon's line, from the broker's refusal.
+    assert str(refused.value) == (
+        "<dict>: exchanges[0].type: exchange 'events' already exists with type fanout, "
+        "the config asks for topic (an exchange's type and arguments cannot change: "
+        "delete it or change the config)")
+    Harness(config, existing_exchanges={"events": "topic"}).close()
+
+
+def test_run_after_close_and_an_attempt_below_one_are_refused() -> None:
+    h = Harness({"queues": [{"queue": "q"}], "consumers": [entry("q")]})
+    h.publish("", "q", b"x")
+    h.close()
+    with pytest.raises(HarnessError, match=r"run\(\) after close\(\)"):
+        h.run()
+    for attempt in (0, -1, True, "2"):
+        with pytest.raises(ValueError, match="attempt: expected an int from 1"):
+            Harness.consume(Sink(), b"x", attempt=attempt)

@@ -181,13 +181,26 @@ class Broker:
     # -- topology -------------------------------------------------------------------
 
     def declare_exchange(self, name: str, kind: str, internal: bool = False,
-                         arguments: dict[str, Any] | None = None) -> None:
-        if name not in self.exchanges:
+                         arguments: dict[str, Any] | None = None) -> str | None:
+        """Declare it; or, if it exists, the type it has when that is not ``kind``
+        (the broker refuses: 406), else None. One that the test created (known by its
+        type alone) takes the declaration's arguments: the broker would refuse
+        different ones, so a config that starts has the same."""
+        exchange = self.exchanges.get(name)
+        if exchange is None:
             self.exchanges[name] = Exchange(name, kind, internal, dict(arguments or {}))
+        elif exchange.type != kind:
+            return exchange.type
+        else:
+            exchange.internal, exchange.arguments = internal, dict(arguments or {})
+        return None
 
     def declare_queue(self, name: str, config: QueueConfig | None = None) -> None:
-        if name not in self.queues:
+        queue = self.queues.get(name)
+        if queue is None:
             self.queues[name] = Queue(name, config)
+        elif queue.config is None:  # the test's, arguments unknown: as declared (above)
+            queue.config = config
 
     def bind(self, destination: str, to_queue: bool, source: str, routing_key: str,
              arguments: dict[str, Any] | None = None) -> None:

@@ -35,6 +35,7 @@ from pika.compat import long
 from ..amqp.confirms import check_headers
 from ..amqp.errors import PublishError, PublishReturned, TopologyError
 from ..amqp.publishing import Publisher
+from ..amqp.topology import describe_inequivalent
 from ..config import (
     Config,
     ConfigError,
@@ -281,6 +282,7 @@ class Harness:
                                         f"{state.entry.consumer}()")
         self._declare()
         self._next_entry: dict[str, int] = {}
+        self._closed = False
 
     @staticmethod
     def _refuse_what_is_not_modelled(config: Config) -> None:
@@ -309,8 +311,14 @@ class Harness:
                         f"exist (passive: true only checks it): broker said "
                         f"{_no('exchange', exchange.exchange)}")
             else:
-                broker.declare_exchange(exchange.exchange, exchange.type or "direct",
-                                        exchange.internal, exchange.arguments)
+                kind = exchange.type or "direct"
+                current = broker.declare_exchange(exchange.exchange, kind, exchange.internal,
+                                                  exchange.arguments)
+                if current is not None:  # the daemon's line for the broker's 406
+                    raise TopologyError(describe_inequivalent(
+                        path, exchange, f"PRECONDITION_FAILED - inequivalent arg 'type' "
+                                        f"for exchange {exchange.exchange!r} in vhost '/': "
+                                        f"received {kind!r} but current is {current!r}"))
         for exchange in config.exchanges:
             for i, binding in enumerate(exchange.bindings):
                 self._bind(f"{path}: {exchange.path}.bindings[{i}]: cannot bind exchange "
@@ -417,6 +425,8 @@ class Harness:
         policy: the broker would redeliver it for ever), or after ``max_deliveries``
         deliveries (consumers feeding each other without end); both name the queue
         and the message."""
+        if self._closed:  # its instances are shut down: nothing could take a message
+            raise HarnessError("run() after close(): the consumer instances were shut down")
         consumed = {state.entry.queue for state in self.entries}
         delivered = 0
         while True:
@@ -504,6 +514,7 @@ class Harness:
 
     def close(self) -> None:
         """``shutdown(None)`` on every consumer instance, as the daemon's stop does."""
+        self._closed = True
         for state in self.entries:
             state.pool.shutdown_instances()
 
