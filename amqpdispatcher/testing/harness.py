@@ -315,10 +315,11 @@ class Harness:
                 current = broker.declare_exchange(exchange.exchange, kind, exchange.internal,
                                                   exchange.arguments)
                 if current is not None:  # the daemon's line for the broker's 406
-                    raise TopologyError(describe_inequivalent(
-                        path, exchange, f"PRECONDITION_FAILED - inequivalent arg 'type' "
-                                        f"for exchange {exchange.exchange!r} in vhost '/': "
-                                        f"received {kind!r} but current is {current!r}"))
+                    reply = (f"406 PRECONDITION_FAILED - inequivalent arg 'type' for exchange "
+                             f"{exchange.exchange!r} in vhost '/': received {kind!r} but "
+                             f"current is {current!r}")
+                    raise TopologyError(describe_inequivalent(path, exchange, reply)
+                                        or f"{path}: {exchange.path}: broker said {reply}")
         for exchange in config.exchanges:
             for i, binding in enumerate(exchange.bindings):
                 self._bind(f"{path}: {exchange.path}.bindings[{i}]: cannot bind exchange "
