@@ -705,3 +705,30 @@ def test_run_after_close_and_an_attempt_below_one_are_refused() -> None:
     for attempt in (0, -1, True, "2"):
         with pytest.raises(ValueError, match="attempt: expected an int from 1"):
             Harness.consume(Sink(), b"x", attempt=attempt)
+
+
+class NoShutdown:
+    def consume(self, amqp: Any, msg: Any) -> None:
+        amqp.publish("amq.nowhere", "k", None, b"x")
+
+
+def test_consume_refuses_what_the_daemon_refuses_to_run() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Harness.consume(NoShutdown(), b"x")
+    assert refused.value.problems == [
+        f"<Harness.consume>: consumers[0].consumer: '{ME}:NoShutdown' has no shutdown method"]
+    with pytest.raises(TypeError, match="pass an instance of Sink"):
+        Harness.consume(Sink, b"x")
+
+
+def test_an_amq_exchange_that_does_not_exist_is_refused_by_the_broker() -> None:
+    # The daemon takes amq.* names to be the broker's own and does not check them: the
+    # broker closes the channel (a PublishError with confirms, nothing without).
+    with Harness({"queues": [{"queue": "q"}], "consumers": [entry("q", "Commands")]}) as h:
+        with pytest.raises(PublishError, match="404 NOT_FOUND - no exchange 'amq.nowhere'"):
+            h.publish("amq.nowhere", "k", b"x")
+    with Harness({"publisher_confirms": False, "queues": [{"queue": "q"}],
+                  "consumers": [entry("q", "Commands")]}) as h:
+        h.publish("", "q", b"forward:amq.nowhere:k")
+        h.run()
+        assert h.outcomes("q") == counts(ack=1)

@@ -372,8 +372,10 @@ class Harness:
 
     def _exists(self, exchange: str) -> None:
         """The daemon checks that an exchange exists before it sends to it (whatever
-        publisher_confirms): PublishError."""
-        if exchange != "" and exchange not in self.broker.exchanges:
+        publisher_confirms): PublishError. Not one named amq.*, taken to be the
+        broker's own (the broker refuses one that is not, in ``_route``)."""
+        if exchange != "" and not exchange.startswith("amq.") \
+                and exchange not in self.broker.exchanges:
             raise PublishError(f"exchange {exchange!r} does not exist (the broker said "
                                f"{_no('exchange', exchange)}); nothing was sent")
 
@@ -383,8 +385,11 @@ class Harness:
         internal exchange, a CC or BCC header that is not a list), closing the
         channel: PublishError when the publish waits for its confirm, else the message
         is lost without a word, as in the daemon."""
+        target = self.broker.exchanges.get(exchange)
         try:
-            if self.broker.exchanges[exchange].internal if exchange else False:
+            if exchange and target is None:
+                raise RefusedMessage(f"404 NOT_FOUND - no exchange {exchange!r} in vhost '/'")
+            if target is not None and target.internal:
                 raise RefusedMessage(f"403 ACCESS_REFUSED - cannot publish to internal "
                                      f"exchange {exchange!r} in vhost '/'")
             return self.broker.publish(exchange, routing_key, body, properties)
@@ -552,9 +557,17 @@ class Harness:
         config, problems = parse_data({"consumers": [spec]}, "<Harness.consume>")
         if problems:
             raise ConfigError(problems)
+        if isinstance(consumer, type):
+            raise TypeError(f"Harness.consume: pass an instance of {consumer.__qualname__} "
+                            f"(as the daemon makes one), not the class")
         cls = type(consumer)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        missing = [m for m in ("consume", "shutdown") if not callable(getattr(cls, m, None))]
+        if missing:  # as config/imports.py refuses the class
+            raise ConfigError([f"<Harness.consume>: consumers[0].consumer: {path!r} has no "
+                               f"{' and no '.join(missing)} method"])
         entry = ConsumerConfig(**{**vars(config.consumers[0]),
-                                  "consumer": f"{cls.__module__}:{cls.__qualname__}"})
+                                  "consumer": path})
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
             raise ValueError(f"Harness.consume: attempt: expected an int from 1 (the first "
                              f"delivery), got {attempt!r}")
