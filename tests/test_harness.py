@@ -732,3 +732,23 @@ def test_an_amq_exchange_that_does_not_exist_is_refused_by_the_broker() -> None:
         h.publish("", "q", b"forward:amq.nowhere:k")
         h.run()
         assert h.outcomes("q") == counts(ack=1)
+
+
+class Unbuildable(Sink):
+    def __init__(self) -> None:
+        raise OSError("no licence")
+
+
+def test_a_start_that_fails_shuts_down_the_instances_it_built() -> None:
+    """As the daemon's failed start (runtime/generation.py, _finish): shutdown(None) on
+    every instance built, whether the topology or a later constructor failed."""
+    Commands.shutdowns.clear()
+    with pytest.raises(TopologyError):
+        Harness({"queues": [{"queue": "q", "passive": True}],
+                 "consumers": [entry("q", "Commands", consumer_count=2)]})
+    assert Commands.shutdowns == ["NoneType", "NoneType"]
+    Commands.shutdowns.clear()
+    with pytest.raises(UserCodeError, match="consumers\\[1\\].consumer: .*raised OSError"):
+        Harness({"queues": [{"queue": "q"}],
+                 "consumers": [entry("q", "Commands"), entry("q", "Unbuildable")]})
+    assert Commands.shutdowns == ["NoneType"]

@@ -252,7 +252,8 @@ class Harness:
     (``UserCodeError``), then the topology is declared (``TopologyError``, with the
     daemon's line, for a passive exchange or queue that does not exist, a binding to
     a missing exchange, a consumer's missing queue). ``close()`` (or leaving the
-    ``with``) calls every instance's ``shutdown(None)``.
+    ``with``) calls every instance's ``shutdown(None)``; so does a start that fails,
+    for the instances already built.
     """
 
     def __init__(self, config: ConfigSource, *,
@@ -273,16 +274,20 @@ class Harness:
                                self.config.publisher_confirms, self._publish_from_consume,
                                self._move)
                         for entry in self.config.consumers]
-        path = self.config.path
-        if resolved.startup_handler is not None:
-            run_user_code(resolved.startup_handler,
-                           f"{path}: startup_handler: {self.config.startup_handler}")
-        for state in self.entries:
-            run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
-                                        f"{state.entry.consumer}()")
-        self._declare()
         self._next_entry: dict[str, int] = {}
         self._closed = False
+        path = self.config.path
+        try:
+            if resolved.startup_handler is not None:
+                run_user_code(resolved.startup_handler,
+                              f"{path}: startup_handler: {self.config.startup_handler}")
+            for state in self.entries:
+                run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
+                                           f"{state.entry.consumer}()")
+            self._declare()
+        except BaseException:
+            self.close()  # a start that fails still shuts down what it built, as the daemon
+            raise
 
     @staticmethod
     def _refuse_what_is_not_modelled(config: Config) -> None:
