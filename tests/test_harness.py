@@ -67,6 +67,8 @@ class Commands:
             amqp.reject(requeue=False)
         if command == "nack-once" and not msg.delivery_info["redelivered"]:
             amqp.nack()
+        if command == "nack-always":
+            amqp.nack()
         if command == "forward":
             amqp.publish(args[0], args[1], {"from": "commands"}, msg.body)
         if command == "mandatory":
@@ -366,6 +368,12 @@ def test_run_stops_a_message_redelivered_for_ever() -> None:
             "the entry has no retry policy); it is left at the head of the queue")
         assert h.outcomes("q") == counts(ack=1, requeue=7)
         assert h.messages("q") == [b"fail"]
+    with Harness(config) as h:
+        h.publish("", "q", b"nack-always")
+        with pytest.raises(HarnessError, match=re.escape(
+                "(its consume keeps giving it back: amqp.nack() or "
+                "amqp.reject(requeue=True))")):
+            h.run(max_redeliveries=7)
 
 
 def test_run_stops_consumers_feeding_each_other() -> None:

@@ -467,9 +467,10 @@ class Harness:
             properties = decoded(properties)
             properties.headers = {**(properties.headers or {}),
                                   "x-delivery-count": long(message.requeues)}
-        _, how = states[turn % len(states)].deliver(
-            message.body, properties, message.exchange, message.routing_key,
-            message.redelivered)
+        state = states[turn % len(states)]
+        failures = state.pool.metrics.failures
+        _, how = state.deliver(message.body, properties, message.exchange,
+                               message.routing_key, message.redelivered)
         if how == "ack":
             return
         if how == "reject":
@@ -484,10 +485,16 @@ class Harness:
             return
         if message.requeues >= max_redeliveries:
             queue.messages.appendleft(message)
+            if state.pool.metrics.failures == failures:
+                why = ("its consume keeps giving it back: amqp.nack() or "
+                       "amqp.reject(requeue=True)")
+            elif state.entry.retry is None:
+                why = "its consume keeps failing, and the entry has no retry policy"
+            else:
+                why = "its consume keeps failing, and the retry policy could not move it"
             raise HarnessError(f"queue {queue.name!r}: the {_describe(message)} was requeued "
                                f"{message.requeues} times: the broker would redeliver it for "
-                               "ever (its consume keeps failing, and the entry has no retry "
-                               "policy); it is left at the head of the queue")
+                               f"ever ({why}); it is left at the head of the queue")
         queue.messages.appendleft(message)  # back where it was, as RabbitMQ requeues
 
     def _let_time_pass(self) -> bool:
