@@ -20,6 +20,7 @@ import pytest
 from helpers import BrokerHandle, wait_until
 
 from amqpdispatcher import PublishError
+from amqpdispatcher.amqp.errors import TopologyError
 from amqpdispatcher.config import Config, load_config_dict
 from amqpdispatcher.testing import Harness
 
@@ -381,3 +382,20 @@ def test_a_quorum_queue_counts_deliveries_in_a_header(both: Any, broker: BrokerH
     assert modelled == real == [(False, {"x-delivery-count": 0}),
                                 (True, {"x-delivery-count": 1}),
                                 (True, {"x-delivery-count": 2})]
+
+
+@pytest.mark.parametrize("match", ["some", 1, None, True])
+def test_a_bad_x_match_is_refused_with_the_brokers_words(
+        broker: BrokerHandle, match: Any) -> None:
+    config = {"exchanges": [{"exchange": "H", "type": "headers"}],
+              "queues": [{"queue": "q", "bindings": [bound("H", **{"x-match": match})]}],
+              "consumers": [entry("q")]}
+    broker.channel.exchange_declare("H", "headers")
+    broker.channel.queue_declare("q")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        broker.channel.queue_bind("q", "H", "", arguments={"x-match": match})
+    with pytest.raises(TopologyError) as modelled:
+        Harness(config)
+    assert str(modelled.value) == (
+        f"<dict>: queues[0].bindings[0]: cannot bind queue 'q' to exchange 'H': broker said "
+        f"{refused.value.reply_code} {refused.value.reply_text}")

@@ -24,6 +24,7 @@ the calling greenlet (a plain test's main greenlet), so ``time_limit`` interrupt
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from .broker import (
     Queue,
     RefusedMessage,
     Stored,
+    amqp_type,
     decoded,
 )
 
@@ -357,10 +359,17 @@ class Harness:
         if exchange is None:
             raise TopologyError(f"{what}: broker said {_no('exchange', source)}")
         match = arguments.get("x-match", "all")
-        if exchange.type == "headers" and match not in X_MATCH:
-            raise TopologyError(f"{what}: broker said 406 PRECONDITION_FAILED - Invalid "
-                                f"x-match field value {match!r}; expected one of "
-                                f"{', '.join(X_MATCH)}")
+        if exchange.type != "headers" or match in X_MATCH:
+            return
+        if isinstance(match, str):  # RabbitMQ's words (rabbit_exchange_type_headers)
+            problem = (f"Invalid x-match field value <<{json.dumps(match)}>>; expected all, "
+                       "any, all-with-x, or any-with-x")
+        else:
+            value = ("undefined" if match is None else str(match).lower()
+                     if isinstance(match, bool) else match)
+            problem = (f"Invalid x-match field type {amqp_type(match)} (value {value}); "
+                       "expected longstr")
+        raise TopologyError(f"{what}: broker said 406 PRECONDITION_FAILED - {problem}")
 
     # -- publishing ----------------------------------------------------------------------
 
