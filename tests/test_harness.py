@@ -760,3 +760,16 @@ def test_a_start_that_fails_shuts_down_the_instances_it_built() -> None:
         Harness({"queues": [{"queue": "q"}],
                  "consumers": [entry("q", "Commands"), entry("q", "Unbuildable")]})
     assert Commands.shutdowns == ["NoneType"]
+
+
+def test_a_producer_may_set_user_id_which_a_move_records() -> None:
+    result = Harness.consume(Inspect(), b"raise", queue="q", retry={"max_attempts": 2},
+                             properties={"user_id": "guest"})
+    assert result.moved is not None and "user_id" not in result.moved.properties
+    assert result.moved.headers is not None
+    assert result.moved.headers["x-amqp-dispatcher-user-id"] == "guest"
+    with Harness({"queues": [{"queue": "q"}], "consumers": [entry("q")]}) as h:
+        h.publish("", "q", b"x", user_id="guest")
+        assert h.stored("q")[0].properties.user_id == "guest"
+        with pytest.raises(TypeError, match="user_id: expected a str"):
+            h.publish("", "q", b"x", user_id=5)

@@ -107,6 +107,20 @@ class Result:
     moved: Published | None = None
 
 
+def _producer_message(exchange: str, routing_key: str, headers: Any, body: Any,
+                      properties: dict[str, Any]) -> tuple[bytes, pika.spec.BasicProperties]:
+    """A producer's message, checked as ``amqp.publish`` checks its arguments, with a
+    ``user_id`` too (which amqp.publish does not take: RabbitMQ takes only the
+    publishing user's, which the harness does not check)."""
+    from ..amqp.arguments import PROPERTY_CHECKS, build_message
+
+    user_id = properties.pop("user_id", None)
+    data, props = build_message(exchange, routing_key, headers, body, False, properties)
+    if user_id is not None:
+        props.user_id = PROPERTY_CHECKS["app_id"]("user_id", user_id)  # a short str
+    return data, props
+
+
 def _sent(properties: pika.spec.BasicProperties) -> pika.spec.BasicProperties:
     """What the daemon's publish checks before sending (confirms.check_headers: a
     TypeError naming a header AMQP cannot carry, a PublishError for headers over a
@@ -377,10 +391,9 @@ class Harness:
                 headers: dict[str, Any] | None = None, **properties: Any) -> list[str]:
         """Publish as a producer would: routed as RabbitMQ routes it; the queues it
         reached ([]: unroutable, dropped). Properties by name as ``amqp.publish``
-        takes them (the same checks). PublishError for a missing or internal exchange."""
-        from ..amqp.arguments import build_message
-
-        data, props = build_message(exchange, routing_key, headers, body, False, properties)
+        takes them (the same checks), and ``user_id``. PublishError for a missing or
+        internal exchange."""
+        data, props = _producer_message(exchange, routing_key, headers, body, properties)
         self._exists(exchange)
         return self._route(exchange, routing_key, data, _sent(props))
 
@@ -564,12 +577,11 @@ class Harness:
         routed (so never returned as unroutable).
 
         ``attempt`` above 1 is carried as the daemon's attempt header; ``properties``:
-        AMQP properties by name, as ``amqp.publish`` takes them. ``queue``, ``retry``
-        (the ``retry:`` keys of a consumer entry) and ``time_limit`` are the entry's,
-        checked as the daemon checks a config (ConfigError). After a failure the
+        AMQP properties by name, as ``amqp.publish`` takes them, and ``user_id``.
+        ``queue``, ``retry`` (the ``retry:`` keys of a consumer entry) and
+        ``time_limit`` are the entry's, checked as the daemon checks a config
+        (ConfigError). After a failure the
         instance's ``shutdown(exc)`` is called, as the daemon does."""
-        from ..amqp.arguments import build_message
-
         spec: dict[str, Any] = {"consumer": "harness:Consumer", "queue": queue}
         if retry is not None:
             spec["retry"] = dict(retry)
@@ -594,8 +606,8 @@ class Harness:
                              f"delivery), got {attempt!r}")
         if attempt != 1:
             headers = {**(headers or {}), ATTEMPT_HEADER: attempt}
-        data, props = build_message(exchange, routing_key, headers, body, False,
-                                    dict(properties or {}))
+        data, props = _producer_message(exchange, routing_key, headers, body,
+                                        dict(properties or {}))
         props = _sent(props)  # as a delivery carries it
         published: list[Published] = []
         moves: list[Published] = []
