@@ -773,3 +773,12 @@ def test_a_producer_may_set_user_id_which_a_move_records() -> None:
         assert h.stored("q")[0].properties.user_id == "guest"
         with pytest.raises(TypeError, match="user_id: expected a str"):
             h.publish("", "q", b"x", user_id=5)
+
+
+def test_an_existing_exchange_of_a_type_not_modelled_is_refused() -> None:
+    config = {"queues": [{"queue": "q", "bindings": [{"exchange": "later",
+                                                      "routing_key": "k"}]}],
+              "consumers": [entry("q")]}
+    for kind in ("x-delayed-message", "topik"):
+        with pytest.raises(HarnessError, match=f"existing_exchanges: 'later': .* not '{kind}'"):
+            Harness(config, existing_exchanges={"later": kind})

@@ -282,6 +282,9 @@ class Harness:
         self._refuse_what_is_not_modelled(self.config)
         self.broker = Broker()
         for name, kind in (existing_exchanges or {}).items():
+            if kind not in BUILT_IN_TYPES:
+                raise HarnessError(f"existing_exchanges: {name!r}: the harness routes "
+                                   f"direct, fanout, topic and headers exchanges, not {kind!r}")
             self.broker.declare_exchange(name, kind)
         for name in existing_queues:
             self.broker.declare_queue(name)
