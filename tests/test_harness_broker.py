@@ -399,3 +399,24 @@ def test_a_bad_x_match_is_refused_with_the_brokers_words(
     assert str(modelled.value) == (
         f"<dict>: queues[0].bindings[0]: cannot bind queue 'q' to exchange 'H': broker said "
         f"{refused.value.reply_code} {refused.value.reply_text}")
+
+
+def test_a_per_message_expiration_dead_letters_from_the_head_only(
+        both: Any, broker: BrokerHandle) -> None:
+    """A message's own expiration in a queue with a dead-letter exchange (a delay of
+    the publisher's choosing): it expires when it reaches the head of the queue, so
+    one behind a message without an expiration waits."""
+    b = both({"exchanges": [{"exchange": "back", "type": "fanout"}],
+              "queues": [{"queue": "wait", "x_dead_letter_exchange": "back"},
+                         {"queue": "again", "bindings": [bound("back")]}],
+              "consumers": [entry("again")]})
+    for body, expiration in ((b"first", "50"), (b"stays", None), (b"behind", "50")):
+        b.harness.publish("", "wait", body, expiration=expiration)
+        b.channel.basic_publish("", "wait", body, pika.BasicProperties(expiration=expiration))
+    b.harness.run()
+    assert b.harness.messages("wait") == [b"stays", b"behind"]
+    assert b.harness.outcomes("again")["ack"] == 1
+    # On the broker: the first one moves on; the one behind "stays" does not expire.
+    wait_until(lambda: broker.ready("again") == 1, timeout=10, what="the first to expire")
+    assert broker.get_all("again") == [b"first"]
+    assert broker.ready("wait") == 2  # taking them would let "behind" expire

@@ -523,14 +523,22 @@ class Harness:
         queue.messages.appendleft(message)  # back where it was, as RabbitMQ requeues
 
     def _let_time_pass(self) -> bool:
-        """Dead-letter what waits in queues with a message TTL and a dead-letter
-        exchange, shortest TTL first; whether anything moved."""
+        """Dead-letter what waits in queues with a dead-letter exchange, as if the
+        time had passed: from the head of each queue, while the message there has a
+        TTL (the queue's ``x-message-ttl``, or its own ``expiration``, which RabbitMQ
+        applies at the head only), shortest TTL first; whether anything moved."""
+        def ttl(queue: Queue) -> int | None:
+            ttls = [int(value) for value in (queue.argument("x-message-ttl"),
+                                             queue.messages[0].properties.expiration)
+                    if value is not None]
+            return min(ttls) if ttls else None
+
         waiting = [queue for queue in self.broker.queues.values() if queue.messages
-                   and queue.argument("x-message-ttl") is not None
-                   and queue.argument("x-dead-letter-exchange") is not None]
-        waiting.sort(key=lambda queue: (queue.argument("x-message-ttl"), queue.name))
+                   and queue.argument("x-dead-letter-exchange") is not None
+                   and ttl(queue) is not None]
+        waiting.sort(key=lambda queue: (ttl(queue), queue.name))
         for queue in waiting:
-            while queue.messages:
+            while queue.messages and ttl(queue) is not None:
                 self.broker.dead_letter(queue, queue.messages.popleft(), "expired")
         return bool(waiting)
 
