@@ -782,3 +782,13 @@ def test_an_existing_exchange_of_a_type_not_modelled_is_refused() -> None:
     for kind in ("x-delayed-message", "topik"):
         with pytest.raises(HarnessError, match=f"existing_exchanges: 'later': .* not '{kind}'"):
             Harness(config, existing_exchanges={"later": kind})
+
+
+def test_a_message_requeued_until_its_ttl_ends_is_refused_as_time() -> None:
+    config = {"queues": [{"queue": "q", "x_message_ttl": 60000,
+                          "x_dead_letter_exchange": ""}],
+              "consumers": [entry("q", "Commands")]}
+    with Harness(config) as h:
+        h.publish("", "q", b"fail")
+        with pytest.raises(HarnessError, match="its TTL would end that on the broker"):
+            h.run(max_redeliveries=3)

@@ -517,6 +517,11 @@ class Harness:
                 why = "its consume keeps failing, and the entry has no retry policy"
             else:
                 why = "its consume keeps failing, and the retry policy could not move it"
+            if queue.argument("x-dead-letter-exchange") is not None and (
+                    queue.argument("x-message-ttl") is not None
+                    or message.properties.expiration is not None):
+                why += ("; its TTL would end that on the broker, after as many deliveries "
+                        "as fit in it: time the harness does not model")
             raise HarnessError(f"queue {queue.name!r}: the {_describe(message)} was requeued "
                                f"{message.requeues} times: the broker would redeliver it for "
                                f"ever ({why}); it is left at the head of the queue")
