@@ -244,6 +244,8 @@ def test_passive_needs_what_the_test_created() -> None:
         Harness(config, existing_exchanges={"theirs": "direct"})
     h = Harness(config, existing_exchanges={"theirs": "direct"}, existing_queues=["legacy"])
     assert h.publish("theirs", "k", b"x") == ["legacy"]
+    with pytest.raises(TypeError, match="existing_queues: expected a list"):
+        Harness(config, existing_exchanges={"theirs": "direct"}, existing_queues="legacy")
 
 
 def test_missing_binding_source_and_consumer_queue() -> None:

@@ -286,6 +286,9 @@ class Harness:
                 raise HarnessError(f"existing_exchanges: {name!r}: the harness routes "
                                    f"direct, fanout, topic and headers exchanges, not {kind!r}")
             self.broker.declare_exchange(name, kind)
+        if isinstance(existing_queues, (str, bytes)):  # not a name per character
+            raise TypeError(f"existing_queues: expected a list of queue names, got "
+                            f"{existing_queues!r}")
         for name in existing_queues:
             self.broker.declare_queue(name)
         self.published: list[Published] = []  # by consumers (amqp.publish), in order
