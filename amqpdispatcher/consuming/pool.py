@@ -1,11 +1,11 @@
 """One consumer entry: ``consumer_count`` slot greenlets, each owning one instance.
 
 This module holds the answer to "what happens to a message after ``consume``
-returns or raises": see ``ConsumerPool._handle``; after a failure it asks the
+returns or raises": see ``ConsumerPool.handle``; after a failure it asks the
 entry's failure policy (``failure.FailurePolicy``).
 
 A slot greenlet lives as long as the process: every exception from user
-code and from settling is contained in ``_handle``, so the number of live
+code and from settling is contained in ``handle``, so the number of live
 slots always equals ``consumer_count`` until the dispatcher stops them.
 """
 
@@ -95,7 +95,7 @@ class ConsumerPool:
 
     def _work(self, slot: int) -> None:
         get = self.work.get
-        handle = self._handle if self.tracer is None else self._handle_traced
+        handle = self.handle if self.tracer is None else self._handle_traced
         limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
         try:
             while True:
@@ -108,18 +108,20 @@ class ConsumerPool:
 
     def _handle_traced(self, slot: int, item: tuple[Any, ...],
                        limit: TimeLimit | None) -> None:
-        """_handle in a span of its own (consuming/tracing.py), current while consume
+        """handle in a span of its own (consuming/tracing.py), current while consume
         and the settling run, so that publishes and moves carry its context."""
         from . import tracing
         method, properties = item[1], item[2]
         with tracing.consume_span(self.tracer, self.entry, method, properties,
                                   attempt_of(properties)) as span:
-            outcome, failure = self._handle(slot, item, limit)
+            outcome, failure = self.handle(slot, item, limit)
             tracing.settled(span, outcome, failure)
 
-    def _handle(self, slot: int, item: tuple[Any, ...],
-                limit: TimeLimit | None) -> tuple[str, BaseException | None]:
-        """Run consume on one delivery and settle it; return its outcome (outcomes.py's
+    def handle(self, slot: int, item: tuple[Any, ...],
+               limit: TimeLimit | None) -> tuple[str, BaseException | None]:
+        """One delivery ``item`` (acker, method, properties, body) in ``slot``'s instance:
+        consume, then settle it or hand it to the failure policy (amqpdispatcher.testing
+        drives deliveries through this too). Returns the delivery's outcome (outcomes.py's
         names) and what consume raised."""
         acker, method, properties, body = item
         tag = method.delivery_tag
