@@ -27,7 +27,8 @@ setup(
     },
     entry_points={
         "console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"],
-        # The amqp_harness fixture (amqpdispatcher/testing/plugin.py, docs/testing.md).
+        # The amqp_harness fixture (amqpdispatcher/testing/plugin.py,
+        # docs/getting-started/testing.md).
         "pytest11": ["amqp_dispatcher = amqpdispatcher.testing.plugin"],
     },
     classifiers=[

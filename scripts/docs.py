@@ -107,7 +107,11 @@ def config_keys() -> str:
 
 
 def cli_flags() -> str:
-    lines = ["| flag | what |", "|---|---|"]
+    parser = cli.build_parser()
+    formatter = argparse.HelpFormatter(parser.prog, width=88)  # not the terminal's
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups)
+    usage = formatter.format_help().rstrip()
+    lines = ["```", usage, "```", "", "| flag | what |", "|---|---|"]
     for action in cli.build_parser()._actions:
         flags = ", ".join(action.option_strings)
         if action.metavar:

@@ -584,8 +584,9 @@ def test_mandatory_publish_to_an_unbound_key_raises_publish_returned() -> None:
 # -- the pytest plugin ----------------------------------------------------------------
 
 def test_the_plugin_fixture_is_registered_and_runs_the_example() -> None:
-    """The worked example of docs/testing.md, run as a user runs it: pytest finds the
-    amqp_harness fixture through the package's entry point, no conftest.py needed."""
+    """The worked example of docs/getting-started/testing.md, run as a user runs it:
+    pytest finds the amqp_harness fixture through the package's entry point, no
+    conftest.py needed."""
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "examples/test_orders.py"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)

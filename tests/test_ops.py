@@ -858,7 +858,7 @@ def test_check_exchange_permissions(broker: BrokerHandle, tmp_path: Path) -> Non
 def test_check_with_no_broker_is_one_line(tmp_path: Path) -> None:
     result = check(tmp_path, "amqp://u:s3cretpw@127.0.0.1:1/", GOOD)
     assert result.returncode == 1
-    assert result.stderr.startswith("config.yml: cannot check: no broker reachable at "
+    assert result.stderr.startswith("config.yml: cannot check: no broker accepted a connection at "
                                     "amqp://u:***@127.0.0.1:1/%2F"), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "s3cretpw" not in result.stdout + result.stderr

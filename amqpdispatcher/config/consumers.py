@@ -190,12 +190,13 @@ def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | No
     if checked["max_delay"] < checked["delay"]:
         checker.problem(f"{key_path}.max_delay", f"expected at least delay "
                         f"({checked['delay']}), got {checked['max_delay']}")
-        return None
+        # The config is refused; the policy is kept, as the delay, only so that its
+        # names are checked too (_check_retry_names) and every problem found at once.
+        return RetryConfig(**{**checked, "max_delay": checked["delay"]})
     retry = RetryConfig(**checked)
     if len(retry.delays_ms()) > MAX_DELAY_QUEUES:
         checker.problem(key_path, f"needs more than {MAX_DELAY_QUEUES} delay queues (one per "
                         "distinct delay): raise backoff or lower max_delay")
-        return None
     return retry
 
 
