@@ -89,6 +89,30 @@ class NoOp:
         pass
 
 
+_latencies = []
+
+
+class Latency:
+    """Keeps the time from the publish (the time.time() that starts the body, then a space)
+    to the start of the call; the N-th message writes them to $BENCH_OUT.lat, one a line,
+    before tick writes $BENCH_OUT. The body "warmup" only creates $BENCH_OUT.warm."""
+
+    def consume(self, amqp, msg):
+        body = msg.body
+        if body == b"warmup":
+            with open(OUT + ".warm", "w"):
+                pass
+            return
+        _latencies.append(time.time() - float(body.split(b" ", 1)[0]))
+        if _state["count"] + 1 == N:
+            with open(OUT + ".lat", "w") as handle:
+                handle.write("".join(f"{s:.6f}\n" for s in _latencies))
+        tick(len(body))
+
+    def shutdown(self, exception=None):
+        pass
+
+
 class Republish:
     def consume(self, amqp, msg):
         amqp.publish("", PUBLISH_TO, None, msg.body)
