@@ -544,16 +544,15 @@ def latency_rate(system: str, workload: dict) -> float:
 
 def run_latency(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
     """Publish at a fixed rate for workload["seconds"], the publish time (time.time()) at the
-    start of each payload; the consumer keeps, for each message, the time from there to the
-    start of its call. CPU: the system's process tree, from the first timed publish to the
-    last message handled."""
+    start of each payload, then "end M" (M published); the consumer keeps, for each message,
+    the time from there to the start of its call. CPU: the system's process tree, from the
+    first timed publish to the last message handled."""
     queue, seconds = workload["queue"], workload["seconds"]
     rate = latency_rate(system, workload)
-    total = int(rate * seconds)
     publish(broker.url, queue, 0, 0, (), system)
     out = tmp / "out.txt"
     clean(out)
-    proc = start(system, dict(workload, count=total), broker, tmp, out)
+    proc = start(system, dict(workload, count=0), broker, tmp, out)
     connection = pika.BlockingConnection(pika.URLParameters(broker.url))
     channel = connection.channel()
     wrap = envelope(system, queue)
@@ -568,12 +567,15 @@ def run_latency(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
         pad = b" " + b"x" * max(0, workload["size"] - 18)
         cpu0 = tree_cpu(proc.pid)
         t0 = time.perf_counter()
-        for i in range(total):
-            pause = t0 + i / rate - time.perf_counter()
+        total = 0  # published: fewer than rate * seconds if the publisher cannot keep up
+        while (now := time.perf_counter()) < t0 + seconds:
+            pause = t0 + total / rate - now
             if pause > 0:
                 time.sleep(pause)
             channel.basic_publish("", queue, *wrap(b"%.6f" % time.time() + pad))
+            total += 1
         published = total / (time.perf_counter() - t0)
+        channel.basic_publish("", queue, *wrap(b"end %d" % total))
         deadline = time.monotonic() + seconds + 60
         while not (out.exists() and out.read_text().endswith("\n")):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -791,7 +793,7 @@ def main() -> int:
     WORK.mkdir(exist_ok=True)
     ensure_legacy()
     ensure_peers({system for workload in selected for system in workload["systems"]})
-    broker = Broker(name="amqp-dispatcher-bench")
+    broker = Broker(name=f"amqp-dispatcher-bench-{os.getpid()}")
     broker.start()
     results: list[tuple[dict, dict[str, list[dict]]]] = []
     try:

@@ -12,10 +12,11 @@ waits until every process has had one ($BENCH_OUT-ready.<pid> files), so that
 the clock starts when all of them consume.
 
 Latency: the payload starts with the publish time (time.time(), then a space);
-`before` keeps the time from there to the start of the call, and the N-th
-message writes them all to $BENCH_OUT.lat (one a line, seconds) before $BENCH_OUT.
-A payload "warmup" only creates $BENCH_OUT.warm: the benchmark publishes one and
-waits for it before it starts publishing at a fixed rate.
+`before` keeps the time from there to the start of the call. A payload "warmup"
+only creates $BENCH_OUT.warm: the benchmark publishes one and waits for it
+before it starts publishing at a fixed rate; "end M" says that M were published:
+once M are handled, their times go to $BENCH_OUT.lat (one a line, seconds), then
+the first and last time and the bytes to $BENCH_OUT.
 """
 
 import glob
@@ -36,7 +37,8 @@ HEAVY_EVERY, HEAVY_SLOW, HEAVY_FAST = 100, 2.0, 0.005
 CPU_SECONDS = 0.002
 
 _lock = threading.Lock()
-_state = {"count": 0, "first": None, "last": None, "bytes": 0, "calls": 0}
+_state = {"count": 0, "first": None, "last": None, "bytes": 0, "calls": 0, "target": None,
+          "written": False}
 _latencies = []
 
 
@@ -45,12 +47,31 @@ def text(payload):
 
 
 def warmup(payload):
-    """True (and $BENCH_OUT.warm created) if this is the benchmark's warm-up message."""
-    if text(payload) != "warmup":
-        return False
-    with open(OUT + ".warm", "w"):
-        pass
-    return True
+    """True if this is one of the benchmark's control messages: "warmup" (creates
+    $BENCH_OUT.warm) or "end M" (M messages were published, see tick)."""
+    body = text(payload)
+    if body == "warmup":
+        with open(OUT + ".warm", "w"):
+            pass
+        return True
+    if body.startswith("end "):
+        with _lock:
+            _state["target"] = int(body[4:])
+        _latency_done()
+        return True
+    return False
+
+
+def _latency_done():
+    """Once the "end M" message and M messages have come, write their times."""
+    with _lock:
+        if len(_latencies) != _state["target"] or _state["written"]:
+            return
+        _state["written"] = True
+    with open(OUT + ".lat", "w") as handle:
+        handle.write("".join(f"{s:.6f}\n" for s in _latencies))
+    with open(OUT, "w") as handle:
+        handle.write(f"{_state['first']:f} {time.time():f} {_state['bytes']}\n")
 
 
 def _gate():
@@ -105,10 +126,9 @@ def tick(size):
         count = state["count"]
         if PROCS > 1:
             state["last"] = time.time()
-    if PROCS == 1 and count == N:
-        if KIND == "Latency":
-            with open(OUT + ".lat", "w") as handle:
-                handle.write("".join(f"{s:.6f}\n" for s in _latencies))
+    if KIND == "Latency":
+        _latency_done()
+    elif PROCS == 1 and count == N:
         with open(OUT, "w") as handle:
             handle.write(f"{state['first']:f} {time.time():f} {state['bytes']}\n")
 
