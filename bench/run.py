@@ -2,11 +2,31 @@
 
     .venv/bin/python bench/run.py [--runs 3] [--quick] [--only 6[,2b...]]
 
+(--only takes name prefixes: "1." is workload 1 alone, "1" also 10 and 11.)
+
 Systems, run interleaved on the same workload:
   dispatcher  this package's console script, with a config file and bench/benchconsumers.py
   raw-ack     (a) a raw pika GeventConnection consumer acking inside its delivery callback
   raw-spawn   (b) the same, spawning one greenlet per delivery
   ad-0.11.0   (c) amqp-dispatcher 0.11.0 from PyPI in its own virtualenv (bench/work/)
+
+Peers (workloads 1, 2b, 6, 8, 9, 11): what a team would pick instead, each pinned
+(PEERS) and installed by this script into a virtualenv of its own under bench/work/,
+run by its own command line as its documentation recommends for the workload, the
+handlers in bench/peerapps/ (benchwork.py counts as benchconsumers does):
+  dramatiq    `dramatiq` (threads) or `dramatiq-gevent` (waiting work), RabbitmqBroker
+  celery      `celery worker`, -P gevent (one process) or prefork (CPU-bound), acks_late
+  faststream  `faststream run`, asyncio handlers, --workers 2 for CPU-bound
+Each consumes what the benchmark publishes to the workload's queue (declared as the
+peer declares it), in the peer's own envelope where it needs one (built by the
+publisher before the timed window), and acks after its handler returns. A workload's
+"peers" entry holds each one's setup; "ours" names the figure the peers are compared
+with ("vs ours"). The report starts with one table of the medians against ours.
+
+Workload 11 (latency): a fixed rate (11a: 1,000 msg/s; 11b: half each system's own
+no-op median of workload 1) for 20 s, the publish time in the body; the consumer keeps
+the time from there to the start of each call: p50, p99, p99.9, max; and the CPU
+seconds of the system's processes per 1,000 messages.
 
 Messages/s are measured inside the consumer, from the first to the last handled
 message. After each run the queue must be empty: nothing unacked, nothing lost.
@@ -174,9 +194,9 @@ def publish(url: str, queue: str, count: int, size: int, empty: tuple[str, ...] 
         channel.queue_delete(name)
         channel.queue_declare(name, durable=True, arguments=queue_arguments(system, name))
     wrap = envelope(system, queue)
-    messages = [wrap(b"x" * size) for _ in range(count)]
-    for body, props in messages:
-        channel.basic_publish("", queue, body, props)
+    payload = b"x" * size
+    for _ in range(count):
+        channel.basic_publish("", queue, *wrap(payload))
     connection.close()
 
 
@@ -344,10 +364,45 @@ class Scraper:
                     if self.scrapes else None)
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its live descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def peak_rss(pid: int) -> float:
+    """The largest peak RSS (VmHWM, MB) of one process of `pid`'s tree, 0 if none is left.
+    Not the rusage's ru_maxrss: Linux carries the forking parent's peak RSS over the exec
+    into it, so that it was never below the benchmark process's own size."""
+    peak = 0
+    for member in tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]))
+    return peak / 1024
+
+
 def finish(proc: subprocess.Popen[bytes], grace: float = 60.0) -> tuple[float, float]:
-    """Stop the process; return (peak RSS in MB, CPU seconds) from its rusage (its own and
-    that of the children it waited for). A process still there `grace` seconds after the
-    SIGTERM is killed, with its process group if it leads one (the peers)."""
+    """Stop the process; return (peak RSS in MB: the largest VmHWM of one process of its
+    tree just before the SIGTERM; CPU seconds from its rusage: its own and that of the
+    children it waited for). A process still there `grace` seconds after the SIGTERM is
+    killed, with its process group if it leads one (the peers)."""
+    rss = peak_rss(proc.pid) if proc.poll() is None else 0.0
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -366,7 +421,7 @@ def finish(proc: subprocess.Popen[bytes], grace: float = 60.0) -> tuple[float, f
         return 0.0, 0.0
     usage = waited[2]
     proc.returncode = 0
-    return usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return rss or usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def in_order_bound(count: int, instances: int,
@@ -509,21 +564,13 @@ def run_scale(system: str, workload: dict, broker: Broker, tmp: Path) -> dict:
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) of `pid` and its live descendants, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    used: dict[int, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    total = 0.0
+    for member in tree(pid):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        child = int(stat.parent.name)
-        children.setdefault(int(fields[1]), []).append(child)
-        used[child] = (int(fields[11]) + int(fields[12])) / ticks
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        total += used.get(current, 0.0)
-        todo += children.get(current, [])
+        total += (int(fields[11]) + int(fields[12])) / ticks
     return total
 
 
