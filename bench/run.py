@@ -1044,7 +1044,7 @@ def peers_section(results: list[tuple[dict, dict[str, list[dict]]]]) -> list[str
                 cells.append(f"{value:,.{1 if key == 'p99' else 0}f}"
                              + (f" ({value / ours:.2f}x)" if ours else ""))
         ours_text = f"{ours:,.{1 if key == 'p99' else 0}f}" if ours is not None else "failed"
-        lines.append(f"| {workload['name'].split(',')[0]} ({unit}) | {ours_name}: {ours_text} "
+        lines.append(f"| {workload['name'].split(', ')[0]} ({unit}) | {ours_name}: {ours_text} "
                      f"| " + " | ".join(cells) + " |")
     return lines + [""]
 
