@@ -296,7 +296,8 @@ def peer_setup_text(system: str, workload: dict) -> str:
                 f"dramatiq_queue_prefetch={setup['prefetch']};{confirms} acked after the "
                 f"actor returns")
     if system == "celery":
-        green = " broker_heartbeat=0 (see above);" if setup["pool"] == "gevent" else ""
+        green = (" broker_heartbeat=0 (see the notes at the end);"
+                 if setup["pool"] == "gevent" else "")
         return (f"`celery worker -P {setup['pool']} -c {setup['concurrency']} "
                 f"--prefetch-multiplier {setup['multiplier']}` (prefetch "
                 f"{setup['concurrency'] * setup['multiplier']}), task_acks_late=True;"
