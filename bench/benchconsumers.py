@@ -89,6 +89,38 @@ class NoOp:
         pass
 
 
+_latencies = []
+_latency = {"target": None, "written": False}
+
+
+class Latency:
+    """Keeps the time from the publish (the time.time() that starts the body, then a space)
+    to the start of the call. The body "warmup" only creates $BENCH_OUT.warm; the body
+    "end M" says M messages were published: once M are handled, their times go to
+    $BENCH_OUT.lat, one a line, then the first and last time and the bytes to $BENCH_OUT."""
+
+    def consume(self, amqp, msg):
+        body = msg.body
+        if body == b"warmup":
+            with open(OUT + ".warm", "w"):
+                pass
+            return
+        if body.startswith(b"end "):
+            _latency["target"] = int(body[4:])
+        else:
+            _latencies.append(time.time() - float(body.split(b" ", 1)[0]))
+            tick(len(body))
+        if len(_latencies) == _latency["target"] and not _latency["written"]:
+            _latency["written"] = True
+            with open(OUT + ".lat", "w") as handle:
+                handle.write("".join(f"{s:.6f}\n" for s in _latencies))
+            with open(OUT, "w") as handle:
+                handle.write(f"{_state['first']:f} {time.time():f} {_state['bytes']}\n")
+
+    def shutdown(self, exception=None):
+        pass
+
+
 class Republish:
     def consume(self, amqp, msg):
         amqp.publish("", PUBLISH_TO, None, msg.body)
