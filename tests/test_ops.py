@@ -587,6 +587,7 @@ reconnect_give_up_after: 60
 publisher_confirms: false
 http: {address: 0.0.0.0, port: 9801}
 stats_interval: 0
+blocking_warning: 2.5
 """
 
 

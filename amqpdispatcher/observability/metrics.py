@@ -140,12 +140,29 @@ class GenerationCollector(Collector):
                                   value=d.reconnects)
 
 
-def registry(current: Callable[[], Observed]) -> CollectorRegistry:
-    """A registry of the process's own: the current dispatcher's metrics, and the
-    process, platform and garbage collector metrics of prometheus_client's default
-    collectors."""
+class HubCollector(Collector):
+    """What belongs to the process rather than to a generation: the seconds its hub
+    was blocked (observability/blocking.py)."""
+
+    def __init__(self, blocked_seconds: Callable[[], float]) -> None:
+        self.blocked_seconds = blocked_seconds
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "amqp_dispatcher_hub_blocked_seconds_total",
+            "Seconds the gevent hub was blocked by code that did not yield, in blocks of "
+            "blocking_warning seconds or more (0 while blocking_warning is 0)",
+            value=self.blocked_seconds())
+
+
+def registry(current: Callable[[], Observed],
+             blocked_seconds: Callable[[], float] = lambda: 0.0) -> CollectorRegistry:
+    """A registry of the process's own: the current dispatcher's metrics, the process's
+    (``blocked_seconds``: the hub's), and the process, platform and garbage collector
+    metrics of prometheus_client's default collectors."""
     result = CollectorRegistry()
     result.register(GenerationCollector(current))
+    result.register(HubCollector(blocked_seconds))
     ProcessCollector(registry=result)
     PlatformCollector(registry=result)
     GCCollector(registry=result)

@@ -45,6 +45,7 @@ from ..config.settings import Settings
 from ..contracts.exits import EXIT_INTERNAL
 from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
 from ..contracts.timeouts import RELOAD_TIMEOUT
+from ..observability.blocking import BlockedHub
 from ..observability.http import HttpEndpoint
 from .generation import Generation
 
@@ -171,8 +172,11 @@ class Generations:
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
         # current. Under --processes the arbiter listens on the config's port, and a
         # worker serves it on the unix socket it was given (when the config has http).
+        # blocking_warning: the process's one hub, whichever generations run on it.
+        self.blocked = BlockedHub(config.blocking_warning, self._pools)
         where = config.http if link is None else link.http_socket
-        self.http = (HttpEndpoint(lambda: self.current.generation, where, config.path)
+        self.http = (HttpEndpoint(lambda: self.current.generation, where, config.path,
+                                  lambda: self.blocked.seconds)
                      if where is not None else None)
 
     def listen(self) -> None:
@@ -186,11 +190,18 @@ class Generations:
         ``handle_signals``: act on the process's signals (the table above); a program
         embedding the dispatcher that keeps its own passes False and calls ``stop``."""
         handlers = _SignalHandlers(self.events) if handle_signals else None
+        self.blocked.start()
         try:
             return self._run()
         finally:
+            self.blocked.stop()
             if handlers is not None:
                 handlers.cancel()
+
+    def _pools(self) -> list[Any]:
+        """The consumer entries of every generation running (blocking.py names them)."""
+        running = [self.current, self.candidate, *self.retiring]
+        return [pool for r in running if r is not None for pool in r.generation.pools]
 
     def stop(self) -> None:
         """Stop as a SIGTERM to the process does (a second call: as a second SIGTERM)."""
@@ -287,6 +298,7 @@ class Generations:
                         "start; the endpoint stays where it is")
         if self.link is not None:
             self.link.drain_timeout = max(self.link.drain_timeout, config.drain_timeout)
+        self.blocked.reconfigure(config.blocking_warning)
         self.candidate = Running(Generation(config, resolved, self.settings))
         self._launch(self.candidate)
         gevent.spawn_later(RELOAD_TIMEOUT, self.events.put, ("reload_timeout", self.candidate))
