@@ -21,7 +21,7 @@ observability reads the runtime without importing it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import gevent
@@ -68,6 +68,8 @@ class Observed(Protocol):
     def stopping(self) -> bool: ...
     @property
     def reconnects(self) -> int: ...
+    @property
+    def queue_depth(self) -> Mapping[str, tuple[int, int]]: ...  # queue: (ready, consumers)
     def is_connected(self) -> bool: ...
 
 
@@ -138,6 +140,18 @@ class GenerationCollector(Collector):
         yield CounterMetricFamily("amqp_dispatcher_reconnects_total",
                                   "Sessions opened again after the connection was lost",
                                   value=d.reconnects)
+        ready = GaugeMetricFamily(
+            "amqp_dispatcher_queue_messages_ready", "Messages ready in the consumed queue "
+            "(not those delivered and not yet acked), as the broker said at its last read "
+            "(http.queue_depth_interval)", labels=["queue"])
+        consumers = GaugeMetricFamily(
+            "amqp_dispatcher_queue_consumers", "Consumers the broker has on the consumed "
+            "queue (every service's), as it said at its last read", labels=["queue"])
+        for queue, (ready_count, consumer_count) in d.queue_depth.items():
+            ready.add_metric([queue], ready_count)
+            consumers.add_metric([queue], consumer_count)
+        yield ready
+        yield consumers
 
 
 class HubCollector(Collector):

@@ -40,7 +40,7 @@ import gevent
 import gevent.queue
 import gevent.util
 
-from ..config import Config, ConfigError, Resolved, describe_exception, load_config
+from ..config import Config, ConfigError, HttpConfig, Resolved, describe_exception, load_config
 from ..config.settings import Settings
 from ..contracts.exits import EXIT_INTERNAL
 from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
@@ -96,6 +96,7 @@ class Link(Protocol):
     """This process's link to the arbiter of ``--processes``, when it is one of its
     workers (supervision/link.py's ArbiterLink; the command line passes it in)."""
 
+    name: str  # "2/4": the second of four workers
     http_socket: str | None  # where to serve the HTTP endpoint for the arbiter
     arbiter_pid: int
     drain_timeout: float  # the longest drain_timeout run with: the watchdog's bound
@@ -160,7 +161,9 @@ class Generations:
         self.link = link
         self.reloadable = reloadable
         self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
-        self.current = Running(Generation(config, resolved, settings))
+        # Under --processes the queues' depth is read by worker 1 alone, for the service.
+        self.read_depth = link is None or link.name.startswith("1/")
+        self.current = Running(Generation(config, resolved, settings, self.read_depth))
         self.candidate: Running | None = None  # a reload's new generation, until it consumes
         self.retiring: list[Running] = []  # replaced by a reload, draining
         self.reload_pending = False
@@ -293,13 +296,17 @@ class Generations:
             log.error("SIGHUP: importing the consumer code raised %s: carrying on with the "
                       "running config", describe_exception(exc))
             return
-        if config.http != self.current.generation.config.http and self.link is None:
+        def where(http: HttpConfig | None) -> tuple[str, int] | None:
+            return None if http is None else (http.address, http.port)
+
+        if self.link is None and where(config.http) != where(self.current.generation.config.http):
             log.warning("SIGHUP: http: a changed address or port takes effect at the next "
                         "start; the endpoint stays where it is")
         if self.link is not None:
             self.link.drain_timeout = max(self.link.drain_timeout, config.drain_timeout)
         self.blocked.reconfigure(config.blocking_warning)
-        self.candidate = Running(Generation(config, resolved, self.settings))
+        self.candidate = Running(Generation(config, resolved, self.settings,
+                                            self.read_depth))
         self._launch(self.candidate)
         gevent.spawn_later(RELOAD_TIMEOUT, self.events.put, ("reload_timeout", self.candidate))
 

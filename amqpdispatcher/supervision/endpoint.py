@@ -9,7 +9,8 @@ directory of the arbiter's that only its user can enter (link.py). A request to
 the arbiter asks every worker at once and waits at most WORKER_TIMEOUT for them.
 
 - ``/metrics``: the workers' ``amqp_dispatcher_*`` series added up, series by
-  series (Totals); their CPU seconds and resident memory under names of their own
+  series (Totals), but for the queues' depth, which worker 1 alone reads
+  (SERVICE_GAUGES); their CPU seconds and resident memory under names of their own
   (RENAMED); ``amqp_dispatcher_workers``, the worker processes running; and the
   arbiter's own process, platform and garbage collector metrics.
 - ``/healthz``: 200 until the arbiter is stopping, while workers reconnect or are
@@ -53,7 +54,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..config import HttpConfig
-from ..observability.wsgi import ClientErrors, Connections, listen_error, make_app
+from ..observability.wsgi import (
+    SERVICE_GAUGES,
+    ClientErrors,
+    Connections,
+    listen_error,
+    make_app,
+)
 
 log = logging.getLogger("amqp-dispatcher.http")
 
@@ -163,7 +170,11 @@ class Totals:
             for key, families in answers.items():
                 if key in self.last:
                     for family in families.values():
-                        if family.type not in CUMULATIVE:
+                        if family.name in SERVICE_GAUGES:  # read by one worker
+                            for sample, value in family.samples.items():
+                                sums[family.name][sample] = max(
+                                    sums[family.name].get(sample, value), value)
+                        elif family.type not in CUMULATIVE:
                             for sample, value in family.samples.items():
                                 sums[family.name][sample] = \
                                     sums[family.name].get(sample, 0.0) + value
