@@ -33,7 +33,7 @@ import logging
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableSequence, Sequence
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -67,7 +67,9 @@ class BlockedHub:
     def __init__(self, threshold: float, pools: Callable[[], Iterable[WatchedPool]]) -> None:
         self.threshold = threshold
         self.pools = pools
-        self.seconds = 0.0  # amqp_dispatcher_hub_blocked_seconds_total
+        # amqp_dispatcher_hub_blocked_seconds_total: a list, or a view of the worker's
+        # count file (runtime/counts.py).
+        self.blocked_seconds: MutableSequence[float] = [0.0]
         self.blocks = 0  # blocks of threshold or more, seen by the timer
         self.tick = 0.0
         self.last_tick = perf_counter()
@@ -77,6 +79,10 @@ class BlockedHub:
         self.reported = -1.0  # the last_tick of the block last reported (one line a block)
         self.last_warning = -RATE_LIMIT
         self.unlogged = 0  # blocks reported since the last WARNING, not logged
+
+    @property
+    def seconds(self) -> float:
+        return self.blocked_seconds[0]
 
     def start(self) -> None:
         if self.threshold <= 0 or self.timer is not None:
@@ -126,7 +132,7 @@ class BlockedHub:
         late = now - self.last_tick - self.tick
         self.last_tick = now
         if late >= self.threshold:
-            self.seconds += late
+            self.blocked_seconds[0] += late
             self.blocks += 1
 
     # -- in gevent's monitor thread, while the hub is blocked ------------------------

@@ -29,7 +29,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from typing import Any
 
 import gevent
@@ -207,7 +207,8 @@ class Generation:
         # Observability: what /metrics, /healthz and /readyz (observability/http.py) read, and the
         # stats line.
         self.stopping = False
-        self.reconnects = 0
+        # Its reconnects: a list, or a view of the worker's count file (runtime/counts.py).
+        self.reconnect_count: MutableSequence[int] = [0]
         self.stats = StatsLog(self.pools, config.stats_interval)
         interval = config.http.queue_depth_interval if config.http and read_depth else 0.0
         self.depth = QueueDepth([entry.queue for entry in config.consumers], interval,
@@ -219,6 +220,11 @@ class Generation:
 
     def is_connected(self) -> bool:
         return self.connection is not None and self.connection.is_open
+
+    @property
+    def reconnects(self) -> int:
+        """Sessions opened again after the connection was lost."""
+        return self.reconnect_count[0]
 
     # -- the main loop ------------------------------------------------------------
 
@@ -608,7 +614,7 @@ class Generation:
                 self._close_connection()
                 self._forget_session()
                 continue
-            self.reconnects += 1
+            self.reconnect_count[0] += 1
             log.info("reconnected after %.1fs (%d attempt(s))", time.monotonic() - lost_at,
                      attempt)
             return

@@ -42,11 +42,13 @@ import gevent.util
 
 from ..config import Config, ConfigError, HttpConfig, Resolved, describe_exception, load_config
 from ..config.settings import Settings
+from ..contracts.counts import counts_path
 from ..contracts.exits import EXIT_INTERNAL
 from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
 from ..contracts.timeouts import RELOAD_TIMEOUT
 from ..observability.blocking import BlockedHub
 from ..observability.http import HttpEndpoint
+from .counts import share_counts
 from .generation import Generation
 
 log = logging.getLogger("amqp-dispatcher")
@@ -181,6 +183,11 @@ class Generations:
         self.http = (HttpEndpoint(lambda: self.current.generation, where, config.path,
                                   lambda: self.blocked.seconds)
                      if where is not None else None)
+        # A worker serving the arbiter keeps its counters where the arbiter can read them
+        # after its death (runtime/counts.py); it has this one generation.
+        self.counts = (share_counts(counts_path(link.http_socket), self.current.generation,
+                                    self.blocked)
+                       if link is not None and link.http_socket is not None else None)
 
     def listen(self) -> None:
         """Open the HTTP endpoint, if configured, before anything else: a port in use
