@@ -42,7 +42,7 @@ import gevent.util
 
 from ..config import Config, ConfigError, HttpConfig, Resolved, describe_exception, load_config
 from ..config.settings import Settings
-from ..contracts.counts import counts_path
+from ..contracts.counts import CountFile, counts_path
 from ..contracts.exits import EXIT_INTERNAL
 from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
 from ..contracts.timeouts import RELOAD_TIMEOUT
@@ -185,9 +185,15 @@ class Generations:
                      if where is not None else None)
         # A worker serving the arbiter keeps its counters where the arbiter can read them
         # after its death (runtime/counts.py); it has this one generation.
-        self.counts = (share_counts(counts_path(link.http_socket), self.current.generation,
-                                    self.blocked)
-                       if link is not None and link.http_socket is not None else None)
+        self.counts: CountFile | None = None
+        if link is not None and link.http_socket is not None:
+            path = counts_path(link.http_socket)
+            try:
+                self.counts = share_counts(path, self.current.generation, self.blocked)
+            except OSError as exc:  # the temporary directory full: count as without it
+                log.warning("cannot keep the counters in %s (%s): what this worker counts "
+                            "after the arbiter's last scrape is lost if it dies",
+                            path, exc.strerror or exc)
 
     def listen(self) -> None:
         """Open the HTTP endpoint, if configured, before anything else: a port in use
