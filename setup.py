@@ -17,11 +17,14 @@ setup(
         "test": ["pytest>=7", "supervisor>=4.2", "trustme>=1.0", "ruff", "mypy",
                  "types-PyYAML", "jsonschema>=4", "hypothesis>=6", "import-linter>=2.1",
                  "pytest-timeout>=2.1", "pytest-xdist>=3"],
+        # The docs site (mkdocs.yml): built with --strict by scripts/test.sh.
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10"],
         "bench": ["matplotlib"],
     },
     entry_points={
         "console_scripts": ["amqp-dispatcher = amqpdispatcher.cli:run"],
-        # The amqp_harness fixture (amqpdispatcher/testing/plugin.py, docs/testing.md).
+        # The amqp_harness fixture (amqpdispatcher/testing/plugin.py,
+        # docs/getting-started/testing.md).
         "pytest11": ["amqp_dispatcher = amqpdispatcher.testing.plugin"],
     },
     classifiers=[

@@ -41,8 +41,8 @@ class Dispatcher:
     consumer classes and the startup handler (the caller's ``sys.path`` decides
     where they are found).
 
-    ``url``: the broker, as ``RABBITMQ_URL`` is written (README, "Environment
-    variables"); by default ``RABBITMQ_URL`` and ``RABBITMQ_HEARTBEAT`` from the
+    ``url``: the broker, as ``RABBITMQ_URL`` is written (docs/reference/
+    environment.md); by default ``RABBITMQ_URL`` and ``RABBITMQ_HEARTBEAT`` from the
     environment, as the command line reads them. Its password is kept out of
     every log line from then on.
 
@@ -86,15 +86,15 @@ class Dispatcher:
         self._generations = Generations(config, resolved, settings, link, reloadable)
 
     def run(self, *, handle_signals: bool = True) -> int:
-        """Start and consume until stopped; return the exit status (README, "Exit
-        statuses"): 0 after a graceful stop. Call it once, in the thread of the gevent
+        """Start and consume until stopped; return the exit status (docs/reference/
+        exit-statuses.md): 0 after a graceful stop. Call it once, in the thread of the gevent
         hub that will run the dispatcher (normally the main thread).
 
         With an ``http`` key in the config, the endpoint's port is bound first:
         ``amqpdispatcher.ListenError`` (one line) if it cannot be.
 
         ``handle_signals``: act on SIGTERM, SIGINT, SIGQUIT, SIGHUP (reload), SIGUSR1
-        and SIGUSR2 as the command line does (README, "Process lifecycle"), until
+        and SIGUSR2 as the command line does (docs/guides/lifecycle.md), until
         ``run`` returns; pass False in a program that handles signals itself, and call
         ``stop`` instead.
         """

@@ -1,6 +1,6 @@
 """The command line: flags, start-up checks, exit statuses, and what a signal does until
 the main loop (runtime/generations.py) or the arbiter (supervision/arbiter.py) takes
-the signals over (see README.md)."""
+the signals over (see docs/guides/lifecycle.md)."""
 
 from __future__ import annotations
 
@@ -60,10 +60,16 @@ def seconds(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/reference/cli.md is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="amqp-dispatcher",
         description="Run RabbitMQ consumers described in a YAML file.",
-        epilog="Environment: RABBITMQ_URL, RABBITMQ_HEARTBEAT, LOGGING_FILE_CONFIG.",
+        epilog="Environment: RABBITMQ_URL, RABBITMQ_HEARTBEAT, LOGGING_FILE_CONFIG, "
+               "LOG_FORMAT.",
     )
     parser.add_argument("--config", default="config.yml", metavar="FILE",
                         help="the YAML config file (default: config.yml)")
@@ -83,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-schema", action="store_true",
                         help="print the JSON Schema of the config file and exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser.parse_args(argv)
+    return parser
 
 
 # What each signal means while the process starts: contracts/signals.py (START_SIGNALS).

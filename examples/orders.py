@@ -1,4 +1,4 @@
-"""The worked example of docs/testing.md: an order becomes an invoice.
+"""The worked example of docs/getting-started/testing.md: an order becomes an invoice.
 
 Run by examples/orders.yml; tested, without a broker, by examples/test_orders.py.
 """

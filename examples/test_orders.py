@@ -1,5 +1,6 @@
-"""Testing examples/orders.py without a broker (docs/testing.md). The suite runs this
-file as a user would (tests/test_harness.py): ``pytest examples/test_orders.py``."""
+"""Testing examples/orders.py without a broker (docs/getting-started/testing.md).
+The suite runs this file as a user would (tests/test_harness.py):
+``pytest examples/test_orders.py``."""
 
 import json
 

@@ -2,7 +2,7 @@
 # Set up a fresh Debian machine for the example and the tests: rabbitmq-server
 # (the tests start their own private node from it), prometheus (for its promtool,
 # which checks and unit-tests examples/prometheus/alerts.yml), a virtualenv in .venv,
-# and this package with its test dependencies. Safe to run again.
+# and this package with its test and docs dependencies. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +28,4 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,docs]'

@@ -67,6 +67,8 @@ class Commands:
             amqp.reject(requeue=False)
         if command == "nack-once" and not msg.delivery_info["redelivered"]:
             amqp.nack()
+        if command == "nack-always":
+            amqp.nack()
         if command == "forward":
             amqp.publish(args[0], args[1], {"from": "commands"}, msg.body)
         if command == "mandatory":
@@ -242,6 +244,8 @@ def test_passive_needs_what_the_test_created() -> None:
         Harness(config, existing_exchanges={"theirs": "direct"})
     h = Harness(config, existing_exchanges={"theirs": "direct"}, existing_queues=["legacy"])
     assert h.publish("theirs", "k", b"x") == ["legacy"]
+    with pytest.raises(TypeError, match="existing_queues: expected a list"):
+        Harness(config, existing_exchanges={"theirs": "direct"}, existing_queues="legacy")
 
 
 def test_missing_binding_source_and_consumer_queue() -> None:
@@ -366,6 +370,12 @@ def test_run_stops_a_message_redelivered_for_ever() -> None:
             "the entry has no retry policy); it is left at the head of the queue")
         assert h.outcomes("q") == counts(ack=1, requeue=7)
         assert h.messages("q") == [b"fail"]
+    with Harness(config) as h:
+        h.publish("", "q", b"nack-always")
+        with pytest.raises(HarnessError, match=re.escape(
+                "(its consume keeps giving it back: amqp.nack() or "
+                "amqp.reject(requeue=True))")):
+            h.run(max_redeliveries=7)
 
 
 def test_run_stops_consumers_feeding_each_other() -> None:
@@ -574,8 +584,9 @@ def test_mandatory_publish_to_an_unbound_key_raises_publish_returned() -> None:
 # -- the pytest plugin ----------------------------------------------------------------
 
 def test_the_plugin_fixture_is_registered_and_runs_the_example() -> None:
-    """The worked example of docs/testing.md, run as a user runs it: pytest finds the
-    amqp_harness fixture through the package's entry point, no conftest.py needed."""
+    """The worked example of docs/getting-started/testing.md, run as a user runs it:
+    pytest finds the amqp_harness fixture through the package's entry point, no
+    conftest.py needed."""
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "examples/test_orders.py"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
@@ -593,3 +604,194 @@ def test_loading_the_plugin_loads_neither_gevent_nor_pika() -> None:
                             timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# -- what a hostile review found ---------------------------------------------------------
+
+class Publishes:
+    """Publishes what its body names: 'float' (a header AMQP cannot carry), 'huge'
+    (headers over a frame), 'internal', 'cc-str' (a CC header that is not a list),
+    'mutate' (changes its headers dict after publishing it)."""
+
+    def consume(self, amqp: Any, msg: Any) -> None:
+        what = msg.body.decode()
+        if what == "float":
+            amqp.publish("", "out", {"price": 9.99}, b"x")
+        elif what == "huge":
+            amqp.publish("", "out", {"big": "x" * 200_000}, b"x")
+        elif what == "internal":
+            amqp.publish("internal", "", None, b"x")
+        elif what == "cc-str":
+            amqp.publish("", "out", {"CC": "out"}, b"x")
+        elif what == "mutate":
+            headers = {"k": "v", "list": [1]}
+            amqp.publish("", "out", headers, b"x")
+            headers["k"] = "changed"
+            headers["list"].append(2)
+
+    def shutdown(self, exception: BaseException | None = None) -> None:
+        pass
+
+
+FLOAT = ("amqp.publish: headers['price']: a float cannot be sent in AMQP headers: use an "
+         "int, a str or a decimal.Decimal")
+
+
+def test_a_header_amqp_cannot_carry_fails_as_in_the_daemon() -> None:
+    result = Harness.consume(Publishes(), b"float")
+    assert result.outcome == "requeue" and isinstance(result.exception, TypeError)
+    assert str(result.exception) == FLOAT
+    result = Harness.consume(Publishes(), b"huge")
+    assert isinstance(result.exception, PublishError)
+    assert str(result.exception).startswith("headers too large for a frame")
+    with pytest.raises(TypeError, match=re.escape(FLOAT)):
+        Harness.consume(Publishes(), b"x", headers={"price": 9.99})  # no such delivery
+    with Harness({"queues": [{"queue": "in"}, {"queue": "out"}],
+                  "consumers": [entry("in", "Publishes")]}) as h:
+        with pytest.raises(TypeError, match=re.escape(FLOAT)):
+            h.publish("", "out", b"x", {"price": 9.99})
+        h.publish("", "in", b"mutate")
+        h.publish("", "in", b"float")  # TypeError each time: requeued, as by the daemon
+        with pytest.raises(HarnessError, match="requeued 100 times"):
+            h.run()
+        # What was published is what the broker holds: nothing shared with the dict.
+        assert h.stored("out")[0].properties.headers == {"k": "v", "list": [1]}
+        assert h.published[0].headers == {"k": "v", "list": [1]}
+
+
+def test_a_message_the_broker_refuses_is_lost_silently_without_confirms() -> None:
+    def config(confirms: bool) -> dict[str, Any]:
+        return {"publisher_confirms": confirms,
+                "exchanges": [{"exchange": "internal", "type": "fanout", "internal": True}],
+                "queues": [{"queue": "in"},
+                           {"queue": "out", "bindings": [{"exchange": "internal",
+                                                          "routing_key": ""}]}],
+                "consumers": [entry("in", "Publishes")]}
+
+    with Harness(config(False)) as h:
+        h.publish("", "in", b"internal")
+        h.publish("", "in", b"cc-str")
+        h.run()
+        assert h.outcomes("in") == counts(ack=2) and h.messages("out") == []
+    result = Harness.consume(Publishes(), b"cc-str")  # no broker: recorded only
+    assert result.outcome == "ack"
+    with Harness(config(True)) as h:
+        h.publish("", "in", b"cc-str")
+        with pytest.raises(HarnessError, match="requeued 100 times"):
+            h.run()  # PublishError each time: requeued, as the daemon would
+        assert h.messages("out") == []
+
+
+def test_an_existing_queue_is_declared_with_the_configs_arguments() -> None:
+    config = {"exchanges": [{"exchange": "dlx", "type": "fanout"}],
+              "queues": [{"queue": "q", "x_dead_letter_exchange": "dlx"},
+                         {"queue": "dlq", "bindings": [{"exchange": "dlx",
+                                                        "routing_key": ""}]}],
+              "consumers": [entry("q", "Commands")]}
+    with Harness(config, existing_queues=["q"]) as h:
+        h.publish("", "q", b"reject")
+        h.run()
+        assert h.messages("dlq") == [b"reject"]
+
+
+def test_an_existing_exchange_of_another_type_is_the_daemons_topology_error() -> None:
+    config = {"exchanges": [{"exchange": "events", "type": "topic"}],
+              "consumers": [entry("q")], "queues": [{"queue": "q"}]}
+    with pytest.raises(TopologyError) as refused:
+        Harness(config, existing_exchanges={"events": "fanout"})
+    # tests/test_topology.py has the daemon's line, from the broker's refusal.
+    assert str(refused.value) == (
+        "<dict>: exchanges[0].type: exchange 'events' already exists with type fanout, "
+        "the config asks for topic (an exchange's type and arguments cannot change: "
+        "delete it or change the config)")
+    Harness(config, existing_exchanges={"events": "topic"}).close()
+
+
+def test_run_after_close_and_an_attempt_below_one_are_refused() -> None:
+    h = Harness({"queues": [{"queue": "q"}], "consumers": [entry("q")]})
+    h.publish("", "q", b"x")
+    h.close()
+    with pytest.raises(HarnessError, match=r"run\(\) after close\(\)"):
+        h.run()
+    for attempt in (0, -1, True, "2"):
+        with pytest.raises(ValueError, match="attempt: expected an int from 1"):
+            Harness.consume(Sink(), b"x", attempt=attempt)
+
+
+class NoShutdown:
+    def consume(self, amqp: Any, msg: Any) -> None:
+        amqp.publish("amq.nowhere", "k", None, b"x")
+
+
+def test_consume_refuses_what_the_daemon_refuses_to_run() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Harness.consume(NoShutdown(), b"x")
+    assert refused.value.problems == [
+        f"<Harness.consume>: consumers[0].consumer: '{ME}:NoShutdown' has no shutdown method"]
+    with pytest.raises(TypeError, match="pass an instance of Sink"):
+        Harness.consume(Sink, b"x")
+
+
+def test_an_amq_exchange_that_does_not_exist_is_refused_by_the_broker() -> None:
+    # The daemon takes amq.* names to be the broker's own and does not check them: the
+    # broker closes the channel (a PublishError with confirms, nothing without).
+    with Harness({"queues": [{"queue": "q"}], "consumers": [entry("q", "Commands")]}) as h:
+        with pytest.raises(PublishError, match="404 NOT_FOUND - no exchange 'amq.nowhere'"):
+            h.publish("amq.nowhere", "k", b"x")
+    with Harness({"publisher_confirms": False, "queues": [{"queue": "q"}],
+                  "consumers": [entry("q", "Commands")]}) as h:
+        h.publish("", "q", b"forward:amq.nowhere:k")
+        h.run()
+        assert h.outcomes("q") == counts(ack=1)
+
+
+class Unbuildable(Sink):
+    def __init__(self) -> None:
+        raise OSError("no licence")
+
+
+def test_a_start_that_fails_shuts_down_the_instances_it_built() -> None:
+    """As the daemon's failed start (runtime/generation.py, _finish): shutdown(None) on
+    every instance built, whether the topology or a later constructor failed."""
+    Commands.shutdowns.clear()
+    with pytest.raises(TopologyError):
+        Harness({"queues": [{"queue": "q", "passive": True}],
+                 "consumers": [entry("q", "Commands", consumer_count=2)]})
+    assert Commands.shutdowns == ["NoneType", "NoneType"]
+    Commands.shutdowns.clear()
+    with pytest.raises(UserCodeError, match="consumers\\[1\\].consumer: .*raised OSError"):
+        Harness({"queues": [{"queue": "q"}],
+                 "consumers": [entry("q", "Commands"), entry("q", "Unbuildable")]})
+    assert Commands.shutdowns == ["NoneType"]
+
+
+def test_a_producer_may_set_user_id_which_a_move_records() -> None:
+    result = Harness.consume(Inspect(), b"raise", queue="q", retry={"max_attempts": 2},
+                             properties={"user_id": "guest"})
+    assert result.moved is not None and "user_id" not in result.moved.properties
+    assert result.moved.headers is not None
+    assert result.moved.headers["x-amqp-dispatcher-user-id"] == "guest"
+    with Harness({"queues": [{"queue": "q"}], "consumers": [entry("q")]}) as h:
+        h.publish("", "q", b"x", user_id="guest")
+        assert h.stored("q")[0].properties.user_id == "guest"
+        with pytest.raises(TypeError, match="user_id: expected a str"):
+            h.publish("", "q", b"x", user_id=5)
+
+
+def test_an_existing_exchange_of_a_type_not_modelled_is_refused() -> None:
+    config = {"queues": [{"queue": "q", "bindings": [{"exchange": "later",
+                                                      "routing_key": "k"}]}],
+              "consumers": [entry("q")]}
+    for kind in ("x-delayed-message", "topik"):
+        with pytest.raises(HarnessError, match=f"existing_exchanges: 'later': .* not '{kind}'"):
+            Harness(config, existing_exchanges={"later": kind})
+
+
+def test_a_message_requeued_until_its_ttl_ends_is_refused_as_time() -> None:
+    config = {"queues": [{"queue": "q", "x_message_ttl": 60000,
+                          "x_dead_letter_exchange": ""}],
+              "consumers": [entry("q", "Commands")]}
+    with Harness(config) as h:
+        h.publish("", "q", b"fail")
+        with pytest.raises(HarnessError, match="its TTL would end that on the broker"):
+            h.run(max_redeliveries=3)

@@ -31,6 +31,7 @@ from amqpdispatcher.testing import Harness
 from amqpdispatcher.testing.harness import OUTCOME_NAMES as OUTCOMES
 
 sys.path.insert(0, str(TESTS / "consumers"))  # harnessed.py, as the daemon finds it
+import harnessed  # noqa: E402
 
 
 def config(port: int) -> dict[str, Any]:
@@ -198,3 +199,41 @@ def test_the_daemon_and_the_harness_end_alike(broker: BrokerHandle, tmp_path: Pa
     left = {queue: sorted(broker.get_all(queue)) for queue in queues}
     assert left == {queue: bodies for queue, bodies in expected_left.items()
                     if queue not in expected_dead} | dict.fromkeys(expected_dead, [])
+
+
+REFUSALS = {
+    "exchanges": [{"exchange": "sealed", "type": "fanout", "internal": True},
+                  {"exchange": "sealed-off", "type": "direct"}],
+    "queues": [{"queue": "in"}, {"queue": "report"}],
+    "consumers": [{"consumer": "harnessed:Misbehaves", "queue": "in", "time_limit": 120}],
+}
+
+
+def test_publishes_the_daemon_or_the_broker_refuse_fail_alike(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """What amqp.publish raises for a header AMQP cannot carry, headers over a frame, a
+    CC header that is not a list, an internal, missing or missing amq.* exchange, and
+    an unroutable mandatory publish: the same exception with the same text (but the
+    vhost's name) in the daemon and in the harness."""
+    kinds = list(harnessed.Misbehaves.PUBLISHES)
+    with Harness(REFUSALS) as h:
+        for kind in kinds:
+            h.publish("", "in", kind.encode())
+        h.run()
+        expected = sorted(h.messages("report"))
+    assert len(expected) == len(kinds)
+    assert not any(line.endswith(b": published") for line in expected), expected
+
+    daemon = DispatcherProcess(tmp_path, yaml.safe_dump(REFUSALS), url=broker.url)
+    try:
+        daemon.wait_for_log(r"consuming from in")
+        for kind in kinds:
+            broker.publish("in", kind)
+        # Each refusal closes the entry's publishing channel: reopened with backoff.
+        wait_until(lambda: broker.ready("report") == len(kinds), timeout=90,
+                   what="a report per refused publish")
+    finally:
+        assert daemon.stop() == 0, daemon.output
+    vhost = f"in vhost '{broker.vhost}'".encode()
+    assert sorted(line.replace(vhost, b"in vhost '/'")
+                  for line in broker.get_all("report")) == expected

@@ -79,7 +79,7 @@ def test_no_reachable_host_exits_nonzero_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 3, result
     errors = [line for line in result.stderr.splitlines() if " ERROR: " in line]
     assert len(errors) == 1, result.stderr
-    assert "no broker reachable at amqp://me:***@" in errors[0]
+    assert "no broker accepted a connection at amqp://me:***@" in errors[0]
     assert "2 host(s) tried" in errors[0]
     assert "hunter22pw" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr

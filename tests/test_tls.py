@@ -148,7 +148,7 @@ def test_untrusted_server_is_refused(tls_node: TLSNode, pki: PKI, tmp_path: Path
     if trusted == "another CA":
         client["cacertfile"] = pki.other_ca
     error = _refused(tmp_path, tls_node.url(**client))
-    assert "no broker reachable at amqps://guest:***@localhost:" in error
+    assert "no broker accepted a connection at amqps://guest:***@localhost:" in error
     # The node sends its CA with its certificate, hence "self-signed ... in chain".
     assert error.endswith("last error: SSLCertVerificationError: certificate verify failed: "
                           "self-signed certificate in certificate chain"), error
@@ -212,7 +212,7 @@ def test_check_connects_with_the_tls_parameters(tls_node: TLSNode, pki: PKI,
     result = run_cli(tmp_path, "--check", "--config", "config.yml", config=config,
                      env={"RABBITMQ_URL": tls_node.url(**untrusted)})
     assert result.returncode == 1, result
-    assert result.stderr.startswith("config.yml: cannot check: no broker reachable at "
+    assert result.stderr.startswith("config.yml: cannot check: no broker accepted a connection at "
                                     "amqps://guest:***@localhost:"), result.stderr
     assert result.stderr.rstrip().endswith("SSLCertVerificationError: certificate verify "
                                            "failed: self-signed certificate in certificate "

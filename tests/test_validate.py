@@ -520,6 +520,19 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 2, result.stderr
 
 
+def test_a_retry_policy_with_a_bad_delay_still_has_its_names_checked(
+        tmp_path: Path) -> None:
+    """Found by a new user: one run showed max_delay's problem, the next the
+    dead-letter queue's. Every problem of the policy is reported at once."""
+    (tmp_path / "config.yml").write_text(
+        "consumers:\n  - consumer: testconsumers:Recorder\n    queue: q\n"
+        "    retry: {delay: 5, max_delay: 1, dead_letter_queue: q}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(tmp_path / "config.yml"))
+    assert [line.split(": ", 2)[1] for line in refused.value.problems] == [
+        "consumers[0].retry.max_delay", "consumers[0].retry.dead_letter_queue"]
+
+
 @pytest.mark.parametrize("setup, expected", [
     (lambda p: None, "missing.yml: no such file"),
     (lambda p: (p / "missing.yml").mkdir(), "missing.yml: is a directory"),

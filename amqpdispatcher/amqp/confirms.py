@@ -42,6 +42,22 @@ PUBLISH_TIMEOUT = 30.0
 HEADER_FRAME_OVERHEAD = 20
 
 
+def check_headers(properties: pika.spec.BasicProperties, frame_max: int) -> None:
+    """What a publish with these properties would raise before anything is sent: a
+    TypeError naming a header pika cannot encode, or a PublishError for a content
+    header over ``frame_max`` (the broker would close the whole connection over it).
+    The harness (amqpdispatcher.testing) checks its publishes with it too."""
+    try:
+        size = sum(len(part) for part in properties.encode()) + HEADER_FRAME_OVERHEAD
+    except Exception:  # noqa: BLE001 - pika's encoder on user data: say which header
+        problem = header_problem(properties.headers) or ": a value pika cannot encode"
+        raise TypeError(f"amqp.publish: headers{problem}") from None
+    if size > frame_max:
+        raise PublishError(f"headers too large for a frame: the content header would be "
+                           f"{size} bytes, over the broker's frame_max ({frame_max}); "
+                           "nothing was sent")
+
+
 class _Pending:
     """A publish the broker has not confirmed yet: waited for, or mandatory (a return
     must find its own publish even when nobody waits for it)."""
@@ -151,16 +167,7 @@ class ConfirmChannel:
             raise failure
 
     def _check_size(self, properties: pika.spec.BasicProperties) -> None:
-        # A content header over frame_max makes the broker close the whole connection.
-        try:
-            size = sum(len(part) for part in properties.encode()) + HEADER_FRAME_OVERHEAD
-        except Exception:  # noqa: BLE001 - pika's encoder on user data: say which header
-            problem = header_problem(properties.headers) or ": a value pika cannot encode"
-            raise TypeError(f"amqp.publish: headers{problem}") from None
-        if size > self.frame_max:
-            raise PublishError(f"headers too large for a frame: the content header would be "
-                               f"{size} bytes, over the broker's frame_max ({self.frame_max}); "
-                               "nothing was sent")
+        check_headers(properties, self.frame_max)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method

@@ -160,7 +160,7 @@ def connect(settings: Settings, timeout: float = 60.0, purpose: str = "") -> Gev
         reason = _connect_failure(outcome)
         log.warning("cannot connect to %s:%s: %s", params.host, params.port, reason)
         failures.append(reason)
-    raise BrokerError(f"no broker reachable at {settings.redacted_url()}: "
+    raise BrokerError(f"no broker accepted a connection at {settings.redacted_url()}: "
                       f"{len(failures)} host(s) tried, last error: {failures[-1]}")
 
 

@@ -103,15 +103,18 @@ RETRY_KEYS: dict[str, _Key] = {
 CONSUMER_KEYS: dict[str, _Key] = {
     "consumer": _Key((str,), required=True, nullable=False, import_path="module:Class",
                      doc="the consumer class, module:Class"),
-    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True),
-    "consumer_count": _Key((int,), default=1, nullable=False, positive=True),
+    "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
+                  doc="the queue to consume (declared in queues, or existing on the broker)"),
+    "consumer_count": _Key((int,), default=1, nullable=False, positive=True,
+                           doc="instances of the class, each handling one message at a time"),
     # basic.qos carries prefetch_count in 16 bits.
-    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535),
+    "prefetch_count": _Key((int,), default=1, nullable=False, positive=True, maximum=65535,
+                           doc="deliveries the broker sends ahead, unacked, to this entry"),
     # Beyond 0.4.3: failure handling (amqpdispatcher/consuming/failure.py).
     "time_limit": _Key((float, int), positive=True,
                        doc="seconds a consume may run before TimeLimitExceeded is thrown into it"),
     "retry": _Key((dict,), entries=RETRY_KEYS,
-                  doc="retry policy (RETRY_KEYS); absent: reject and requeue at once"),
+                  doc="retry policy (the keys below); absent: reject and requeue at once"),
     # Beyond 0.4.3: consume arguments. x-priority is a signed integer.
     "priority": _Key((int,), minimum=_MIN_LONG, maximum=_MAX_LONG,
                      doc="consumer priority (x-priority): deliveries go to the highest "
@@ -170,7 +173,7 @@ def _check_consume(checker: _Checker, declared: QueueConfig | None,
     if entry.stream and entry.retry is not None:
         checker.problem(f"{entry.path}.retry", "not for a stream: a stream keeps every message "
                         "for every reader, so a retry would append a copy of a failed message "
-                        "to it (a failed message is acked; see README, Streams)")
+                        "to it (a failed message is acked; see docs/guides/topology.md, Streams)")
     for other in consumers[:-1]:
         if other.queue == entry.queue and (entry.exclusive or other.exclusive):
             exclusive, shared = (entry, other) if entry.exclusive else (other, entry)
@@ -187,12 +190,13 @@ def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | No
     if checked["max_delay"] < checked["delay"]:
         checker.problem(f"{key_path}.max_delay", f"expected at least delay "
                         f"({checked['delay']}), got {checked['max_delay']}")
-        return None
+        # The config is refused; the policy is kept, as the delay, only so that its
+        # names are checked too (_check_retry_names) and every problem found at once.
+        return RetryConfig(**{**checked, "max_delay": checked["delay"]})
     retry = RetryConfig(**checked)
     if len(retry.delays_ms()) > MAX_DELAY_QUEUES:
         checker.problem(key_path, f"needs more than {MAX_DELAY_QUEUES} delay queues (one per "
                         "distinct delay): raise backoff or lower max_delay")
-        return None
     return retry
 
 

@@ -32,7 +32,8 @@ EXCHANGE_KEYS: dict[str, _Key] = {
                      empty_hint="the default exchange cannot be declared", doc="exchange name"),
     "type": _Key((str,), non_empty=True, doc="direct, topic, fanout, headers, or a plugin's "
                  "type (x-...); required unless passive"),
-    "durable": _Key((bool,), default=True, nullable=False),
+    "durable": _Key((bool,), default=True, nullable=False,
+                    doc="survives a broker restart"),
     "auto_delete": _Key((bool,), default=False, nullable=False,
                         doc="deleted by the broker once its last binding is removed"),
     "internal": _Key((bool,), default=False, nullable=False,

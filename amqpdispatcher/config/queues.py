@@ -57,8 +57,11 @@ class QueueConfig:
 
 BINDING_KEYS: dict[str, _Key] = {
     "exchange": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
-                     empty_hint="the default exchange cannot be bound"),
-    "routing_key": _Key((str,), required=True, nullable=False, name=True),
+                     empty_hint="the default exchange cannot be bound",
+                     doc="the source exchange: what it routes with routing_key reaches this queue "
+                         "or exchange"),
+    "routing_key": _Key((str,), required=True, nullable=False, name=True,
+                        doc="the binding key (may be ''; a topic exchange's may hold * and #)"),
     "arguments": _Key((dict,), doc="binding arguments (a headers exchange matches on them)"),
 }
 
@@ -66,26 +69,48 @@ BINDING_KEYS: dict[str, _Key] = {
 QUEUE_KEYS: dict[str, _Key] = {
     "queue": _Key((str,), required=True, nullable=False, non_empty=True, name=True,
                   doc="queue name"),
-    "durable": _Key((bool,), default=True, nullable=False),
-    "auto_delete": _Key((bool,), default=False, nullable=False),
-    "exclusive": _Key((bool,), default=False, nullable=False),
+    "durable": _Key((bool,), default=True, nullable=False,
+                    doc="survives a broker restart (quorum queues and streams must be durable)"),
+    "auto_delete": _Key((bool,), default=False, nullable=False,
+                        doc="deleted by the broker once its last consumer is gone"),
+    "exclusive": _Key((bool,), default=False, nullable=False,
+                      doc="belongs to this connection alone, and deleted with it"),
     "passive": _Key((bool,), default=False, nullable=False,
                     doc="only check that the queue exists"),
-    "x_dead_letter_exchange": _Key((str,), name=True),
-    "x_dead_letter_routing_key": _Key((str,), name=True),
-    "x_max_length": _Key((int,), maximum=_MAX_LONG),
-    "x_expires": _Key((int,), positive=True, maximum=_MAX_LONG),
-    "x_message_ttl": _Key((int,), maximum=_MAX_LONG),
+    "x_dead_letter_exchange": _Key((str,), name=True,
+                                   doc="x-dead-letter-exchange: where rejected and expired "
+                                       "messages go"),
+    "x_dead_letter_routing_key": _Key((str,), name=True,
+                                      doc="x-dead-letter-routing-key: the routing key they go "
+                                          "with (default: their own)"),
+    "x_max_length": _Key((int,), maximum=_MAX_LONG,
+                         doc="x-max-length: at most this many messages ready (see x_overflow)"),
+    "x_expires": _Key((int,), positive=True, maximum=_MAX_LONG,
+                      doc="x-expires: milliseconds unused before the broker deletes the queue"),
+    "x_message_ttl": _Key((int,), maximum=_MAX_LONG,
+                          doc="x-message-ttl: milliseconds a message may wait in the queue"),
     # Beyond 0.4.3: the arguments current RabbitMQ queues are declared with.
-    "x_queue_type": _Key((str,), choices=("classic", "quorum", "stream")),
-    "x_max_length_bytes": _Key((int,), maximum=_MAX_LONG),
-    "x_overflow": _Key((str,), choices=("drop-head", "reject-publish", "reject-publish-dlx")),
-    "x_max_priority": _Key((int,), maximum=255),
-    "x_single_active_consumer": _Key((bool,)),
-    "x_delivery_limit": _Key((int,), maximum=_MAX_LONG, doc="quorum queues only"),
+    "x_queue_type": _Key((str,), choices=("classic", "quorum", "stream"),
+                         doc="x-queue-type: classic (the broker's default), quorum or stream"),
+    "x_max_length_bytes": _Key((int,), maximum=_MAX_LONG,
+                               doc="x-max-length-bytes: at most this many bytes of bodies ready "
+                                   "(a stream's retention)"),
+    "x_overflow": _Key((str,), choices=("drop-head", "reject-publish", "reject-publish-dlx"),
+                       doc="x-overflow: what a full queue does with a new message"),
+    "x_max_priority": _Key((int,), maximum=255,
+                           doc="x-max-priority: a classic priority queue, priorities 0 to this"),
+    "x_single_active_consumer": _Key((bool,),
+                                     doc="x-single-active-consumer: one consumer at a time "
+                                         "receives"),
+    "x_delivery_limit": _Key((int,), maximum=_MAX_LONG,
+                             doc="x-delivery-limit: redeliveries before a quorum queue "
+                                 "dead-letters a message (quorum queues only)"),
     # RabbitMQ's values: "classic" is a queue type, not a mode (the broker refuses it).
-    "x_queue_mode": _Key((str,), choices=("default", "lazy")),
-    "x_queue_leader_locator": _Key((str,), choices=("client-local", "balanced")),
+    "x_queue_mode": _Key((str,), choices=("default", "lazy"),
+                         doc="x-queue-mode: lazy keeps a classic queue's messages on disk"),
+    "x_queue_leader_locator": _Key((str,), choices=("client-local", "balanced"),
+                                   doc="x-queue-leader-locator: where a quorum queue's or "
+                                       "stream's leader is placed"),
     "arguments": _Key((dict,), doc="any other queue arguments, sent as they are"),
     "bindings": _Key((list,), default=[], entries=BINDING_KEYS,
                      doc="exchanges the queue is bound to"),

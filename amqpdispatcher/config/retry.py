@@ -18,7 +18,7 @@ def delay_queue_names(entry: ConsumerConfig) -> list[str]:
 def legacy_delay_queue_name(queue: str, delay_ms: int) -> str:
     """The classic delay queue earlier versions declared instead of delay_queue_name's.
     Not declared any more; one left on the broker still dead-letters what it holds
-    back to ``queue`` when its TTL runs out (see the README, upgrading)."""
+    back to ``queue`` when its TTL runs out (see docs/guides/failures.md, upgrading)."""
     return f"{queue}.retry.{delay_ms}ms"
 
 

@@ -6,7 +6,7 @@ following each list's or mapping's ``entries``: a key added to a table is in the
 schema, and ``amqpdispatcher/config-schema.json`` (shipped in the package) is
 this function's output, kept equal to it by a test.
 
-A schema says less than ``--validate`` (README.md, "Config schema", lists what it
+A schema says less than ``--validate`` (docs/reference/config.md, "Config schema", lists what it
 cannot say): imports, checks across keys, names longer than 255 bytes of UTF-8
 but not 255 characters, and NaN or infinity (YAML only) are the validator's.
 """

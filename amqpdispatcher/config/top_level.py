@@ -61,7 +61,7 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
                                    "if it does not take the message"),
     # Beyond 0.4.3: observability (amqpdispatcher/observability/).
     "http": _Key((dict,), entries=HTTP_KEYS,
-                 doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
+                 doc="HTTP endpoint for /metrics, /healthz, /readyz (the keys below); "
                      "absent: no port opened"),
     "stats_interval": _Key((float, int), default=60, nullable=False,
                            doc=f"seconds between the INFO stats lines (at least "
@@ -84,7 +84,7 @@ def load_config(path: str) -> tuple[Config, Resolved]:
 def load_config_dict(data: Mapping[str, Any], name: str = "<dict>") -> tuple[Config, Resolved]:
     """``load_config`` for a config given as a dict (what ``yaml.safe_load`` returns for
     the file); problem lines name ``name`` where they would name the file."""
-    return _load(*_parse_data(dict(data), name))
+    return _load(*parse_data(dict(data), name))
 
 
 def _load(config: Config, problems: list[str]) -> tuple[Config, Resolved]:
@@ -112,10 +112,12 @@ def _parse(path: str) -> tuple[Config, list[str]]:
     if data is None:  # empty, or only comments
         raise ConfigError([f"{path}: the file has no keys (it is empty or only comments); "
                            "at least one consumer entry is required"])
-    return _parse_data(data, path)
+    return parse_data(data, path)
 
 
-def _parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
+def parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
+    """Check a config given as data (what ``yaml.safe_load`` returns), importing nothing:
+    the Config of the entries without problems, and the problems, each naming ``path``."""
     checker = _Checker(path)
     top = checker.mapping(data, "", TOP_LEVEL_KEYS)
     if top is None:

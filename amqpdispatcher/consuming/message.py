@@ -8,7 +8,9 @@ from ..amqp.publishing import Publishers
 from .acks import Acknowledger
 from .failure import attempt_of
 
-_PROPERTY_NAMES = (
+# The AMQP properties ``msg.properties`` holds when set (the harness records published
+# messages' with them).
+PROPERTY_NAMES = (
     "content_type", "content_encoding", "headers", "delivery_mode", "priority",
     "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "type",
     "user_id", "app_id", "cluster_id",
@@ -49,7 +51,7 @@ class Message:
         if self._properties is None:
             props = self._props
             self._properties = {
-                name: value for name in _PROPERTY_NAMES
+                name: value for name in PROPERTY_NAMES
                 if (value := getattr(props, name, None)) is not None
             }
         return self._properties

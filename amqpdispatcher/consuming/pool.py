@@ -1,11 +1,11 @@
 """One consumer entry: ``consumer_count`` slot greenlets, each owning one instance.
 
 This module holds the answer to "what happens to a message after ``consume``
-returns or raises": see ``ConsumerPool._handle``; after a failure it asks the
+returns or raises": see ``ConsumerPool.handle``; after a failure it asks the
 entry's failure policy (``failure.FailurePolicy``).
 
 A slot greenlet lives as long as the process: every exception from user
-code and from settling is contained in ``_handle``, so the number of live
+code and from settling is contained in ``handle``, so the number of live
 slots always equals ``consumer_count`` until the dispatcher stops them.
 """
 
@@ -87,7 +87,7 @@ class ConsumerPool:
 
     def _work(self, slot: int) -> None:
         get = self.work.get
-        handle = self._handle
+        handle = self.handle
         limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
         try:
             while True:
@@ -98,7 +98,10 @@ class ConsumerPool:
         except StopNow:
             return  # a fast stop: the broker redelivers what was not settled
 
-    def _handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
+    def handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
+        """One delivery ``item`` (acker, method, properties, body) in ``slot``'s instance:
+        consume, then settle it or hand it to the failure policy (amqpdispatcher.testing
+        drives deliveries through this too)."""
         acker, method, properties, body = item
         tag = method.delivery_tag
         instance = self.instances[slot]

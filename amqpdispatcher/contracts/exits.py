@@ -1,8 +1,8 @@
 """Exit statuses: the same for a single process and for the arbiter of ``--processes``.
 
-Each constant is documented in STATUSES, which the README's "Exit statuses" table
-is generated from (``python scripts/docs.py``; tests/test_docs.py fails when the
-README and this module disagree). Under a supervisor, EXIT_BROKER is the status to
+Each constant is documented in STATUSES, which docs/reference/exit-statuses.md is
+generated from (``python scripts/docs.py``; tests/test_docs.py fails when the page
+and this module disagree). Under a supervisor, EXIT_BROKER is the status to
 restart on; EXIT_CONFIG, EXIT_TOPOLOGY and EXIT_USER_CODE fail the same way again
 until the config or the code is fixed.
 """
@@ -48,7 +48,7 @@ STATUSES = (
            "could not connect",
            "also: at the service's first start, a worker exited 1 before it consumed; "
            "the others were drained first (later, a replacement that exits 1 is started "
-           "again, with backoff: see \"Processes: every core\")"),
+           "again, with backoff: see [Processes and reload](../guides/processes.md))"),
     Status(str(EXIT_USAGE), "bad command-line usage", ""),
     Status(str(EXIT_BROKER),
            "the broker: no host in `RABBITMQ_URL` accepted a connection at start; or the "
@@ -66,7 +66,8 @@ STATUSES = (
            "(reply codes 403, 404, 405, 406, and 503 for the unknown exchange type, which "
            "RabbitMQ calls \"invalid\" once its plugin was loaded and then disabled). A "
            "lost connection or a timeout while declaring is status 3, not 4. Once "
-           "running, a refusal never stops the process (see \"Process lifecycle\")",
+           "running, a refusal never stops the process (see [Process lifecycle]"
+           "(../guides/lifecycle.md))",
            "at the service's first start, a worker exited 4 before it consumed; the "
            "others were drained first"),
     Status(str(EXIT_USER_CODE),
@@ -94,7 +95,7 @@ STATUSES = (
 
 
 def markdown_table() -> str:
-    """The README's table."""
+    """The reference page's table."""
     lines = ["| status | meaning | with `--processes` |", "|---|---|---|"]
     lines += [f"| {s.status} | {s.meaning} | {s.with_processes} |".replace("|  |", "| |")
               for s in STATUSES]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import gevent
 from prometheus_client.gc_collector import GCCollector
@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from ..consuming.outcomes import DURATION_BUCKETS, OUTCOMES, Durations, EntryMetrics
+from ..contracts.metrics import ENTRY, help_text
 
 if TYPE_CHECKING:
     from ..config import ConsumerConfig
@@ -92,29 +93,18 @@ class GenerationCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         d = self.current()
-        labels = ["queue", "consumer"]
-        messages = CounterMetricFamily(
-            "amqp_dispatcher_messages_total", "Deliveries settled, by outcome: ack, requeue "
-            "(rejected or nacked with requeue), reject (without requeue), retry, dead_letter, "
-            "dropped (could not be settled: the channel was gone, the broker redelivers)",
-            labels=[*labels, "outcome"])
-        durations = HistogramMetricFamily(
-            "amqp_dispatcher_consume_seconds", "Duration of consume calls", labels=labels)
-        failures = CounterMetricFamily(
-            "amqp_dispatcher_consume_failures_total",
-            "consume calls that raised or ran past time_limit", labels=labels)
-        in_flight = GaugeMetricFamily(
-            "amqp_dispatcher_in_flight", "Deliveries in consume now (or being settled "
-            "by the failure policy)", labels=labels)
-        instances = GaugeMetricFamily(
-            "amqp_dispatcher_instances", "Live consumer slots with an instance "
-            "(consumer_count when healthy)", labels=labels)
-        replacements = CounterMetricFamily(
-            "amqp_dispatcher_instance_replacements_total",
-            "Failed consumer instances replaced by a fresh one", labels=labels)
-        consuming = GaugeMetricFamily(
-            "amqp_dispatcher_consuming", "1 while the entry is subscribed to its queue",
-            labels=labels)
+        labels = list(ENTRY)
+        messages = _family(CounterMetricFamily, "amqp_dispatcher_messages_total",
+                           labels=[*labels, "outcome"])
+        durations = _family(HistogramMetricFamily, "amqp_dispatcher_consume_seconds",
+                            labels=labels)
+        failures = _family(CounterMetricFamily, "amqp_dispatcher_consume_failures_total",
+                           labels=labels)
+        in_flight = _family(GaugeMetricFamily, "amqp_dispatcher_in_flight", labels=labels)
+        instances = _family(GaugeMetricFamily, "amqp_dispatcher_instances", labels=labels)
+        replacements = _family(CounterMetricFamily,
+                               "amqp_dispatcher_instance_replacements_total", labels=labels)
+        consuming = _family(GaugeMetricFamily, "amqp_dispatcher_consuming", labels=labels)
         groups: dict[tuple[str, str], list[int]] = {}
         for index, pool in enumerate(d.pools):
             groups.setdefault((pool.entry.queue, pool.entry.consumer), []).append(index)
@@ -134,24 +124,27 @@ class GenerationCollector(Collector):
             consuming.add_metric(list(key), sum(1 for i in indexes if i in d.channels))
         yield from (messages, durations, failures, in_flight, instances, replacements,
                     consuming)
-        yield GaugeMetricFamily("amqp_dispatcher_connected",
-                                "1 while the connection to the broker is open",
-                                value=1 if d.is_connected() else 0)
-        yield CounterMetricFamily("amqp_dispatcher_reconnects_total",
-                                  "Sessions opened again after the connection was lost",
-                                  value=d.reconnects)
-        ready = GaugeMetricFamily(
-            "amqp_dispatcher_queue_messages_ready", "Messages ready in the consumed queue "
-            "(not those delivered and not yet acked), as the broker said at its last read "
-            "(http.queue_depth_interval)", labels=["queue"])
-        consumers = GaugeMetricFamily(
-            "amqp_dispatcher_queue_consumers", "Consumers the broker has on the consumed "
-            "queue (every service's), as it said at its last read", labels=["queue"])
+        yield _family(GaugeMetricFamily, "amqp_dispatcher_connected",
+                      value=1 if d.is_connected() else 0)
+        yield _family(CounterMetricFamily, "amqp_dispatcher_reconnects_total",
+                      value=d.reconnects)
+        ready = _family(GaugeMetricFamily, "amqp_dispatcher_queue_messages_ready",
+                        labels=["queue"])
+        consumers = _family(GaugeMetricFamily, "amqp_dispatcher_queue_consumers",
+                            labels=["queue"])
         for queue, (ready_count, consumer_count) in d.queue_depth.items():
             ready.add_metric([queue], ready_count)
             consumers.add_metric([queue], consumer_count)
         yield ready
         yield consumers
+
+
+_Family = TypeVar("_Family", bound=Metric)
+
+
+def _family(kind: type[_Family], name: str, **kwargs: Any) -> _Family:
+    """A metric family of METRICS (contracts/metrics.py), with its help text."""
+    return kind(name, help_text(name), **kwargs)
 
 
 class HubCollector(Collector):
@@ -162,11 +155,8 @@ class HubCollector(Collector):
         self.blocked_seconds = blocked_seconds
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "amqp_dispatcher_hub_blocked_seconds_total",
-            "Seconds the gevent hub was blocked by code that did not yield, in blocks of "
-            "blocking_warning seconds or more (0 while blocking_warning is 0)",
-            value=self.blocked_seconds())
+        yield _family(CounterMetricFamily, "amqp_dispatcher_hub_blocked_seconds_total",
+                      value=self.blocked_seconds())
 
 
 def registry(current: Callable[[], Observed],

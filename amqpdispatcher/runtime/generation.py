@@ -131,7 +131,7 @@ def _redelivered(stream: bool) -> str:
     return "the broker redelivers them"
 
 
-def _run_user_code(call: Callable[[], Any], what: str) -> None:
+def run_user_code(call: Callable[[], Any], what: str) -> None:
     """Start-up user code: any failure, SystemExit included, is a one-line UserCodeError."""
     try:
         call()
@@ -366,10 +366,10 @@ class Generation:
 
     def _start_user_code(self) -> None:
         if self.resolved.startup_handler is not None:
-            _run_user_code(self.resolved.startup_handler, f"{self.config.path}: startup_handler: "
+            run_user_code(self.resolved.startup_handler, f"{self.config.path}: startup_handler: "
                            f"{self.config.startup_handler}")
         for pool in self.pools:
-            _run_user_code(pool.create_instances, f"{self.config.path}: {pool.entry.path}."
+            run_user_code(pool.create_instances, f"{self.config.path}: {pool.entry.path}."
                            f"consumer: {pool.entry.consumer}()")
 
     def _open_session(self, at_start: bool) -> None:

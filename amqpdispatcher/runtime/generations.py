@@ -13,7 +13,7 @@ carries on.
 
 The new code is imported, and the new generation's startup handler and consumer
 constructors run, in the process's one thread: consumption pauses for as long as
-they take (README.md, "Reload (SIGHUP)"). Under ``--processes`` a reload imports
+they take (docs/guides/processes.md, "Reload (SIGHUP)"). Under ``--processes`` a reload imports
 in fresh interpreters instead (supervision/arbiter.py), without that pause.
 
 Generations happen inside the one process, so its pid, which supervisord and

@@ -55,6 +55,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..config import HttpConfig
 from ..contracts.counts import COUNTS_SUFFIX, Counted, counts_path, read_counts
+from ..contracts.metrics import help_text
 from ..observability.wsgi import (
     SERVICE_GAUGES,
     ClientErrors,
@@ -74,9 +75,9 @@ WORKER_TIMEOUT = 0.8
 # arbiter's process_* describe the arbiter.
 RENAMED = {
     "process_cpu_seconds": ("amqp_dispatcher_workers_cpu_seconds",
-                            "CPU time (user and system) of the worker processes, added up"),
+                            help_text("amqp_dispatcher_workers_cpu_seconds_total")),
     "process_resident_memory_bytes": ("amqp_dispatcher_workers_resident_memory_bytes",
-                                      "Resident memory of the worker processes, added up"),
+                                      help_text("amqp_dispatcher_workers_resident_memory_bytes")),
 }
 # The directory of the workers' sockets: DIRECTORY_PREFIX, the arbiter's pid, "-" and
 # mkdtemp's random letters. The pid tells the next arbiter which directories an arbiter
@@ -278,8 +279,7 @@ class ArbiterEndpoint(Collector):
         parsed = {key: parse(answer[1].decode()) for key, answer in answers.items()
                   if not isinstance(answer, str) and answer[0] == 200}
         yield from self.totals.add_up(parsed)
-        yield GaugeMetricFamily("amqp_dispatcher_workers", "Worker processes running (more "
-                                "than --processes while a reload hands over)",
+        yield GaugeMetricFamily("amqp_dispatcher_workers", help_text("amqp_dispatcher_workers"),
                                 value=len(workers))
 
     def _healthz(self) -> tuple[bool, dict[str, Any]]:

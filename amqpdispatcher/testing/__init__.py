@@ -1,4 +1,4 @@
-"""Testing consumers without a broker: ``Harness`` (see docs/testing.md).
+"""Testing consumers without a broker: ``Harness`` (see docs/getting-started/testing.md).
 
     from amqpdispatcher.testing import Harness
 

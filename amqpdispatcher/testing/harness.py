@@ -3,7 +3,7 @@
 Every rule is the daemon's own code, driven over recording fakes of the two things
 that need a live connection:
 
-- a delivery is handled by the real ``ConsumerPool._handle`` (consuming/pool.py):
+- a delivery is handled by the real ``ConsumerPool.handle`` (consuming/pool.py):
   the real ``Message`` and ``AMQPProxy``, auto-ack on return, the failure policy on
   a raise (consuming/failure.py, ``FailurePolicy``, with its headers and delay queue
   names), ``time_limit`` (``TimeLimit``), ``shutdown(exc)`` and a fresh instance
@@ -24,15 +24,19 @@ the calling greenlet (a plain test's main greenlet), so ``time_limit`` interrupt
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union, cast
 
 import pika.spec
+from pika.compat import long
 
+from ..amqp.confirms import check_headers
 from ..amqp.errors import PublishError, PublishReturned, TopologyError
 from ..amqp.publishing import Publisher
+from ..amqp.topology import describe_inequivalent
 from ..config import (
     Config,
     ConfigError,
@@ -42,14 +46,23 @@ from ..config import (
     load_config_dict,
 )
 from ..config.retry import retry_queues
-from ..config.top_level import _parse_data
+from ..config.top_level import parse_data
 from ..consuming.acks import Acknowledger
 from ..consuming.failure import ATTEMPT_HEADER, TimeLimit
-from ..consuming.message import _PROPERTY_NAMES
+from ..consuming.message import PROPERTY_NAMES
 from ..consuming.outcomes import DROPPED, OUTCOMES
 from ..consuming.pool import ConsumerPool, StopNow
-from ..runtime.generation import _run_user_code
-from .broker import BUILT_IN_TYPES, X_MATCH, Broker, Queue, Stored, UnknownExchange
+from ..runtime.generation import run_user_code
+from .broker import (
+    BUILT_IN_TYPES,
+    X_MATCH,
+    Broker,
+    Queue,
+    RefusedMessage,
+    Stored,
+    amqp_type,
+    decoded,
+)
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -94,10 +107,33 @@ class Result:
     moved: Published | None = None
 
 
+def _producer_message(exchange: str, routing_key: str, headers: Any, body: Any,
+                      properties: dict[str, Any]) -> tuple[bytes, pika.spec.BasicProperties]:
+    """A producer's message, checked as ``amqp.publish`` checks its arguments, with a
+    ``user_id`` too (which amqp.publish does not take: RabbitMQ takes only the
+    publishing user's, which the harness does not check)."""
+    from ..amqp.arguments import PROPERTY_CHECKS, build_message
+
+    user_id = properties.pop("user_id", None)
+    data, props = build_message(exchange, routing_key, headers, body, False, properties)
+    if user_id is not None:
+        props.user_id = PROPERTY_CHECKS["app_id"]("user_id", user_id)  # a short str
+    return data, props
+
+
+def _sent(properties: pika.spec.BasicProperties) -> pika.spec.BasicProperties:
+    """What the daemon's publish checks before sending (confirms.check_headers: a
+    TypeError naming a header AMQP cannot carry, a PublishError for headers over a
+    frame), then the properties as they travel: encoded and decoded by pika."""
+    if properties.headers:
+        check_headers(properties, pika.spec.FRAME_MAX_SIZE)
+    return decoded(properties)
+
+
 def _record(exchange: str, routing_key: str, body: bytes,
             properties: pika.spec.BasicProperties, mandatory: bool,
             queues: Iterable[str] = ()) -> Published:
-    values = {name: value for name in _PROPERTY_NAMES
+    values = {name: value for name in PROPERTY_NAMES
               if name != "headers" and (value := getattr(properties, name, None)) is not None}
     return Published(exchange, routing_key, properties.headers, body, values, mandatory,
                      tuple(queues))
@@ -202,7 +238,7 @@ class _Entry:
         slot, self._slot = self._slot, (self._slot + 1) % len(self.pool.instances)
         self.acker.delivered(tag)
         try:
-            self.pool._handle(slot, (self.acker, method, properties, body), self.limits[slot])
+            self.pool.handle(slot, (self.acker, method, properties, body), self.limits[slot])
         except StopNow:
             exc = self.replacement_failed
             raise HarnessError(f"{self.entry.path}: creating a replacement instance of "
@@ -232,7 +268,8 @@ class Harness:
     (``UserCodeError``), then the topology is declared (``TopologyError``, with the
     daemon's line, for a passive exchange or queue that does not exist, a binding to
     a missing exchange, a consumer's missing queue). ``close()`` (or leaving the
-    ``with``) calls every instance's ``shutdown(None)``.
+    ``with``) calls every instance's ``shutdown(None)``; so does a start that fails,
+    for the instances already built.
     """
 
     def __init__(self, config: ConfigSource, *,
@@ -245,7 +282,13 @@ class Harness:
         self._refuse_what_is_not_modelled(self.config)
         self.broker = Broker()
         for name, kind in (existing_exchanges or {}).items():
+            if kind not in BUILT_IN_TYPES:
+                raise HarnessError(f"existing_exchanges: {name!r}: the harness routes "
+                                   f"direct, fanout, topic and headers exchanges, not {kind!r}")
             self.broker.declare_exchange(name, kind)
+        if isinstance(existing_queues, (str, bytes)):  # not a name per character
+            raise TypeError(f"existing_queues: expected a list of queue names, got "
+                            f"{existing_queues!r}")
         for name in existing_queues:
             self.broker.declare_queue(name)
         self.published: list[Published] = []  # by consumers (amqp.publish), in order
@@ -253,15 +296,20 @@ class Harness:
                                self.config.publisher_confirms, self._publish_from_consume,
                                self._move)
                         for entry in self.config.consumers]
-        path = self.config.path
-        if resolved.startup_handler is not None:
-            _run_user_code(resolved.startup_handler,
-                           f"{path}: startup_handler: {self.config.startup_handler}")
-        for state in self.entries:
-            _run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
-                                        f"{state.entry.consumer}()")
-        self._declare()
         self._next_entry: dict[str, int] = {}
+        self._closed = False
+        path = self.config.path
+        try:
+            if resolved.startup_handler is not None:
+                run_user_code(resolved.startup_handler,
+                              f"{path}: startup_handler: {self.config.startup_handler}")
+            for state in self.entries:
+                run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
+                                           f"{state.entry.consumer}()")
+            self._declare()
+        except BaseException:
+            self.close()  # a start that fails still shuts down what it built, as the daemon
+            raise
 
     @staticmethod
     def _refuse_what_is_not_modelled(config: Config) -> None:
@@ -290,8 +338,15 @@ class Harness:
                         f"exist (passive: true only checks it): broker said "
                         f"{_no('exchange', exchange.exchange)}")
             else:
-                broker.declare_exchange(exchange.exchange, exchange.type or "direct",
-                                        exchange.internal, exchange.arguments)
+                kind = exchange.type or "direct"
+                current = broker.declare_exchange(exchange.exchange, kind, exchange.internal,
+                                                  exchange.arguments)
+                if current is not None:  # the daemon's line for the broker's 406
+                    reply = (f"406 PRECONDITION_FAILED - inequivalent arg 'type' for exchange "
+                             f"{exchange.exchange!r} in vhost '/': received {kind!r} but "
+                             f"current is {current!r}")
+                    raise TopologyError(describe_inequivalent(path, exchange, reply)
+                                        or f"{path}: {exchange.path}: broker said {reply}")
         for exchange in config.exchanges:
             for i, binding in enumerate(exchange.bindings):
                 self._bind(f"{path}: {exchange.path}.bindings[{i}]: cannot bind exchange "
@@ -324,10 +379,17 @@ class Harness:
         if exchange is None:
             raise TopologyError(f"{what}: broker said {_no('exchange', source)}")
         match = arguments.get("x-match", "all")
-        if exchange.type == "headers" and match not in X_MATCH:
-            raise TopologyError(f"{what}: broker said 406 PRECONDITION_FAILED - Invalid "
-                                f"x-match field value {match!r}; expected one of "
-                                f"{', '.join(X_MATCH)}")
+        if exchange.type != "headers" or match in X_MATCH:
+            return
+        if isinstance(match, str):  # RabbitMQ's words (rabbit_exchange_type_headers)
+            problem = (f"Invalid x-match field value <<{json.dumps(match)}>>; expected all, "
+                       "any, all-with-x, or any-with-x")
+        else:
+            value = ("undefined" if match is None else str(match).lower()
+                     if isinstance(match, bool) else match)
+            problem = (f"Invalid x-match field type {amqp_type(match)} (value {value}); "
+                       "expected longstr")
+        raise TopologyError(f"{what}: broker said 406 PRECONDITION_FAILED - {problem}")
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -335,37 +397,55 @@ class Harness:
                 headers: dict[str, Any] | None = None, **properties: Any) -> list[str]:
         """Publish as a producer would: routed as RabbitMQ routes it; the queues it
         reached ([]: unroutable, dropped). Properties by name as ``amqp.publish``
-        takes them (the same checks). PublishError for a missing or internal exchange."""
-        from ..amqp.arguments import build_message
+        takes them (the same checks), and ``user_id``. PublishError for a missing or
+        internal exchange."""
+        data, props = _producer_message(exchange, routing_key, headers, body, properties)
+        self._exists(exchange)
+        return self._route(exchange, routing_key, data, _sent(props))
 
-        data, props = build_message(exchange, routing_key, headers, body, False, properties)
-        return self._route(exchange, routing_key, data, props)
+    def _exists(self, exchange: str) -> None:
+        """The daemon checks that an exchange exists before it sends to it (whatever
+        publisher_confirms): PublishError. Not one named amq.*, taken to be the
+        broker's own (the broker refuses one that is not, in ``_route``)."""
+        if exchange != "" and not exchange.startswith("amq.") \
+                and exchange not in self.broker.exchanges:
+            raise PublishError(f"exchange {exchange!r} does not exist (the broker said "
+                               f"{_no('exchange', exchange)}); nothing was sent")
 
     def _route(self, exchange: str, routing_key: str, body: bytes,
-               properties: pika.spec.BasicProperties) -> list[str]:
+               properties: pika.spec.BasicProperties, confirm: bool = True) -> list[str]:
+        """Hand a sent message (``_sent``) to the broker, which may refuse it (an
+        internal exchange, a CC or BCC header that is not a list), closing the
+        channel: PublishError when the publish waits for its confirm, else the message
+        is lost without a word, as in the daemon."""
         target = self.broker.exchanges.get(exchange)
-        if target is not None and target.internal:
-            raise PublishError(f"the broker closed the publishing channel: 403 "
-                               f"ACCESS_REFUSED - cannot publish to internal exchange "
-                               f"{exchange!r} in vhost '/'")
         try:
+            if exchange and target is None:
+                raise RefusedMessage(f"404 NOT_FOUND - no exchange {exchange!r} in vhost '/'")
+            if target is not None and target.internal:
+                raise RefusedMessage(f"403 ACCESS_REFUSED - cannot publish to internal "
+                                     f"exchange {exchange!r} in vhost '/'")
             return self.broker.publish(exchange, routing_key, body, properties)
-        except UnknownExchange:
-            raise PublishError(f"exchange {exchange!r} does not exist (the broker said "
-                               f"{_no('exchange', exchange)}); nothing was sent") from None
+        except RefusedMessage as refused:
+            if not confirm:
+                return []
+            raise PublishError(f"the broker closed the publishing channel: {refused.reply}; "
+                               f"the message to exchange {exchange!r} may or may not have "
+                               "been taken") from None
 
     def _publish_from_consume(self, exchange: str, routing_key: str, body: bytes,
                               properties: pika.spec.BasicProperties, mandatory: bool,
                               confirm: bool) -> None:
-        queues = self._route(exchange, routing_key, body, properties)
-        self.published.append(_record(exchange, routing_key, body, properties, mandatory,
-                                      queues))
+        self._exists(exchange)
+        sent = _sent(properties)
+        queues = self._route(exchange, routing_key, body, sent, confirm)
+        self.published.append(_record(exchange, routing_key, body, sent, mandatory, queues))
         if not queues and mandatory and confirm:
             raise _returned(exchange, routing_key)
 
     def _move(self, exchange: str, routing_key: str, body: bytes,
               properties: pika.spec.BasicProperties, mandatory: bool, confirm: bool) -> None:
-        if not self._route(exchange, routing_key, body, properties) and mandatory:
+        if not self._route(exchange, routing_key, body, _sent(properties)) and mandatory:
             raise _returned(exchange, routing_key)
 
     # -- consuming -----------------------------------------------------------------------
@@ -384,6 +464,8 @@ class Harness:
         policy: the broker would redeliver it for ever), or after ``max_deliveries``
         deliveries (consumers feeding each other without end); both name the queue
         and the message."""
+        if self._closed:  # its instances are shut down: nothing could take a message
+            raise HarnessError("run() after close(): the consumer instances were shut down")
         consumed = {state.entry.queue for state in self.entries}
         delivered = 0
         while True:
@@ -408,9 +490,15 @@ class Harness:
         states = [state for state in self.entries if state.entry.queue == queue.name]
         turn = self._next_entry.get(queue.name, 0)
         self._next_entry[queue.name] = (turn + 1) % len(states)
-        _, how = states[turn % len(states)].deliver(
-            message.body, message.properties, message.exchange, message.routing_key,
-            message.redelivered)
+        properties = message.properties
+        if queue.argument("x-queue-type") == "quorum":  # its count of earlier returns
+            properties = decoded(properties)
+            properties.headers = {**(properties.headers or {}),
+                                  "x-delivery-count": long(message.requeues)}
+        state = states[turn % len(states)]
+        failures = state.pool.metrics.failures
+        _, how = state.deliver(message.body, properties, message.exchange,
+                               message.routing_key, message.redelivered)
         if how == "ack":
             return
         if how == "reject":
@@ -425,21 +513,40 @@ class Harness:
             return
         if message.requeues >= max_redeliveries:
             queue.messages.appendleft(message)
+            if state.pool.metrics.failures == failures:
+                why = ("its consume keeps giving it back: amqp.nack() or "
+                       "amqp.reject(requeue=True)")
+            elif state.entry.retry is None:
+                why = "its consume keeps failing, and the entry has no retry policy"
+            else:
+                why = "its consume keeps failing, and the retry policy could not move it"
+            if queue.argument("x-dead-letter-exchange") is not None and (
+                    queue.argument("x-message-ttl") is not None
+                    or message.properties.expiration is not None):
+                why += ("; its TTL would end that on the broker, after as many deliveries "
+                        "as fit in it: time the harness does not model")
             raise HarnessError(f"queue {queue.name!r}: the {_describe(message)} was requeued "
                                f"{message.requeues} times: the broker would redeliver it for "
-                               "ever (its consume keeps failing, and the entry has no retry "
-                               "policy); it is left at the head of the queue")
+                               f"ever ({why}); it is left at the head of the queue")
         queue.messages.appendleft(message)  # back where it was, as RabbitMQ requeues
 
     def _let_time_pass(self) -> bool:
-        """Dead-letter what waits in queues with a message TTL and a dead-letter
-        exchange, shortest TTL first; whether anything moved."""
+        """Dead-letter what waits in queues with a dead-letter exchange, as if the
+        time had passed: from the head of each queue, while the message there has a
+        TTL (the queue's ``x-message-ttl``, or its own ``expiration``, which RabbitMQ
+        applies at the head only), shortest TTL first; whether anything moved."""
+        def ttl(queue: Queue) -> int | None:
+            ttls = [int(value) for value in (queue.argument("x-message-ttl"),
+                                             queue.messages[0].properties.expiration)
+                    if value is not None]
+            return min(ttls) if ttls else None
+
         waiting = [queue for queue in self.broker.queues.values() if queue.messages
-                   and queue.argument("x-message-ttl") is not None
-                   and queue.argument("x-dead-letter-exchange") is not None]
-        waiting.sort(key=lambda queue: (queue.argument("x-message-ttl"), queue.name))
+                   and queue.argument("x-dead-letter-exchange") is not None
+                   and ttl(queue) is not None]
+        waiting.sort(key=lambda queue: (ttl(queue), queue.name))
         for queue in waiting:
-            while queue.messages:
+            while queue.messages and ttl(queue) is not None:
                 self.broker.dead_letter(queue, queue.messages.popleft(), "expired")
         return bool(waiting)
 
@@ -466,6 +573,7 @@ class Harness:
 
     def close(self) -> None:
         """``shutdown(None)`` on every consumer instance, as the daemon's stop does."""
+        self._closed = True
         for state in self.entries:
             state.pool.shutdown_instances()
 
@@ -488,39 +596,51 @@ class Harness:
         routed (so never returned as unroutable).
 
         ``attempt`` above 1 is carried as the daemon's attempt header; ``properties``:
-        AMQP properties by name, as ``amqp.publish`` takes them. ``queue``, ``retry``
-        (the ``retry:`` keys of a consumer entry) and ``time_limit`` are the entry's,
-        checked as the daemon checks a config (ConfigError). After a failure the
+        AMQP properties by name, as ``amqp.publish`` takes them, and ``user_id``.
+        ``queue``, ``retry`` (the ``retry:`` keys of a consumer entry) and
+        ``time_limit`` are the entry's, checked as the daemon checks a config
+        (ConfigError). After a failure the
         instance's ``shutdown(exc)`` is called, as the daemon does."""
-        from ..amqp.arguments import build_message
-
         spec: dict[str, Any] = {"consumer": "harness:Consumer", "queue": queue}
         if retry is not None:
             spec["retry"] = dict(retry)
         if time_limit is not None:
             spec["time_limit"] = time_limit
-        config, problems = _parse_data({"consumers": [spec]}, "<Harness.consume>")
+        config, problems = parse_data({"consumers": [spec]}, "<Harness.consume>")
         if problems:
             raise ConfigError(problems)
+        if isinstance(consumer, type):
+            raise TypeError(f"Harness.consume: pass an instance of {consumer.__qualname__} "
+                            f"(as the daemon makes one), not the class")
         cls = type(consumer)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        missing = [m for m in ("consume", "shutdown") if not callable(getattr(cls, m, None))]
+        if missing:  # as config/imports.py refuses the class
+            raise ConfigError([f"<Harness.consume>: consumers[0].consumer: {path!r} has no "
+                               f"{' and no '.join(missing)} method"])
         entry = ConsumerConfig(**{**vars(config.consumers[0]),
-                                  "consumer": f"{cls.__module__}:{cls.__qualname__}"})
+                                  "consumer": path})
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"Harness.consume: attempt: expected an int from 1 (the first "
+                             f"delivery), got {attempt!r}")
         if attempt != 1:
             headers = {**(headers or {}), ATTEMPT_HEADER: attempt}
-        data, props = build_message(exchange, routing_key, headers, body, False,
-                                    dict(properties or {}))
+        data, props = _producer_message(exchange, routing_key, headers, body,
+                                        dict(properties or {}))
+        props = _sent(props)  # as a delivery carries it
         published: list[Published] = []
         moves: list[Published] = []
 
         def publish(exchange: str, routing_key: str, body: bytes,
                     properties: pika.spec.BasicProperties, mandatory: bool,
                     confirm: bool) -> None:
-            published.append(_record(exchange, routing_key, body, properties, mandatory))
+            published.append(_record(exchange, routing_key, body, _sent(properties),
+                                     mandatory))
 
         def move(exchange: str, routing_key: str, body: bytes,
                  properties: pika.spec.BasicProperties, mandatory: bool,
                  confirm: bool) -> None:
-            moves.append(_record(exchange, routing_key, body, properties, mandatory,
+            moves.append(_record(exchange, routing_key, body, _sent(properties), mandatory,
                                  [routing_key]))
 
         recording = _Recording(consumer)

@@ -6,7 +6,7 @@ to every test, with no conftest.py to write.
 ``Harness`` for ``config`` (a path or a dict, as ``Dispatcher`` takes; a relative
 path is looked up next to the test file first, then in the working directory;
 ``keywords``: ``existing_exchanges``, ``existing_queues``), closed (every
-instance's ``shutdown(None)``) when the test ends. See docs/testing.md.
+instance's ``shutdown(None)``) when the test ends. See docs/getting-started/testing.md.
 
 Nothing of the harness is imported until a test asks for the fixture.
 """

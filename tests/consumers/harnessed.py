@@ -51,3 +51,32 @@ class Renderer:
 
     def shutdown(self, exception=None):
         pass
+
+
+class Misbehaves:
+    """Bodies name a publish the daemon or the broker refuses; what it raised is
+    published to the queue 'report' as 'KIND: TYPE: TEXT', and the message acked."""
+
+    PUBLISHES = {
+        "float": ("", "report", {"price": 9.99}),
+        "huge": ("", "report", {"big": "x" * 200_000}),
+        "cc-str": ("", "report", {"CC": "report"}),
+        "internal": ("sealed", "", None),
+        "missing": ("ghost", "", None),
+        "amq": ("amq.nowhere", "", None),
+        "mandatory": ("sealed-off", "nobody", None),
+    }
+
+    def consume(self, amqp, msg):
+        kind = msg.body.decode()
+        exchange, routing_key, headers = self.PUBLISHES[kind]
+        try:
+            amqp.publish(exchange, routing_key, headers, b"refused?", mandatory=True)
+        except Exception as exc:  # noqa: BLE001 - what it raised is the point
+            outcome = f"{type(exc).__name__}: {exc}"
+        else:
+            outcome = "published"
+        amqp.publish("", "report", None, f"{kind}: {outcome}".encode())
+
+    def shutdown(self, exception=None):
+        pass
