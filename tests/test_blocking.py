@@ -118,3 +118,40 @@ def test_bad_blocking_warning_values(tmp_path: Path, snippet: str, line: str) ->
     result = run_cli(tmp_path, "--config", "config.yml", "--validate", config=config)
     assert result.returncode == 1
     assert result.stderr == f"config.yml: {line}\n"
+
+
+def test_the_watch_starts_stops_and_takes_a_reloads_threshold() -> None:
+    """In-process: a block is counted, a reload's threshold applies, 0 stops gevent's
+    monitor thread (started by the watch) and leaves gevent's config as it found it."""
+    import time
+
+    import gevent
+
+    from amqpdispatcher.observability.blocking import BlockedHub
+
+    hub = gevent.get_hub()
+    assert hub.periodic_monitoring_thread is None
+    found = (gevent.config.max_blocking_time, gevent.config.print_blocking_reports)
+    watch = BlockedHub(0.2, lambda: [])
+    watch.start()
+    try:
+        assert hub.periodic_monitoring_thread is not None
+        gevent.sleep(0.05)
+        time.sleep(0.4)  # blocks the hub: the point of the test
+        wait_until(lambda: gevent.sleep(0.01) or watch.seconds > 0, timeout=5,
+                   what="the block counted")
+        assert 0.25 <= watch.seconds < 1, watch.seconds
+        counted = watch.seconds
+        watch.reconfigure(1.0)  # a reload's blocking_warning: 0.4 s no longer counts
+        gevent.sleep(0.05)
+        time.sleep(0.4)
+        gevent.sleep(0.3)
+        assert watch.seconds == counted
+        watch.reconfigure(0)
+        assert hub.periodic_monitoring_thread is None
+        assert watch.seconds == counted  # the counter goes on from where it was
+    finally:
+        watch.stop()
+    assert hub.periodic_monitoring_thread is None
+    assert not gevent.config.monitor_thread
+    assert (gevent.config.max_blocking_time, gevent.config.print_blocking_reports) == found

@@ -76,6 +76,7 @@ class BlockedHub:
         self.timer: Any = None
         self.hub: Any = None
         self.started_monitor = False
+        self.gevent_config: tuple[float, bool] = (0.1, True)  # as start found them
         self.reported = -1.0  # the last_tick of the block last reported (one line a block)
         self.last_warning = -RATE_LIMIT
         self.unlogged = 0  # blocks reported since the last WARNING, not logged
@@ -94,6 +95,7 @@ class BlockedHub:
         self.timer.ref = False  # keeps nothing running
         self.timer.start(self._on_tick)
         config = gevent.config
+        self.gevent_config = (config.max_blocking_time, config.print_blocking_reports)
         config.max_blocking_time = self.threshold / 2
         config.print_blocking_reports = False  # the WARNING says it, in the log
         if self.hub.periodic_monitoring_thread is None:
@@ -117,6 +119,8 @@ class BlockedHub:
             self.hub.periodic_monitoring_thread = None
             gevent.config.monitor_thread = False
         self.started_monitor = False
+        gevent.config.max_blocking_time, gevent.config.print_blocking_reports = \
+            self.gevent_config
 
     def reconfigure(self, threshold: float) -> None:
         """A reload's blocking_warning."""
