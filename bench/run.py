@@ -35,6 +35,8 @@ A throughput run that does not finish within its timeout is reported as failed.
 System dispatcher-http (workload 1 only): this dispatcher with the `http` endpoint on
 (which also times every consume call for the histogram), /metrics fetched once a
 second by the benchmark process from the moment the dispatcher starts.
+System dispatcher-p2-http (workload 1 only): the same with --processes 2, the
+arbiter's /metrics scraped.
 
 Systems publish-confirms and publish-no-confirms (workload 8 only): this dispatcher
 with benchconsumers.Republish, which publishes one message per input to the
@@ -206,7 +208,7 @@ def counts(broker: Broker, queue: str) -> tuple[int, int]:
 
 
 # Systems whose messages are handled by several processes, each reporting its share.
-SPLIT_SYSTEMS = ("dispatcher-p2",)
+SPLIT_SYSTEMS = ("dispatcher-p2", "dispatcher-p2-http")
 
 
 def command(system: str, workload: dict, tmp: Path,
@@ -232,6 +234,7 @@ def command(system: str, workload: dict, tmp: Path,
     env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer,
            "BENCH_PUBLISH_TO": workload.get("output", "")}
     if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http", "dispatcher-p2",
+                  "dispatcher-p2-http",
                   "publish-confirms", "publish-no-confirms"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
@@ -482,7 +485,7 @@ def run_throughput(system: str, workload: dict, broker: Broker, tmp: Path) -> di
     publish(broker.url, queue, total, workload["size"], (output,) if output else (), system)
     out = tmp / "out.txt"
     clean(out)
-    http_port = free_port() if system == "dispatcher-http" else None
+    http_port = free_port() if system in ("dispatcher-http", "dispatcher-p2-http") else None
     proc = start(system, workload, broker, tmp, out, http_port)
     scraper = Scraper(http_port) if http_port else None
     result = _measure(system, workload, broker, tmp, proc, out)
@@ -685,11 +688,14 @@ WORKLOADS = [
     {"name": "1. no-op 30k x 100 B, 10 consumers, prefetch 100", "kind": "throughput",
      "queue": "bench_noop", "count": 30000, "size": 100, "consumers": 10, "prefetch": 100,
      "systems": ["raw-ack", "raw-spawn", "dispatcher", "dispatcher-http", "dispatcher-p2",
-                 "ad-0.11.0", *PEER_NAMES], "ours": "dispatcher", "peers": NOOP_PEERS,
-     "keep_noop_max": True,
+                 "dispatcher-p2-http", "ad-0.11.0", *PEER_NAMES], "ours": "dispatcher",
+     "peers": NOOP_PEERS, "keep_noop_max": True,
      "note": "dispatcher-http: the same with the `http` endpoint on (each consume call "
              "timed for the histogram) and /metrics fetched once a second by the "
-             "benchmark from the dispatcher's start. dispatcher-p2 (--processes 2) must not "
+             "benchmark from the dispatcher's start; dispatcher-p2-http: --processes 2 with "
+             "`http` on, the arbiter's /metrics scraped alike (its workers keep their "
+             "counters in the count files the arbiter reads after a worker's death). "
+             "dispatcher-p2 (--processes 2) must not "
              "be slower than dispatcher: a no-op consumer is bound by the broker and the "
              "client, not by one core."},
     {"name": "2a. sleep 0.05 s, 20k, 200 consumers, prefetch 200", "kind": "throughput",

@@ -68,3 +68,25 @@ def test_kubernetes_deployment_probes_and_grace_period() -> None:
     assert port["containerPort"] == config["http"]["port"] == 9800
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+
+
+def test_keda_scaled_object_scales_the_deployment_on_its_queue() -> None:
+    deployment_documents = list(yaml.safe_load_all((EXAMPLES / "kubernetes.yaml").read_text()))
+    kinds = {document["kind"]: document for document in deployment_documents}
+    config = yaml.safe_load(kinds["ConfigMap"]["data"]["config.yml"])
+    [container] = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
+    [url] = [env["valueFrom"]["secretKeyRef"] for env in container["env"]
+             if env["name"] == "RABBITMQ_URL"]
+    keda = {document["kind"]: document
+            for document in yaml.safe_load_all((EXAMPLES / "keda-scaledobject.yaml").read_text())}
+    scaled = keda["ScaledObject"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
+    [trigger] = scaled["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    assert trigger["metadata"]["mode"] == "QueueLength"
+    assert trigger["metadata"]["queueName"] in {entry["queue"] for entry in config["consumers"]}
+    authentication = keda["TriggerAuthentication"]
+    assert trigger["authenticationRef"]["name"] == authentication["metadata"]["name"]
+    # The broker's URL from the dispatcher's own Secret.
+    assert authentication["spec"]["secretTargetRef"] == [
+        {"parameter": "host", "name": url["name"], "key": url["key"]}]

@@ -559,7 +559,8 @@ def test_address_not_on_this_machine_fails_the_start_in_one_line(tmp_path: Path)
     ("http:\n  port: 65536", "http.port: expected at most 65535, got 65536"),
     ("http:\n  address: ''", "http.address: expected a non-empty string, got ''"),
     ("http:\n  adress: 0.0.0.0", "http.adress: unknown key (did you mean 'address'?); "
-                                 "known keys: address, port"),
+                                 "known keys: address, port, "
+                                 "queue_depth_interval"),
     ("stats_interval: -1", "stats_interval: expected zero or more, got -1"),
     # Not a flood of stats lines as fast as the hub loops.
     ("stats_interval: 0.000001",
@@ -725,7 +726,7 @@ def test_entries_with_the_same_queue_and_consumer_share_one_series() -> None:
 
     dispatcher = SimpleNamespace(pools=[pool("a", 3, 1), pool("a", 4, 0), pool("b", 5, 2)],
                                  channels={0: object(), 2: object()}, reconnects=2,
-                                 is_connected=lambda: True)
+                                 is_connected=lambda: True, queue_depth={"a": (4, 2)})
     samples: Samples = {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(
@@ -741,3 +742,6 @@ def test_entries_with_the_same_queue_and_consumer_share_one_series() -> None:
     assert value(samples, "amqp_dispatcher_consume_seconds_count", **b) == 1
     assert value(samples, "amqp_dispatcher_reconnects_total") == 2
     assert value(samples, "amqp_dispatcher_connected") == 1
+    # Read once per queue, whatever the entries on it.
+    assert value(samples, "amqp_dispatcher_queue_messages_ready", queue="a") == 4
+    assert value(samples, "amqp_dispatcher_queue_consumers", queue="a") == 2

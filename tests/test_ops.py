@@ -578,8 +578,9 @@ drain_timeout: 0.5
 reconnect: false
 reconnect_give_up_after: 60
 publisher_confirms: false
-http: {address: 0.0.0.0, port: 9801}
+http: {address: 0.0.0.0, port: 9801, queue_depth_interval: 2.5}
 stats_interval: 0
+blocking_warning: 2.5
 """
 
 

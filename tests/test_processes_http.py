@@ -290,7 +290,9 @@ def test_a_killed_arbiters_socket_directory_is_removed_by_the_next(
         first.process.wait()
         pids = [found[0] for found in workers(first).values()]
         wait_until(lambda: all(gone(pid) for pid in pids), what="the workers to drain")
-        assert stale.is_dir() and list(stale.iterdir())  # the sockets are still there
+        # The sockets are still there, and the workers' count files.
+        assert sorted(p.suffix for p in stale.iterdir()) == [".counts", ".counts",
+                                                            ".sock", ".sock"]
         # Not to be touched: a live process's directory, a name without a pid, a
         # symlink named as a dead arbiter's, and what it points to.
         live = temp / f"amqp-dispatcher-{os.getpid()}-live"

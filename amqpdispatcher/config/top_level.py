@@ -18,6 +18,9 @@ from .queues import QUEUE_KEYS, QueueConfig, parse_queues
 # The shortest stats_interval but 0 (none): a tiny one (0.000001, milliseconds meant as
 # seconds) would log the line as fast as the hub loops, thousands a second.
 MIN_STATS_INTERVAL = 0.1
+# The shortest blocking_warning but 0 (off): gevent's monitor thread checks the hub
+# twice per blocking_warning (observability/blocking.py), and would spin on a tiny one.
+MIN_BLOCKING_WARNING = 0.1
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Config:
     publisher_confirms: bool = True
     http: HttpConfig | None = None
     stats_interval: float = 60.0
+    blocking_warning: float = 1.0
 
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
@@ -62,6 +66,12 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "stats_interval": _Key((float, int), default=60, nullable=False,
                            doc=f"seconds between the INFO stats lines (at least "
                                f"{MIN_STATS_INTERVAL:g}); 0: none"),
+    "blocking_warning": _Key((float, int), default=1, nullable=False,
+                             doc=f"seconds the gevent hub may be blocked by code that does "
+                                 f"not yield (time.sleep, unpatched I/O, a CPU loop) before "
+                                 f"a WARNING with its stack, and "
+                                 f"amqp_dispatcher_hub_blocked_seconds_total (at least "
+                                 f"{MIN_BLOCKING_WARNING:g}); 0: not watched"),
 }
 
 
@@ -122,6 +132,11 @@ def parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
         checker.problem("stats_interval", f"expected 0 (no stats line) or at least "
                         f"{MIN_STATS_INTERVAL:g}, got {top['stats_interval']!r}")
         stats_interval = 0.0
+    blocking_warning = float(top.get("blocking_warning", 1))
+    if 0 < blocking_warning < MIN_BLOCKING_WARNING:
+        checker.problem("blocking_warning", f"expected 0 (not watched) or at least "
+                        f"{MIN_BLOCKING_WARNING:g}, got {top['blocking_warning']!r}")
+        blocking_warning = 0.0
 
     config = Config(path=path, startup_handler=top.get("startup_handler"),
                     exchanges=tuple(exchanges), queues=tuple(queues),
@@ -131,5 +146,5 @@ def parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
                     reconnect_give_up_after=top.get("reconnect_give_up_after"),
                     publisher_confirms=top.get("publisher_confirms", True),
                     http=parse_http(checker, top["http"]) if "http" in top else None,
-                    stats_interval=stats_interval)
+                    stats_interval=stats_interval, blocking_warning=blocking_warning)
     return config, checker.problems

@@ -29,6 +29,7 @@ sent counts as ``dropped`` instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableSequence
 from typing import Any
 
 import gevent
@@ -43,7 +44,7 @@ class Acknowledger:
     __slots__ = ("channel", "open", "stream", "outcomes", "_unsettled", "_to_ack",
                  "_flush_at", "_scheduled", "_loop")
 
-    def __init__(self, channel: Any, prefetch_count: int, outcomes: list[int],
+    def __init__(self, channel: Any, prefetch_count: int, outcomes: MutableSequence[int],
                  stream: bool = False) -> None:
         self.channel = channel
         self.open = True

@@ -22,7 +22,8 @@ observability/metrics.py reads them at scrape time, and the stats line every
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from array import array
+from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class Durations:
     __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.counts: MutableSequence[int] = [0] * (len(DURATION_BUCKETS) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
@@ -61,17 +62,59 @@ class Durations:
         return result
 
 
-class EntryMetrics:
-    """One consumer entry's counts; see the module docstring for who feeds what."""
+class SharedDurations(Durations):
+    """Durations kept in a worker's count file (contracts/counts.py): ``counts`` and
+    ``sums`` (one float) are views of its slots, holding what ``was`` holds."""
 
-    __slots__ = ("outcomes", "failures", "replacements", "durations")
+    __slots__ = ("sums",)
+
+    def __init__(self, counts: MutableSequence[int], sums: MutableSequence[float],
+                 was: Durations) -> None:
+        counts[:] = array("q", was.counts) if isinstance(counts, memoryview) else was.counts
+        sums[0] = was.sum
+        self.counts = counts
+        self.sums = sums
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.sums[0] += seconds
+
+    @property
+    def sum(self) -> float:  # type: ignore[override]
+        return self.sums[0]
+
+
+class EntryMetrics:
+    """One consumer entry's counts; see the module docstring for who feeds what.
+    Under --processes with http, the worker moves them into its count file
+    (runtime/generations.py, ``share_counts``): ``outcomes`` and ``others`` become views
+    of its slots, and ``durations`` a SharedDurations."""
+
+    __slots__ = ("outcomes", "others", "durations")
 
     def __init__(self, timed: bool) -> None:
-        self.outcomes = [0] * len(OUTCOMES)
-        self.failures = 0  # consume calls that raised or ran past time_limit
-        self.replacements = 0  # failed instances replaced by a fresh one
+        self.outcomes: MutableSequence[int] = [0] * len(OUTCOMES)
+        self.others: MutableSequence[int] = [0, 0]  # failures, replacements
         # Measured only when someone can read it (the http endpoint is on).
         self.durations = Durations() if timed else None
+
+    @property
+    def failures(self) -> int:
+        """consume calls that raised or ran past time_limit"""
+        return self.others[0]
+
+    @failures.setter
+    def failures(self, value: int) -> None:
+        self.others[0] = value
+
+    @property
+    def replacements(self) -> int:
+        """failed instances replaced by a fresh one"""
+        return self.others[1]
+
+    @replacements.setter
+    def replacements(self, value: int) -> None:
+        self.others[1] = value
 
     def handled(self) -> int:
         """Deliveries settled so far (or dropped), whatever the outcome."""

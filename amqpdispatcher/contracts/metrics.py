@@ -49,6 +49,17 @@ METRICS = (
            "of workers connected)"),
     Metric("amqp_dispatcher_reconnects_total", "counter", (),
            "Sessions opened again after the connection was lost"),
+    Metric("amqp_dispatcher_hub_blocked_seconds_total", "counter", (),
+           "Seconds the gevent hub was blocked by code that did not yield, in blocks of "
+           "`blocking_warning` seconds or more (0 while `blocking_warning` is 0)"),
+    Metric("amqp_dispatcher_queue_messages_ready", "gauge", ("queue",),
+           "Messages ready in the consumed queue (not those delivered and not yet "
+           "acked), as the broker said at its last read (`http.queue_depth_interval`); "
+           "absent while it cannot be read. With `--processes`: read by worker 1 alone, "
+           "not added up"),
+    Metric("amqp_dispatcher_queue_consumers", "gauge", ("queue",),
+           "Consumers the broker has on the consumed queue (every service's), as it said "
+           "at its last read; as `amqp_dispatcher_queue_messages_ready`"),
     Metric("amqp_dispatcher_workers", "gauge", (),
            "Worker processes running: `--processes`, more during a reload's handover, "
            "fewer while one is being replaced", processes_only=True),

@@ -55,12 +55,13 @@ class HttpEndpoint:
     the path of the unix socket the arbiter reads it on."""
 
     def __init__(self, current: Callable[[], metrics.Observed], where: HttpConfig | str,
-                 config_path: str) -> None:
+                 config_path: str,
+                 blocked_seconds: Callable[[], float] = lambda: 0.0) -> None:
         self.current = current
         self.where = where
         self.config_path = config_path
-        self.app = make_app(make_wsgi_app(metrics.registry(current)), self._healthz,
-                            self._readyz)
+        self.app = make_app(make_wsgi_app(metrics.registry(current, blocked_seconds)),
+                            self._healthz, self._readyz)
         self.server: Server | None = None
 
     def listen(self) -> None:

@@ -21,7 +21,7 @@ observability reads the runtime without importing it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import gevent
@@ -69,6 +69,8 @@ class Observed(Protocol):
     def stopping(self) -> bool: ...
     @property
     def reconnects(self) -> int: ...
+    @property
+    def queue_depth(self) -> Mapping[str, tuple[int, int]]: ...  # queue: (ready, consumers)
     def is_connected(self) -> bool: ...
 
 
@@ -126,6 +128,15 @@ class GenerationCollector(Collector):
                       value=1 if d.is_connected() else 0)
         yield _family(CounterMetricFamily, "amqp_dispatcher_reconnects_total",
                       value=d.reconnects)
+        ready = _family(GaugeMetricFamily, "amqp_dispatcher_queue_messages_ready",
+                        labels=["queue"])
+        consumers = _family(GaugeMetricFamily, "amqp_dispatcher_queue_consumers",
+                            labels=["queue"])
+        for queue, (ready_count, consumer_count) in d.queue_depth.items():
+            ready.add_metric([queue], ready_count)
+            consumers.add_metric([queue], consumer_count)
+        yield ready
+        yield consumers
 
 
 _Family = TypeVar("_Family", bound=Metric)
@@ -136,12 +147,26 @@ def _family(kind: type[_Family], name: str, **kwargs: Any) -> _Family:
     return kind(name, help_text(name), **kwargs)
 
 
-def registry(current: Callable[[], Observed]) -> CollectorRegistry:
-    """A registry of the process's own: the current dispatcher's metrics, and the
-    process, platform and garbage collector metrics of prometheus_client's default
-    collectors."""
+class HubCollector(Collector):
+    """What belongs to the process rather than to a generation: the seconds its hub
+    was blocked (observability/blocking.py)."""
+
+    def __init__(self, blocked_seconds: Callable[[], float]) -> None:
+        self.blocked_seconds = blocked_seconds
+
+    def collect(self) -> Iterator[Metric]:
+        yield _family(CounterMetricFamily, "amqp_dispatcher_hub_blocked_seconds_total",
+                      value=self.blocked_seconds())
+
+
+def registry(current: Callable[[], Observed],
+             blocked_seconds: Callable[[], float] = lambda: 0.0) -> CollectorRegistry:
+    """A registry of the process's own: the current dispatcher's metrics, the process's
+    (``blocked_seconds``: the hub's), and the process, platform and garbage collector
+    metrics of prometheus_client's default collectors."""
     result = CollectorRegistry()
     result.register(GenerationCollector(current))
+    result.register(HubCollector(blocked_seconds))
     ProcessCollector(registry=result)
     PlatformCollector(registry=result)
     GCCollector(registry=result)

@@ -21,6 +21,12 @@ from ..config import HttpConfig
 
 log = logging.getLogger("amqp-dispatcher.http")
 
+# Gauges of the service as a whole, not of one process: the consumed queues' depth
+# (observability/depth.py). Under --processes only worker 1 reads them, and the arbiter
+# passes on the largest figure its workers give (two during a reload's hand-over)
+# instead of adding them up.
+SERVICE_GAUGES = ("amqp_dispatcher_queue_messages_ready", "amqp_dispatcher_queue_consumers")
+
 # Connections held at once. Scrapers and probes are few; the margin is for clients that
 # are slow or send nothing (a port scanner, a load balancer's TCP check, a slowloris).
 # When all are held, a new connection closes the one waiting longest for its request

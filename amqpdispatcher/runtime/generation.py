@@ -29,7 +29,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from typing import Any
 
 import gevent
@@ -67,6 +67,7 @@ from ..contracts.exits import (
 )
 from ..contracts.signals import GRACEFUL_SIGNALS
 from ..contracts.timeouts import CLOSE_TIMEOUT, KILL_TIMEOUT
+from ..observability.depth import QueueDepth
 from ..observability.metrics import StatsLog
 
 log = logging.getLogger("amqp-dispatcher")
@@ -169,7 +170,11 @@ class Channel:
 
 
 class Generation:
-    def __init__(self, config: Config, resolved: Resolved, settings: Settings) -> None:
+    """``read_depth``: read the consumed queues' depth for /metrics (when the config has
+    http); under --processes, only worker 1 does, for the whole service."""
+
+    def __init__(self, config: Config, resolved: Resolved, settings: Settings,
+                 read_depth: bool = True) -> None:
         self.config = config
         self.resolved = resolved
         self.settings = settings
@@ -202,11 +207,24 @@ class Generation:
         # Observability: what /metrics, /healthz and /readyz (observability/http.py) read, and the
         # stats line.
         self.stopping = False
-        self.reconnects = 0
+        # Its reconnects: a list, or a view of the worker's count file (runtime/counts.py).
+        self.reconnect_count: MutableSequence[int] = [0]
         self.stats = StatsLog(self.pools, config.stats_interval)
+        interval = config.http.queue_depth_interval if config.http and read_depth else 0.0
+        self.depth = QueueDepth([entry.queue for entry in config.consumers], interval,
+                                lambda: self.connection)
+
+    @property
+    def queue_depth(self) -> dict[str, tuple[int, int]]:
+        return self.depth.values
 
     def is_connected(self) -> bool:
         return self.connection is not None and self.connection.is_open
+
+    @property
+    def reconnects(self) -> int:
+        """Sessions opened again after the connection was lost."""
+        return self.reconnect_count[0]
 
     # -- the main loop ------------------------------------------------------------
 
@@ -245,6 +263,7 @@ class Generation:
         for pool in self.pools:
             pool.start()
         self.stats.start()
+        self.depth.start()
 
     def _fail_start(self, status: int, message: str) -> int:
         log.error("%s", message)
@@ -260,6 +279,7 @@ class Generation:
         the connections. A signal meanwhile skips what is left: exit 128 + signal."""
         self.stopping = True
         self.stats.stop()
+        self.depth.stop()
         try:
             self._step(self._shutdown_instances)
             self._step(self._close_connections)
@@ -594,7 +614,7 @@ class Generation:
                 self._close_connection()
                 self._forget_session()
                 continue
-            self.reconnects += 1
+            self.reconnect_count[0] += 1
             log.info("reconnected after %.1fs (%d attempt(s))", time.monotonic() - lost_at,
                      attempt)
             return

@@ -40,12 +40,15 @@ import gevent
 import gevent.queue
 import gevent.util
 
-from ..config import Config, ConfigError, Resolved, describe_exception, load_config
+from ..config import Config, ConfigError, HttpConfig, Resolved, describe_exception, load_config
 from ..config.settings import Settings
+from ..contracts.counts import CountFile, counts_path
 from ..contracts.exits import EXIT_INTERNAL
 from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
 from ..contracts.timeouts import RELOAD_TIMEOUT
+from ..observability.blocking import BlockedHub
 from ..observability.http import HttpEndpoint
+from .counts import share_counts
 from .generation import Generation
 
 log = logging.getLogger("amqp-dispatcher")
@@ -95,6 +98,7 @@ class Link(Protocol):
     """This process's link to the arbiter of ``--processes``, when it is one of its
     workers (supervision/link.py's ArbiterLink; the command line passes it in)."""
 
+    name: str  # "2/4": the second of four workers
     http_socket: str | None  # where to serve the HTTP endpoint for the arbiter
     arbiter_pid: int
     drain_timeout: float  # the longest drain_timeout run with: the watchdog's bound
@@ -159,7 +163,9 @@ class Generations:
         self.link = link
         self.reloadable = reloadable
         self.events: gevent.queue.Queue[tuple[str, Any]] = gevent.queue.Queue()
-        self.current = Running(Generation(config, resolved, settings))
+        # Under --processes the queues' depth is read by worker 1 alone, for the service.
+        self.read_depth = link is None or link.name.startswith("1/")
+        self.current = Running(Generation(config, resolved, settings, self.read_depth))
         self.candidate: Running | None = None  # a reload's new generation, until it consumes
         self.retiring: list[Running] = []  # replaced by a reload, draining
         self.reload_pending = False
@@ -171,9 +177,23 @@ class Generations:
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
         # current. Under --processes the arbiter listens on the config's port, and a
         # worker serves it on the unix socket it was given (when the config has http).
+        # blocking_warning: the process's one hub, whichever generations run on it.
+        self.blocked = BlockedHub(config.blocking_warning, self._pools)
         where = config.http if link is None else link.http_socket
-        self.http = (HttpEndpoint(lambda: self.current.generation, where, config.path)
+        self.http = (HttpEndpoint(lambda: self.current.generation, where, config.path,
+                                  lambda: self.blocked.seconds)
                      if where is not None else None)
+        # A worker serving the arbiter keeps its counters where the arbiter can read them
+        # after its death (runtime/counts.py); it has this one generation.
+        self.counts: CountFile | None = None
+        if link is not None and link.http_socket is not None:
+            path = counts_path(link.http_socket)
+            try:
+                self.counts = share_counts(path, self.current.generation, self.blocked)
+            except OSError as exc:  # the temporary directory full: count as without it
+                log.warning("cannot keep the counters in %s (%s): what this worker counts "
+                            "after the arbiter's last scrape is lost if it dies",
+                            path, exc.strerror or exc)
 
     def listen(self) -> None:
         """Open the HTTP endpoint, if configured, before anything else: a port in use
@@ -186,11 +206,18 @@ class Generations:
         ``handle_signals``: act on the process's signals (the table above); a program
         embedding the dispatcher that keeps its own passes False and calls ``stop``."""
         handlers = _SignalHandlers(self.events) if handle_signals else None
+        self.blocked.start()
         try:
             return self._run()
         finally:
+            self.blocked.stop()
             if handlers is not None:
                 handlers.cancel()
+
+    def _pools(self) -> list[Any]:
+        """The consumer entries of every generation running (blocking.py names them)."""
+        running = [self.current, self.candidate, *self.retiring]
+        return [pool for r in running if r is not None for pool in r.generation.pools]
 
     def stop(self) -> None:
         """Stop as a SIGTERM to the process does (a second call: as a second SIGTERM)."""
@@ -282,12 +309,17 @@ class Generations:
             log.error("SIGHUP: importing the consumer code raised %s: carrying on with the "
                       "running config", describe_exception(exc))
             return
-        if config.http != self.current.generation.config.http and self.link is None:
+        def where(http: HttpConfig | None) -> tuple[str, int] | None:
+            return None if http is None else (http.address, http.port)
+
+        if self.link is None and where(config.http) != where(self.current.generation.config.http):
             log.warning("SIGHUP: http: a changed address or port takes effect at the next "
                         "start; the endpoint stays where it is")
         if self.link is not None:
             self.link.drain_timeout = max(self.link.drain_timeout, config.drain_timeout)
-        self.candidate = Running(Generation(config, resolved, self.settings))
+        self.blocked.reconfigure(config.blocking_warning)
+        self.candidate = Running(Generation(config, resolved, self.settings,
+                                            self.read_depth))
         self._launch(self.candidate)
         gevent.spawn_later(RELOAD_TIMEOUT, self.events.put, ("reload_timeout", self.candidate))
 

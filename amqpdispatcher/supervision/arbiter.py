@@ -422,7 +422,10 @@ class Arbiter:
 
     def _warn_if_http_changed(self) -> None:
         try:
-            changed = read_http(self.config_path) != self.http_config
+            new, old = read_http(self.config_path), self.http_config
+            # queue_depth_interval is the workers': the new ones read it.
+            changed = (None if new is None else (new.address, new.port)) \
+                != (None if old is None else (old.address, old.port))
         except ConfigError:
             return  # changed since its check: the new workers will say so
         if changed:

@@ -9,7 +9,8 @@ directory of the arbiter's that only its user can enter (link.py). A request to
 the arbiter asks every worker at once and waits at most WORKER_TIMEOUT for them.
 
 - ``/metrics``: the workers' ``amqp_dispatcher_*`` series added up, series by
-  series (Totals); their CPU seconds and resident memory under names of their own
+  series (Totals), but for the queues' depth, which worker 1 alone reads
+  (SERVICE_GAUGES); their CPU seconds and resident memory under names of their own
   (RENAMED); ``amqp_dispatcher_workers``, the worker processes running; and the
   arbiter's own process, platform and garbage collector metrics.
 - ``/healthz``: 200 until the arbiter is stopping, while workers reconnect or are
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -53,8 +54,15 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..config import HttpConfig
+from ..contracts.counts import COUNTS_SUFFIX, Counted, counts_path, read_counts
 from ..contracts.metrics import help_text
-from ..observability.wsgi import ClientErrors, Connections, listen_error, make_app
+from ..observability.wsgi import (
+    SERVICE_GAUGES,
+    ClientErrors,
+    Connections,
+    listen_error,
+    make_app,
+)
 
 log = logging.getLogger("amqp-dispatcher.http")
 
@@ -76,6 +84,7 @@ RENAMED = {
 # killed by SIGKILL left behind (_remove_stale_directories).
 DIRECTORY_PREFIX = "amqp-dispatcher-"
 STALE_DIRECTORY = re.compile(re.escape(DIRECTORY_PREFIX) + r"([1-9][0-9]{0,8})-[a-z0-9_]+")
+COUNT_FILE = re.compile(r"[1-9][0-9]*" + re.escape(COUNTS_SUFFIX))
 
 # Families whose samples only ever grow in one worker's life.
 CUMULATIVE = ("counter", "histogram", "summary")
@@ -109,7 +118,7 @@ def parse(text: str) -> dict[str, Family]:
     for family in text_string_to_metric_families(text):
         name, documentation = RENAMED.get(family.name, (family.name, family.documentation))
         if name.startswith("amqp_dispatcher_"):
-            samples = {(name + s.name[len(family.name):], tuple(s.labels.items())): s.value
+            samples = {(name + s.name[len(family.name):], tuple(sorted(s.labels.items()))): s.value
                        for s in family.samples}
             families[name] = Family(name, family.type, documentation, samples)
     return families
@@ -121,22 +130,36 @@ class Totals:
     answered, so that a sum never goes down when a worker exits and a new one starts
     from zero (Prometheus would take the fall for a reset and count the new worker's
     whole figure again). Each live worker's last answer is kept; when the worker
-    exits, it is added to ``exited``. What a worker counted after its last answer is
-    lost. Thread-safe: requests run in threads of their own."""
+    exits, its counters as its count file holds them (``final``: what it counted up to
+    its end, SIGKILL included; contracts/counts.py), else its last answer, are added to
+    ``exited``. Thread-safe: requests run in threads of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, final: Callable[[str], tuple[Counted, dict[str, str]] | None]
+                 = lambda key: None) -> None:
         self.lock = threading.Lock()
         self.kinds: dict[str, tuple[str, str]] = {}  # family: type, documentation; by age
         self.last: dict[str, dict[tuple[str, SampleKey], float]] = {}  # by live worker
         self.exited: dict[tuple[str, SampleKey], float] = {}
+        self.final = final  # an exited worker's counters as it left them, by its key
 
     def keep(self, alive: set[str]) -> list[str]:
-        """The workers alive now: those no longer alive have their last answer added to
-        ``exited``, and are returned."""
+        """The workers alive now: those no longer alive have their counts added to
+        ``exited``, and are returned. Their counts: what their count file holds (what
+        they counted up to their end, contracts/counts.py), else their last answer."""
         with self.lock:
             gone = [key for key in self.last if key not in alive]
+        finals = {key: self.final(key) for key in gone}  # reading files: not under the lock
+        with self.lock:
             for key in gone:
-                for sample, value in self.last.pop(key).items():
+                counted = self.last.pop(key)
+                final = finals[key]
+                if final is not None:
+                    samples, types = final
+                    for sample, value in samples.items():
+                        counted[sample] = max(counted.get(sample, 0.0), value)
+                    for family, kind in types.items():
+                        self.kinds.setdefault(family, (kind, family))
+                for sample, value in counted.items():
                     self.exited[sample] = self.exited.get(sample, 0.0) + value
             for key in alive:
                 self.last.setdefault(key, {})
@@ -164,7 +187,11 @@ class Totals:
             for key, families in answers.items():
                 if key in self.last:
                     for family in families.values():
-                        if family.type not in CUMULATIVE:
+                        if family.name in SERVICE_GAUGES:  # read by one worker
+                            for sample, value in family.samples.items():
+                                sums[family.name][sample] = max(
+                                    sums[family.name].get(sample, value), value)
+                        elif family.type not in CUMULATIVE:
                             for sample, value in family.samples.items():
                                 sums[family.name][sample] = \
                                     sums[family.name].get(sample, 0.0) + value
@@ -186,7 +213,7 @@ class ArbiterEndpoint(Collector):
         self.lock = threading.Lock()
         self.workers: tuple[WorkerView, ...] = ()
         self.stopping = False
-        self.totals = Totals()
+        self.totals = Totals(lambda socket_path: read_counts(counts_path(socket_path)))
         registry = CollectorRegistry()
         registry.register(self)
         ProcessCollector(registry=registry)
@@ -230,10 +257,11 @@ class ArbiterEndpoint(Collector):
         with self.lock:
             self.workers, self.stopping = views, stopping
         for path in gone:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # the worker never got as far as serving
+            for name in (path, counts_path(path)):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass  # the worker never got as far as serving
 
     def stop(self) -> None:
         if self.server is not None:
@@ -349,8 +377,10 @@ def _remove_stale_directories(parent: str) -> None:
 
 
 def _only_sockets(path: str) -> bool:
+    """Nothing but sockets, and the workers' count files (N.counts, regular files)."""
     with os.scandir(path) as entries:
-        return all(stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+        return all(stat.S_ISSOCK(mode := entry.stat(follow_symlinks=False).st_mode)
+                   or (stat.S_ISREG(mode) and COUNT_FILE.fullmatch(entry.name) is not None)
                    for entry in entries)
 
 

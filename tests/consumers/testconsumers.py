@@ -508,3 +508,16 @@ class LoggedSleeper:
 
     def shutdown(self, exception=None):
         pass
+
+
+class HubBlocker:
+    """Blocks the whole process with an unpatched time.sleep of the seconds in the body
+    (the classic mistake blocking_warning is there to find), then records
+    ``slept:SECONDS``."""
+
+    def consume(self, amqp, msg):
+        time.sleep(float(text(msg)))
+        record(f"slept:{text(msg)}")
+
+    def shutdown(self, exception=None):
+        pass
