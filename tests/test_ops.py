@@ -575,7 +575,7 @@ queues:
 consumers:
   - {consumer: testconsumers:Recorder, queue: orders, priority: -5, time_limit: 0.5,
      retry: {max_attempts: 3, delay: 0.5, backoff: 1.5, max_delay: 2,
-             dead_letter_queue: orders.failed}}
+             dead_letter_queue: orders.failed, no_retry_for: [json:JSONDecodeError]}}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: first}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 1234}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 2024-05-01}
@@ -644,6 +644,8 @@ def test_every_list_and_mapping_key_describes_its_entries() -> None:
             if list in spec.types or dict in spec.types:
                 if spec.entries is not None:
                     missing += walk(spec.entries, f"{path}{name}.")
+                elif list in spec.types and spec.import_path:
+                    continue  # a list of 'module:attr' strings
                 elif f"{path}{name}" not in FREE_FORM:
                     missing.append(f"{path}{name}")
         return missing

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any
 
-from .keys import _MAX_LONG, _MIN_LONG, _Checker, _Key, timestamp_problem
+from .keys import (
+    _MAX_LONG,
+    _MIN_LONG,
+    _Checker,
+    _describe,
+    _is_import_path,
+    _Key,
+    timestamp_problem,
+)
 from .queues import QueueConfig
 
 
@@ -20,6 +28,8 @@ class RetryConfig:
     backoff: float = 2.0
     max_delay: float = 300.0
     dead_letter_queue: str | None = None
+    # Exception classes, 'module:Name', whose failures are never retried.
+    no_retry_for: tuple[str, ...] = ()
 
     def delay_ms(self, attempt: int) -> int:
         """Milliseconds a message waits after its ``attempt``-th consume failed (from 1)."""
@@ -98,6 +108,10 @@ RETRY_KEYS: dict[str, _Key] = {
     "dead_letter_queue": _Key((str,), non_empty=True,
                               doc="where exhausted messages go (declared durable); "
                                   "null: reject without requeue"),
+    "no_retry_for": _Key((list,), non_empty=True, import_path="module:Name",
+                         doc="exception classes, each module:Name: a failure raising one of "
+                             "them (or of a subclass) is never retried: it goes straight to "
+                             "dead_letter_queue (without one, rejected without requeue)"),
 }
 
 CONSUMER_KEYS: dict[str, _Key] = {
@@ -184,6 +198,14 @@ def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | No
     checked = checker.mapping(raw, key_path, RETRY_KEYS)
     if checked is None or len(checker.problems) > before:
         return None
+    names = checked.get("no_retry_for", [])
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not _is_import_path(name):
+            checker.problem(f"{key_path}.no_retry_for[{i}]", "expected 'module:Name' (an "
+                            f"exception class), got {_describe(name)}")
+    if len(checker.problems) > before:
+        return None
+    checked["no_retry_for"] = tuple(names)
     if checked["max_delay"] < checked["delay"]:
         checker.problem(f"{key_path}.max_delay", f"expected at least delay "
                         f"({checked['delay']}), got {checked['max_delay']}")

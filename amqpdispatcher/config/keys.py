@@ -34,7 +34,8 @@ class _Key:
     the strings accepted, where a string is given. ``expected``: what the problem
     line says is expected, when the first type's name would not say it.
     ``import_path``: the form of a 'module:attr' value, as the problem line shows it
-    ('module:Class'). ``entries``: the key table of a mapping, or of each entry of a
+    ('module:Class'); of a list, the form of each of its strings (checked by the
+    section that reads it). ``entries``: the key table of a mapping, or of each entry of a
     list (the JSON Schema, config/schema.py, describes what is inside from it; a list
     or mapping without one is free-form there).
     """

@@ -39,7 +39,8 @@ class StopNow(BaseException):
 
 class ConsumerPool:
     def __init__(self, entry: ConsumerConfig, cls: type, publisher: Publisher,
-                 policy_publisher: Publisher, timed: bool = False) -> None:
+                 policy_publisher: Publisher, timed: bool = False,
+                 no_retry_for: tuple[type[BaseException], ...] = ()) -> None:
         self.entry = entry
         self.cls = cls
         # amqp.publish's channels: one per publish waiting for its confirm (Publishers).
@@ -49,7 +50,7 @@ class ConsumerPool:
         # The policy's moves have a channel of their own: a consume's publish that gets
         # its channel closed must not fail a move the broker already routed (the input
         # would be requeued while its copy waits in the delay queue: handled twice).
-        self.policy = FailurePolicy(entry, policy_publisher)
+        self.policy = FailurePolicy(entry, policy_publisher, no_retry_for)
         # Unbounded: the broker's prefetch_count is what bounds it.
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
         # One per slot; None while a failed instance is being replaced.

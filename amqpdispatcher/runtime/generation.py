@@ -182,7 +182,8 @@ class Generation:
                                    self.publishing.publisher(f"{entry.path} ({entry.queue})"),
                                    self.publishing.publisher(f"{entry.path} ({entry.queue}) "
                                                              "retry policy"),
-                                   timed=config.http is not None)
+                                   timed=config.http is not None,
+                                   no_retry_for=resolved.no_retry_for.get(entry.path, ()))
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}

@@ -149,7 +149,8 @@ class _Entry:
     message at a time, its slots in turn."""
 
     def __init__(self, entry: ConsumerConfig, factory: Callable[[], Any], confirms: bool,
-                 publish: Send, move: Send) -> None:
+                 publish: Send, move: Send,
+                 no_retry_for: tuple[type[BaseException], ...] = ()) -> None:
         self.entry = entry
         self.started = False  # instances built: a failing factory is now a replacement's
         self.replacement_failed: BaseException | None = None
@@ -169,7 +170,8 @@ class _Entry:
         self.pool = ConsumerPool(
             entry, cast(type, build),
             cast(Publisher, _Publishing(confirms, publish).publisher(entry.path)),
-            cast(Publisher, _Publishing(True, move).publisher(f"{entry.path} retry policy")))
+            cast(Publisher, _Publishing(True, move).publisher(f"{entry.path} retry policy")),
+            no_retry_for=no_retry_for)
         # The settled deliveries: tag -> how (ack, requeue, reject).
         self.settled: dict[int, str] = {}
         # prefetch 1: every ack is sent at once, never left to a hub callback.
@@ -251,7 +253,7 @@ class Harness:
         self.published: list[Published] = []  # by consumers (amqp.publish), in order
         self.entries = [_Entry(entry, resolved.consumer_classes[entry.consumer],
                                self.config.publisher_confirms, self._publish_from_consume,
-                               self._move)
+                               self._move, resolved.no_retry_for.get(entry.path, ()))
                         for entry in self.config.consumers]
         path = self.config.path
         if resolved.startup_handler is not None:

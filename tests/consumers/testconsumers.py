@@ -395,18 +395,31 @@ class ExitOnSecondInit:
         record(f"shutdown:{self.name}")
 
 
+class PayloadError(Exception):
+    """For retry.no_retry_for: a failure that no retry can mend."""
+
+
+class InvalidPayload(PayloadError):
+    """A subclass: no_retry_for names PayloadError."""
+
+
 class Retried:
     """For the retry policy. Records 'attempt:BODY:N:TIME' on every call (N is
     msg.attempt, TIME the wall clock). Bodies: 'always-*' raise every time; 'twice-*'
     raise on attempts 1 and 2; 'sleep-*' sleep an hour (for time_limit); 'swallow-*'
-    sleep, catching the time limit's exception twice, then return; anything else is
-    done at once. Records 'done:BODY' and 'shutdown:EXCEPTION-TYPE'."""
+    sleep, catching the time limit's exception twice, then return; 'invalid-*' raise
+    InvalidPayload; 'json-*' raise json.JSONDecodeError; anything else is done at once.
+    Records 'done:BODY' and 'shutdown:EXCEPTION-TYPE'."""
 
     def consume(self, amqp, msg):
         import time
 
         body = text(msg)
         record(f"attempt:{body}:{msg.attempt}:{time.time():.6f}")
+        if body.startswith("invalid"):
+            raise InvalidPayload(f"cannot read {body}")
+        if body.startswith("json"):
+            json.loads(body)
         if body.startswith("always"):
             raise ValueError(f"always failing {body}")
         if body.startswith("twice") and msg.attempt <= 2:

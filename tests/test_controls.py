@@ -1,0 +1,115 @@
+"""The controls of issue 19 against the real broker, run as users run the dispatcher:
+retry.no_retry_for, --only, middleware, circuit_breaker, rate_limit and recycling
+(docs/guides/controls.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from rabbitnode import free_port
+from test_metrics import ready, scrape, value
+from test_retry import attempts, get_one
+
+# -- retry.no_retry_for -------------------------------------------------------------------
+
+NO_RETRY = """\
+http:
+  port: {port}
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:Retried
+    queue: q
+    consumer_count: 2
+    prefetch_count: 4
+    retry:
+      max_attempts: 3
+      delay: 0.2
+      dead_letter_queue: {dlq}
+      no_retry_for: [testconsumers:PayloadError, json:JSONDecodeError]
+"""
+
+
+def test_no_retry_for_dead_letters_on_the_first_failure_while_others_are_retried(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, NO_RETRY.format(port=port, dlq="q.failed"), broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "invalid-1")  # InvalidPayload, a subclass of PayloadError
+        broker.publish("q", "json-1")  # json.JSONDecodeError
+        broker.publish("q", "always-1")  # ValueError: retried
+        wait_until(lambda: broker.ready("q.failed") == 3
+                   and proc.records().count("shutdown:ValueError") == 3,
+                   what="all three dead-lettered")
+        records = proc.records()
+        assert [n for n, _ in attempts(records, "invalid-1")] == [1]
+        assert [n for n, _ in attempts(records, "json-1")] == [1]
+        assert [n for n, _ in attempts(records, "always-1")] == [1, 2, 3]
+        found = {}
+        for _ in range(3):
+            properties, body = get_one(broker, "q.failed")
+            found[body] = properties.headers
+        assert found[b"invalid-1"]["x-amqp-dispatcher-attempts"] == 1
+        assert found[b"invalid-1"]["x-amqp-dispatcher-exception-type"] == "InvalidPayload"
+        assert found[b"json-1"]["x-amqp-dispatcher-exception-type"] == "JSONDecodeError"
+        assert found[b"always-1"]["x-amqp-dispatcher-attempts"] == 3
+        assert "attempt 1, InvalidPayload is in no_retry_for, giving up: moved to " \
+               "q.failed" in proc.output
+        assert proc.output.count("retrying in") == 2  # always-1's two retries only
+        labels = {"queue": "q", "consumer": "testconsumers:Retried"}
+        samples = scrape(port)
+        assert value(samples, "amqp_dispatcher_messages_total", **labels,
+                     outcome="dead_letter") == 3
+        assert value(samples, "amqp_dispatcher_messages_total", **labels,
+                     outcome="retry") == 2
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_no_retry_for_without_a_dead_letter_queue_rejects(broker: BrokerHandle,
+                                                          tmp_path: Path) -> None:
+    port = free_port()
+    config = NO_RETRY.format(port=port, dlq="null")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        broker.publish("q", "invalid-2")
+        labels = {"queue": "q", "consumer": "testconsumers:Retried"}
+        wait_until(lambda: value(scrape(port), "amqp_dispatcher_messages_total", **labels,
+                                 outcome="reject") == 1, what="the reject counted")
+        assert [n for n, _ in attempts(proc.records(), "invalid-2")] == [1]
+        assert "InvalidPayload is in no_retry_for, giving up: rejected without requeue" \
+            in proc.output
+        assert broker.drained("q")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_no_retry_for_is_validated(tmp_path: Path) -> None:
+    config = NO_RETRY.format(port=free_port(), dlq="q.failed").replace(
+        "[testconsumers:PayloadError, json:JSONDecodeError]",
+        "[testconsumers:Recorder, testconsumers:not_a_class, json:NoSuchThing, 7, json]")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "config.yml: consumers[0].retry.no_retry_for[3]: expected 'module:Name' (an "
+        "exception class), got 7",
+        "config.yml: consumers[0].retry.no_retry_for[4]: expected 'module:Name' (an "
+        "exception class), got 'json'",
+    ]
+    config = config.replace(", 7, json]", "]")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "config.yml: consumers[0].retry.no_retry_for[0]: 'testconsumers:Recorder' is not "
+        "an exception class",
+        "config.yml: consumers[0].retry.no_retry_for[1]: 'testconsumers:not_a_class' is "
+        "not a class",
+        "config.yml: consumers[0].retry.no_retry_for[2]: cannot import 'json:NoSuchThing': "
+        "module 'json' has no 'NoSuchThing'",
+    ]
+    good = NO_RETRY.format(port=free_port(), dlq="q.failed")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=good)
+    assert result.returncode == 0, result.stderr
