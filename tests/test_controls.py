@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import free_port
 from test_metrics import ready, scrape, value
@@ -113,3 +114,70 @@ def test_no_retry_for_is_validated(tmp_path: Path) -> None:
     good = NO_RETRY.format(port=free_port(), dlq="q.failed")
     result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=good)
     assert result.returncode == 0, result.stderr
+
+
+# -- --only -------------------------------------------------------------------------------
+
+ONLY = """\
+http:
+  port: {port}
+queues:
+  - queue: a
+  - queue: b
+  - queue: c
+consumers:
+  - consumer: testconsumers:Recorder
+    queue: a
+  - consumer: testconsumers:Recorder
+    queue: b
+    retry:
+      dead_letter_queue: b.failed
+  - consumer: testconsumers:Recorder
+    queue: c
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_only_consumes_the_queues_it_names(broker: BrokerHandle, tmp_path: Path,
+                                           processes: int) -> None:
+    port = free_port()
+    proc = DispatcherProcess(tmp_path, ONLY.format(port=port), broker.url,
+                             args=("--only", "a,c", "--processes", str(processes)))
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        # The topology is declared as without --only: b's retry queues too.
+        assert broker.consumers("b") == 0
+        broker.ready("b.failed")
+        broker.ready("b.retry.quorum.1000ms")
+        for queue in "abc":
+            broker.publish(queue, f"{queue}-1")
+        wait_until(lambda: sorted(proc.records()) == ["a-1", "c-1"], what="a-1 and c-1")
+        assert broker.consumers("a") == processes and broker.consumers("c") == processes
+        assert broker.ready("b") == 1  # nobody consumes it
+        samples = scrape(port)
+        queues = {dict(labels).get("queue") for name, labels in samples
+                  if name == "amqp_dispatcher_consuming"}
+        assert queues == {"a", "c"}
+        wait_until(lambda: value(scrape(port), "amqp_dispatcher_messages_total", queue="a",
+                                 consumer="testconsumers:Recorder", outcome="ack") == 1,
+                   what="a-1 acked")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_only_an_unknown_queue_is_one_line(tmp_path: Path) -> None:
+    config = ONLY.format(port=free_port())
+    for args in (("--validate",), ()):
+        result = run_cli(tmp_path, *args, "--config", "config.yml", "--only", "a,nope,z",
+                         config=config)
+        assert result.returncode == 1, result
+        assert result.stderr.splitlines() == [
+            "config.yml: --only: no consumer entry consumes 'nope', 'z' (the entries "
+            "consume: a, b, c)"], result.stderr
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", "--only", "b",
+                     config=config)
+    assert result.returncode == 0, result.stderr
+    assert "3 queue(s), 1 consumer(s)" in result.stdout
+    result = run_cli(tmp_path, "--config", "config.yml", "--only", "a,,b", config=config)
+    assert result.returncode == 2
+    assert "--only: expected QUEUE[,QUEUE...], got 'a,,b'" in result.stderr

@@ -69,6 +69,7 @@ from .top_level import (
     load_config,
     load_config_dict,
     read_http,
+    select,
 )
 
 __all__ = [
@@ -78,7 +79,7 @@ __all__ = [
     "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",
     "RetryConfig", "argument_name", "check_imports", "config_schema", "describe_exception",
     "import_object", "load_config", "load_config_dict", "parse_bindings", "parse_consumers",
-    "parse_exchanges", "parse_queues", "read_http", "schema_text",
+    "parse_exchanges", "parse_queues", "read_http", "schema_text", "select",
     "_MAX_DELAY_SECONDS", "_TYPE_NAMES", "_Checker", "_DuplicateKeyError", "_Key",
     "_UniqueKeyLoader", "_check_retry_names", "_describe", "_import", "_is_import_path",
     "_parse", "_parse_retry", "_read_yaml",

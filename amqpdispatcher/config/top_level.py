@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .consumers import CONSUMER_KEYS, ConsumerConfig, parse_consumers
@@ -33,6 +33,10 @@ class Config:
     publisher_confirms: bool = True
     http: HttpConfig | None = None
     stats_interval: float = 60.0
+    # --only: the queues named (None: every entry runs), and the entries it left out,
+    # whose retry queues are declared all the same (select).
+    only: tuple[str, ...] | None = None
+    unselected: tuple[ConsumerConfig, ...] = ()
 
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
@@ -85,6 +89,21 @@ def _load(config: Config, problems: list[str]) -> tuple[Config, Resolved]:
     if problems:
         raise ConfigError(problems)
     return config, resolved
+
+
+def select(config: Config, queues: tuple[str, ...]) -> Config:
+    """``--only``: the config with only the consumer entries consuming these queues;
+    the others are kept in ``unselected`` (the topology is declared as without
+    ``--only``). ConfigError, one line, for a name no entry consumes."""
+    consumed = list(dict.fromkeys(entry.queue for entry in config.consumers))
+    unknown = [name for name in queues if name not in consumed]
+    if unknown:
+        raise ConfigError([f"{config.path}: --only: no consumer entry consumes "
+                           f"{', '.join(repr(name) for name in unknown)} (the entries "
+                           f"consume: {', '.join(consumed)})"])
+    return replace(config, only=queues,
+                   consumers=tuple(e for e in config.consumers if e.queue in queues),
+                   unselected=tuple(e for e in config.consumers if e.queue not in queues))
 
 
 def read_http(path: str) -> HttpConfig | None:

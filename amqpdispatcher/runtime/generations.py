@@ -40,7 +40,7 @@ import gevent
 import gevent.queue
 import gevent.util
 
-from ..config import Config, ConfigError, Resolved, describe_exception, load_config
+from ..config import Config, ConfigError, Resolved, describe_exception, load_config, select
 from ..config.settings import Settings
 from ..contracts.exits import EXIT_INTERNAL
 from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
@@ -83,7 +83,10 @@ def load_afresh(running: Config) -> tuple[Config, Resolved]:
         del sys.modules[name]
     importlib.invalidate_caches()  # modules added since the last import are found
     try:
-        return load_config(running.path)
+        config, resolved = load_config(running.path)
+        if running.only is not None:  # --only names the same queues in the new config
+            config = select(config, running.only)
+        return config, resolved
     except BaseException:
         for name in [name for name in sys.modules if afresh(name)]:
             del sys.modules[name]

@@ -155,8 +155,11 @@ class Check:
 
 class Arbiter:
     def __init__(self, config_path: str, processes: int,
-                 exit_when_drained: float | None = None) -> None:
+                 exit_when_drained: float | None = None,
+                 only: tuple[str, ...] | None = None) -> None:
         self.config_path = config_path
+        # --only, passed on to every worker and to a reload's check.
+        self.only = [f"--only={','.join(only)}"] if only else []
         self.processes = processes
         self.exit_when_drained = exit_when_drained
         self.workers: list[Worker] = []  # every worker process not yet reaped
@@ -366,7 +369,7 @@ class Arbiter:
         output = tempfile.TemporaryFile()
         process = subprocess.Popen(
             [sys.executable, "-m", "amqpdispatcher", "--validate",
-             f"--config={self.config_path}"],
+             f"--config={self.config_path}", *self.only],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
             preexec_fn=_die_with_this_process())
         self.check = Check(process, output)
@@ -447,7 +450,8 @@ class Arbiter:
         http_socket = self.http.socket_for_worker() if self.http is not None else ""
         if http_socket:
             env[HTTP_SOCKET_ENV] = http_socket
-        args = [sys.executable, "-m", "amqpdispatcher", f"--config={self.config_path}"]
+        args = [sys.executable, "-m", "amqpdispatcher", f"--config={self.config_path}",
+                *self.only]
         if self.exit_when_drained is not None:
             args += ["--exit-when-drained", str(self.exit_when_drained)]
         try:
