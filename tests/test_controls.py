@@ -181,3 +181,91 @@ def test_only_an_unknown_queue_is_one_line(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "--config", "config.yml", "--only", "a,,b", config=config)
     assert result.returncode == 2
     assert "--only: expected QUEUE[,QUEUE...], got 'a,,b'" in result.stderr
+
+
+# -- middleware ---------------------------------------------------------------------------
+
+MIDDLEWARE = """\
+middleware: [testconsumers:FirstMiddleware, testconsumers:SecondMiddleware,
+             testconsumers:BrokenAfter]
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:Retried
+    queue: q
+    retry:
+      max_attempts: 2
+      delay: 0.1
+      dead_letter_queue: q.failed
+"""
+
+
+def test_middleware_hooks_are_called_in_order_with_the_outcome(broker: BrokerHandle,
+                                                               tmp_path: Path) -> None:
+    proc = DispatcherProcess(tmp_path, MIDDLEWARE, broker.url)
+    try:
+        proc.wait_consuming()
+        assert proc.records() == ["mw:first:on_start:1", "mw:second:on_start:1"]
+        broker.publish("q", "ok-1")
+        wait_until(lambda: "mw:first:after:ok-1:ack:-" in proc.records(), what="ok-1 done")
+        assert proc.records()[2:] == [
+            "mw:first:before:q:ok-1", "mw:second:before:q:ok-1",
+            "attempt:ok-1:1:" + proc.records()[4].split(":", 3)[3], "done:ok-1",
+            "mw:second:after:ok-1:ack:-", "mw:first:after:ok-1:ack:-"]
+        broker.publish("q", "always-1")
+        wait_until(lambda: broker.ready("q.failed") == 1
+                   and "mw:first:after:always-1:dead_letter:ValueError" in proc.records(),
+                   what="always-1 dead-lettered")
+        broker.publish("q", "refuse-1")  # the second before_consume raises
+        wait_until(lambda: broker.ready("q.failed") == 2
+                   and "mw:first:after:refuse-1:dead_letter:PayloadError" in proc.records(),
+                   what="refuse-1 dead-lettered")
+        records = proc.records()
+        hooks = [line for line in records if "always-1" in line or "refuse-1" in line]
+        assert [line for line in hooks if not line.startswith("attempt:")] == [
+            "mw:first:before:q:always-1", "mw:second:before:q:always-1",
+            "mw:second:after:always-1:retry:ValueError",
+            "mw:first:after:always-1:retry:ValueError",
+            "mw:first:before:q:always-1", "mw:second:before:q:always-1",
+            "mw:second:after:always-1:dead_letter:ValueError",
+            "mw:first:after:always-1:dead_letter:ValueError",
+            "mw:first:before:q:refuse-1", "mw:second:before:q:refuse-1",
+            "mw:second:after:refuse-1:retry:PayloadError",
+            "mw:first:after:refuse-1:retry:PayloadError",
+            "mw:first:before:q:refuse-1", "mw:second:before:q:refuse-1",
+            "mw:second:after:refuse-1:dead_letter:PayloadError",
+            "mw:first:after:refuse-1:dead_letter:PayloadError",
+        ]
+        assert attempts(records, "refuse-1") == []  # consume never called
+        assert records.count("shutdown:ValueError") == 2  # refuse-1 replaced no instance
+        headers = get_one(broker, "q.failed")[0].headers
+        headers = get_one(broker, "q.failed")[0].headers
+        assert headers["x-amqp-dispatcher-exception-type"] == "PayloadError"
+        # BrokenAfter's after_consume raised every time: logged, the outcome stood.
+        assert "testconsumers:BrokenAfter.after_consume raised RuntimeError: after_consume " \
+               "broke" in proc.output
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert proc.records()[-2:] == ["mw:second:on_stop", "mw:first:on_stop"]
+
+
+def test_middleware_is_validated(tmp_path: Path) -> None:
+    config = MIDDLEWARE.replace(
+        "testconsumers:BrokenAfter]",
+        "testconsumers:Recorder, testconsumers:not_a_class, nosuchmodule:X, 7]")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "config.yml: middleware[5]: expected 'module:Name' (a class), got 7"]
+    config = config.replace(", 7]", "]")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "config.yml: middleware[2]: 'testconsumers:Recorder' has none of the hooks "
+        "on_start, before_consume, after_consume, on_stop",
+        "config.yml: middleware[3]: 'testconsumers:not_a_class' is not a class",
+        "config.yml: middleware[4]: cannot import 'nosuchmodule:X': no module named "
+        "'nosuchmodule' (is it on PYTHONPATH?)",
+    ]
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=MIDDLEWARE)
+    assert result.returncode == 0, result.stderr

@@ -582,6 +582,7 @@ consumers:
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 2024-05-01T10:30:00+02:00}
   - {consumer: testconsumers:Recorder, queue: lazy, exclusive: true, prefetch_count: 65535}
 drain_timeout: 0.5
+middleware: [testconsumers:FirstMiddleware]
 reconnect: false
 reconnect_give_up_after: 60
 publisher_confirms: false

@@ -7,15 +7,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any
 
-from .keys import (
-    _MAX_LONG,
-    _MIN_LONG,
-    _Checker,
-    _describe,
-    _is_import_path,
-    _Key,
-    timestamp_problem,
-)
+from .keys import _MAX_LONG, _MIN_LONG, _Checker, _Key, timestamp_problem
 from .queues import QueueConfig
 
 
@@ -198,14 +190,11 @@ def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | No
     checked = checker.mapping(raw, key_path, RETRY_KEYS)
     if checked is None or len(checker.problems) > before:
         return None
-    names = checked.get("no_retry_for", [])
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or not _is_import_path(name):
-            checker.problem(f"{key_path}.no_retry_for[{i}]", "expected 'module:Name' (an "
-                            f"exception class), got {_describe(name)}")
+    checked["no_retry_for"] = checker.import_paths(checked.get("no_retry_for", []),
+                                                   f"{key_path}.no_retry_for",
+                                                   "an exception class")
     if len(checker.problems) > before:
         return None
-    checked["no_retry_for"] = tuple(names)
     if checked["max_delay"] < checked["delay"]:
         checker.problem(f"{key_path}.max_delay", f"expected at least delay "
                         f"({checked['delay']}), got {checked['max_delay']}")

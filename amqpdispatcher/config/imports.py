@@ -75,12 +75,30 @@ def _exception_classes(checker: _Checker, key_path: str,
     return tuple(classes)
 
 
+# The hooks of a middleware (consuming/middleware.py, which the config cannot import).
+MIDDLEWARE_HOOKS = ("on_start", "before_consume", "after_consume", "on_stop")
+
+
+def _middleware_problem(cls: Any) -> str | None:
+    """What keeps ``cls`` from being a middleware, or None."""
+    if not inspect.isclass(cls):
+        return "is not a class"
+    hooks = [name for name in MIDDLEWARE_HOOKS if getattr(cls, name, None) is not None]
+    if not hooks:
+        return f"has none of the hooks {', '.join(MIDDLEWARE_HOOKS)}"
+    not_callable = [name for name in hooks if not callable(getattr(cls, name))]
+    if not_callable:
+        return f"has {' and '.join(not_callable)} but not as a method"
+    return None
+
+
 @dataclass
 class Resolved:
     """The imported objects a config names."""
 
     startup_handler: Callable[[], Any] | None = None
     consumer_classes: dict[str, type] = field(default_factory=dict)
+    middleware: tuple[type, ...] = ()
     # Each entry's retry.no_retry_for, imported, by the entry's path (consumers[0]).
     no_retry_for: dict[str, tuple[type[BaseException], ...]] = field(default_factory=dict)
 
@@ -108,6 +126,17 @@ def check_imports(config: Config) -> Resolved:
                             f"{entry.consumer!r} has no {' and no '.join(missing)} method")
             continue
         resolved.consumer_classes[entry.consumer] = cls
+    middleware = []
+    for i, spec in enumerate(config.middleware):
+        cls = _import(checker, f"middleware[{i}]", spec)
+        if cls is None:
+            continue
+        problem = _middleware_problem(cls)
+        if problem:
+            checker.problem(f"middleware[{i}]", f"{spec!r} {problem}")
+        else:
+            middleware.append(cls)
+    resolved.middleware = tuple(middleware)
     for entry in config.consumers:
         if entry.retry is not None and entry.retry.no_retry_for:
             resolved.no_retry_for[entry.path] = _exception_classes(

@@ -178,6 +178,18 @@ class _Checker:
         return None
 
 
+    def import_paths(self, value: list[Any], key_path: str, form: str) -> tuple[str, ...]:
+        """A list of 'module:attr' strings (``form``: what each names, as the problem
+        line says it), each checked; the problems go to this checker, and a list with
+        any is returned empty (nothing of it is imported)."""
+        bad = False
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not _is_import_path(item):
+                self.problem(f"{key_path}[{i}]", f"expected 'module:Name' ({form}), got "
+                             f"{_describe(item)}")
+                bad = True
+        return () if bad else tuple(value)
+
     def table(self, value: dict[Any, Any], key_path: str, broker_names: bool = False) -> bool:
         """Check an ``arguments`` mapping, sent as an AMQP table: every key a string,
         every value one that AMQP carries. ``broker_names``: a queue's or exchange's

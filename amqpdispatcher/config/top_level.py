@@ -33,6 +33,7 @@ class Config:
     publisher_confirms: bool = True
     http: HttpConfig | None = None
     stats_interval: float = 60.0
+    middleware: tuple[str, ...] = ()  # module:Class each
     # --only: the queues named (None: every entry runs), and the entries it left out,
     # whose retry queues are declared all the same (select).
     only: tuple[str, ...] | None = None
@@ -63,6 +64,12 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "http": _Key((dict,), entries=HTTP_KEYS,
                  doc="HTTP endpoint for /metrics, /healthz, /readyz (HTTP_KEYS); "
                      "absent: no port opened"),
+    # Beyond 0.4.3: controls (docs/guides/controls.md).
+    "middleware": _Key((list,), non_empty=True, import_path="module:Class",
+                       doc="classes, each module:Class, instantiated once per process, "
+                           "whose hooks (on_start, before_consume, after_consume, on_stop) "
+                           "are called in order around every consume; see "
+                           "amqpdispatcher.Middleware"),
     "stats_interval": _Key((float, int), default=60, nullable=False,
                            doc=f"seconds between the INFO stats lines (at least "
                                f"{MIN_STATS_INTERVAL:g}); 0: none"),
@@ -148,5 +155,7 @@ def _parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
                     reconnect_give_up_after=top.get("reconnect_give_up_after"),
                     publisher_confirms=top.get("publisher_confirms", True),
                     http=parse_http(checker, top["http"]) if "http" in top else None,
-                    stats_interval=stats_interval)
+                    stats_interval=stats_interval,
+                    middleware=checker.import_paths(top.get("middleware", []), "middleware",
+                                                    "a class"))
     return config, checker.problems

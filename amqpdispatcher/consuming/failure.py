@@ -292,22 +292,24 @@ class FailurePolicy:
                               "again)" if entry.stream else "message requeued")
 
     def failed(self, acker: Acknowledger, method: Any, properties: Any, body: bytes,
-               exc: BaseException) -> None:
+               exc: BaseException) -> str:
+        """Settle a failed delivery; return its outcome (outcomes.OUTCOMES' name)."""
         tag = method.delivery_tag
         retry = self.retry
         attempt = attempt_of(properties)
         if retry is None:
-            acker.reject(tag, requeue=True)
             outcome = "ack" if self.entry.stream else "requeue"
+            outcome = outcome if acker.open else "dropped"
+            acker.reject(tag, requeue=True)
             self.failures.failed(exc, self.without_retry,
                                  self._fields(acker, tag, outcome, attempt))
-            return
+            return outcome
         if not acker.open:  # its channel is gone: the broker redelivers it
             acker.drop()
             log.warning("%s: consume raised %s; its channel closed meanwhile: the broker "
                         "redelivers the message", self.entry.consumer, describe_exception(exc),
                         extra=self._fields(acker, tag, "dropped", attempt))
-            return
+            return "dropped"
         now = time.time()
         final = self.no_retry_for and isinstance(exc, self.no_retry_for)
         # How the giving-up line says why: attempts exhausted, or an exception not retried.
@@ -323,14 +325,16 @@ class FailurePolicy:
                          self.entry.consumer, describe_exception(exc), attempt,
                          retry.max_attempts, delay_ms / 1000,
                          extra=self._fields(acker, tag, "retry", attempt))
-            return
+                return "retry"
+            return "requeue" if acker.open else "dropped"
         if retry.dead_letter_queue is None:
+            outcome = "ack" if self.entry.stream else "reject"
             acker.reject(tag, requeue=False)
             log.warning("%s: consume raised %s; %s, giving up: rejected without "
                         "requeue (the queue's dead-letter exchange, if any, receives it)",
                         self.entry.consumer, describe_exception(exc), why,
                         extra=self._fields(acker, tag, "reject", attempt))
-            return
+            return outcome if acker.open else "dropped"
         headers = dead_letter_headers(properties.headers, exc, attempt, method, self.entry, now)
         if self._move(acker, tag, attempt, exc, retry.dead_letter_queue, body,
                       _republished(properties, headers), DEAD_LETTER):
@@ -338,6 +342,8 @@ class FailurePolicy:
                         self.entry.consumer, describe_exception(exc), why,
                         retry.dead_letter_queue,
                         extra=self._fields(acker, tag, "dead_letter", attempt))
+            return "dead_letter"
+        return "requeue" if acker.open else "dropped"
 
     def _fields(self, acker: Acknowledger, tag: int, outcome: str,
                 attempt: int) -> dict[str, Any]:

@@ -99,7 +99,17 @@ class AMQPProxy:
 
     def reject(self, requeue: bool = True) -> None:
         self._respond("reject")
+        if not requeue:
+            self._response = "rejected without requeue"
         self._acker.reject(self.tag, requeue=requeue)
+
+    def outcome(self) -> str:
+        """The outcome of the delivery the consumer settled itself (for middleware)."""
+        if not self._acker.open:
+            return "dropped"
+        if self._acker.stream or self._response == "acked":
+            return "ack"
+        return "reject" if self._response == "rejected without requeue" else "requeue"
 
     def publish(self, exchange: str, routing_key: str, headers: dict[str, Any] | None,
                 body: bytes | str, *, mandatory: bool = False, **properties: Any) -> None:

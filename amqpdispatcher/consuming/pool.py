@@ -25,6 +25,7 @@ from ..config import ConsumerConfig, describe_exception
 from .acks import Acknowledger
 from .failure import FailurePolicy, TimeLimit, attempt_of
 from .message import AMQPProxy, Message
+from .middleware import Middlewares
 from .outcomes import EntryMetrics, delivery_fields
 
 log = logging.getLogger("amqp-dispatcher")
@@ -58,6 +59,8 @@ class ConsumerPool:
         self.slots: list[gevent.Greenlet] = []
         self.busy = 0  # consume calls running now
         self.stopping = gevent.event.Event()
+        # Hooks around every consume (middleware.py), set before start(); None: none.
+        self.middleware: Middlewares | None = None
 
     def create_instances(self) -> None:
         """Construct every instance; a failure here is raised to the caller (start-up)."""
@@ -88,7 +91,8 @@ class ConsumerPool:
 
     def _work(self, slot: int) -> None:
         get = self.work.get
-        handle = self._handle
+        # Chosen once: without middleware, a delivery pays nothing for it.
+        handle = self._handle if self.middleware is None else self._handle_middleware
         limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
         try:
             while True:
@@ -142,6 +146,68 @@ class ConsumerPool:
         finally:
             self.busy -= 1
         self._replace(slot, failure)
+
+    def _handle_middleware(self, slot: int, item: tuple[Any, ...],
+                           limit: TimeLimit | None) -> None:
+        """_handle with the middleware's hooks around consume (middleware.py): a
+        before_consume that raises fails the message through the failure policy, without
+        consume (the instance is not replaced: it did not fail); after_consume is told
+        the outcome."""
+        acker, method, properties, body = item
+        tag = method.delivery_tag
+        instance = self.instances[slot]
+        if instance is None:  # stopping while a replacement was pending
+            acker.reject(tag, requeue=True)
+            return
+        middleware = self.middleware
+        assert middleware is not None
+        entry = self.entry
+        msg = Message(method, properties, body)
+        amqp = AMQPProxy(acker, self.publisher, tag)
+        durations = self.metrics.durations
+        self.busy += 1
+        if durations is not None:
+            started = perf_counter()
+        failure: BaseException | None = None
+        consumed = False
+        try:
+            middleware.before(entry, msg)
+            consumed = True
+            if limit is None:
+                instance.consume(amqp, msg)
+            else:
+                limit.run(instance.consume, amqp, msg)
+        except StopNow:
+            self.busy -= 1
+            raise
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            failure = exc
+        if durations is not None:
+            durations.observe(perf_counter() - started)
+        responded = amqp.has_responded_to_message
+        if failure is None:
+            self.busy -= 1
+            if responded:
+                outcome = amqp.outcome()
+            else:
+                outcome = "ack" if acker.open else "dropped"
+                acker.ack(tag)
+            middleware.after(entry, msg, outcome, None)
+            return
+        self.metrics.failures += 1
+        try:
+            if responded:
+                log.error("%s: consume raised %s; delivery tag %d was already settled",
+                          entry.consumer, describe_exception(failure), tag,
+                          extra=delivery_fields(entry, tag, None, attempt_of(properties)))
+                outcome = amqp.outcome()
+            else:
+                outcome = self.policy.failed(acker, method, properties, body, failure)
+        finally:
+            self.busy -= 1
+        middleware.after(entry, msg, outcome, failure)
+        if consumed:
+            self._replace(slot, failure)
 
     def _replace(self, slot: int, exc: BaseException | None) -> None:
         """Shut the failed instance down and put a fresh one in its slot."""

@@ -30,6 +30,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
@@ -56,6 +57,7 @@ from ..config import Config, ExchangeConfig, Resolved, describe_exception
 from ..config.retry import retry_queues
 from ..config.settings import Settings
 from ..consuming.acks import Acknowledger
+from ..consuming.middleware import Middlewares
 from ..consuming.pool import ConsumerPool, StopNow
 from ..contracts.exits import (
     EXIT_BROKER,
@@ -140,6 +142,10 @@ def _run_user_code(call: Callable[[], Any], what: str) -> None:
         raise UserCodeError(f"{what} raised {describe_exception(exc)}") from None
 
 
+def _append_instance(instances: list[Any], cls: type) -> None:
+    instances.append(cls())
+
+
 class Channel:
     """One consumer entry's channel on the current connection."""
 
@@ -205,6 +211,7 @@ class Generation:
         self.stopping = False
         self.reconnects = 0
         self.stats = StatsLog(self.pools, config.stats_interval)
+        self.middleware: Middlewares | None = None  # built with the consumer instances
 
     def is_connected(self) -> bool:
         return self.connection is not None and self.connection.is_open
@@ -352,6 +359,23 @@ class Generation:
         for pool in self.pools:
             _run_user_code(pool.create_instances, f"{self.config.path}: {pool.entry.path}."
                            f"consumer: {pool.entry.consumer}()")
+        if self.resolved.middleware:
+            self._start_middleware()
+
+    def _start_middleware(self) -> None:
+        """Build the middleware instances, call their on_start, and hand their hooks to
+        the pools (only if some has a hook around consume)."""
+        instances: list[Any] = []
+        for i, cls in enumerate(self.resolved.middleware):
+            spec = f"{self.config.path}: middleware[{i}]: {self.config.middleware[i]}"
+            _run_user_code(partial(_append_instance, instances, cls), f"{spec}()")
+        middleware = Middlewares(instances)
+        self.middleware = middleware
+        _run_user_code(lambda: middleware.start(self.config),
+                       f"{self.config.path}: middleware: on_start")
+        if middleware.around_consume():
+            for pool in self.pools:
+                pool.middleware = middleware
 
     def _open_session(self, at_start: bool) -> None:
         """Connect, declare the topology, and start consuming on every entry.
@@ -672,6 +696,9 @@ class Generation:
     def _shutdown_instances(self) -> None:
         for pool in self.pools:
             pool.shutdown_instances()
+        middleware, self.middleware = self.middleware, None
+        if middleware is not None:
+            middleware.stop()
 
     def _close_connections(self) -> None:
         """Close the consuming and the publishing connection side by side (the drain is

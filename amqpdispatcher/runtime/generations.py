@@ -69,7 +69,7 @@ def load_afresh(running: Config) -> tuple[Config, Resolved]:
     The import runs on the hub: nothing else in the process runs until it returns.
     (In a thread of its own, module-level code that uses gevent would get a hub of
     that thread's, and the imports would race the running generation's.)"""
-    specs = [entry.consumer for entry in running.consumers]
+    specs = [entry.consumer for entry in running.consumers] + list(running.middleware)
     if running.startup_handler:
         specs.append(running.startup_handler)
     packages = {spec.partition(":")[0].partition(".")[0] for spec in specs}

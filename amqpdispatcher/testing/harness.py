@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Union, cast
 
 import pika.spec
@@ -46,9 +47,10 @@ from ..config.top_level import _parse_data
 from ..consuming.acks import Acknowledger
 from ..consuming.failure import ATTEMPT_HEADER, TimeLimit
 from ..consuming.message import _PROPERTY_NAMES
+from ..consuming.middleware import Middlewares
 from ..consuming.outcomes import DROPPED, OUTCOMES
 from ..consuming.pool import ConsumerPool, StopNow
-from ..runtime.generation import _run_user_code
+from ..runtime.generation import _append_instance, _run_user_code
 from .broker import BUILT_IN_TYPES, X_MATCH, Broker, Queue, Stored, UnknownExchange
 
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
@@ -204,7 +206,9 @@ class _Entry:
         slot, self._slot = self._slot, (self._slot + 1) % len(self.pool.instances)
         self.acker.delivered(tag)
         try:
-            self.pool._handle(slot, (self.acker, method, properties, body), self.limits[slot])
+            handle = self.pool._handle if self.pool.middleware is None \
+                else self.pool._handle_middleware
+            handle(slot, (self.acker, method, properties, body), self.limits[slot])
         except StopNow:
             exc = self.replacement_failed
             raise HarnessError(f"{self.entry.path}: creating a replacement instance of "
@@ -262,6 +266,18 @@ class Harness:
         for state in self.entries:
             _run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
                                         f"{state.entry.consumer}()")
+        self.middleware: Middlewares | None = None
+        if resolved.middleware:  # as the daemon's generation does
+            instances: list[Any] = []
+            for i, cls in enumerate(resolved.middleware):
+                _run_user_code(partial(_append_instance, instances, cls),
+                               f"{path}: middleware[{i}]: {self.config.middleware[i]}()")
+            self.middleware = middleware = Middlewares(instances)
+            _run_user_code(lambda: middleware.start(self.config),
+                           f"{path}: middleware: on_start")
+            if middleware.around_consume():
+                for state in self.entries:
+                    state.pool.middleware = middleware
         self._declare()
         self._next_entry: dict[str, int] = {}
 
@@ -470,6 +486,9 @@ class Harness:
         """``shutdown(None)`` on every consumer instance, as the daemon's stop does."""
         for state in self.entries:
             state.pool.shutdown_instances()
+        middleware, self.middleware = getattr(self, "middleware", None), None
+        if middleware is not None:
+            middleware.stop()
 
     def __enter__(self) -> Harness:
         return self

@@ -521,3 +521,48 @@ class LoggedSleeper:
 
     def shutdown(self, exception=None):
         pass
+
+
+class FirstMiddleware:
+    """Middleware recording each hook as 'mw:NAME:HOOK:...'."""
+
+    name = "first"
+
+    def on_start(self, config):
+        record(f"mw:{self.name}:on_start:{len(config.consumers)}")
+
+    def before_consume(self, entry, msg):
+        record(f"mw:{self.name}:before:{entry.queue}:{text(msg)}")
+
+    def after_consume(self, entry, msg, outcome, exception):
+        name = type(exception).__name__ if exception is not None else "-"
+        record(f"mw:{self.name}:after:{text(msg)}:{outcome}:{name}")
+
+    def on_stop(self):
+        record(f"mw:{self.name}:on_stop")
+
+
+def _second_middleware():
+    from amqpdispatcher import Middleware
+
+    class SecondMiddleware(FirstMiddleware, Middleware):
+        """The second: its before_consume refuses bodies 'refuse-*'."""
+
+        name = "second"
+
+        def before_consume(self, entry, msg):
+            super().before_consume(entry, msg)
+            if text(msg).startswith("refuse"):
+                raise PayloadError(f"refused {text(msg)}")
+
+    return SecondMiddleware
+
+
+SecondMiddleware = _second_middleware()
+
+
+class BrokenAfter:
+    """Middleware whose after_consume always raises."""
+
+    def after_consume(self, entry, msg, outcome, exception):
+        raise RuntimeError("after_consume broke")
