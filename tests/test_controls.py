@@ -4,12 +4,15 @@ retry.no_retry_for, --only, middleware, circuit_breaker, rate_limit and recyclin
 
 from __future__ import annotations
 
+import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
 from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import free_port
-from test_metrics import ready, scrape, value
+from test_metrics import get, ready, scrape, value
 from test_retry import attempts, get_one
 
 # -- retry.no_retry_for -------------------------------------------------------------------
@@ -269,3 +272,117 @@ def test_middleware_is_validated(tmp_path: Path) -> None:
     ]
     result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=MIDDLEWARE)
     assert result.returncode == 0, result.stderr
+
+
+# -- circuit_breaker ----------------------------------------------------------------------
+
+BREAKER = """\
+http:
+  port: {port}
+stats_interval: 0.5
+queues:
+  - queue: q
+  - queue: other
+consumers:
+  - consumer: testconsumers:Breakable
+    queue: q
+    consumer_count: 2
+    prefetch_count: 4
+    circuit_breaker:
+      failure_ratio: 0.5
+      min_calls: 10
+      window: 2
+      open_for: {open_for}
+  - consumer: testconsumers:Recorder
+    queue: other
+"""
+
+
+def calls(records: list[str]) -> list[tuple[str, float, str]]:
+    """(body, time, fail or ok) of each Breakable call."""
+    found = []
+    for line in records:
+        if line.startswith("call:"):
+            _, body, stamp, how = line.split(":")
+            found.append((body, float(stamp), how))
+    return found
+
+
+def test_circuit_breaker_trips_gives_back_and_resumes(broker: BrokerHandle,
+                                                      tmp_path: Path) -> None:
+    port, fail = free_port(), tmp_path / "failing"
+    fail.write_text("")
+    open_for = 3
+    proc = DispatcherProcess(tmp_path, BREAKER.format(port=port, open_for=open_for),
+                             broker.url, env={"FAIL_FILE": str(fail)})
+    labels = {"queue": "q", "consumer": "testconsumers:Breakable"}
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        assert value(scrape(port), "amqp_dispatcher_circuit_open", **labels) == 0
+        for i in range(10):
+            broker.publish("q", f"m-{i}")
+        # Without retry: each failure is requeued at once and fails again, fast.
+        proc.wait_for_log(r"circuit_breaker of consumers\[0\] \(q\): \d+ of the \d+ calls "
+                          r"settled in the last 2s failed .*: not consuming until "
+                          r"\d\d:\d\d:\d\d UTC \(open_for 3s\); trip 1", timeout=10)
+        # Stopped: nothing lost, nothing held (those not started went back).
+        wait_until(lambda: broker.consumers("q") == 0 and broker.has_counts("q", 10, 0),
+                   timeout=5, what="q not consumed, its 10 messages ready")
+        last_failure = max(t for _, t, how in calls(proc.records()) if how == "fail")
+        samples = scrape(port)
+        assert value(samples, "amqp_dispatcher_circuit_open", **labels) == 1
+        assert value(samples, "amqp_dispatcher_circuit_trips_total", **labels) == 1
+        status, body = get(port, "/readyz")
+        assert status == 200, body  # the process is healthy
+        assert json.loads(body)["circuit_open"][0]["queue"] == "q"
+        proc.wait_for_log(r"q: \d+ handled, \d+ failed, 0 in flight, circuit open until",
+                          timeout=5)
+        # Other entries are unaffected.
+        broker.publish("other", "o-1")
+        wait_until(lambda: "o-1" in proc.records(), timeout=5, what="o-1 consumed")
+        fail.unlink()  # the downstream is back
+        wait_until(lambda: broker.drained("q")
+                   and sum(how == "ok" for _, _, how in calls(proc.records())) == 10,
+                   timeout=15, what="the 10 messages consumed after open_for")
+        first_ok = min(t for _, t, how in calls(proc.records()) if how == "ok")
+        assert first_ok >= last_failure + open_for - 0.1, (first_ok - last_failure)
+        assert "circuit_breaker of consumers[0] (q): open_for is over: consuming again" \
+            in proc.output
+        # It stays on once calls succeed.
+        for i in range(30):
+            broker.publish("q", f"n-{i}")
+        wait_until(lambda: broker.drained("q")
+                   and sum(how == "ok" for _, _, how in calls(proc.records())) == 40,
+                   timeout=15, what="40 consumed")
+        samples = scrape(port)
+        assert value(samples, "amqp_dispatcher_circuit_open", **labels) == 0
+        assert value(samples, "amqp_dispatcher_circuit_trips_total", **labels) == 1
+        assert broker.consumers("q") == 1
+        assert proc.output.count("trip 1") == 1 and "trip 2" not in proc.output
+        # It trips again by the same rule; a SIGTERM while open stops at once, cleanly.
+        fail.write_text("")
+        for i in range(10):
+            broker.publish("q", f"p-{i}")
+        proc.wait_for_log(r"\(open_for 3s\); trip 2", timeout=10)
+        wait_until(lambda: broker.has_counts("q", 10, 0), timeout=5, what="10 ready")
+        proc.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(timeout=10) == 0, proc.output
+        assert time.monotonic() - started < open_for - 1, proc.output
+        assert broker.has_counts("q", 10, 0)
+    finally:
+        proc.stop()
+
+
+def test_circuit_breaker_is_validated(tmp_path: Path) -> None:
+    config = BREAKER.format(port=free_port(), open_for=0).replace(
+        "failure_ratio: 0.5", "failure_ratio: 1.5").replace("window: 2", "windw: 2")
+    result = run_cli(tmp_path, "--validate", "--config", "config.yml", config=config)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "config.yml: consumers[0].circuit_breaker.failure_ratio: expected at most 1, got 1.5",
+        "config.yml: consumers[0].circuit_breaker.windw: unknown key (did you mean "
+        "'window'?); known keys: failure_ratio, min_calls, window, open_for",
+        "config.yml: consumers[0].circuit_breaker.open_for: expected a positive number, "
+        "got 0",
+    ]

@@ -22,9 +22,11 @@ package.
 
 from .consumers import (
     _MAX_DELAY_SECONDS,
+    CIRCUIT_BREAKER_KEYS,
     CONSUMER_KEYS,
     MAX_DELAY_QUEUES,
     RETRY_KEYS,
+    CircuitBreakerConfig,
     ConsumerConfig,
     RetryConfig,
     _check_retry_names,
@@ -73,7 +75,8 @@ from .top_level import (
 )
 
 __all__ = [
-    "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
+    "BINDING_KEYS", "BUILT_IN_TYPES", "CIRCUIT_BREAKER_KEYS", "CircuitBreakerConfig",
+    "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
     "HttpConfig", "MAX_DELAY_QUEUES", "parse_http",
     "NAMED_ARGUMENTS", "QUEUE_KEYS", "RETRY_KEYS", "TOP_LEVEL_KEYS", "Binding", "Config",
     "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",

@@ -57,6 +57,16 @@ def delay_queue_name(queue: str, delay_ms: int) -> str:
 
 
 @dataclass(frozen=True)
+class CircuitBreakerConfig:
+    """A consumer entry's ``circuit_breaker:`` mapping; see CIRCUIT_BREAKER_KEYS."""
+
+    failure_ratio: float = 0.5
+    min_calls: int = 20
+    window: float = 30.0
+    open_for: float = 60.0
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     consumer: str
     queue: str
@@ -69,6 +79,8 @@ class ConsumerConfig:
     stream_offset: str | int | date | None = None
     # The queue is a stream: declared so in the config, or stream_offset is set.
     stream: bool = False
+    circuit_breaker: CircuitBreakerConfig | None = None
+    rate_limit: float | None = None
     path: str = "consumers[?]"
 
     def consume_arguments(self) -> dict[str, Any]:
@@ -106,6 +118,18 @@ RETRY_KEYS: dict[str, _Key] = {
                              "dead_letter_queue (without one, rejected without requeue)"),
 }
 
+CIRCUIT_BREAKER_KEYS: dict[str, _Key] = {
+    "failure_ratio": _Key((float, int), default=0.5, nullable=False, positive=True, maximum=1,
+                          doc="trips when at least this share of the calls finished in the "
+                              "window failed (0 < ratio <= 1)"),
+    "min_calls": _Key((int,), default=20, nullable=False, positive=True,
+                      doc="... and at least this many calls finished in the window"),
+    "window": _Key((float, int), default=30, nullable=False, positive=True,
+                   doc="seconds: the calls that count are those finished this recently"),
+    "open_for": _Key((float, int), default=60, nullable=False, positive=True,
+                     doc="seconds without consuming once it trips, before consuming again"),
+}
+
 CONSUMER_KEYS: dict[str, _Key] = {
     "consumer": _Key((str,), required=True, nullable=False, import_path="module:Class",
                      doc="the consumer class, module:Class"),
@@ -128,6 +152,10 @@ CONSUMER_KEYS: dict[str, _Key] = {
                           choices=("first", "last", "next"),
                           expected="first, last, next, an offset (an integer) or a timestamp",
                           doc="where a stream consumer starts (x-stream-offset)"),
+    # Beyond 0.4.3: controls (docs/guides/controls.md).
+    "circuit_breaker": _Key((dict,), entries=CIRCUIT_BREAKER_KEYS,
+                            doc="stop consuming for open_for seconds when too many calls "
+                                "fail (CIRCUIT_BREAKER_KEYS); absent: never"),
 }
 
 
@@ -145,6 +173,12 @@ def parse_consumers(checker: _Checker, entries: list[Any],
             retry = _parse_retry(checker, checked.pop("retry"), f"{key_path}.retry")
             if retry is None:
                 continue
+        if "circuit_breaker" in checked:
+            breaker = checker.mapping(checked.pop("circuit_breaker"),
+                                      f"{key_path}.circuit_breaker", CIRCUIT_BREAKER_KEYS)
+            if breaker is None:
+                continue
+            checked["circuit_breaker"] = CircuitBreakerConfig(**breaker)
         offset = checked.get("stream_offset")
         if isinstance(offset, date) and timestamp_problem(offset):
             checker.problem(f"{key_path}.stream_offset", str(timestamp_problem(offset)))

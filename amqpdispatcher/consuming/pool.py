@@ -23,6 +23,7 @@ import gevent.queue
 from ..amqp.publishing import Publisher, Publishers
 from ..config import ConsumerConfig, describe_exception
 from .acks import Acknowledger
+from .breaker import CircuitBreaker
 from .failure import FailurePolicy, TimeLimit, attempt_of
 from .message import AMQPProxy, Message
 from .middleware import Middlewares
@@ -59,6 +60,9 @@ class ConsumerPool:
         self.slots: list[gevent.Greenlet] = []
         self.busy = 0  # consume calls running now
         self.stopping = gevent.event.Event()
+        # circuit_breaker: decided from self.metrics, sampled off the consume path.
+        self.breaker = (CircuitBreaker(entry.circuit_breaker, self.metrics)
+                        if entry.circuit_breaker is not None else None)
         # Hooks around every consume (middleware.py), set before start(); None: none.
         self.middleware: Middlewares | None = None
 

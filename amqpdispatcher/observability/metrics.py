@@ -41,6 +41,7 @@ from ..consuming.outcomes import DURATION_BUCKETS, OUTCOMES, Durations, EntryMet
 
 if TYPE_CHECKING:
     from ..config import ConsumerConfig
+    from ..consuming.breaker import CircuitBreaker
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -54,6 +55,8 @@ class ObservedPool(Protocol):
     def metrics(self) -> EntryMetrics: ...
     @property
     def busy(self) -> int: ...
+    @property
+    def breaker(self) -> CircuitBreaker | None: ...
     def live_instances(self) -> int: ...
 
 
@@ -113,6 +116,13 @@ class GenerationCollector(Collector):
         consuming = GaugeMetricFamily(
             "amqp_dispatcher_consuming", "1 while the entry is subscribed to its queue",
             labels=labels)
+        circuit_open = GaugeMetricFamily(
+            "amqp_dispatcher_circuit_open", "1 while the entry's circuit_breaker is open "
+            "(not consuming until open_for is over); entries with a circuit_breaker only",
+            labels=labels)
+        circuit_trips = CounterMetricFamily(
+            "amqp_dispatcher_circuit_trips_total", "Times the entry's circuit_breaker "
+            "tripped; entries with a circuit_breaker only", labels=labels)
         groups: dict[tuple[str, str], list[int]] = {}
         for index, pool in enumerate(d.pools):
             groups.setdefault((pool.entry.queue, pool.entry.consumer), []).append(index)
@@ -130,8 +140,12 @@ class GenerationCollector(Collector):
             instances.add_metric(list(key), sum(p.live_instances() for p in pools))
             replacements.add_metric(list(key), sum(p.metrics.replacements for p in pools))
             consuming.add_metric(list(key), sum(1 for i in indexes if i in d.channels))
+            breakers = [p.breaker for p in pools if p.breaker is not None]
+            if breakers:
+                circuit_open.add_metric(list(key), sum(1 for b in breakers if b.is_open))
+                circuit_trips.add_metric(list(key), sum(b.trips for b in breakers))
         yield from (messages, durations, failures, in_flight, instances, replacements,
-                    consuming)
+                    consuming, circuit_open, circuit_trips)
         yield GaugeMetricFamily("amqp_dispatcher_connected",
                                 "1 while the connection to the broker is open",
                                 value=1 if d.is_connected() else 0)
@@ -158,8 +172,11 @@ def stats_line(pools: Sequence[ObservedPool], before: list[tuple[int, int]]) -> 
     parts = []
     for i, pool in enumerate(pools):
         handled, failures = pool.metrics.handled(), pool.metrics.failures
-        parts.append(f"{pool.entry.path} {pool.entry.queue}: {handled - before[i][0]} "
-                     f"handled, {failures - before[i][1]} failed, {pool.busy} in flight")
+        part = (f"{pool.entry.path} {pool.entry.queue}: {handled - before[i][0]} "
+                f"handled, {failures - before[i][1]} failed, {pool.busy} in flight")
+        if pool.breaker is not None and pool.breaker.is_open:
+            part += f", circuit open until {pool.breaker.until_text()}"
+        parts.append(part)
         before[i] = (handled, failures)
     return "; ".join(parts)
 

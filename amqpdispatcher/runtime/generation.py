@@ -57,6 +57,7 @@ from ..config import Config, ExchangeConfig, Resolved, describe_exception
 from ..config.retry import retry_queues
 from ..config.settings import Settings
 from ..consuming.acks import Acknowledger
+from ..consuming.breaker import sample_interval
 from ..consuming.middleware import Middlewares
 from ..consuming.pool import ConsumerPool, StopNow
 from ..contracts.exits import (
@@ -212,6 +213,10 @@ class Generation:
         self.reconnects = 0
         self.stats = StatsLog(self.pools, config.stats_interval)
         self.middleware: Middlewares | None = None  # built with the consumer instances
+        # circuit_breaker: the entries whose circuit is open, by index: the channel
+        # given up at the trip while its consumes in progress finish (None once closed).
+        self.circuits: dict[int, Channel | None] = {}
+        self.breakers: gevent.Greenlet | None = None
 
     def is_connected(self) -> bool:
         return self.connection is not None and self.connection.is_open
@@ -253,6 +258,11 @@ class Generation:
         for pool in self.pools:
             pool.start()
         self.stats.start()
+        breakers = [pool.breaker for pool in self.pools if pool.breaker is not None]
+        if breakers:
+            interval = min(sample_interval(b.config.window) for b in breakers)
+            self.breakers = gevent.spawn(self._sample_breakers, interval)
+            self.breakers.name = "circuit breakers"
 
     def _fail_start(self, status: int, message: str) -> int:
         log.error("%s", message)
@@ -268,6 +278,8 @@ class Generation:
         the connections. A signal meanwhile skips what is left: exit 128 + signal."""
         self.stopping = True
         self.stats.stop()
+        if self.breakers is not None:
+            self.breakers.kill(block=False)
         try:
             self._step(self._shutdown_instances)
             self._step(self._close_connections)
@@ -314,6 +326,12 @@ class Generation:
             self.repair_timer = None
             if self.connection is not None:
                 self._step(self._repair)
+        elif kind == "circuit_trip":
+            self._trip(*detail)
+        elif kind == "circuit_closed":
+            index, channel = detail
+            if self.circuits.get(index) is channel:
+                self.circuits[index] = None
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -349,6 +367,73 @@ class Generation:
         finally:
             for event in kept:
                 self.events.put(event)
+
+    # -- circuit breakers ---------------------------------------------------------
+
+    def _sample_breakers(self, interval: float) -> None:
+        """The breakers' greenlet: sample every entry's counts (consuming/breaker.py);
+        a trip is acted on in the main loop."""
+        while True:
+            gevent.sleep(interval)
+            now = time.monotonic()
+            for index, pool in enumerate(self.pools):
+                if pool.breaker is not None and index not in self.circuits:
+                    tripped = pool.breaker.sample(now)
+                    if tripped is not None:
+                        self.events.put(("circuit_trip", (index, *tripped)))
+
+    def _trip(self, index: int, settled: int, failed: int) -> None:
+        """Open an entry's circuit: cancel its consume, give back what it had not
+        started, let its consumes in progress finish and settle on their channel
+        (``_pause``), and consume again after open_for (as a repair, ``_retry_later``)."""
+        pool = self.pools[index]
+        breaker = pool.breaker
+        if self.stopping or breaker is None or index in self.circuits:
+            return
+        breaker.trip()
+        entry, config = pool.entry, breaker.config
+        log.warning("circuit_breaker of %s (%s): %d of the %d calls settled in the last "
+                    "%gs failed (failure_ratio %g, min_calls %d): not consuming until %s "
+                    "(open_for %gs); trip %d", entry.path, entry.queue, failed, settled,
+                    config.window, config.failure_ratio, config.min_calls,
+                    breaker.until_text(), config.open_for, breaker.trips)
+        channel = self.channels.pop(index, None)
+        self.circuits[index] = channel
+        if channel is not None:
+            gevent.spawn(self._pause, index, channel).name = f"{entry.path} circuit open"
+        self.backoff.pop(entry.path, None)
+        if self.connection is not None:
+            self._retry_later(entry.path, None, delay=config.open_for)
+
+    def _pause(self, index: int, channel: Channel) -> None:
+        """A tripped entry's channel: no more deliveries; those not started go back; once
+        no consume of the entry is in progress, its acks are sent and it is closed."""
+        pool = self.pools[index]
+        channel.cancel()
+        pool.requeue_waiting()
+        channel.cancelled.wait()
+        pool.requeue_waiting()  # those the broker sent before it took the cancel
+        while pool.busy:
+            gevent.sleep(0.05)
+        channel.acker.flush()
+        channel.acker.close()
+        channel.sync.close()
+        self.events.put(("circuit_closed", (index, channel)))
+
+    def _close_circuit(self, index: int) -> None:
+        """The entry consumes again (``_open_channel``): its breaker starts afresh."""
+        pool = self.pools[index]
+        self.circuits.pop(index, None)  # a paused channel still closing goes on alone
+        if pool.breaker is not None and pool.breaker.is_open:
+            pool.breaker.close()
+            log.info("circuit_breaker of %s (%s): open_for is over: consuming again",
+                     pool.entry.path, pool.entry.queue)
+
+    def _circuit_open(self, index: int) -> bool:
+        """Whether the entry's circuit is open and not yet due to close."""
+        breaker = self.pools[index].breaker
+        return breaker is not None and breaker.open_until is not None \
+            and breaker.open_until > time.time()
 
     # -- sessions -----------------------------------------------------------------
 
@@ -410,6 +495,11 @@ class Generation:
         for path, problem in self.refused_types.items():
             self._retry_later(path, problem)
         for index, pool in enumerate(self.pools):
+            if self._circuit_open(index):  # after a reconnect: it waits out open_for
+                assert pool.breaker is not None and pool.breaker.open_until is not None
+                self._retry_later(pool.entry.path, None,
+                                  delay=pool.breaker.open_until - time.time())
+                continue
             try:
                 self._open_channel(index)
             except BrokerError as exc:
@@ -440,6 +530,8 @@ class Generation:
         self.channels[index] = channel
         log.info("consuming from %s with %d x %s, prefetch %d", entry.queue,
                  entry.consumer_count, entry.consumer, entry.prefetch_count)
+        if index in self.circuits:
+            self._close_circuit(index)
 
     def _drop_channel(self, index: int) -> Channel:
         """One entry's channel is gone: its deliveries can no longer be settled."""
@@ -678,13 +770,15 @@ class Generation:
                 self._forget_session()
             if kind == "channel_closed" and self.channels.get(detail[0]) is detail[1]:
                 self._drop_channel(detail[0])
-        for channel in self.channels.values():
+        paused = [channel for channel in self.circuits.values() if channel is not None]
+        for channel in [*self.channels.values(), *paused]:
             channel.acker.flush()
         return self._finish(EXIT_OK)
 
     def _stop_now(self, status: int) -> int:
         self.stopping = True
-        for channel in self.channels.values():
+        paused = [channel for channel in self.circuits.values() if channel is not None]
+        for channel in [*self.channels.values(), *paused]:
             channel.acker.flush()  # what consume finished is acked, not handled again
             channel.acker.close()
         for pool in self.pools:

@@ -566,3 +566,19 @@ class BrokenAfter:
 
     def after_consume(self, entry, msg, outcome, exception):
         raise RuntimeError("after_consume broke")
+
+
+class Breakable:
+    """For circuit_breaker: raises while the file $FAIL_FILE exists (a downstream that
+    is down). Records 'call:BODY:TIME:fail' or 'call:BODY:TIME:ok' on every call."""
+
+    def consume(self, amqp, msg):
+        import time
+
+        failing = os.path.exists(os.environ["FAIL_FILE"])
+        record(f"call:{text(msg)}:{time.time():.6f}:{'fail' if failing else 'ok'}")
+        if failing:
+            raise ConnectionError("the database is down")
+
+    def shutdown(self, exception=None):
+        pass
