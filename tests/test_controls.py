@@ -386,3 +386,57 @@ def test_circuit_breaker_is_validated(tmp_path: Path) -> None:
         "config.yml: consumers[0].circuit_breaker.open_for: expected a positive number, "
         "got 0",
     ]
+
+
+# -- rate_limit ---------------------------------------------------------------------------
+
+RATE = """\
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:Stamped
+    queue: q
+    consumer_count: 3
+    prefetch_count: 10
+    rate_limit: 20
+"""
+
+
+def starts(records: list[str]) -> list[tuple[float, str]]:
+    """(time, pid) of each call started."""
+    return [(float(line.split(":")[2]), line.split(":")[3]) for line in records
+            if line.startswith("start:")]
+
+
+def test_rate_limit_is_shared_by_the_processes(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    total = 400
+    for i in range(total):
+        broker.publish("q", f"m-{i}")
+    proc = DispatcherProcess(tmp_path, RATE, broker.url, args=("--processes", "2"))
+    try:
+        # Both workers started: from then on, 10 s.
+        try:
+            wait_until(lambda: len({pid for _, pid in starts(proc.records())}) == 2,
+                       timeout=30, what="both workers consuming")
+        except AssertionError:
+            raise AssertionError(proc.output) from None
+        t0 = max(min(t for t, p in starts(proc.records()) if p == pid)
+                 for pid in {pid for _, pid in starts(proc.records())})
+        wait_until(lambda: max(t for t, _ in starts(proc.records())) >= t0 + 10.5,
+                   timeout=30, what="10 s of starts")
+        stamps = [t for t, _ in starts(proc.records()) if t0 <= t < t0 + 10]
+        per_second = [sum(1 for t in stamps if t0 + s <= t < t0 + s + 1) for s in range(10)]
+        print(f"\n[rate_limit 20/s, 2 processes] starts per second: {per_second}")
+        assert 180 <= len(stamps) <= 220, per_second
+        assert all(18 <= n <= 22 for n in per_second), per_second
+        # A stop does not wait for the limiter, and gives back what waits.
+        proc.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(timeout=10) == 0, proc.output
+        assert time.monotonic() - started < 3, proc.output
+        consumed = len(starts(proc.records()))
+        assert len({line.split(":")[1] for line in proc.records()}) == consumed
+        assert broker.has_counts("q", total - consumed, 0)
+    finally:
+        proc.stop()

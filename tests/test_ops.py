@@ -576,7 +576,8 @@ consumers:
   - {consumer: testconsumers:Recorder, queue: orders, priority: -5, time_limit: 0.5,
      retry: {max_attempts: 3, delay: 0.5, backoff: 1.5, max_delay: 2,
              dead_letter_queue: orders.failed, no_retry_for: [json:JSONDecodeError]}}
-  - {consumer: testconsumers:Recorder, queue: orders, circuit_breaker: {failure_ratio: 1,
+  - {consumer: testconsumers:Recorder, queue: orders, rate_limit: 0.5,
+     circuit_breaker: {failure_ratio: 1,
      min_calls: 5, window: 0.5, open_for: 10}}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: first}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 1234}

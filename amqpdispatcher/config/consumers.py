@@ -153,6 +153,10 @@ CONSUMER_KEYS: dict[str, _Key] = {
                           expected="first, last, next, an offset (an integer) or a timestamp",
                           doc="where a stream consumer starts (x-stream-offset)"),
     # Beyond 0.4.3: controls (docs/guides/controls.md).
+    "rate_limit": _Key((float, int), positive=True,
+                       doc="consume calls started per second, at most, for the whole entry "
+                           "(all processes together: each of --processes N takes 1/N); "
+                           "null: no limit"),
     "circuit_breaker": _Key((dict,), entries=CIRCUIT_BREAKER_KEYS,
                             doc="stop consuming for open_for seconds when too many calls "
                                 "fail (CIRCUIT_BREAKER_KEYS); absent: never"),

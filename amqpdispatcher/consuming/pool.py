@@ -28,6 +28,7 @@ from .failure import FailurePolicy, TimeLimit, attempt_of
 from .message import AMQPProxy, Message
 from .middleware import Middlewares
 from .outcomes import EntryMetrics, delivery_fields
+from .ratelimit import RateLimiter
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -42,7 +43,9 @@ class StopNow(BaseException):
 class ConsumerPool:
     def __init__(self, entry: ConsumerConfig, cls: type, publisher: Publisher,
                  policy_publisher: Publisher, timed: bool = False,
-                 no_retry_for: tuple[type[BaseException], ...] = ()) -> None:
+                 no_retry_for: tuple[type[BaseException], ...] = (),
+                 rate: float | None = None) -> None:
+        """``rate``: this process's share of the entry's rate_limit (ratelimit.py)."""
         self.entry = entry
         self.cls = cls
         # amqp.publish's channels: one per publish waiting for its confirm (Publishers).
@@ -65,6 +68,7 @@ class ConsumerPool:
                         if entry.circuit_breaker is not None else None)
         # Hooks around every consume (middleware.py), set before start(); None: none.
         self.middleware: Middlewares | None = None
+        self.limiter = RateLimiter(rate, self.stopping) if rate else None
 
     def create_instances(self) -> None:
         """Construct every instance; a failure here is raised to the caller (start-up)."""
@@ -72,7 +76,8 @@ class ConsumerPool:
             self.instances.append(self.cls())
 
     def start(self) -> None:
-        self.slots = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
+        work = self._work if self.limiter is None else self._work_limited
+        self.slots = [gevent.spawn(work, slot) for slot in range(len(self.instances))]
         for slot, greenlet in enumerate(self.slots):  # named in SIGUSR1's stack dump
             greenlet.name = f"{self.entry.path} {self.entry.consumer} slot {slot}"
 
@@ -106,6 +111,26 @@ class ConsumerPool:
                 handle(slot, item, limit)
         except StopNow:
             return  # a fast stop: the broker redelivers what was not settled
+
+    def _work_limited(self, slot: int) -> None:
+        """_work, each delivery waiting for its start time (rate_limit); a stop gives
+        back the one waiting."""
+        get = self.work.get
+        handle = self._handle if self.middleware is None else self._handle_middleware
+        limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
+        limiter = self.limiter
+        assert limiter is not None
+        try:
+            while True:
+                item = get()
+                if item is None:
+                    return
+                if not limiter.wait():
+                    item[0].reject(item[1].delivery_tag, requeue=True)
+                    continue
+                handle(slot, item, limit)
+        except StopNow:
+            return
 
     def _handle(self, slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
         acker, method, properties, body = item

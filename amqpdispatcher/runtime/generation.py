@@ -143,6 +143,15 @@ def _run_user_code(call: Callable[[], Any], what: str) -> None:
         raise UserCodeError(f"{what} raised {describe_exception(exc)}") from None
 
 
+def _share(rate_limit: float | None, worker: str) -> float | None:
+    """This process's share of an entry's rate_limit: all of it, or 1/N of it in a
+    worker of --processes N (its name is "k/N")."""
+    if rate_limit is None:
+        return None
+    _, _, processes = worker.partition("/")
+    return rate_limit / int(processes) if processes.isdigit() and int(processes) else rate_limit
+
+
 def _append_instance(instances: list[Any], cls: type) -> None:
     instances.append(cls())
 
@@ -190,7 +199,8 @@ class Generation:
                                    self.publishing.publisher(f"{entry.path} ({entry.queue}) "
                                                              "retry policy"),
                                    timed=config.http is not None,
-                                   no_retry_for=resolved.no_retry_for.get(entry.path, ()))
+                                   no_retry_for=resolved.no_retry_for.get(entry.path, ()),
+                                   rate=_share(entry.rate_limit, settings.worker))
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}

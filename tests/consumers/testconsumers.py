@@ -582,3 +582,15 @@ class Breakable:
 
     def shutdown(self, exception=None):
         pass
+
+
+class Stamped:
+    """Records 'start:BODY:TIME:PID' as each call starts."""
+
+    def consume(self, amqp, msg):
+        import time
+
+        record(f"start:{text(msg)}:{time.time():.6f}:{os.getpid()}")
+
+    def shutdown(self, exception=None):
+        pass
