@@ -5,12 +5,13 @@ retry.no_retry_for, --only, middleware, circuit_breaker, rate_limit and recyclin
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from helpers import BrokerHandle, DispatcherProcess, run_cli, wait_until
+from helpers import REPO, BrokerHandle, DispatcherProcess, run_cli, wait_until
 from rabbitnode import free_port
 from test_metrics import get, ready, scrape, value
 from test_retry import attempts, get_one
@@ -438,5 +439,121 @@ def test_rate_limit_is_shared_by_the_processes(broker: BrokerHandle, tmp_path: P
         consumed = len(starts(proc.records()))
         assert len({line.split(":")[1] for line in proc.records()}) == consumed
         assert broker.has_counts("q", total - consumed, 0)
+    finally:
+        proc.stop()
+
+
+# -- recycling ----------------------------------------------------------------------------
+
+RECYCLE = """\
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:{consumer}
+    queue: q
+    consumer_count: 2
+    prefetch_count: 5
+{extra}"""
+
+
+def test_a_single_process_recycled_after_n_messages_drains_and_exits_7(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    for i in range(200):
+        broker.publish("q", f"m-{i}")
+    config = RECYCLE.format(consumer="Recorder", extra="    rate_limit: 50\n") \
+        + "recycle_after_messages: 50\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    assert proc.wait(timeout=30) == 7, proc.output
+    consumed = proc.records()
+    assert 45 <= len(consumed) <= 70, len(consumed)  # 50 +-10%, and what was in progress
+    assert len(set(consumed)) == len(consumed)
+    assert broker.has_counts("q", 200 - len(consumed), 0)
+    assert re.search(r"recycling: \d+ messages handled \(recycle_after_messages 50, \d+ for "
+                     r"this process with its jitter\): finishing messages in progress, then "
+                     r"exiting with status 7", proc.output), proc.output
+
+
+def test_a_leaking_process_is_recycled_above_its_memory_threshold(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    for i in range(60):
+        broker.publish("q", f"m-{i}")
+    config = RECYCLE.format(consumer="Leaky", extra="    rate_limit: 20\n") \
+        + "recycle_above_memory_mb: 100\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    assert proc.wait(timeout=30) == 7, proc.output
+    assert re.search(r"recycling: resident memory \d+ MiB above recycle_above_memory_mb "
+                     r"\(100\)", proc.output), proc.output
+    consumed = proc.records()
+    assert 8 <= len(consumed) < 60
+    assert len(set(consumed)) == len(consumed)
+    assert broker.has_counts("q", 60 - len(consumed), 0)
+
+
+def test_workers_recycled_under_load_lose_and_duplicate_nothing(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    config = RECYCLE.format(consumer="Stamped", extra="    rate_limit: 200\n") \
+        + "recycle_after_messages: 100\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url, args=("--processes", "2"))
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        bodies = [f"m-{i}" for i in range(800)]
+        for body in bodies[:400]:
+            broker.publish("q", body)
+        proc.wait_for_log(r"\(recycled\) finishes its messages in progress", timeout=30)
+        for body in bodies[400:]:  # while workers are being replaced
+            broker.publish("q", body)
+        wait_until(lambda: len(proc.records()) >= 800 and broker.drained("q"), timeout=60,
+                   what="every message consumed")
+        consumed = [line.split(":")[1] for line in proc.records()]
+        assert sorted(consumed) == sorted(bodies)  # each once: nothing lost, nothing twice
+        assert len({line.split(":")[3] for line in proc.records()}) >= 4  # recycled workers
+        output = proc.output
+        # The replacement first, then the drain of the recycled worker.
+        first_start = output.index("is to be recycled (")
+        first_drain = output.index("(recycled) finishes its messages in progress")
+        assert first_start < first_drain
+        proc.wait_for_log(r"\(recycled\) stopped")
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def test_the_shipped_examples_restart_on_the_recycle_status() -> None:
+    import configparser
+
+    from amqpdispatcher.contracts.exits import EXIT_RECYCLE
+
+    program = configparser.RawConfigParser()
+    program.read(REPO / "examples" / "supervisord.conf")
+    section = program["program:amqp-dispatcher"]
+    assert section["autorestart"] == "unexpected"
+    assert str(EXIT_RECYCLE) not in section["exitcodes"].split(",")
+    unit = (REPO / "examples" / "amqp-dispatcher.service").read_text()
+    assert "\nRestart=on-failure\n" in unit
+    prevent = re.search(r"\nRestartPreventExitStatus=(.*)\n", unit)
+    assert prevent is not None and str(EXIT_RECYCLE) not in prevent.group(1).split()
+
+
+def test_a_reload_takes_the_new_controls(broker: BrokerHandle, tmp_path: Path) -> None:
+    broker.declare("q", durable=True)
+    proc = DispatcherProcess(tmp_path, RECYCLE.format(consumer="Stamped", extra=""),
+                             broker.url)
+    try:
+        proc.wait_consuming()
+        proc.config_path.write_text(RECYCLE.format(consumer="Stamped",
+                                                   extra="    rate_limit: 40\n")
+                                    + "recycle_after_messages: 30\n")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("reloaded: the new generation consumes")
+        for i in range(100):
+            broker.publish("q", f"m-{i}")
+        assert proc.wait(timeout=30) == 7, proc.output
+        stamps = sorted(t for t, _ in starts(proc.records()))
+        assert 27 <= len(stamps) <= 45, len(stamps)
+        # 40 a second at most: n starts take at least (n - 1) / 40 s.
+        assert stamps[-1] - stamps[0] >= (len(stamps) - 1) / 40 - 0.02
+        assert broker.has_counts("q", 100 - len(stamps), 0)
     finally:
         proc.stop()

@@ -586,6 +586,8 @@ consumers:
   - {consumer: testconsumers:Recorder, queue: lazy, exclusive: true, prefetch_count: 65535}
 drain_timeout: 0.5
 middleware: [testconsumers:FirstMiddleware]
+recycle_after_messages: 100000
+recycle_above_memory_mb: 512.5
 reconnect: false
 reconnect_give_up_after: 60
 publisher_confirms: false

@@ -34,6 +34,8 @@ class Config:
     http: HttpConfig | None = None
     stats_interval: float = 60.0
     middleware: tuple[str, ...] = ()  # module:Class each
+    recycle_after_messages: int | None = None
+    recycle_above_memory_mb: float | None = None
     # --only: the queues named (None: every entry runs), and the entries it left out,
     # whose retry queues are declared all the same (select).
     only: tuple[str, ...] | None = None
@@ -70,6 +72,14 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
                            "whose hooks (on_start, before_consume, after_consume, on_stop) "
                            "are called in order around every consume; see "
                            "amqpdispatcher.Middleware"),
+    "recycle_after_messages": _Key((int,), positive=True,
+                                   doc="replace the process (or the worker of --processes) "
+                                       "after about this many messages handled, +-10% "
+                                       "jitter: it drains and exits 7, or the arbiter starts "
+                                       "its replacement first; null: never"),
+    "recycle_above_memory_mb": _Key((float, int), positive=True,
+                                    doc="... or when its resident memory exceeds this many "
+                                        "MiB, checked every few seconds; null: never"),
     "stats_interval": _Key((float, int), default=60, nullable=False,
                            doc=f"seconds between the INFO stats lines (at least "
                                f"{MIN_STATS_INTERVAL:g}); 0: none"),
@@ -156,6 +166,8 @@ def _parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
                     publisher_confirms=top.get("publisher_confirms", True),
                     http=parse_http(checker, top["http"]) if "http" in top else None,
                     stats_interval=stats_interval,
+                    recycle_after_messages=top.get("recycle_after_messages"),
+                    recycle_above_memory_mb=top.get("recycle_above_memory_mb"),
                     middleware=checker.import_paths(top.get("middleware", []), "middleware",
                                                     "a class"))
     return config, checker.problems

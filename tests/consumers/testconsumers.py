@@ -594,3 +594,17 @@ class Stamped:
 
     def shutdown(self, exception=None):
         pass
+
+
+_LEAKED = []
+
+
+class Leaky:
+    """Keeps 5 MiB per message for ever (for recycle_above_memory_mb). Records the body."""
+
+    def consume(self, amqp, msg):
+        _LEAKED.append(bytearray(5 * 2**20))
+        record(text(msg))
+
+    def shutdown(self, exception=None):
+        pass
