@@ -128,6 +128,9 @@ class ConsumerPool:
                 if not limiter.wait():
                     item[0].reject(item[1].delivery_tag, requeue=True)
                     continue
+                if not item[0].open:  # its channel closed meanwhile (a circuit breaker's
+                    item[0].drop()  # pause): the broker redelivers it; not consumed here
+                    continue
                 handle(slot, item, limit)
         except StopNow:
             return
