@@ -557,3 +557,15 @@ def test_a_reload_takes_the_new_controls(broker: BrokerHandle, tmp_path: Path) -
         assert broker.has_counts("q", 100 - len(stamps), 0)
     finally:
         proc.stop()
+
+
+def test_the_arbiters_readyz_names_each_workers_open_circuits() -> None:
+    from amqpdispatcher.supervision.endpoint import WorkerView, _circuits_open
+
+    current = {1: WorkerView(1, 101, "/s/1.sock", True), 2: WorkerView(2, 102, "/s/2.sock", True)}
+    entry = {"entry": "consumers[0]", "queue": "q", "consumer": "m:C", "until": "12:00:00 UTC"}
+    answers = {"/s/1.sock": (200, json.dumps({"ready": True}).encode()),
+               "/s/2.sock": (200, json.dumps({"ready": True, "circuit_open": [entry]}).encode())}
+    assert _circuits_open(current, answers, 2) == {"circuit_open": [{"worker": "2/2", **entry}]}
+    answers["/s/2.sock"] = (200, b'{"ready": true}')
+    assert _circuits_open(current, answers, 2) == {}
