@@ -13,13 +13,15 @@ if TYPE_CHECKING:  # what type checkers see; at run time, __getattr__ below
     from .config import ConfigError as ConfigError
     from .config.settings import SettingsError as SettingsError
     from .consuming.failure import TimeLimitExceeded as TimeLimitExceeded
+    from .consuming.middleware import Middleware as Middleware
 
 # The public names, each imported on first use: setup.py imports this package for
 # __version__ before gevent and pika are installed, and importing it stays cheap.
 _LAZY = {"Dispatcher": "api", "ConfigError": "config", "SettingsError": "config.settings",
          "TimeLimitExceeded": "consuming.failure", "ListenError": "observability.wsgi",
          "PublishError": "amqp.errors", "PublishNacked": "amqp.errors",
-         "PublishReturned": "amqp.errors", "PublishTimeout": "amqp.errors"}
+         "PublishReturned": "amqp.errors", "PublishTimeout": "amqp.errors",
+         "Middleware": "consuming.middleware"}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .config import ConfigError, load_config, schema_text
+from .config import ConfigError, load_config, schema_text, select
 from .config.settings import Settings, SettingsError, settings_from_env
 from .contracts.exits import EXIT_CONFIG
 from .contracts.signals import START_SIGNALS
@@ -59,6 +59,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def queue_names(text: str) -> tuple[str, ...]:
+    """--only: queue names separated by commas."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",")))
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected QUEUE[,QUEUE...], got {text!r}")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
@@ -86,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exit-when-drained", type=seconds, metavar="SECONDS",
                         help="stop (exit 0) once every consumer's queue has been empty and "
                              "nothing in flight for SECONDS")
+    parser.add_argument("--only", type=queue_names, metavar="QUEUE[,QUEUE...]",
+                        help="run only the consumer entries consuming these queues (the "
+                             "topology is declared as without it); exit 1 if no entry "
+                             "consumes one of them")
     parser.add_argument("--print-schema", action="store_true",
                         help="print the JSON Schema of the config file and exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -169,7 +181,8 @@ def _main(args: argparse.Namespace) -> int:
     redact_password(settings.password)
     redact_password(settings.password_as_written)
     if arbiter:
-        return Arbiter(args.config, args.processes, args.exit_when_drained).run()
+        return Arbiter(args.config, args.processes, args.exit_when_drained,
+                       only=args.only).run()
     return _single(args, settings, link)
 
 
@@ -182,6 +195,8 @@ def _single(args: argparse.Namespace, settings: Settings, link: ArbiterLink | No
 
     try:
         config, resolved = load_config(args.config)
+        if args.only is not None:
+            config = select(config, args.only)
     except ConfigError as exc:
         return fail(exc.problems, link)
     if args.validate:

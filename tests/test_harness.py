@@ -795,3 +795,28 @@ def test_a_message_requeued_until_its_ttl_ends_is_refused_as_time() -> None:
         h.publish("", "q", b"fail")
         with pytest.raises(HarnessError, match="its TTL would end that on the broker"):
             h.run(max_redeliveries=3)
+def test_middleware_runs_in_the_harness_as_in_the_daemon(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(TESTS / "consumers"))
+    import testconsumers
+
+    record = tmp_path / "record.txt"
+    monkeypatch.setattr(testconsumers, "RECORD_FILE", str(record))
+    h = Harness({"middleware": ["testconsumers:FirstMiddleware",
+                                "testconsumers:SecondMiddleware"],
+                 "queues": [{"queue": "q"}],
+                 "consumers": [{"consumer": "testconsumers:Recorder", "queue": "q",
+                                "retry": {"max_attempts": 1}}]})
+    h.publish("", "q", b"ok")
+    h.publish("", "q", b"refuse")
+    h.run()
+    h.close()
+    lines = [line for line in record.read_text().split() if line.startswith("mw:")]
+    assert lines == [
+        "mw:first:on_start:1", "mw:second:on_start:1",
+        "mw:first:before:q:ok", "mw:second:before:q:ok",
+        "mw:second:after:ok:ack:-", "mw:first:after:ok:ack:-",
+        "mw:first:before:q:refuse", "mw:second:before:q:refuse",
+        "mw:second:after:refuse:reject:PayloadError",
+        "mw:first:after:refuse:reject:PayloadError",
+        "mw:second:on_stop", "mw:first:on_stop"]

@@ -722,7 +722,7 @@ def test_entries_with_the_same_queue_and_consumer_share_one_series() -> None:
         metrics.outcomes[ACK] = acks
         metrics.durations.observe(0.002)
         return SimpleNamespace(entry=ConsumerConfig("m:C", queue), metrics=metrics, busy=busy,
-                               live_instances=lambda: 1)
+                               breaker=None, live_instances=lambda: 1)
 
     dispatcher = SimpleNamespace(pools=[pool("a", 3, 1), pool("a", 4, 0), pool("b", 5, 2)],
                                  channels={0: object(), 2: object()}, reconnects=2,

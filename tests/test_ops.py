@@ -568,13 +568,19 @@ queues:
 consumers:
   - {consumer: testconsumers:Recorder, queue: orders, priority: -5, time_limit: 0.5,
      retry: {max_attempts: 3, delay: 0.5, backoff: 1.5, max_delay: 2,
-             dead_letter_queue: orders.failed}}
+             dead_letter_queue: orders.failed, no_retry_for: [json:JSONDecodeError]}}
+  - {consumer: testconsumers:Recorder, queue: orders, rate_limit: 0.5,
+     circuit_breaker: {failure_ratio: 1,
+     min_calls: 5, window: 0.5, open_for: 10}}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: first}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 1234}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 2024-05-01}
   - {consumer: testconsumers:Recorder, queue: audit, stream_offset: 2024-05-01T10:30:00+02:00}
   - {consumer: testconsumers:Recorder, queue: lazy, exclusive: true, prefetch_count: 65535}
 drain_timeout: 0.5
+middleware: [testconsumers:FirstMiddleware]
+recycle_after_messages: 100000
+recycle_above_memory_mb: 512.5
 reconnect: false
 reconnect_give_up_after: 60
 publisher_confirms: false
@@ -639,6 +645,8 @@ def test_every_list_and_mapping_key_describes_its_entries() -> None:
             if list in spec.types or dict in spec.types:
                 if spec.entries is not None:
                     missing += walk(spec.entries, f"{path}{name}.")
+                elif list in spec.types and spec.import_path:
+                    continue  # a list of 'module:attr' strings
                 elif f"{path}{name}" not in FREE_FORM:
                     missing.append(f"{path}{name}")
         return missing

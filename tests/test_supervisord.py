@@ -104,3 +104,67 @@ stdout_logfile={tmp_path}/dispatcher.log
     finally:
         ctl("shutdown")
         supervisord.wait(timeout=60)
+
+
+def test_supervisord_restarts_a_recycled_process(broker: BrokerHandle, tmp_path: Path) -> None:
+    """With the example's autorestart and exitcodes, status 7 (recycled) is restarted."""
+    broker.declare("jobs", durable=True)
+    for i in range(100):
+        broker.publish("jobs", f"j{i}", delivery_mode=2)
+    (tmp_path / "config.yml").write_text(
+        "queues:\n  - queue: jobs\n"
+        "consumers:\n  - consumer: testconsumers:Stamped\n    queue: jobs\n"
+        "    consumer_count: 2\n    prefetch_count: 4\n    rate_limit: 100\n"
+        "recycle_after_messages: 30\n")
+    record = tmp_path / "record.txt"
+    pythonpath = os.pathsep.join([str(TESTS / "consumers"), str(REPO)])
+    url = broker.url.replace("%", "%%")
+    example = example_program()
+    (tmp_path / "supervisord.conf").write_text(f"""
+[supervisord]
+nodaemon=true
+logfile={tmp_path}/supervisord.log
+pidfile={tmp_path}/supervisord.pid
+[unix_http_server]
+file={tmp_path}/supervisor.sock
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[supervisorctl]
+serverurl=unix://{tmp_path}/supervisor.sock
+[program:dispatcher]
+command={SCRIPT} --config {tmp_path}/config.yml
+directory={tmp_path}
+environment=RABBITMQ_URL="{url}",PYTHONPATH="{pythonpath}",RECORD_FILE="{record}"
+stopsignal={example["stopsignal"]}
+stopwaitsecs={example["stopwaitsecs"]}
+autorestart={example["autorestart"]}
+exitcodes={example["exitcodes"]}
+startsecs=0
+redirect_stderr=true
+stdout_logfile={tmp_path}/dispatcher.log
+""")
+    bin_dir = Path(sys.executable).parent
+    supervisord = subprocess.Popen([str(bin_dir / "supervisord"), "-c",
+                                    str(tmp_path / "supervisord.conf")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(bin_dir / "supervisorctl"), "-c",
+                               str(tmp_path / "supervisord.conf"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def starts() -> list[list[str]]:
+        lines = record.read_text().split() if record.exists() else []
+        return [line.split(":") for line in lines if line.startswith("start:")]
+
+    try:
+        wait_until(lambda: len(starts()) >= 100 and broker.drained("jobs"), timeout=90,
+                   what="every message consumed, across restarts")
+        bodies = [fields[1] for fields in starts()]
+        assert sorted(bodies) == sorted(f"j{i}" for i in range(100))  # each once
+        assert len({fields[3] for fields in starts()}) >= 3  # recycled at least twice
+        log = (tmp_path / "supervisord.log").read_text()
+        assert "exited: dispatcher (exit status 7; not expected)" in log, log
+    finally:
+        ctl("shutdown")
+        supervisord.wait(timeout=60)

@@ -22,9 +22,11 @@ package.
 
 from .consumers import (
     _MAX_DELAY_SECONDS,
+    CIRCUIT_BREAKER_KEYS,
     CONSUMER_KEYS,
     MAX_DELAY_QUEUES,
     RETRY_KEYS,
+    CircuitBreakerConfig,
     ConsumerConfig,
     RetryConfig,
     _check_retry_names,
@@ -69,16 +71,18 @@ from .top_level import (
     load_config,
     load_config_dict,
     read_http,
+    select,
 )
 
 __all__ = [
-    "BINDING_KEYS", "BUILT_IN_TYPES", "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
+    "BINDING_KEYS", "BUILT_IN_TYPES", "CIRCUIT_BREAKER_KEYS", "CircuitBreakerConfig",
+    "CONSUMER_KEYS", "EXCHANGE_KEYS", "HTTP_KEYS",
     "HttpConfig", "MAX_DELAY_QUEUES", "parse_http",
     "NAMED_ARGUMENTS", "QUEUE_KEYS", "RETRY_KEYS", "TOP_LEVEL_KEYS", "Binding", "Config",
     "ConfigError", "ConsumerConfig", "ExchangeConfig", "QueueConfig", "Resolved",
     "RetryConfig", "argument_name", "check_imports", "config_schema", "describe_exception",
     "import_object", "load_config", "load_config_dict", "parse_bindings", "parse_consumers",
-    "parse_exchanges", "parse_queues", "read_http", "schema_text",
+    "parse_exchanges", "parse_queues", "read_http", "schema_text", "select",
     "_MAX_DELAY_SECONDS", "_TYPE_NAMES", "_Checker", "_DuplicateKeyError", "_Key",
     "_UniqueKeyLoader", "_check_retry_names", "_describe", "_import", "_is_import_path",
     "_parse", "_parse_retry", "_read_yaml",

@@ -20,6 +20,8 @@ class RetryConfig:
     backoff: float = 2.0
     max_delay: float = 300.0
     dead_letter_queue: str | None = None
+    # Exception classes, 'module:Name', whose failures are never retried.
+    no_retry_for: tuple[str, ...] = ()
 
     def delay_ms(self, attempt: int) -> int:
         """Milliseconds a message waits after its ``attempt``-th consume failed (from 1)."""
@@ -55,6 +57,16 @@ def delay_queue_name(queue: str, delay_ms: int) -> str:
 
 
 @dataclass(frozen=True)
+class CircuitBreakerConfig:
+    """A consumer entry's ``circuit_breaker:`` mapping; see CIRCUIT_BREAKER_KEYS."""
+
+    failure_ratio: float = 0.5
+    min_calls: int = 20
+    window: float = 30.0
+    open_for: float = 60.0
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     consumer: str
     queue: str
@@ -67,6 +79,8 @@ class ConsumerConfig:
     stream_offset: str | int | date | None = None
     # The queue is a stream: declared so in the config, or stream_offset is set.
     stream: bool = False
+    circuit_breaker: CircuitBreakerConfig | None = None
+    rate_limit: float | None = None
     path: str = "consumers[?]"
 
     def consume_arguments(self) -> dict[str, Any]:
@@ -98,6 +112,22 @@ RETRY_KEYS: dict[str, _Key] = {
     "dead_letter_queue": _Key((str,), non_empty=True,
                               doc="where exhausted messages go (declared durable); "
                                   "null: reject without requeue"),
+    "no_retry_for": _Key((list,), non_empty=True, import_path="module:Name",
+                         doc="exception classes, each module:Name: a failure raising one of "
+                             "them (or of a subclass) is never retried: it goes straight to "
+                             "dead_letter_queue (without one, rejected without requeue)"),
+}
+
+CIRCUIT_BREAKER_KEYS: dict[str, _Key] = {
+    "failure_ratio": _Key((float, int), default=0.5, nullable=False, positive=True, maximum=1,
+                          doc="trips when at least this share of the calls finished in the "
+                              "window failed (0 < ratio <= 1)"),
+    "min_calls": _Key((int,), default=20, nullable=False, positive=True,
+                      doc="... and at least this many calls finished in the window"),
+    "window": _Key((float, int), default=30, nullable=False, positive=True,
+                   doc="seconds: the calls that count are those finished this recently"),
+    "open_for": _Key((float, int), default=60, nullable=False, positive=True,
+                     doc="seconds without consuming once it trips, before consuming again"),
 }
 
 CONSUMER_KEYS: dict[str, _Key] = {
@@ -125,6 +155,14 @@ CONSUMER_KEYS: dict[str, _Key] = {
                           choices=("first", "last", "next"),
                           expected="first, last, next, an offset (an integer) or a timestamp",
                           doc="where a stream consumer starts (x-stream-offset)"),
+    # Beyond 0.4.3: controls (docs/guides/controls.md).
+    "rate_limit": _Key((float, int), positive=True,
+                       doc="consume calls started per second, at most, for the whole entry "
+                           "(all processes together: each of --processes N takes 1/N); "
+                           "null: no limit"),
+    "circuit_breaker": _Key((dict,), entries=CIRCUIT_BREAKER_KEYS,
+                            doc="stop consuming for open_for seconds when too many calls "
+                                "fail (CIRCUIT_BREAKER_KEYS); absent: never"),
 }
 
 
@@ -142,6 +180,12 @@ def parse_consumers(checker: _Checker, entries: list[Any],
             retry = _parse_retry(checker, checked.pop("retry"), f"{key_path}.retry")
             if retry is None:
                 continue
+        if "circuit_breaker" in checked:
+            breaker = checker.mapping(checked.pop("circuit_breaker"),
+                                      f"{key_path}.circuit_breaker", CIRCUIT_BREAKER_KEYS)
+            if breaker is None:
+                continue
+            checked["circuit_breaker"] = CircuitBreakerConfig(**breaker)
         offset = checked.get("stream_offset")
         if isinstance(offset, date) and timestamp_problem(offset):
             checker.problem(f"{key_path}.stream_offset", str(timestamp_problem(offset)))
@@ -186,6 +230,11 @@ def _parse_retry(checker: _Checker, raw: Any, key_path: str) -> RetryConfig | No
     before = len(checker.problems)
     checked = checker.mapping(raw, key_path, RETRY_KEYS)
     if checked is None or len(checker.problems) > before:
+        return None
+    checked["no_retry_for"] = checker.import_paths(checked.get("no_retry_for", []),
+                                                   f"{key_path}.no_retry_for",
+                                                   "an exception class")
+    if len(checker.problems) > before:
         return None
     if checked["max_delay"] < checked["delay"]:
         checker.problem(f"{key_path}.max_delay", f"expected at least delay "

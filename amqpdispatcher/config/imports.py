@@ -57,12 +57,50 @@ def _import(checker: _Checker, key_path: str, spec: str) -> Any:
     return None
 
 
+def _exception_classes(checker: _Checker, key_path: str,
+                       specs: tuple[str, ...]) -> tuple[type[BaseException], ...]:
+    """The exception classes named 'module:Name'; a problem for any that is not one."""
+    classes = []
+    for i, spec in enumerate(specs):
+        before = len(checker.problems)
+        obj = _import(checker, f"{key_path}[{i}]", spec)
+        if len(checker.problems) > before:
+            continue
+        if not inspect.isclass(obj):
+            checker.problem(f"{key_path}[{i}]", f"{spec!r} is not a class")
+        elif not issubclass(obj, BaseException):
+            checker.problem(f"{key_path}[{i}]", f"{spec!r} is not an exception class")
+        else:
+            classes.append(obj)
+    return tuple(classes)
+
+
+# The hooks of a middleware (consuming/middleware.py, which the config cannot import).
+MIDDLEWARE_HOOKS = ("on_start", "before_consume", "after_consume", "on_stop")
+
+
+def _middleware_problem(cls: Any) -> str | None:
+    """What keeps ``cls`` from being a middleware, or None."""
+    if not inspect.isclass(cls):
+        return "is not a class"
+    hooks = [name for name in MIDDLEWARE_HOOKS if getattr(cls, name, None) is not None]
+    if not hooks:
+        return f"has none of the hooks {', '.join(MIDDLEWARE_HOOKS)}"
+    not_callable = [name for name in hooks if not callable(getattr(cls, name))]
+    if not_callable:
+        return f"has {' and '.join(not_callable)} but not as a method"
+    return None
+
+
 @dataclass
 class Resolved:
     """The imported objects a config names."""
 
     startup_handler: Callable[[], Any] | None = None
     consumer_classes: dict[str, type] = field(default_factory=dict)
+    middleware: tuple[type, ...] = ()
+    # Each entry's retry.no_retry_for, imported, by the entry's path (consumers[0]).
+    no_retry_for: dict[str, tuple[type[BaseException], ...]] = field(default_factory=dict)
 
 
 def check_imports(config: Config) -> Resolved:
@@ -88,6 +126,21 @@ def check_imports(config: Config) -> Resolved:
                             f"{entry.consumer!r} has no {' and no '.join(missing)} method")
             continue
         resolved.consumer_classes[entry.consumer] = cls
+    middleware = []
+    for i, spec in enumerate(config.middleware):
+        cls = _import(checker, f"middleware[{i}]", spec)
+        if cls is None:
+            continue
+        problem = _middleware_problem(cls)
+        if problem:
+            checker.problem(f"middleware[{i}]", f"{spec!r} {problem}")
+        else:
+            middleware.append(cls)
+    resolved.middleware = tuple(middleware)
+    for entry in config.consumers:
+        if entry.retry is not None and entry.retry.no_retry_for:
+            resolved.no_retry_for[entry.path] = _exception_classes(
+                checker, f"{entry.path}.retry.no_retry_for", entry.retry.no_retry_for)
     if checker.problems:
         raise ConfigError(checker.problems)
     return resolved

@@ -34,7 +34,8 @@ class _Key:
     the strings accepted, where a string is given. ``expected``: what the problem
     line says is expected, when the first type's name would not say it.
     ``import_path``: the form of a 'module:attr' value, as the problem line shows it
-    ('module:Class'). ``entries``: the key table of a mapping, or of each entry of a
+    ('module:Class'); of a list, the form of each of its strings (checked by the
+    section that reads it). ``entries``: the key table of a mapping, or of each entry of a
     list (the JSON Schema, config/schema.py, describes what is inside from it; a list
     or mapping without one is free-form there).
     """
@@ -176,6 +177,18 @@ class _Checker:
             return f"expected a non-empty string, got ''{hint}"
         return None
 
+
+    def import_paths(self, value: list[Any], key_path: str, form: str) -> tuple[str, ...]:
+        """A list of 'module:attr' strings (``form``: what each names, as the problem
+        line says it), each checked; the problems go to this checker, and a list with
+        any is returned empty (nothing of it is imported)."""
+        bad = False
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not _is_import_path(item):
+                self.problem(f"{key_path}[{i}]", f"expected 'module:Name' ({form}), got "
+                             f"{_describe(item)}")
+                bad = True
+        return () if bad else tuple(value)
 
     def table(self, value: dict[Any, Any], key_path: str, broker_names: bool = False) -> bool:
         """Check an ``arguments`` mapping, sent as an AMQP table: every key a string,

@@ -39,7 +39,7 @@ def retry_queues(config: Config) -> tuple[QueueConfig, ...]:
     """
     names = {queue.queue for queue in config.queues}
     derived: list[QueueConfig] = []
-    for entry in config.consumers:
+    for entry in (*config.consumers, *config.unselected):  # all of them, whatever --only
         if entry.retry is None:
             continue
         for ms, name in zip(entry.retry.delays_ms(), delay_queue_names(entry)):

@@ -96,6 +96,8 @@ def _key(spec: _Key) -> dict[str, Any]:
             schema["minItems"] = 1
         if spec.entries is not None:
             schema["items"] = _mapping(spec.entries)
+        elif spec.import_path:  # a list of 'module:attr' strings
+            schema["items"] = {"type": "string", "pattern": "^[^:]+:[\\s\\S]+$"}
     if "object" in types and spec.entries is not None:
         schema.update({k: v for k, v in _mapping(spec.entries).items() if k != "type"})
     _choices(schema, spec, types)

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .consumers import CONSUMER_KEYS, ConsumerConfig, parse_consumers
@@ -37,6 +37,13 @@ class Config:
     http: HttpConfig | None = None
     stats_interval: float = 60.0
     blocking_warning: float = 1.0
+    middleware: tuple[str, ...] = ()  # module:Class each
+    recycle_after_messages: int | None = None
+    recycle_above_memory_mb: float | None = None
+    # --only: the queues named (None: every entry runs), and the entries it left out,
+    # whose retry queues are declared all the same (select).
+    only: tuple[str, ...] | None = None
+    unselected: tuple[ConsumerConfig, ...] = ()
 
 
 TOP_LEVEL_KEYS: dict[str, _Key] = {
@@ -63,6 +70,20 @@ TOP_LEVEL_KEYS: dict[str, _Key] = {
     "http": _Key((dict,), entries=HTTP_KEYS,
                  doc="HTTP endpoint for /metrics, /healthz, /readyz (the keys below); "
                      "absent: no port opened"),
+    # Beyond 0.4.3: controls (docs/guides/controls.md).
+    "middleware": _Key((list,), non_empty=True, import_path="module:Class",
+                       doc="classes, each module:Class, instantiated once per process, "
+                           "whose hooks (on_start, before_consume, after_consume, on_stop) "
+                           "are called in order around every consume; see "
+                           "amqpdispatcher.Middleware"),
+    "recycle_after_messages": _Key((int,), positive=True,
+                                   doc="replace the process (or the worker of --processes) "
+                                       "after about this many messages handled, +-10% "
+                                       "jitter: it drains and exits 7, or the arbiter starts "
+                                       "its replacement first; null: never"),
+    "recycle_above_memory_mb": _Key((float, int), positive=True,
+                                    doc="... or when its resident memory exceeds this many "
+                                        "MiB, checked every few seconds; null: never"),
     "stats_interval": _Key((float, int), default=60, nullable=False,
                            doc=f"seconds between the INFO stats lines (at least "
                                f"{MIN_STATS_INTERVAL:g}); 0: none"),
@@ -95,6 +116,21 @@ def _load(config: Config, problems: list[str]) -> tuple[Config, Resolved]:
     if problems:
         raise ConfigError(problems)
     return config, resolved
+
+
+def select(config: Config, queues: tuple[str, ...]) -> Config:
+    """``--only``: the config with only the consumer entries consuming these queues;
+    the others are kept in ``unselected`` (the topology is declared as without
+    ``--only``). ConfigError, one line, for a name no entry consumes."""
+    consumed = list(dict.fromkeys(entry.queue for entry in config.consumers))
+    unknown = [name for name in queues if name not in consumed]
+    if unknown:
+        raise ConfigError([f"{config.path}: --only: no consumer entry consumes "
+                           f"{', '.join(repr(name) for name in unknown)} (the entries "
+                           f"consume: {', '.join(consumed)})"])
+    return replace(config, only=queues,
+                   consumers=tuple(e for e in config.consumers if e.queue in queues),
+                   unselected=tuple(e for e in config.consumers if e.queue not in queues))
 
 
 def read_http(path: str) -> HttpConfig | None:
@@ -146,5 +182,9 @@ def parse_data(data: Any, path: str) -> tuple[Config, list[str]]:
                     reconnect_give_up_after=top.get("reconnect_give_up_after"),
                     publisher_confirms=top.get("publisher_confirms", True),
                     http=parse_http(checker, top["http"]) if "http" in top else None,
-                    stats_interval=stats_interval, blocking_warning=blocking_warning)
+                    stats_interval=stats_interval, blocking_warning=blocking_warning,
+                    recycle_after_messages=top.get("recycle_after_messages"),
+                    recycle_above_memory_mb=top.get("recycle_above_memory_mb"),
+                    middleware=checker.import_paths(top.get("middleware", []), "middleware",
+                                                    "a class"))
     return config, checker.problems

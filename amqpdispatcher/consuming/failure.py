@@ -12,7 +12,9 @@ policy. ``FailurePolicy.failed`` decides, for one failed delivery:
   back to the entry's queue through the default exchange; then ack the original;
 - attempts exhausted: publish it (confirmed) to ``dead_letter_queue`` with
   headers saying why, then ack the original; without a dead-letter queue,
-  reject it without requeue (the queue's own dead-letter exchange decides).
+  reject it without requeue (the queue's own dead-letter exchange decides);
+- an exception of a class in the entry's ``retry.no_retry_for`` (or of a
+  subclass): as attempts exhausted, on its first failure; never retried.
 
 Nothing waits in this process: the delay and the attempt count travel with the
 message on the broker (ATTEMPT_HEADER), so they survive a restart and are the
@@ -275,11 +277,14 @@ class FailureLog:
 class FailurePolicy:
     """One consumer entry's answer to a failed delivery (see the module docstring)."""
 
-    def __init__(self, entry: ConsumerConfig, publisher: Publisher) -> None:
+    def __init__(self, entry: ConsumerConfig, publisher: Publisher,
+                 no_retry_for: tuple[type[BaseException], ...] = ()) -> None:
         """``publisher``: the moves' first channel (Publishers opens more on its
-        connection when moves overlap)."""
+        connection when moves overlap). ``no_retry_for``: the entry's
+        ``retry.no_retry_for``, imported (config/imports.py)."""
         self.entry = entry
         self.retry = entry.retry
+        self.no_retry_for = no_retry_for
         self.moves = Publishers(publisher, entry.consumer_count)
         self.failures = FailureLog(entry.consumer)
         # Without a retry policy; on a stream the reject is an ack (see acks.py).
@@ -288,13 +293,14 @@ class FailurePolicy:
 
     def failed(self, acker: Acknowledger, method: Any, properties: Any, body: bytes,
                exc: BaseException) -> str:
-        """Settle a failed delivery; return its outcome (outcomes.py's names)."""
+        """Settle a failed delivery; return its outcome (outcomes.OUTCOMES' name)."""
         tag = method.delivery_tag
         retry = self.retry
         attempt = attempt_of(properties)
         if retry is None:
-            acker.reject(tag, requeue=True)
             outcome = "ack" if self.entry.stream else "requeue"
+            outcome = outcome if acker.open else "dropped"
+            acker.reject(tag, requeue=True)
             self.failures.failed(exc, self.without_retry,
                                  self._fields(acker, tag, outcome, attempt))
             return outcome
@@ -305,35 +311,40 @@ class FailurePolicy:
                         extra=self._fields(acker, tag, "dropped", attempt))
             return "dropped"
         now = time.time()
-        if attempt < retry.max_attempts:
+        final = self.no_retry_for and isinstance(exc, self.no_retry_for)
+        # How the giving-up line says why: attempts exhausted, or an exception not retried.
+        why = (f"attempt {attempt}, {type(exc).__name__} is in no_retry_for" if final
+               else f"attempt {attempt} of {retry.max_attempts}")
+        if attempt < retry.max_attempts and not final:
             delay_ms = retry.delay_ms(attempt)
             queue = delay_queue_name(self.entry.queue, delay_ms)
             headers = self._traced(retry_headers(properties.headers, attempt, method, now))
-            if not self._move(acker, tag, attempt, exc, queue, body,
-                              _republished(properties, headers), RETRY):
-                return "requeue"
-            log.info("%s: consume raised %s; attempt %d of %d, retrying in %gs",
-                     self.entry.consumer, describe_exception(exc), attempt,
-                     retry.max_attempts, delay_ms / 1000,
-                     extra=self._fields(acker, tag, "retry", attempt))
-            return "retry"
+            if self._move(acker, tag, attempt, exc, queue, body,
+                          _republished(properties, headers), RETRY):
+                log.info("%s: consume raised %s; attempt %d of %d, retrying in %gs",
+                         self.entry.consumer, describe_exception(exc), attempt,
+                         retry.max_attempts, delay_ms / 1000,
+                         extra=self._fields(acker, tag, "retry", attempt))
+                return "retry"
+            return "requeue" if acker.open else "dropped"
         if retry.dead_letter_queue is None:
+            outcome = "ack" if self.entry.stream else "reject"
             acker.reject(tag, requeue=False)
-            log.warning("%s: consume raised %s; attempt %d of %d, giving up: rejected without "
+            log.warning("%s: consume raised %s; %s, giving up: rejected without "
                         "requeue (the queue's dead-letter exchange, if any, receives it)",
-                        self.entry.consumer, describe_exception(exc), attempt,
-                        retry.max_attempts, extra=self._fields(acker, tag, "reject", attempt))
-            return "reject"
+                        self.entry.consumer, describe_exception(exc), why,
+                        extra=self._fields(acker, tag, "reject", attempt))
+            return outcome if acker.open else "dropped"
         headers = self._traced(dead_letter_headers(properties.headers, exc, attempt, method,
                                                    self.entry, now))
-        if not self._move(acker, tag, attempt, exc, retry.dead_letter_queue, body,
-                          _republished(properties, headers), DEAD_LETTER):
-            return "requeue"
-        log.warning("%s: consume raised %s; attempt %d of %d, giving up: moved to %s",
-                    self.entry.consumer, describe_exception(exc), attempt,
-                    retry.max_attempts, retry.dead_letter_queue,
-                    extra=self._fields(acker, tag, "dead_letter", attempt))
-        return "dead_letter"
+        if self._move(acker, tag, attempt, exc, retry.dead_letter_queue, body,
+                      _republished(properties, headers), DEAD_LETTER):
+            log.warning("%s: consume raised %s; %s, giving up: moved to %s",
+                        self.entry.consumer, describe_exception(exc), why,
+                        retry.dead_letter_queue,
+                        extra=self._fields(acker, tag, "dead_letter", attempt))
+            return "dead_letter"
+        return "requeue" if acker.open else "dropped"
 
     def _traced(self, headers: dict[str, Any]) -> dict[str, Any]:
         """With tracing on, a move carries the failed consume's span context: the next

@@ -71,7 +71,7 @@ class AlreadyRespondedError(Exception):
 class AMQPProxy:
     """The ``amqp`` argument of ``consume``: settle this delivery, or publish."""
 
-    __slots__ = ("_acker", "_publisher", "tag", "_response", "outcome")
+    __slots__ = ("_acker", "_publisher", "tag", "_response", "_outcome")
 
     def __init__(self, acker: Acknowledger, publisher: Publishers, tag: int) -> None:
         self._acker = acker
@@ -80,7 +80,7 @@ class AMQPProxy:
         self._response: str | None = None
         # What the consumer's own answer made of the delivery (outcomes.py's names), or
         # None while it has not answered.
-        self.outcome: str | None = None
+        self._outcome: str | None = None
 
     @property
     def has_responded_to_message(self) -> bool:
@@ -92,7 +92,7 @@ class AMQPProxy:
                 f"delivery tag {self.tag}: cannot {how}, it was already {self._response}"
             )
         self._response = {"ack": "acked", "nack": "nacked", "reject": "rejected"}[how]
-        self.outcome = "ack" if self._acker.stream else outcome  # a stream only acks
+        self._outcome = "ack" if self._acker.stream else outcome  # a stream only acks
 
     def ack(self) -> None:
         self._respond("ack", "ack")
@@ -105,7 +105,16 @@ class AMQPProxy:
 
     def reject(self, requeue: bool = True) -> None:
         self._respond("reject", "requeue" if requeue else "reject")
+        if not requeue:
+            self._response = "rejected without requeue"
         self._acker.reject(self.tag, requeue=requeue)
+
+    def outcome(self) -> str | None:
+        """The outcome of the delivery the consumer settled itself (outcomes.py's names;
+        "dropped" if its channel is gone), or None while it has not."""
+        if self._outcome is None:
+            return None
+        return self._outcome if self._acker.open else "dropped"
 
     def publish(self, exchange: str, routing_key: str, headers: dict[str, Any] | None,
                 body: bytes | str, *, mandatory: bool = False, **properties: Any) -> None:

@@ -11,6 +11,7 @@ slots always equals ``consumer_count`` until the dispatcher stops them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -25,9 +26,12 @@ import gevent.queue
 from ..amqp.publishing import Publisher, Publishers
 from ..config import ConsumerConfig, describe_exception
 from .acks import Acknowledger
+from .breaker import CircuitBreaker
 from .failure import FailurePolicy, TimeLimit, attempt_of
 from .message import AMQPProxy, Message
+from .middleware import Middlewares
 from .outcomes import EntryMetrics, delivery_fields
+from .ratelimit import RateLimiter
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -41,7 +45,10 @@ class StopNow(BaseException):
 
 class ConsumerPool:
     def __init__(self, entry: ConsumerConfig, cls: type, publisher: Publisher,
-                 policy_publisher: Publisher, timed: bool = False) -> None:
+                 policy_publisher: Publisher, timed: bool = False,
+                 no_retry_for: tuple[type[BaseException], ...] = (),
+                 rate: float | None = None) -> None:
+        """``rate``: this process's share of the entry's rate_limit (ratelimit.py)."""
         self.entry = entry
         self.cls = cls
         # amqp.publish's channels: one per publish waiting for its confirm (Publishers).
@@ -51,7 +58,7 @@ class ConsumerPool:
         # The policy's moves have a channel of their own: a consume's publish that gets
         # its channel closed must not fail a move the broker already routed (the input
         # would be requeued while its copy waits in the delay queue: handled twice).
-        self.policy = FailurePolicy(entry, policy_publisher)
+        self.policy = FailurePolicy(entry, policy_publisher, no_retry_for)
         # Unbounded: the broker's prefetch_count is what bounds it.
         self.work: gevent.queue.Queue[Any] = gevent.queue.Queue()
         # One per slot; None while a failed instance is being replaced.
@@ -60,7 +67,12 @@ class ConsumerPool:
         self.busy = 0  # consume calls running now
         self.stopping = gevent.event.Event()
         self.tracer: Any = None  # an OpenTelemetry tracer once an SDK is configured
-
+        # circuit_breaker: decided from self.metrics, sampled off the consume path.
+        self.breaker = (CircuitBreaker(entry.circuit_breaker, self.metrics)
+                        if entry.circuit_breaker is not None else None)
+        # Hooks around every consume (middleware.py), set before start(); None: none.
+        self.middleware: Middlewares | None = None
+        self.limiter = RateLimiter(rate, self.stopping) if rate else None
 
     def create_instances(self) -> None:
         """Construct every instance; a failure here is raised to the caller (start-up)."""
@@ -72,7 +84,8 @@ class ConsumerPool:
             from . import tracing
             self.tracer = tracing.tracer()
             self.publisher.tracer = self.policy.moves.tracer = self.tracer
-        self.slots = [gevent.spawn(self._work, slot) for slot in range(len(self.instances))]
+        work = self._work if self.limiter is None else self._work_limited
+        self.slots = [gevent.spawn(work, slot) for slot in range(len(self.instances))]
         for slot, greenlet in enumerate(self.slots):  # named in SIGUSR1's stack dump
             greenlet.name = f"{self.entry.path} {self.entry.consumer} slot {slot}"
 
@@ -95,7 +108,7 @@ class ConsumerPool:
 
     def _work(self, slot: int) -> None:
         get = self.work.get
-        handle = self.handle if self.tracer is None else self._handle_traced
+        handle = self._handler()
         limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
         try:
             while True:
@@ -106,15 +119,46 @@ class ConsumerPool:
         except StopNow:
             return  # a fast stop: the broker redelivers what was not settled
 
-    def _handle_traced(self, slot: int, item: tuple[Any, ...],
-                       limit: TimeLimit | None) -> None:
-        """handle in a span of its own (consuming/tracing.py), current while consume
+    def _work_limited(self, slot: int) -> None:
+        """_work, each delivery waiting for its start time (rate_limit); a stop gives
+        back the one waiting."""
+        get = self.work.get
+        handle = self._handler()
+        limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
+        limiter = self.limiter
+        assert limiter is not None
+        try:
+            while True:
+                item = get()
+                if item is None:
+                    return
+                if not limiter.wait():
+                    item[0].reject(item[1].delivery_tag, requeue=True)
+                    continue
+                if not item[0].open:  # its channel closed meanwhile (a circuit breaker's
+                    item[0].drop()  # pause): the broker redelivers it; not consumed here
+                    continue
+                handle(slot, item, limit)
+        except StopNow:
+            return
+
+    def _handler(self) -> Callable[[int, tuple[Any, ...], TimeLimit | None], Any]:
+        """How a slot handles a delivery, chosen once: without middleware or tracing a
+        delivery pays nothing for either."""
+        inner = self.handle if self.middleware is None else self._handle_middleware
+        if self.tracer is None:
+            return inner
+        return functools.partial(self._handle_traced, inner)
+
+    def _handle_traced(self, inner: Callable[..., tuple[str, BaseException | None]],
+                       slot: int, item: tuple[Any, ...], limit: TimeLimit | None) -> None:
+        """``inner`` in a span of its own (consuming/tracing.py), current while consume
         and the settling run, so that publishes and moves carry its context."""
         from . import tracing
         method, properties = item[1], item[2]
         with tracing.consume_span(self.tracer, self.entry, method, properties,
                                   attempt_of(properties)) as span:
-            outcome, failure = self.handle(slot, item, limit)
+            outcome, failure = inner(slot, item, limit)
             tracing.settled(span, outcome, failure)
 
     def handle(self, slot: int, item: tuple[Any, ...],
@@ -148,7 +192,7 @@ class ConsumerPool:
             failure = None
         if durations is not None:
             durations.observe(perf_counter() - started)
-        responded = amqp.outcome
+        responded = amqp.outcome()
         if failure is None:
             self.busy -= 1
             if responded is None:
@@ -167,6 +211,69 @@ class ConsumerPool:
         finally:
             self.busy -= 1
         self._replace(slot, failure)
+        return outcome, failure
+
+    def _handle_middleware(self, slot: int, item: tuple[Any, ...],
+                           limit: TimeLimit | None) -> tuple[str, BaseException | None]:
+        """handle with the middleware's hooks around consume (middleware.py): a
+        before_consume that raises fails the message through the failure policy, without
+        consume (the instance is not replaced: it did not fail); after_consume is told
+        the outcome."""
+        acker, method, properties, body = item
+        tag = method.delivery_tag
+        instance = self.instances[slot]
+        if instance is None:  # stopping while a replacement was pending
+            acker.reject(tag, requeue=True)
+            return "requeue", None
+        middleware = self.middleware
+        assert middleware is not None
+        entry = self.entry
+        msg = Message(method, properties, body)
+        amqp = AMQPProxy(acker, self.publisher, tag)
+        durations = self.metrics.durations
+        self.busy += 1
+        if durations is not None:
+            started = perf_counter()
+        failure: BaseException | None = None
+        consumed = False
+        try:
+            middleware.before(entry, msg)
+            consumed = True
+            if limit is None:
+                instance.consume(amqp, msg)
+            else:
+                limit.run(instance.consume, amqp, msg)
+        except StopNow:
+            self.busy -= 1
+            raise
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            failure = exc
+        if durations is not None:
+            durations.observe(perf_counter() - started)
+        responded = amqp.has_responded_to_message
+        if failure is None:
+            self.busy -= 1
+            if responded:
+                outcome = amqp.outcome() or "ack"
+            else:
+                outcome = "ack" if acker.open else "dropped"
+                acker.ack(tag)
+            middleware.after(entry, msg, outcome, None)
+            return outcome, None
+        self.metrics.failures += 1
+        try:
+            if responded:
+                log.error("%s: consume raised %s; delivery tag %d was already settled",
+                          entry.consumer, describe_exception(failure), tag,
+                          extra=delivery_fields(entry, tag, None, attempt_of(properties)))
+                outcome = amqp.outcome() or "ack"
+            else:
+                outcome = self.policy.failed(acker, method, properties, body, failure)
+        finally:
+            self.busy -= 1
+        middleware.after(entry, msg, outcome, failure)
+        if consumed:
+            self._replace(slot, failure)
         return outcome, failure
 
     def _replace(self, slot: int, exc: BaseException | None) -> None:

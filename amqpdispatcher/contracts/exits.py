@@ -2,8 +2,8 @@
 
 Each constant is documented in STATUSES, which docs/reference/exit-statuses.md is
 generated from (``python scripts/docs.py``; tests/test_docs.py fails when the page
-and this module disagree). Under a supervisor, EXIT_BROKER is the status to
-restart on; EXIT_CONFIG, EXIT_TOPOLOGY and EXIT_USER_CODE fail the same way again
+and this module disagree). Under a supervisor, EXIT_BROKER and EXIT_RECYCLE are the
+statuses to restart on; EXIT_CONFIG, EXIT_TOPOLOGY and EXIT_USER_CODE fail the same way again
 until the config or the code is fixed.
 """
 
@@ -18,6 +18,7 @@ EXIT_BROKER = 3  # no broker at start, or the connection lost for good
 EXIT_TOPOLOGY = 4  # at start, the broker refused the config's topology
 EXIT_USER_CODE = 5  # the startup handler or a consumer constructor failed at start
 EXIT_DRAIN_TIMEOUT = 6  # the drain ran out of drain_timeout with consume calls running
+EXIT_RECYCLE = 7  # recycle_after_messages or recycle_above_memory_mb: drained, start again
 EXIT_INTERNAL = 70  # a bug in amqp-dispatcher (EX_SOFTWARE); the traceback is logged
 
 
@@ -82,6 +83,13 @@ STATUSES = (
            "after SIGTERM, the highest status a worker exited with, those of a previous "
            "set still draining after a reload included: 6, or any other (a worker killed "
            "by signal n counts as 128 + n)"),
+    Status(str(EXIT_RECYCLE),
+           "recycled: the process handled about `recycle_after_messages` messages, or its "
+           "resident memory exceeded `recycle_above_memory_mb`; it stopped taking "
+           "deliveries and finished those in progress, as on SIGTERM. A supervisor should "
+           "start it again (the shipped supervisord and systemd examples do)",
+           "never: the arbiter recycles a worker itself, starting its replacement first, "
+           "then draining it"),
     Status(str(EXIT_INTERNAL),
            "an internal error: a bug in amqp-dispatcher (the traceback is logged; please "
            "report it). A supervisor should restart on it",

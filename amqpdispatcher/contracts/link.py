@@ -12,7 +12,11 @@ handlers are installed (from then on SIGUSR1 is safe to send it), CONSUMING once
 every consumer entry consumes, and, when it cannot start because of problems in
 the config (exit status 1), one line PROBLEMS, a space and the problems as a JSON
 array of strings, instead of printing them: the arbiter prints them once for the
-whole service. End-of-file, either way, means the other side is gone.
+whole service. RECYCLE, a space and the reason, when the worker reached
+``recycle_after_messages`` or ``recycle_above_memory_mb``: the arbiter starts its
+replacement, and once that one consumes, sends this one SIGTERM (it drains). It is
+said again every RECYCLE_REPEAT seconds until then. End-of-file, either way, means
+the other side is gone.
 """
 
 from __future__ import annotations
@@ -24,3 +28,4 @@ HTTP_SOCKET_ENV = "AMQP_DISPATCHER_HTTP_SOCKET"
 STARTED = b"started"
 CONSUMING = b"consuming"
 PROBLEMS = b"problems"
+RECYCLE = b"recycle"

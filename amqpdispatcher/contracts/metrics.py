@@ -44,6 +44,13 @@ METRICS = (
            "1 while the entry is subscribed to its queue, 0 while its channel is being "
            "reopened or the connection is down (with `--processes`: the number of workers "
            "subscribed)"),
+    Metric("amqp_dispatcher_circuit_open", "gauge", ENTRY,
+           "1 while the entry's `circuit_breaker` is open (not consuming until `open_for` "
+           "is over); entries with a `circuit_breaker` only (with `--processes`: the "
+           "number of workers whose circuit is open)"),
+    Metric("amqp_dispatcher_circuit_trips_total", "counter", ENTRY,
+           "Times the entry's `circuit_breaker` tripped; entries with a `circuit_breaker` "
+           "only"),
     Metric("amqp_dispatcher_connected", "gauge", (),
            "1 while the connection to the broker is open (with `--processes`: the number "
            "of workers connected)"),

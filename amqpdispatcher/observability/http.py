@@ -7,7 +7,8 @@ patching, and answers while the main greenlet waits on the broker.
   format (OpenMetrics if the scraper asks for it).
 - ``/healthz``: 200 while the main loop runs, reconnecting included; 503 once the
   dispatcher is stopping.
-- ``/readyz``: 200 while connected with every consumer entry subscribed; else 503
+- ``/readyz``: 200 while connected with every consumer entry subscribed (or its
+  circuit_breaker open: named in the body under ``circuit_open``); else 503
   with a short JSON body saying what is missing.
 
 The port is bound at start, before the startup handler and before connecting,
@@ -103,14 +104,26 @@ class HttpEndpoint:
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
         d = self.current()
+        # An entry whose circuit_breaker is open does not consume, by design: the process
+        # is healthy; the body names it, readiness stays.
+        circuit_open = [{"entry": pool.entry.path, "queue": pool.entry.queue,
+                         "consumer": pool.entry.consumer, "until": pool.breaker.until_text()}
+                        for pool in d.pools if pool.breaker is not None and pool.breaker.is_open]
         not_consuming = [{"entry": pool.entry.path, "queue": pool.entry.queue,
                           "consumer": pool.entry.consumer}
-                         for index, pool in enumerate(d.pools) if index not in d.channels]
+                         for index, pool in enumerate(d.pools) if index not in d.channels
+                         and not (pool.breaker is not None and pool.breaker.is_open)]
         connected = d.is_connected()
         if connected and not not_consuming and not d.stopping:
-            return True, {"ready": True}
-        return False, {"ready": False, "connected": connected, "stopping": d.stopping,
-                       "not_consuming": not_consuming}
+            body: dict[str, Any] = {"ready": True}
+            if circuit_open:
+                body["circuit_open"] = circuit_open
+            return True, body
+        body = {"ready": False, "connected": connected, "stopping": d.stopping,
+                "not_consuming": not_consuming}
+        if circuit_open:
+            body["circuit_open"] = circuit_open
+        return False, body
 
 
 class Server(WSGIServer):

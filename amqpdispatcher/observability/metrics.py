@@ -42,6 +42,7 @@ from ..contracts.metrics import ENTRY, help_text
 
 if TYPE_CHECKING:
     from ..config import ConsumerConfig
+    from ..consuming.breaker import CircuitBreaker
 
 log = logging.getLogger("amqp-dispatcher")
 
@@ -55,6 +56,8 @@ class ObservedPool(Protocol):
     def metrics(self) -> EntryMetrics: ...
     @property
     def busy(self) -> int: ...
+    @property
+    def breaker(self) -> CircuitBreaker | None: ...
     def live_instances(self) -> int: ...
 
 
@@ -105,6 +108,10 @@ class GenerationCollector(Collector):
         replacements = _family(CounterMetricFamily,
                                "amqp_dispatcher_instance_replacements_total", labels=labels)
         consuming = _family(GaugeMetricFamily, "amqp_dispatcher_consuming", labels=labels)
+        circuit_open = _family(GaugeMetricFamily, "amqp_dispatcher_circuit_open",
+                               labels=labels)
+        circuit_trips = _family(CounterMetricFamily, "amqp_dispatcher_circuit_trips_total",
+                                labels=labels)
         groups: dict[tuple[str, str], list[int]] = {}
         for index, pool in enumerate(d.pools):
             groups.setdefault((pool.entry.queue, pool.entry.consumer), []).append(index)
@@ -122,8 +129,12 @@ class GenerationCollector(Collector):
             instances.add_metric(list(key), sum(p.live_instances() for p in pools))
             replacements.add_metric(list(key), sum(p.metrics.replacements for p in pools))
             consuming.add_metric(list(key), sum(1 for i in indexes if i in d.channels))
+            breakers = [p.breaker for p in pools if p.breaker is not None]
+            if breakers:
+                circuit_open.add_metric(list(key), sum(1 for b in breakers if b.is_open))
+                circuit_trips.add_metric(list(key), sum(b.trips for b in breakers))
         yield from (messages, durations, failures, in_flight, instances, replacements,
-                    consuming)
+                    consuming, circuit_open, circuit_trips)
         yield _family(GaugeMetricFamily, "amqp_dispatcher_connected",
                       value=1 if d.is_connected() else 0)
         yield _family(CounterMetricFamily, "amqp_dispatcher_reconnects_total",
@@ -179,8 +190,11 @@ def stats_line(pools: Sequence[ObservedPool], before: list[tuple[int, int]]) -> 
     parts = []
     for i, pool in enumerate(pools):
         handled, failures = pool.metrics.handled(), pool.metrics.failures
-        parts.append(f"{pool.entry.path} {pool.entry.queue}: {handled - before[i][0]} "
-                     f"handled, {failures - before[i][1]} failed, {pool.busy} in flight")
+        part = (f"{pool.entry.path} {pool.entry.queue}: {handled - before[i][0]} "
+                f"handled, {failures - before[i][1]} failed, {pool.busy} in flight")
+        if pool.breaker is not None and pool.breaker.is_open:
+            part += f", circuit open until {pool.breaker.until_text()}"
+        parts.append(part)
         before[i] = (handled, failures)
     return "; ".join(parts)
 

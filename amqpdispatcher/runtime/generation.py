@@ -30,6 +30,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, MutableSequence
+from functools import partial
 from typing import Any
 
 import gevent
@@ -56,6 +57,8 @@ from ..config import Config, ExchangeConfig, Resolved, describe_exception
 from ..config.retry import retry_queues
 from ..config.settings import Settings
 from ..consuming.acks import Acknowledger
+from ..consuming.breaker import sample_interval
+from ..consuming.middleware import Middlewares
 from ..consuming.pool import ConsumerPool, StopNow
 from ..contracts.exits import (
     EXIT_BROKER,
@@ -141,6 +144,19 @@ def run_user_code(call: Callable[[], Any], what: str) -> None:
         raise UserCodeError(f"{what} raised {describe_exception(exc)}") from None
 
 
+def _share(rate_limit: float | None, worker: str) -> float | None:
+    """This process's share of an entry's rate_limit: all of it, or 1/N of it in a
+    worker of --processes N (its name is "k/N")."""
+    if rate_limit is None:
+        return None
+    _, _, processes = worker.partition("/")
+    return rate_limit / int(processes) if processes.isdigit() and int(processes) else rate_limit
+
+
+def _append_instance(instances: list[Any], cls: type) -> None:
+    instances.append(cls())
+
+
 class Channel:
     """One consumer entry's channel on the current connection."""
 
@@ -187,7 +203,9 @@ class Generation:
                                    self.publishing.publisher(f"{entry.path} ({entry.queue})"),
                                    self.publishing.publisher(f"{entry.path} ({entry.queue}) "
                                                              "retry policy"),
-                                   timed=config.http is not None)
+                                   timed=config.http is not None,
+                                   no_retry_for=resolved.no_retry_for.get(entry.path, ()),
+                                   rate=_share(entry.rate_limit, settings.worker))
                       for entry in config.consumers]
         self.connection: Any = None
         self.channels: dict[int, Channel] = {}
@@ -217,6 +235,11 @@ class Generation:
     @property
     def queue_depth(self) -> dict[str, tuple[int, int]]:
         return self.depth.values
+        self.middleware: Middlewares | None = None  # built with the consumer instances
+        # circuit_breaker: the entries whose circuit is open, by index: the channel
+        # given up at the trip while its consumes in progress finish (None once closed).
+        self.circuits: dict[int, Channel | None] = {}
+        self.breakers: gevent.Greenlet | None = None
 
     def is_connected(self) -> bool:
         return self.connection is not None and self.connection.is_open
@@ -264,6 +287,11 @@ class Generation:
             pool.start()
         self.stats.start()
         self.depth.start()
+        breakers = [pool.breaker for pool in self.pools if pool.breaker is not None]
+        if breakers:
+            interval = min(sample_interval(b.config.window) for b in breakers)
+            self.breakers = gevent.spawn(self._sample_breakers, interval)
+            self.breakers.name = "circuit breakers"
 
     def _fail_start(self, status: int, message: str) -> int:
         log.error("%s", message)
@@ -280,6 +308,8 @@ class Generation:
         self.stopping = True
         self.stats.stop()
         self.depth.stop()
+        if self.breakers is not None:
+            self.breakers.kill(block=False)
         try:
             self._step(self._shutdown_instances)
             self._step(self._close_connections)
@@ -326,6 +356,12 @@ class Generation:
             self.repair_timer = None
             if self.connection is not None:
                 self._step(self._repair)
+        elif kind == "circuit_trip":
+            self._trip(*detail)
+        elif kind == "circuit_closed":
+            index, channel = detail
+            if self.circuits.get(index) is channel:
+                self.circuits[index] = None
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -362,6 +398,73 @@ class Generation:
             for event in kept:
                 self.events.put(event)
 
+    # -- circuit breakers ---------------------------------------------------------
+
+    def _sample_breakers(self, interval: float) -> None:
+        """The breakers' greenlet: sample every entry's counts (consuming/breaker.py);
+        a trip is acted on in the main loop."""
+        while True:
+            gevent.sleep(interval)
+            now = time.monotonic()
+            for index, pool in enumerate(self.pools):
+                if pool.breaker is not None and index not in self.circuits:
+                    tripped = pool.breaker.sample(now)
+                    if tripped is not None:
+                        self.events.put(("circuit_trip", (index, *tripped)))
+
+    def _trip(self, index: int, settled: int, failed: int) -> None:
+        """Open an entry's circuit: cancel its consume, give back what it had not
+        started, let its consumes in progress finish and settle on their channel
+        (``_pause``), and consume again after open_for (as a repair, ``_retry_later``)."""
+        pool = self.pools[index]
+        breaker = pool.breaker
+        if self.stopping or breaker is None or index in self.circuits:
+            return
+        breaker.trip()
+        entry, config = pool.entry, breaker.config
+        log.warning("circuit_breaker of %s (%s): %d of the %d calls settled in the last "
+                    "%gs failed (failure_ratio %g, min_calls %d): not consuming until %s "
+                    "(open_for %gs); trip %d", entry.path, entry.queue, failed, settled,
+                    config.window, config.failure_ratio, config.min_calls,
+                    breaker.until_text(), config.open_for, breaker.trips)
+        channel = self.channels.pop(index, None)
+        self.circuits[index] = channel
+        if channel is not None:
+            gevent.spawn(self._pause, index, channel).name = f"{entry.path} circuit open"
+        self.backoff.pop(entry.path, None)
+        if self.connection is not None:
+            self._retry_later(entry.path, None, delay=config.open_for)
+
+    def _pause(self, index: int, channel: Channel) -> None:
+        """A tripped entry's channel: no more deliveries; those not started go back; once
+        no consume of the entry is in progress, its acks are sent and it is closed."""
+        pool = self.pools[index]
+        channel.cancel()
+        pool.requeue_waiting()
+        channel.cancelled.wait()
+        pool.requeue_waiting()  # those the broker sent before it took the cancel
+        while pool.busy:
+            gevent.sleep(0.05)
+        channel.acker.flush()
+        channel.acker.close()
+        channel.sync.close()
+        self.events.put(("circuit_closed", (index, channel)))
+
+    def _close_circuit(self, index: int) -> None:
+        """The entry consumes again (``_open_channel``): its breaker starts afresh."""
+        pool = self.pools[index]
+        self.circuits.pop(index, None)  # a paused channel still closing goes on alone
+        if pool.breaker is not None and pool.breaker.is_open:
+            pool.breaker.close()
+            log.info("circuit_breaker of %s (%s): open_for is over: consuming again",
+                     pool.entry.path, pool.entry.queue)
+
+    def _circuit_open(self, index: int) -> bool:
+        """Whether the entry's circuit is open and not yet due to close."""
+        breaker = self.pools[index].breaker
+        return breaker is not None and breaker.open_until is not None \
+            and breaker.open_until > time.time()
+
     # -- sessions -----------------------------------------------------------------
 
     def _start_user_code(self) -> None:
@@ -371,6 +474,23 @@ class Generation:
         for pool in self.pools:
             run_user_code(pool.create_instances, f"{self.config.path}: {pool.entry.path}."
                            f"consumer: {pool.entry.consumer}()")
+        if self.resolved.middleware:
+            self._start_middleware()
+
+    def _start_middleware(self) -> None:
+        """Build the middleware instances, call their on_start, and hand their hooks to
+        the pools (only if some has a hook around consume)."""
+        instances: list[Any] = []
+        for i, cls in enumerate(self.resolved.middleware):
+            spec = f"{self.config.path}: middleware[{i}]: {self.config.middleware[i]}"
+            run_user_code(partial(_append_instance, instances, cls), f"{spec}()")
+        middleware = Middlewares(instances)
+        self.middleware = middleware
+        run_user_code(lambda: middleware.start(self.config),
+                       f"{self.config.path}: middleware: on_start")
+        if middleware.around_consume():
+            for pool in self.pools:
+                pool.middleware = middleware
 
     def _open_session(self, at_start: bool) -> None:
         """Connect, declare the topology, and start consuming on every entry.
@@ -405,6 +525,11 @@ class Generation:
         for path, problem in self.refused_types.items():
             self._retry_later(path, problem)
         for index, pool in enumerate(self.pools):
+            if self._circuit_open(index):  # after a reconnect: it waits out open_for
+                assert pool.breaker is not None and pool.breaker.open_until is not None
+                self._retry_later(pool.entry.path, None,
+                                  delay=pool.breaker.open_until - time.time())
+                continue
             try:
                 self._open_channel(index)
             except BrokerError as exc:
@@ -435,6 +560,8 @@ class Generation:
         self.channels[index] = channel
         log.info("consuming from %s with %d x %s, prefetch %d", entry.queue,
                  entry.consumer_count, entry.consumer, entry.prefetch_count)
+        if index in self.circuits:
+            self._close_circuit(index)
 
     def _drop_channel(self, index: int) -> Channel:
         """One entry's channel is gone: its deliveries can no longer be settled."""
@@ -673,13 +800,15 @@ class Generation:
                 self._forget_session()
             if kind == "channel_closed" and self.channels.get(detail[0]) is detail[1]:
                 self._drop_channel(detail[0])
-        for channel in self.channels.values():
+        paused = [channel for channel in self.circuits.values() if channel is not None]
+        for channel in [*self.channels.values(), *paused]:
             channel.acker.flush()
         return self._finish(EXIT_OK)
 
     def _stop_now(self, status: int) -> int:
         self.stopping = True
-        for channel in self.channels.values():
+        paused = [channel for channel in self.circuits.values() if channel is not None]
+        for channel in [*self.channels.values(), *paused]:
             channel.acker.flush()  # what consume finished is acked, not handled again
             channel.acker.close()
         for pool in self.pools:
@@ -691,6 +820,9 @@ class Generation:
     def _shutdown_instances(self) -> None:
         for pool in self.pools:
             pool.shutdown_instances()
+        middleware, self.middleware = self.middleware, None
+        if middleware is not None:
+            middleware.stop()
 
     def _close_connections(self) -> None:
         """Close the consuming and the publishing connection side by side (the drain is

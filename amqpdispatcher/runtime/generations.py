@@ -40,14 +40,23 @@ import gevent
 import gevent.queue
 import gevent.util
 
-from ..config import Config, ConfigError, HttpConfig, Resolved, describe_exception, load_config
+from ..config import (
+    Config,
+    ConfigError,
+    HttpConfig,
+    Resolved,
+    describe_exception,
+    load_config,
+    select,
+)
 from ..config.settings import Settings
 from ..contracts.counts import CountFile, counts_path
-from ..contracts.exits import EXIT_INTERNAL
+from ..contracts.exits import EXIT_INTERNAL, EXIT_OK, EXIT_RECYCLE
 from ..contracts.signals import IGNORED_SIGNALS, RELOAD_SIGNAL, STACKS_SIGNAL, STOP_SIGNALS
 from ..contracts.timeouts import RELOAD_TIMEOUT
 from ..observability.blocking import BlockedHub
 from ..observability.http import HttpEndpoint
+from . import recycle
 from .counts import share_counts
 from .generation import Generation
 
@@ -72,7 +81,7 @@ def load_afresh(running: Config) -> tuple[Config, Resolved]:
     The import runs on the hub: nothing else in the process runs until it returns.
     (In a thread of its own, module-level code that uses gevent would get a hub of
     that thread's, and the imports would race the running generation's.)"""
-    specs = [entry.consumer for entry in running.consumers]
+    specs = [entry.consumer for entry in running.consumers] + list(running.middleware)
     if running.startup_handler:
         specs.append(running.startup_handler)
     packages = {spec.partition(":")[0].partition(".")[0] for spec in specs}
@@ -86,7 +95,10 @@ def load_afresh(running: Config) -> tuple[Config, Resolved]:
         del sys.modules[name]
     importlib.invalidate_caches()  # modules added since the last import are found
     try:
-        return load_config(running.path)
+        config, resolved = load_config(running.path)
+        if running.only is not None:  # --only names the same queues in the new config
+            config = select(config, running.only)
+        return config, resolved
     except BaseException:
         for name in [name for name in sys.modules if afresh(name)]:
             del sys.modules[name]
@@ -104,6 +116,7 @@ class Link(Protocol):
     drain_timeout: float  # the longest drain_timeout run with: the watchdog's bound
 
     def consuming(self) -> None: ...
+    def recycle(self, reason: str) -> None: ...
     def watch(self, gone: Callable[[], None]) -> None: ...
 
 
@@ -172,6 +185,11 @@ class Generations:
         self.stopping = False
         self.exit_status: int | None = None  # the current generation's, once it exited
         self.stop_statuses: list[int] = []  # of every generation that exited while stopping
+        # Recycling (recycle.py): the messages settled by the generations that exited, and
+        # whether this process is stopping to be recycled (a single process: exit 7).
+        self.handled_before = 0
+        self.recycler: gevent.Greenlet | None = None
+        self.recycled = False
         if link is not None:
             link.drain_timeout = config.drain_timeout  # the watchdog's bound (supervision/link.py)
         # /metrics, /healthz, /readyz: the process's, serving whichever generation is
@@ -244,16 +262,41 @@ class Generations:
                 self._on_exited(detail)
             elif kind == "reload_timeout":
                 self._on_reload_timeout(detail)
+            elif kind == "recycle":
+                self._on_recycle(detail)
             elif kind == "arbiter_gone":
                 log.error("the arbiter is gone: finishing messages in progress, then stopping")
                 if not self.stopping:
                     self._stop(signal.SIGTERM)
         if self.http is not None:
             self.http.stop()
+        if self.recycler is not None:
+            self.recycler.kill(block=False)
         assert self.exit_status is not None
         # A stop's status is the highest of the generations it stopped, those a reload
         # replaced and still draining included (6: one's drain_timeout ran out).
-        return max([self.exit_status, *self.stop_statuses])
+        status = max([self.exit_status, *self.stop_statuses])
+        return EXIT_RECYCLE if self.recycled and status == EXIT_OK else status
+
+    def _handled(self) -> int:
+        """Messages settled by this process so far, every generation's (recycling)."""
+        live = [g for g in (self.current, self.candidate, *self.retiring) if g is not None]
+        return self.handled_before + sum(pool.metrics.handled() for g in live
+                                         for pool in g.generation.pools)
+
+    def _on_recycle(self, reason: str) -> None:
+        if self.stopping:
+            return
+        if self.link is not None:
+            log.warning("recycling: %s: asking the arbiter to start a replacement, then "
+                        "to stop this worker", reason)
+            self.link.recycle(reason)
+            return
+        log.warning("recycling: %s: finishing messages in progress, then exiting with "
+                    "status %d for the supervisor to start a new process", reason,
+                    EXIT_RECYCLE)
+        self.recycled = True
+        self._stop(signal.SIGTERM)
 
     def _launch(self, generation: Running) -> None:
         generation.greenlet = gevent.spawn(generation.generation.run,
@@ -349,12 +392,21 @@ class Generations:
                      "messages in progress, then stops")
             self.retiring.append(old)
             old.send(RELOAD_SIGNAL)
+        config = self.current.generation.config
+        if self.recycler is None and (config.recycle_after_messages
+                                      or config.recycle_above_memory_mb):
+            # Once a config asks for it (at start, or by a reload), for the process's life.
+            self.recycler = gevent.spawn(recycle.watch, lambda: self.current.generation.config,
+                                         self._handled, self.events)
+            self.recycler.name = "recycling"
         if self.reload_pending:
             self.reload_pending = False
             self._reload()
 
     def _on_exited(self, generation: Running) -> None:
         status = generation.status()
+        self.handled_before += sum(pool.metrics.handled()
+                                   for pool in generation.generation.pools)
         if self.stopping:
             self.stop_statuses.append(status)
         if generation is self.current:

@@ -58,6 +58,7 @@ from ..contracts.link import (
     HTTP_SOCKET_ENV,
     LINK_FD_ENV,
     PROBLEMS,
+    RECYCLE,
     STARTED,
     WORKER_ENV,
 )
@@ -155,8 +156,11 @@ class Check:
 
 class Arbiter:
     def __init__(self, config_path: str, processes: int,
-                 exit_when_drained: float | None = None) -> None:
+                 exit_when_drained: float | None = None,
+                 only: tuple[str, ...] | None = None) -> None:
         self.config_path = config_path
+        # --only, passed on to every worker and to a reload's check.
+        self.only = [f"--only={','.join(only)}"] if only else []
         self.processes = processes
         self.exit_when_drained = exit_when_drained
         self.workers: list[Worker] = []  # every worker process not yet reaped
@@ -164,6 +168,8 @@ class Arbiter:
         self.respawn_at: dict[int, float] = {}  # numbers to start again, and when
         self.backoff: dict[int, float] = {}  # each number's last respawn delay
         self.new_set: dict[int, Worker] | None = None  # a reload's workers, until all consume
+        # Workers being recycled, by number: (the one asking, its replacement starting).
+        self.recycling: dict[int, tuple[Worker, Worker]] = {}
         self.reload_deadline = 0.0  # when the new set must consume by
         self.running = False  # every worker of the first start has consumed
         self.check: Check | None = None
@@ -280,6 +286,8 @@ class Arbiter:
                 worker.consuming = True
                 log.info("worker %s consuming", worker.name)
                 self._on_consuming(worker)
+            elif line.startswith(RECYCLE + b" "):
+                self._on_recycle(worker, line[len(RECYCLE) + 1:].decode("utf-8", "replace"))
             elif line.startswith(PROBLEMS + b" "):
                 self._on_problems(worker, [str(p) for p in json.loads(line[len(PROBLEMS):])])
 
@@ -366,7 +374,7 @@ class Arbiter:
         output = tempfile.TemporaryFile()
         process = subprocess.Popen(
             [sys.executable, "-m", "amqpdispatcher", "--validate",
-             f"--config={self.config_path}"],
+             f"--config={self.config_path}", *self.only],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
             preexec_fn=_die_with_this_process())
         self.check = Check(process, output)
@@ -450,7 +458,8 @@ class Arbiter:
         http_socket = self.http.socket_for_worker() if self.http is not None else ""
         if http_socket:
             env[HTTP_SOCKET_ENV] = http_socket
-        args = [sys.executable, "-m", "amqpdispatcher", f"--config={self.config_path}"]
+        args = [sys.executable, "-m", "amqpdispatcher", f"--config={self.config_path}",
+                *self.only]
         if self.exit_when_drained is not None:
             args += ["--exit-when-drained", str(self.exit_when_drained)]
         try:
@@ -491,6 +500,8 @@ class Arbiter:
             self.problems_told = None  # the config works: a problem found later is new
         if self.stopping:
             return  # every worker is stopping: nothing to hand over, nothing to start
+        if self._recycled(worker):
+            return
         if self.new_set is not None and self.new_set.get(worker.number) is worker:
             if all(w.consuming for w in self.new_set.values()):
                 self._hand_over()
@@ -504,10 +515,44 @@ class Arbiter:
                                 "endpoint until the next start", self.config_path)
                 self._reload_if_pending()
 
+    def _on_recycle(self, worker: Worker, reason: str) -> None:
+        """A worker reached recycle_after_messages or recycle_above_memory_mb: start its
+        replacement; once that one consumes, the worker drains and stops
+        (_on_consuming), so that capacity never dips. Asked again meanwhile, or during
+        a reload (which replaces every worker anyway) or a stop: nothing more."""
+        if self.stopping or self.new_set is not None or worker.retired \
+                or self.serving.get(worker.number) is not worker \
+                or worker.number in self.recycling:
+            return
+        replacement = self._spawn(worker.number)
+        self.recycling[worker.number] = (worker, replacement)
+        log.info("worker %s is to be recycled (%s): its replacement %s starts first",
+                 worker.name, reason, replacement.name)
+
+    def _recycled(self, replacement: Worker) -> bool:
+        """A replacement consumes: the worker it replaces drains and stops."""
+        number = replacement.number
+        pending = self.recycling.get(number)
+        if pending is None or pending[1] is not replacement:
+            return False
+        old = pending[0]
+        del self.recycling[number]
+        self.serving[number] = replacement
+        self._publish()  # /readyz asks the replacement from now on
+        old.retired = "(recycled)"
+        self._send(old, signal.SIGTERM)
+        log.info("worker %s consumes: worker %s (recycled) finishes its messages in "
+                 "progress, then stops", replacement.name, old.name)
+        return True
+
     def _hand_over(self) -> None:
         """Every worker of a reload's set consumes: the previous set drains and stops."""
         assert self.new_set is not None
         previous, self.serving, self.new_set = self.serving, self.new_set, None
+        for _, replacement in self.recycling.values():  # made moot: the new set replaces all
+            replacement.retired = "(a recycle's replacement, made moot by the reload)"
+            self._send(replacement, signal.SIGTERM)
+        self.recycling.clear()
         # The endpoint's /readyz asks the new set before the previous one, told to
         # stop, answers that it is not ready (endpoint.py, ArbiterEndpoint._readyz).
         self._publish()
@@ -566,6 +611,19 @@ class Arbiter:
             log.info("worker %s %s", worker.name, _describe(returncode))
             return
         # It exited without being asked to.
+        pending = self.recycling.get(worker.number)
+        if pending is not None and worker in pending:
+            del self.recycling[worker.number]
+            old, replacement = pending
+            if worker is replacement:
+                log.error("worker %s, the replacement of worker %s (to be recycled), %s "
+                          "before it consumed: worker %s carries on", worker.name, old.name,
+                          _describe(returncode), old.name)
+            else:
+                self.serving[worker.number] = replacement
+                log.warning("worker %s (to be recycled) %s: its replacement %s takes its "
+                            "place", worker.name, _describe(returncode), replacement.name)
+            return
         if self.exit_when_drained is not None and status == 0 and worker.consuming:
             self._on_drained(worker)
             return

@@ -295,10 +295,11 @@ class ArbiterEndpoint(Collector):
             if stopping:
                 return False, {"ready": False, "stopping": True, "not_ready": []}
             current = {view.number: view for view in workers if view.current}
-            not_ready = self._not_ready(current, self._ask(list(current.values()), "/readyz",
-                                                           deadline))
+            answers = self._ask(list(current.values()), "/readyz", deadline)
+            not_ready = self._not_ready(current, answers)
             if not not_ready:
-                return True, {"ready": True}
+                return True, {"ready": True, **_circuits_open(current, answers,
+                                                              self.processes)}
             # A reload handed over while the workers were asked: the previous set, told
             # to stop once the arbiter had made the new one current, says it is not
             # ready. The set that serves now is the one to ask, within the same time.
@@ -351,6 +352,23 @@ class ArbiterEndpoint(Collector):
             thread.join(max(0.0, deadline - time.monotonic()))
         late = f"did not answer within {WORKER_TIMEOUT:g}s"
         return {view.socket: answers.get(view.socket, late) for view in workers}
+
+
+def _circuits_open(current: dict[int, WorkerView], answers: dict[str, Answer],
+                   processes: int) -> dict[str, Any]:
+    """The entries whose circuit_breaker is open, by worker, as the workers' ready
+    bodies say (``circuit_open``); nothing when none is."""
+    found = []
+    for number, view in sorted(current.items()):
+        answer = answers.get(view.socket)
+        if isinstance(answer, str) or answer is None:
+            continue
+        try:
+            entries = json.loads(answer[1]).get("circuit_open", [])
+        except (ValueError, AttributeError):
+            continue
+        found += [{"worker": f"{number}/{processes}", **entry} for entry in entries]
+    return {"circuit_open": found} if found else {}
 
 
 def _current(workers: Iterable[WorkerView]) -> set[WorkerView]:

@@ -44,6 +44,7 @@ from ..contracts.link import (
     HTTP_SOCKET_ENV,
     LINK_FD_ENV,
     PROBLEMS,
+    RECYCLE,
     STARTED,
     WORKER_ENV,
 )
@@ -102,6 +103,10 @@ class ArbiterLink:
     def consuming(self) -> None:
         """Tell the arbiter that every consumer entry consumes."""
         self._tell(CONSUMING + b"\n")
+
+    def recycle(self, reason: str) -> None:
+        """Ask the arbiter to replace this worker (recycle_after_messages, ...)."""
+        self._tell(RECYCLE + b" " + " ".join(reason.split()).encode() + b"\n")
 
     def problems(self, lines: list[str]) -> bool:
         """Tell the arbiter why this process cannot start (it prints them once for the

@@ -28,6 +28,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Union, cast
 
 import pika.spec
@@ -50,9 +51,10 @@ from ..config.top_level import parse_data
 from ..consuming.acks import Acknowledger
 from ..consuming.failure import ATTEMPT_HEADER, TimeLimit
 from ..consuming.message import PROPERTY_NAMES
+from ..consuming.middleware import Middlewares
 from ..consuming.outcomes import DROPPED, OUTCOMES
 from ..consuming.pool import ConsumerPool, StopNow
-from ..runtime.generation import run_user_code
+from ..runtime.generation import _append_instance, run_user_code
 from .broker import (
     BUILT_IN_TYPES,
     X_MATCH,
@@ -185,7 +187,8 @@ class _Entry:
     message at a time, its slots in turn."""
 
     def __init__(self, entry: ConsumerConfig, factory: Callable[[], Any], confirms: bool,
-                 publish: Send, move: Send) -> None:
+                 publish: Send, move: Send,
+                 no_retry_for: tuple[type[BaseException], ...] = ()) -> None:
         self.entry = entry
         self.started = False  # instances built: a failing factory is now a replacement's
         self.replacement_failed: BaseException | None = None
@@ -205,7 +208,8 @@ class _Entry:
         self.pool = ConsumerPool(
             entry, cast(type, build),
             cast(Publisher, _Publishing(confirms, publish).publisher(entry.path)),
-            cast(Publisher, _Publishing(True, move).publisher(f"{entry.path} retry policy")))
+            cast(Publisher, _Publishing(True, move).publisher(f"{entry.path} retry policy")),
+            no_retry_for=no_retry_for)
         # The settled deliveries: tag -> how (ack, requeue, reject).
         self.settled: dict[int, str] = {}
         # prefetch 1: every ack is sent at once, never left to a hub callback.
@@ -238,7 +242,9 @@ class _Entry:
         slot, self._slot = self._slot, (self._slot + 1) % len(self.pool.instances)
         self.acker.delivered(tag)
         try:
-            self.pool.handle(slot, (self.acker, method, properties, body), self.limits[slot])
+            handle = self.pool.handle if self.pool.middleware is None \
+                else self.pool._handle_middleware
+            handle(slot, (self.acker, method, properties, body), self.limits[slot])
         except StopNow:
             exc = self.replacement_failed
             raise HarnessError(f"{self.entry.path}: creating a replacement instance of "
@@ -294,11 +300,12 @@ class Harness:
         self.published: list[Published] = []  # by consumers (amqp.publish), in order
         self.entries = [_Entry(entry, resolved.consumer_classes[entry.consumer],
                                self.config.publisher_confirms, self._publish_from_consume,
-                               self._move)
+                               self._move, resolved.no_retry_for.get(entry.path, ()))
                         for entry in self.config.consumers]
         self._next_entry: dict[str, int] = {}
         self._closed = False
         path = self.config.path
+        self.middleware: Middlewares | None = None
         try:
             if resolved.startup_handler is not None:
                 run_user_code(resolved.startup_handler,
@@ -306,6 +313,17 @@ class Harness:
             for state in self.entries:
                 run_user_code(state.start, f"{path}: {state.entry.path}.consumer: "
                                            f"{state.entry.consumer}()")
+            if resolved.middleware:  # as the daemon's generation does
+                instances: list[Any] = []
+                for i, cls in enumerate(resolved.middleware):
+                    run_user_code(partial(_append_instance, instances, cls),
+                                  f"{path}: middleware[{i}]: {self.config.middleware[i]}()")
+                self.middleware = middleware = Middlewares(instances)
+                run_user_code(lambda: middleware.start(self.config),
+                              f"{path}: middleware: on_start")
+                if middleware.around_consume():
+                    for state in self.entries:
+                        state.pool.middleware = middleware
             self._declare()
         except BaseException:
             self.close()  # a start that fails still shuts down what it built, as the daemon
@@ -576,6 +594,9 @@ class Harness:
         self._closed = True
         for state in self.entries:
             state.pool.shutdown_instances()
+        middleware, self.middleware = getattr(self, "middleware", None), None
+        if middleware is not None:
+            middleware.stop()
 
     def __enter__(self) -> Harness:
         return self

@@ -395,18 +395,31 @@ class ExitOnSecondInit:
         record(f"shutdown:{self.name}")
 
 
+class PayloadError(Exception):
+    """For retry.no_retry_for: a failure that no retry can mend."""
+
+
+class InvalidPayload(PayloadError):
+    """A subclass: no_retry_for names PayloadError."""
+
+
 class Retried:
     """For the retry policy. Records 'attempt:BODY:N:TIME' on every call (N is
     msg.attempt, TIME the wall clock). Bodies: 'always-*' raise every time; 'twice-*'
     raise on attempts 1 and 2; 'sleep-*' sleep an hour (for time_limit); 'swallow-*'
-    sleep, catching the time limit's exception twice, then return; anything else is
-    done at once. Records 'done:BODY' and 'shutdown:EXCEPTION-TYPE'."""
+    sleep, catching the time limit's exception twice, then return; 'invalid-*' raise
+    InvalidPayload; 'json-*' raise json.JSONDecodeError; anything else is done at once.
+    Records 'done:BODY' and 'shutdown:EXCEPTION-TYPE'."""
 
     def consume(self, amqp, msg):
         import time
 
         body = text(msg)
         record(f"attempt:{body}:{msg.attempt}:{time.time():.6f}")
+        if body.startswith("invalid"):
+            raise InvalidPayload(f"cannot read {body}")
+        if body.startswith("json"):
+            json.loads(body)
         if body.startswith("always"):
             raise ValueError(f"always failing {body}")
         if body.startswith("twice") and msg.attempt <= 2:
@@ -518,6 +531,88 @@ class HubBlocker:
     def consume(self, amqp, msg):
         time.sleep(float(text(msg)))
         record(f"slept:{text(msg)}")
+class FirstMiddleware:
+    """Middleware recording each hook as 'mw:NAME:HOOK:...'."""
+
+    name = "first"
+
+    def on_start(self, config):
+        record(f"mw:{self.name}:on_start:{len(config.consumers)}")
+
+    def before_consume(self, entry, msg):
+        record(f"mw:{self.name}:before:{entry.queue}:{text(msg)}")
+
+    def after_consume(self, entry, msg, outcome, exception):
+        name = type(exception).__name__ if exception is not None else "-"
+        record(f"mw:{self.name}:after:{text(msg)}:{outcome}:{name}")
+
+    def on_stop(self):
+        record(f"mw:{self.name}:on_stop")
+
+
+def _second_middleware():
+    from amqpdispatcher import Middleware
+
+    class SecondMiddleware(FirstMiddleware, Middleware):
+        """The second: its before_consume refuses bodies 'refuse-*'."""
+
+        name = "second"
+
+        def before_consume(self, entry, msg):
+            super().before_consume(entry, msg)
+            if text(msg).startswith("refuse"):
+                raise PayloadError(f"refused {text(msg)}")
+
+    return SecondMiddleware
+
+
+SecondMiddleware = _second_middleware()
+
+
+class BrokenAfter:
+    """Middleware whose after_consume always raises."""
+
+    def after_consume(self, entry, msg, outcome, exception):
+        raise RuntimeError("after_consume broke")
+
+
+class Breakable:
+    """For circuit_breaker: raises while the file $FAIL_FILE exists (a downstream that
+    is down). Records 'call:BODY:TIME:fail' or 'call:BODY:TIME:ok' on every call."""
+
+    def consume(self, amqp, msg):
+        import time
+
+        failing = os.path.exists(os.environ["FAIL_FILE"])
+        record(f"call:{text(msg)}:{time.time():.6f}:{'fail' if failing else 'ok'}")
+        if failing:
+            raise ConnectionError("the database is down")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class Stamped:
+    """Records 'start:BODY:TIME:PID' as each call starts."""
+
+    def consume(self, amqp, msg):
+        import time
+
+        record(f"start:{text(msg)}:{time.time():.6f}:{os.getpid()}")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+_LEAKED = []
+
+
+class Leaky:
+    """Keeps 5 MiB per message for ever (for recycle_above_memory_mb). Records the body."""
+
+    def consume(self, amqp, msg):
+        _LEAKED.append(bytearray(5 * 2**20))
+        record(text(msg))
 
     def shutdown(self, exception=None):
         pass
