@@ -231,15 +231,15 @@ class Generation:
         interval = config.http.queue_depth_interval if config.http and read_depth else 0.0
         self.depth = QueueDepth([entry.queue for entry in config.consumers], interval,
                                 lambda: self.connection)
-
-    @property
-    def queue_depth(self) -> dict[str, tuple[int, int]]:
-        return self.depth.values
         self.middleware: Middlewares | None = None  # built with the consumer instances
         # circuit_breaker: the entries whose circuit is open, by index: the channel
         # given up at the trip while its consumes in progress finish (None once closed).
         self.circuits: dict[int, Channel | None] = {}
         self.breakers: gevent.Greenlet | None = None
+
+    @property
+    def queue_depth(self) -> dict[str, tuple[int, int]]:
+        return self.depth.values
 
     def is_connected(self) -> bool:
         return self.connection is not None and self.connection.is_open
