@@ -531,6 +531,11 @@ class HubBlocker:
     def consume(self, amqp, msg):
         time.sleep(float(text(msg)))
         record(f"slept:{text(msg)}")
+
+    def shutdown(self, exception=None):
+        pass
+
+
 class FirstMiddleware:
     """Middleware recording each hook as 'mw:NAME:HOOK:...'."""
 
