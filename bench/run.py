@@ -37,6 +37,9 @@ System dispatcher-http (workload 1 only): this dispatcher with the `http` endpoi
 second by the benchmark process from the moment the dispatcher starts.
 System dispatcher-p2-http (workload 1 only): the same with --processes 2, the
 arbiter's /metrics scraped.
+System dispatcher-otel (workloads 1 and 6): this dispatcher with OpenTelemetry's SDK
+configured by its startup handler (benchconsumers.setup_tracing): a span per consume
+call, through a BatchSpanProcessor to an exporter that drops them.
 
 Systems publish-confirms and publish-no-confirms (workload 8 only): this dispatcher
 with benchconsumers.Republish, which publishes one message per input to the
@@ -224,6 +227,8 @@ def command(system: str, workload: dict, tmp: Path,
         consumer = "Republish"
         queues += f"  - queue: {workload['output']}\n"
         top = f"publisher_confirms: {str(system == 'publish-confirms').lower()}\n"
+    if system == "dispatcher-otel":
+        top = "startup_handler: benchconsumers:setup_tracing\n"
     if http_port:
         top += f"http:\n  port: {http_port}\n"
     config = tmp / f"{system}.yml"
@@ -234,7 +239,7 @@ def command(system: str, workload: dict, tmp: Path,
     env = {"PYTHONPATH": str(BENCH), "BENCH_CONSUMER": consumer,
            "BENCH_PUBLISH_TO": workload.get("output", "")}
     if system in ("dispatcher", "dispatcher-flaky", "dispatcher-http", "dispatcher-p2",
-                  "dispatcher-p2-http",
+                  "dispatcher-p2-http", "dispatcher-otel",
                   "publish-confirms", "publish-no-confirms"):
         # This checkout's package, whatever the virtualenv has installed.
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
@@ -688,7 +693,8 @@ WORKLOADS = [
     {"name": "1. no-op 30k x 100 B, 10 consumers, prefetch 100", "kind": "throughput",
      "queue": "bench_noop", "count": 30000, "size": 100, "consumers": 10, "prefetch": 100,
      "systems": ["raw-ack", "raw-spawn", "dispatcher", "dispatcher-http", "dispatcher-p2",
-                 "dispatcher-p2-http", "ad-0.11.0", *PEER_NAMES], "ours": "dispatcher",
+                 "dispatcher-p2-http", "dispatcher-otel", "ad-0.11.0", *PEER_NAMES],
+     "ours": "dispatcher",
      "peers": NOOP_PEERS, "keep_noop_max": True,
      "note": "dispatcher-http: the same with the `http` endpoint on (each consume call "
              "timed for the histogram) and /metrics fetched once a second by the "
@@ -724,7 +730,8 @@ WORKLOADS = [
      "kind": "throughput", "queue": "bench_tail", "count": 10000, "size": 100,
      "consumers": 50, "prefetch": 100, "consumer": "HeavyTail",
      "duration": heavy_tail_duration, "target": 0.90,
-     "systems": ["raw-spawn", "dispatcher", "ad-0.11.0", *PEER_NAMES], "ours": "dispatcher",
+     "systems": ["raw-spawn", "dispatcher", "dispatcher-otel", "ad-0.11.0", *PEER_NAMES],
+     "ours": "dispatcher",
      "peers": {"dramatiq": {"gevent": True, "processes": 1, "threads": 50, "prefetch": 100},
                "celery": {"pool": "gevent", "concurrency": 50, "multiplier": 2},
                "faststream": {"prefetch": 50}},
@@ -837,6 +844,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one run, a tenth of the messages")
     parser.add_argument("--only", help="run only workloads whose name starts with one of these "
                                        "comma-separated prefixes, e.g. 6 or 1,2b")
+    parser.add_argument("--systems", help="run only these comma-separated systems of each "
+                                          "workload, e.g. raw-ack,dispatcher,dispatcher-otel")
     args = parser.parse_args()
     prefixes = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else []
     selected = [w for w in WORKLOADS if not prefixes
@@ -844,6 +853,13 @@ def main() -> int:
     if not selected:
         parser.error(f"--only {args.only}: no workload name starts with that; names: "
                      + "; ".join(w["name"] for w in WORKLOADS))
+    if args.systems:
+        wanted = {s.strip() for s in args.systems.split(",") if s.strip()}
+        known = {s for w in WORKLOADS for s in w["systems"]}
+        if wanted - known:
+            parser.error(f"--systems: unknown {', '.join(sorted(wanted - known))}; known: "
+                         + ", ".join(sorted(known)))
+        selected = [dict(w, systems=[s for s in w["systems"] if s in wanted]) for w in selected]
     WORK.mkdir(exist_ok=True)
     ensure_legacy()
     ensure_peers({system for workload in selected for system in workload["systems"]})
@@ -874,7 +890,7 @@ def main() -> int:
                 NOOP_MAX.write_text(json.dumps(known, indent=1))
     finally:
         broker.stop()
-    partial = args.quick or bool(prefixes)
+    partial = args.quick or bool(prefixes) or bool(args.systems)
     write_report(results, WORK if partial else BENCH)
     return 0
 
