@@ -5,6 +5,7 @@ has what a SIGKILLed worker settled, up to its end, not only up to the last scra
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 from pathlib import Path
@@ -102,3 +103,48 @@ def test_the_count_files_hold_what_the_workers_metrics_say(broker: BrokerHandle,
     for key, count in counters.items():
         assert from_files[key] == pytest.approx(count), key
     assert value(samples, "amqp_dispatcher_messages_total", **LABELS, outcome="ack") == 50
+
+
+BREAKER = """
+http:
+  port: {port}
+stats_interval: 0
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:Breakable
+    queue: q
+    prefetch_count: 4
+    circuit_breaker: {{failure_ratio: 0.5, min_calls: 5, window: 2, open_for: 60}}
+"""
+
+
+def test_a_sigkilled_workers_circuit_trips_stay_in_the_sums(broker: BrokerHandle,
+                                                            tmp_path: Path) -> None:
+    """amqp_dispatcher_circuit_trips_total is a counter of the workers' too: a trip the
+    arbiter never scraped is not lost with the worker."""
+    port, fail = free_port(), tmp_path / "failing"
+    fail.write_text("")
+    proc = DispatcherProcess(tmp_path, BREAKER.format(port=port), broker.url,
+                             env={"FAIL_FILE": str(fail)}, args=("--processes", "2"))
+
+    def tripped() -> list[int]:
+        return [int(pid) for pid in re.findall(r"\[(\d+)\] WARNING: circuit_breaker of "
+                                               r"consumers\[0\] .*; trip 1$", proc.output,
+                                               re.MULTILINE)]
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        for i in range(20):
+            broker.publish("q", f"m{i}")
+        # No scrape until the kill: the trip is nowhere but in the worker.
+        victim = wait_until(tripped, what="a worker's circuit open")[0]
+        fail.unlink()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: gone(victim), what="the worker gone")
+        wait_until(lambda: sum(len(pids) for pids in workers(proc).values()) == 3,
+                   what="its replacement consuming")
+        trips = value(scrape(port), "amqp_dispatcher_circuit_trips_total", queue="q",
+                      consumer="testconsumers:Breakable")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert trips == len(tripped()), proc.output
