@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from helpers import BrokerHandle, DispatcherProcess, wait_until
 from rabbitnode import free_port
-from test_metrics import scrape, value
+from test_metrics import get, scrape, value
 from test_processes import gone, workers
 
 from amqpdispatcher.consuming.outcomes import OUTCOMES
 from amqpdispatcher.contracts.counts import COUNTS_SUFFIX, read_counts
+from amqpdispatcher.contracts.metrics import help_text
 
 PREFETCH = 5
 CONFIG = f"""
@@ -55,6 +56,7 @@ def test_a_sigkilled_workers_counts_stay_in_the_sums(broker: BrokerHandle,
         records = proc.records()
         assert set(records) == {f"m{i}" for i in range(TOTAL)}  # some twice: redelivered
         samples = scrape(port)
+        text = get(port, "/metrics")[1]
     finally:
         assert proc.stop() == 0, proc.output
     settled = {outcome: value(samples, "amqp_dispatcher_messages_total", **LABELS,
@@ -65,6 +67,11 @@ def test_a_sigkilled_workers_counts_stay_in_the_sums(broker: BrokerHandle,
     assert len(records) - PREFETCH <= settled["ack"] <= len(records), (settled, len(records))
     assert len(records) - PREFETCH <= calls <= len(records), (calls, len(records))
     assert sum(settled.values()) == settled["ack"]  # nothing else happened
+    # Families first known from a count file (the killed worker was never scraped) have
+    # their help text all the same.
+    for name in ("amqp_dispatcher_messages_total", "amqp_dispatcher_consume_seconds",
+                 "amqp_dispatcher_hub_blocked_seconds_total"):
+        assert f"# HELP {name} {help_text(name)}\n" in text, text
 
 
 def test_the_count_files_hold_what_the_workers_metrics_say(broker: BrokerHandle,
