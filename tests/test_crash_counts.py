@@ -5,6 +5,7 @@ has what a SIGKILLed worker settled, up to its end, not only up to the last scra
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 from pathlib import Path
@@ -12,11 +13,12 @@ from pathlib import Path
 import pytest
 from helpers import BrokerHandle, DispatcherProcess, wait_until
 from rabbitnode import free_port
-from test_metrics import scrape, value
+from test_metrics import get, scrape, value
 from test_processes import gone, workers
 
 from amqpdispatcher.consuming.outcomes import OUTCOMES
 from amqpdispatcher.contracts.counts import COUNTS_SUFFIX, read_counts
+from amqpdispatcher.contracts.metrics import help_text
 
 PREFETCH = 5
 CONFIG = f"""
@@ -54,6 +56,7 @@ def test_a_sigkilled_workers_counts_stay_in_the_sums(broker: BrokerHandle,
         records = proc.records()
         assert set(records) == {f"m{i}" for i in range(TOTAL)}  # some twice: redelivered
         samples = scrape(port)
+        text = get(port, "/metrics")[1]
     finally:
         assert proc.stop() == 0, proc.output
     settled = {outcome: value(samples, "amqp_dispatcher_messages_total", **LABELS,
@@ -64,6 +67,11 @@ def test_a_sigkilled_workers_counts_stay_in_the_sums(broker: BrokerHandle,
     assert len(records) - PREFETCH <= settled["ack"] <= len(records), (settled, len(records))
     assert len(records) - PREFETCH <= calls <= len(records), (calls, len(records))
     assert sum(settled.values()) == settled["ack"]  # nothing else happened
+    # Families first known from a count file (the killed worker was never scraped) have
+    # their help text all the same.
+    for name in ("amqp_dispatcher_messages_total", "amqp_dispatcher_consume_seconds",
+                 "amqp_dispatcher_hub_blocked_seconds_total"):
+        assert f"# HELP {name} {help_text(name)}\n" in text, text
 
 
 def test_the_count_files_hold_what_the_workers_metrics_say(broker: BrokerHandle,
@@ -102,3 +110,48 @@ def test_the_count_files_hold_what_the_workers_metrics_say(broker: BrokerHandle,
     for key, count in counters.items():
         assert from_files[key] == pytest.approx(count), key
     assert value(samples, "amqp_dispatcher_messages_total", **LABELS, outcome="ack") == 50
+
+
+BREAKER = """
+http:
+  port: {port}
+stats_interval: 0
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:Breakable
+    queue: q
+    prefetch_count: 4
+    circuit_breaker: {{failure_ratio: 0.5, min_calls: 5, window: 2, open_for: 60}}
+"""
+
+
+def test_a_sigkilled_workers_circuit_trips_stay_in_the_sums(broker: BrokerHandle,
+                                                            tmp_path: Path) -> None:
+    """amqp_dispatcher_circuit_trips_total is a counter of the workers' too: a trip the
+    arbiter never scraped is not lost with the worker."""
+    port, fail = free_port(), tmp_path / "failing"
+    fail.write_text("")
+    proc = DispatcherProcess(tmp_path, BREAKER.format(port=port), broker.url,
+                             env={"FAIL_FILE": str(fail)}, args=("--processes", "2"))
+
+    def tripped() -> list[int]:
+        return [int(pid) for pid in re.findall(r"\[(\d+)\] WARNING: circuit_breaker of "
+                                               r"consumers\[0\] .*; trip 1$", proc.output,
+                                               re.MULTILINE)]
+    try:
+        proc.wait_for_log("all 2 workers consuming")
+        for i in range(20):
+            broker.publish("q", f"m{i}")
+        # No scrape until the kill: the trip is nowhere but in the worker.
+        victim = wait_until(tripped, what="a worker's circuit open")[0]
+        fail.unlink()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: gone(victim), what="the worker gone")
+        wait_until(lambda: sum(len(pids) for pids in workers(proc).values()) == 3,
+                   what="its replacement consuming")
+        trips = value(scrape(port), "amqp_dispatcher_circuit_trips_total", queue="q",
+                      consumer="testconsumers:Breakable")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert trips == len(tripped()), proc.output

@@ -85,6 +85,8 @@ consumers:
       max_attempts: 2
       delay: 0.1
       dead_letter_queue: orders.dead
+    # Never trips here: for its amqp_dispatcher_circuit_* series.
+    circuit_breaker: {{failure_ratio: 1, min_calls: 1000, window: 10, open_for: 60}}
 """
 
 

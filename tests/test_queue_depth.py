@@ -82,6 +82,43 @@ def test_queue_depth_follows_a_publish(broker: BrokerHandle, tmp_path: Path) -> 
     assert "Traceback" not in proc.output
 
 
+def test_a_consumed_stream_has_no_depth_series(broker: BrokerHandle, tmp_path: Path) -> None:
+    """A stream keeps what its consumers read: the broker's declare-ok counts every
+    message it holds, and no consumer. Read as "ready" and "consumers", a stream
+    whose every message was consumed would look like a backlog nobody consumes."""
+    port = free_port()
+    config = f"""
+http:
+  port: {port}
+  queue_depth_interval: 1
+stats_interval: 0
+queues:
+  - queue: work
+  - queue: log
+    x_queue_type: stream
+consumers:
+  - consumer: testconsumers:Recorder
+    queue: work
+  - consumer: testconsumers:Recorder
+    queue: log
+    stream_offset: first
+    prefetch_count: 10
+"""
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        for i in range(3):
+            broker.publish("log", f"s{i}")
+        wait_until(lambda: proc.records() == ["s0", "s1", "s2"], what="the stream read")
+        # Each read sets every queue's figures at once: work's series is there, so the
+        # stream has been read too.
+        wait_until(lambda: depth(scrape(port)).get("work") == (0, 1), timeout=10,
+                   what="work's series")
+        assert "log" not in depth(scrape(port))
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
 def test_queue_depth_interval_0_reads_nothing(broker: BrokerHandle, tmp_path: Path) -> None:
     port = free_port()
     proc = DispatcherProcess(tmp_path, CONFIG.format(port=port,

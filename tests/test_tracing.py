@@ -156,3 +156,33 @@ def test_the_launcher_with_the_console_exporter(broker: BrokerHandle, tmp_path: 
     assert span["parent_id"] == f"0x{parent}"
     assert span["attributes"]["amqp_dispatcher.outcome"] == "ack"
     assert span["resource"]["attributes"]["service.name"] == "orders-service"
+
+
+def test_an_exception_whose_str_raises_is_recorded_and_consuming_goes_on(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """The SDK's record_exception takes str() of the exception: one whose __str__ raises
+    must not take the slot's greenlet down with it (one slot: nothing would be consumed
+    any more)."""
+    spans_file = tmp_path / "spans.jsonl"
+    config = ("startup_handler: tracedconsumers:setup_tracing\nstats_interval: 0\n"
+              "queues:\n  - queue: traced.badstr\nconsumers:\n"
+              "  - {consumer: tracedconsumers:BadStr, queue: traced.badstr,\n"
+              "     consumer_count: 1, retry: {max_attempts: 1, delay: 0.2}}\n")
+    dispatcher = DispatcherProcess(tmp_path, config, url=broker.url,
+                                   env={"SPANS_FILE": str(spans_file)})
+    header, trace_id, _ = traceparent()
+    try:
+        dispatcher.wait_consuming()
+        publish(broker, "traced.badstr", b"bad-str", header)
+        publish(broker, "traced.badstr", b"after", None)
+        wait_until(lambda: dispatcher.records() == ["badstr:after"], 30,
+                   "the next message handled")
+        dispatcher.signal(signal.SIGTERM)
+        assert dispatcher.wait() == 0
+    finally:
+        dispatcher.stop()
+    assert "Traceback" not in dispatcher.output, dispatcher.output
+    [span] = spans_of(spans_file, trace_id)
+    assert (span["status"], span["events"]) == ("ERROR", ["exception"])
+    assert span["attributes"]["error.type"] == "_BadStr"
+    assert span["attributes"]["amqp_dispatcher.outcome"] == "reject"

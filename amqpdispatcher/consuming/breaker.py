@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import MutableSequence
 from datetime import datetime, timezone
 
 from ..config import CircuitBreakerConfig
@@ -42,7 +43,12 @@ class CircuitBreaker:
         self.samples: deque[tuple[float, int, int]] = deque()  # (when, settled, failed)
         self.last = (metrics.handled(), metrics.failures)
         self.open_until: float | None = None  # time.time() it closes, while open
-        self.trips = 0
+        # Its trips: a list, or a view of the worker's count file (runtime/counts.py).
+        self.trip_count: MutableSequence[int] = [0]
+
+    @property
+    def trips(self) -> int:
+        return self.trip_count[0]
 
     @property
     def is_open(self) -> bool:
@@ -70,7 +76,7 @@ class CircuitBreaker:
 
     def trip(self) -> float:
         """Open it for ``open_for`` seconds; the time.time() it closes."""
-        self.trips += 1
+        self.trip_count[0] += 1
         self.samples.clear()
         self.open_until = time.time() + self.config.open_for
         return self.open_until

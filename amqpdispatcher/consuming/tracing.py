@@ -111,9 +111,20 @@ def settled(span: trace.Span, outcome: str, failure: BaseException | None) -> No
     """What became of the message, and the failure if consume failed."""
     span.set_attribute(OUTCOME, outcome)
     if failure is not None:
-        span.record_exception(failure)
-        span.set_attribute("error.type", type(failure).__qualname__)
-        span.set_status(Status(StatusCode.ERROR, describe_exception(failure)))
+        _failed(span, failure)
+
+
+def _failed(span: trace.Span, exc: BaseException) -> None:
+    """The span's status ERROR, with ``exc`` recorded as its exception event. The SDK's
+    record_exception takes ``str(exc)``: user code's exception whose ``__str__`` raises
+    gets the event without its message, rather than taking the slot's greenlet down."""
+    try:
+        span.record_exception(exc)
+    except Exception:  # noqa: BLE001 - user code: an exception whose __str__ raises
+        span.add_event("exception", {"exception.type": type(exc).__qualname__,
+                                     "exception.message": describe_exception(exc)})
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.set_status(Status(StatusCode.ERROR, describe_exception(exc)))
 
 
 @contextmanager
@@ -139,7 +150,5 @@ def publish_span(tracer: trace.Tracer, exchange: Any, routing_key: Any,
         try:
             yield span
         except BaseException as exc:
-            span.record_exception(exc)
-            span.set_attribute("error.type", type(exc).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, describe_exception(exc)))
+            _failed(span, exc)
             raise

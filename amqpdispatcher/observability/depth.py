@@ -10,7 +10,9 @@ the arbiter passes its figures on instead of adding the workers' up
 (supervision/endpoint.py, wsgi.SERVICE_GAUGES).
 
 While the connection is down, or a queue cannot be read (deleted, no answer), its
-series are left out: a stale figure would look like a stalled queue.
+series are left out: a stale figure would look like a stalled queue. A stream is not
+read at all: it keeps the messages its consumers read, and its declare-ok counts every
+one it holds (as if ready) and no consumer, a backlog that nobody consumes.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ outlive it: ``--processes`` with ``http``.
 generation: SIGHUP is the arbiter's), before anything is counted. It describes every
 counter the worker's ``/metrics`` has, under the same names and labels
 (observability/metrics.py), creates the file, and points the counting code at its
-slots: each entry's outcomes, failures and replacements, its consume durations, the
-generation's reconnects and the process's blocked hub seconds. From then on each
-increment lands in the file, as cheaply as in a list (a memoryview item); after the
-worker's death, SIGKILL included, the arbiter reads it (supervision/endpoint.py).
+slots: each entry's outcomes, failures and replacements, its consume durations and
+circuit breaker trips, the generation's reconnects and the process's blocked hub
+seconds. From then on each increment lands in the file, as cheaply as in a list (a
+memoryview item); after the worker's death, SIGKILL included, the arbiter reads it
+(supervision/endpoint.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def share_counts(path: str, generation: Generation, blocked: BlockedHub) -> Coun
         return int(item["double" if double else "int"])
 
     plan = []
+    trips = []
     le = [floatToGoString(bound) for bound in (*DURATION_BUCKETS, math.inf)]
     for pool in generation.pools:
         labels = [["queue", pool.entry.queue], ["consumer", pool.entry.consumer]]
@@ -54,6 +56,8 @@ def share_counts(path: str, generation: Generation, blocked: BlockedHub) -> Coun
             header.append({"family": "amqp_dispatcher_consume_seconds", "labels": labels,
                            "le": le, "buckets": buckets, "sum": total})
         plan.append((pool.metrics, outcomes[0], others[0], buckets, total))
+        if pool.breaker is not None:
+            trips.append((pool.breaker, counter("amqp_dispatcher_circuit_trips", labels)))
     reconnects = counter("amqp_dispatcher_reconnects", [])
     hub = counter("amqp_dispatcher_hub_blocked_seconds", [], double=True)
 
@@ -66,6 +70,8 @@ def share_counts(path: str, generation: Generation, blocked: BlockedHub) -> Coun
             metrics.durations = SharedDurations(cast(Any, shared.ints[buckets:buckets + len(le)]),
                                                 cast(Any, shared.doubles[total:total + 1]),
                                                 metrics.durations)
+    for breaker, at in trips:
+        breaker.trip_count = _moved(shared.ints[at:at + 1], breaker.trip_count)
     generation.reconnect_count = _moved(shared.ints[reconnects:reconnects + 1],
                                         generation.reconnect_count)
     shared.doubles[hub] = blocked.blocked_seconds[0]

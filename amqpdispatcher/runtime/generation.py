@@ -229,8 +229,10 @@ class Generation:
         self.reconnect_count: MutableSequence[int] = [0]
         self.stats = StatsLog(self.pools, config.stats_interval)
         interval = config.http.queue_depth_interval if config.http and read_depth else 0.0
-        self.depth = QueueDepth([entry.queue for entry in config.consumers], interval,
-                                lambda: self.connection)
+        # Not a stream's: it keeps what was read, and its declare-ok counts every message
+        # it holds and no consumer (observability/depth.py).
+        self.depth = QueueDepth([entry.queue for entry in config.consumers
+                                 if not entry.stream], interval, lambda: self.connection)
         self.middleware: Middlewares | None = None  # built with the consumer instances
         # circuit_breaker: the entries whose circuit is open, by index: the channel
         # given up at the trip while its consumes in progress finish (None once closed).

@@ -158,7 +158,7 @@ class Totals:
                     for sample, value in samples.items():
                         counted[sample] = max(counted.get(sample, 0.0), value)
                     for family, kind in types.items():
-                        self.kinds.setdefault(family, (kind, family))
+                        self.kinds.setdefault(family, (kind, _help(family, kind)))
                 for sample, value in counted.items():
                     self.exited[sample] = self.exited.get(sample, 0.0) + value
             for key in alive:
@@ -203,6 +203,15 @@ class Totals:
                 metric.add_sample(sample_name, dict(labels), value)
             metrics.append(metric)
         return metrics
+
+
+def _help(family: str, kind: str) -> str:
+    """The help text of a family first known from a count file (a worker that died before
+    it was ever scraped): the one its /metrics would have given."""
+    try:
+        return help_text(family + "_total" if kind == "counter" else family)
+    except KeyError:  # not one of contracts/metrics.py's
+        return family
 
 
 class ArbiterEndpoint(Collector):

@@ -70,3 +70,20 @@ class Poison:
 
     def shutdown(self, exception=None):
         pass
+
+
+class _BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("__str__ of this exception raises")
+
+
+class BadStr:
+    """Raises an exception whose __str__ raises for a body 'bad-str'; records the rest."""
+
+    def consume(self, amqp, msg):
+        if msg.body == b"bad-str":
+            raise _BadStr()
+        record(f"badstr:{msg.body.decode()}")
+
+    def shutdown(self, exception=None):
+        pass
