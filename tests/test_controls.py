@@ -389,6 +389,33 @@ def test_circuit_breaker_is_validated(tmp_path: Path) -> None:
     ]
 
 
+STREAM_BREAKER = """\
+queues:
+  - queue: s
+    x_queue_type: stream
+consumers:
+  - consumer: testconsumers:Breakable
+    queue: s
+    stream_offset: next
+    circuit_breaker: {}
+"""
+
+
+def test_circuit_breaker_is_refused_on_a_stream(tmp_path: Path) -> None:
+    # Subscribing again after open_for starts at stream_offset: with next, everything
+    # appended to the stream while the circuit was open was skipped, never consumed.
+    declared_elsewhere = STREAM_BREAKER.replace("queues:\n  - queue: s\n    x_queue_type: "
+                                                "stream\n", "")
+    for config in (STREAM_BREAKER, declared_elsewhere):
+        for args in (("--validate",), ()):
+            result = run_cli(tmp_path, *args, "--config", "config.yml", config=config)
+            assert result.returncode == 1, result
+            assert result.stderr.splitlines() == [
+                "config.yml: consumers[0].circuit_breaker: not for a stream: subscribing "
+                "again after open_for starts at stream_offset, so the messages appended "
+                "while it was open would be skipped or read again"], result.stderr
+
+
 # -- rate_limit ---------------------------------------------------------------------------
 
 RATE = """\
