@@ -253,6 +253,30 @@ def test_middleware_hooks_are_called_in_order_with_the_outcome(broker: BrokerHan
     assert proc.records()[-2:] == ["mw:second:on_stop", "mw:first:on_stop"]
 
 
+def test_a_middleware_calling_sys_exit_is_logged_and_stops_nothing(broker: BrokerHandle,
+                                                                    tmp_path: Path) -> None:
+    # after_consume and on_stop are user code like consume: a SystemExit there used to
+    # end the process at once, with status 3 (EXIT_BROKER's) and nothing logged.
+    config = MIDDLEWARE.replace("testconsumers:BrokenAfter]", "testconsumers:ExitingHooks]")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "ok-1")
+        broker.publish("q", "ok-2")
+        wait_until(lambda: "mw:first:after:ok-2:ack:-" in proc.records(), timeout=10,
+                   what="ok-2 done, every hook called")
+        assert "mw:exiting:after:ok-1:ack" in proc.records()
+        assert proc.process.poll() is None, proc.output
+        assert "testconsumers:ExitingHooks.after_consume raised SystemExit: 3" in proc.output
+        wait_until(lambda: broker.drained("q"), timeout=5, what="both acked")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert proc.records()[-3:] == ["mw:exiting:on_stop", "mw:second:on_stop",
+                                   "mw:first:on_stop"]
+    assert "testconsumers:ExitingHooks.on_stop raised SystemExit: 3" in proc.output
+    assert proc.output.rstrip().endswith("INFO: stopped"), proc.output
+
+
 def test_middleware_is_validated(tmp_path: Path) -> None:
     config = MIDDLEWARE.replace(
         "testconsumers:BrokenAfter]",
