@@ -399,6 +399,98 @@ def test_circuit_breaker_trips_gives_back_and_resumes(broker: BrokerHandle,
         proc.stop()
 
 
+SLOW_BREAKER = """\
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:SlowBreakable
+    queue: q
+    consumer_count: 3
+    prefetch_count: 6
+    circuit_breaker:
+      failure_ratio: 0.5
+      min_calls: 4
+      window: 5
+      open_for: 1
+"""
+
+
+def channels(broker: BrokerHandle) -> int:
+    """The channels open on the broker in this test's vhost (its own one included)."""
+    rows = broker.node.ctl("list_channels", "vhost", "--no-table-headers", "--quiet")
+    return rows.split().count(broker.vhost)
+
+
+def test_a_tripped_channel_closes_once_its_own_consumes_are_done(broker: BrokerHandle,
+                                                                 tmp_path: Path) -> None:
+    # The channel given up at the trip waited until no consume of the entry was in
+    # progress: with a consume of its own outlasting open_for and a backlog keeping the
+    # channel consuming again busy, it stayed open (one more channel, one more polling
+    # greenlet, per such trip) until the entry had nothing to do.
+    fail = tmp_path / "failing"
+    fail.write_text("")
+    proc = DispatcherProcess(tmp_path, SLOW_BREAKER, broker.url, env={"FAIL_FILE": str(fail)})
+    try:
+        proc.wait_consuming()
+        broker.ready("q")
+        assert channels(broker) == 2  # the test's and the entry's
+        broker.publish("q", "slow-1")  # in consume for 3 s: over the trip and open_for
+        for i in range(6):
+            broker.publish("q", f"f-{i}")
+        proc.wait_for_log("trip 1", timeout=10)
+        fail.unlink()
+        bodies = [f"n-{i}" for i in range(200)]  # 0.2 s each, 3 at a time: 13 s of work
+        for body in bodies:
+            broker.publish("q", body)
+        proc.wait_for_log("open_for is over: consuming again", timeout=10)
+        wait_until(lambda: channels(broker) == 2, timeout=6, interval=0.5,
+                   what="the tripped channel closed while the entry is busy")
+        assert broker.consumers("q") == 1
+        wait_until(lambda: broker.drained("q"), timeout=30, what="every message consumed")
+        done = [body for body, _, how in calls(proc.records()) if how == "ok"]
+        assert sorted(done) == sorted(["slow-1", *(f"f-{i}" for i in range(6)), *bodies])
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def logged_at(output: str, text: str) -> float:
+    """The time.time() of the first log line holding ``text``."""
+    line = next(line for line in output.splitlines() if text in line)
+    stamp, millis = line[:23].split(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+
+
+def test_a_tripped_rate_limited_entry_starts_nothing_while_open(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    # A delivery held by a slot waiting for its start (rate_limit) is one not started:
+    # at the trip it goes back too, rather than starting while the circuit is open.
+    fail = tmp_path / "failing"
+    fail.write_text("")
+    config = SLOW_BREAKER.replace("min_calls: 4", "min_calls: 3").replace(
+        "open_for: 1", "open_for: 3") + "    rate_limit: 2\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url, env={"FAIL_FILE": str(fail)})
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "slow-1")  # in consume for 3 s, over the trip
+        for i in range(5):
+            broker.publish("q", f"f-{i}")
+        proc.wait_for_log("trip 1", timeout=15)
+        fail.unlink()
+        proc.wait_for_log("open_for is over: consuming again", timeout=10)
+        wait_until(lambda: broker.drained("q"), timeout=15, what="every message consumed")
+        tripped = logged_at(proc.output, "trip 1")
+        reopened = logged_at(proc.output, "open_for is over")
+        # Each f-* call records itself 0.2 s after it started.
+        started_while_open = [(body, round(t - tripped, 3)) for body, t, _ in
+                              calls(proc.records()) if body.startswith("f-")
+                              and tripped + 0.25 < t < reopened]
+        assert started_while_open == [], proc.output
+        done = [body for body, _, how in calls(proc.records()) if how == "ok"]
+        assert sorted(done) == sorted(["slow-1", *(f"f-{i}" for i in range(5))])
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
 def test_circuit_breaker_is_validated(tmp_path: Path) -> None:
     config = BREAKER.format(port=free_port(), open_for=0).replace(
         "failure_ratio: 0.5", "failure_ratio: 1.5").replace("window: 2", "windw: 2")

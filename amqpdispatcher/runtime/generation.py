@@ -437,13 +437,14 @@ class Generation:
 
     def _pause(self, index: int, channel: Channel) -> None:
         """A tripped entry's channel: no more deliveries; those not started go back; once
-        no consume of the entry is in progress, its acks are sent and it is closed."""
+        its own deliveries in progress are settled, its acks are sent and it is closed
+        (not the entry's: once open_for is over, the channel consuming again has its own)."""
         pool = self.pools[index]
         channel.cancel()
         pool.requeue_waiting()
         channel.cancelled.wait()
         pool.requeue_waiting()  # those the broker sent before it took the cancel
-        while pool.busy:
+        while channel.acker.open and channel.acker.unsettled():
             gevent.sleep(0.05)
         channel.acker.flush()
         channel.acker.close()
