@@ -399,6 +399,42 @@ def test_circuit_breaker_trips_gives_back_and_resumes(broker: BrokerHandle,
         proc.stop()
 
 
+def test_a_reload_keeps_an_open_circuit_open(broker: BrokerHandle, tmp_path: Path) -> None:
+    # A SIGHUP while the circuit was open (to change anything else) started a generation
+    # whose breaker was closed: it consumed at once from the queue whose downstream was
+    # down, until it tripped again.
+    port, fail = free_port(), tmp_path / "failing"
+    fail.write_text("")
+    config = BREAKER.format(port=port, open_for=6)
+    proc = DispatcherProcess(tmp_path, config, broker.url, env={"FAIL_FILE": str(fail)})
+    labels = {"queue": "q", "consumer": "testconsumers:Breakable"}
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        for i in range(10):
+            broker.publish("q", f"m-{i}")
+        proc.wait_for_log(r"\(open_for 6s\); trip 1", timeout=10)
+        wait_until(lambda: broker.consumers("q") == 0 and broker.has_counts("q", 10, 0),
+                   timeout=5, what="q not consumed, its 10 messages ready")
+        made = len(calls(proc.records()))
+        proc.config_path.write_text(config.replace("stats_interval: 0.5",
+                                                   "stats_interval: 0.4"))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("the previous generation stopped")
+        broker.publish("other", "o-1")  # the new generation consumes
+        wait_until(lambda: "o-1" in proc.records(), timeout=5, what="o-1 consumed")
+        assert len(calls(proc.records())) == made
+        assert broker.consumers("q") == 0 and broker.has_counts("q", 10, 0)
+        assert value(scrape(port), "amqp_dispatcher_circuit_open", **labels) == 1
+        status, body = get(port, "/readyz")
+        assert status == 200 and json.loads(body)["circuit_open"][0]["queue"] == "q", body
+        fail.unlink()
+        proc.wait_for_log("open_for is over: consuming again", timeout=10)
+        wait_until(lambda: broker.drained("q"), timeout=10, what="q consumed after open_for")
+        assert proc.output.count("trip 1") == 1
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
 SLOW_BREAKER = """\
 queues:
   - queue: q

@@ -451,6 +451,19 @@ class Generation:
         channel.sync.close()
         self.events.put(("circuit_closed", (index, channel)))
 
+    def keep_circuits_open(self, previous: Generation) -> None:
+        """A reload: an entry whose circuit is open in the generation this one replaces
+        (the same queue and consumer, with a circuit_breaker in both) does not consume
+        before the rest of its open_for is over (_open_session)."""
+        open_until = {(pool.entry.queue, pool.entry.consumer): pool.breaker.open_until
+                      for pool in previous.pools
+                      if pool.breaker is not None and pool.breaker.is_open}
+        for index, pool in enumerate(self.pools):
+            until = open_until.get((pool.entry.queue, pool.entry.consumer))
+            if until is not None and pool.breaker is not None:
+                pool.breaker.open_until = until
+                self.circuits[index] = None
+
     def _close_circuit(self, index: int) -> None:
         """The entry consumes again (``_open_channel``): its breaker starts afresh."""
         pool = self.pools[index]
