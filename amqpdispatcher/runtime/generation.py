@@ -437,14 +437,16 @@ class Generation:
 
     def _pause(self, index: int, channel: Channel) -> None:
         """A tripped entry's channel: no more deliveries; those not started go back; once
-        its own deliveries in progress are settled, its acks are sent and it is closed
-        (not the entry's: once open_for is over, the channel consuming again has its own)."""
+        its own deliveries in progress are settled (not the entry's: once open_for is
+        over, the channel consuming again has its own), or none of the entry is in
+        progress (one a slot holds for its rate_limit start is then redelivered), its
+        acks are sent and it is closed."""
         pool = self.pools[index]
         channel.cancel()
         pool.requeue_waiting()
         channel.cancelled.wait()
         pool.requeue_waiting()  # those the broker sent before it took the cancel
-        while channel.acker.open and channel.acker.unsettled():
+        while pool.busy and channel.acker.open and channel.acker.unsettled():
             gevent.sleep(0.05)
         channel.acker.flush()
         channel.acker.close()
