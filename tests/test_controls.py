@@ -253,6 +253,30 @@ def test_middleware_hooks_are_called_in_order_with_the_outcome(broker: BrokerHan
     assert proc.records()[-2:] == ["mw:second:on_stop", "mw:first:on_stop"]
 
 
+def test_a_middleware_calling_sys_exit_is_logged_and_stops_nothing(broker: BrokerHandle,
+                                                                    tmp_path: Path) -> None:
+    # after_consume and on_stop are user code like consume: a SystemExit there used to
+    # end the process at once, with status 3 (EXIT_BROKER's) and nothing logged.
+    config = MIDDLEWARE.replace("testconsumers:BrokenAfter]", "testconsumers:ExitingHooks]")
+    proc = DispatcherProcess(tmp_path, config, broker.url)
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "ok-1")
+        broker.publish("q", "ok-2")
+        wait_until(lambda: "mw:first:after:ok-2:ack:-" in proc.records(), timeout=10,
+                   what="ok-2 done, every hook called")
+        assert "mw:exiting:after:ok-1:ack" in proc.records()
+        assert proc.process.poll() is None, proc.output
+        assert "testconsumers:ExitingHooks.after_consume raised SystemExit: 3" in proc.output
+        wait_until(lambda: broker.drained("q"), timeout=5, what="both acked")
+    finally:
+        assert proc.stop() == 0, proc.output
+    assert proc.records()[-3:] == ["mw:exiting:on_stop", "mw:second:on_stop",
+                                   "mw:first:on_stop"]
+    assert "testconsumers:ExitingHooks.on_stop raised SystemExit: 3" in proc.output
+    assert proc.output.rstrip().endswith("INFO: stopped"), proc.output
+
+
 def test_middleware_is_validated(tmp_path: Path) -> None:
     config = MIDDLEWARE.replace(
         "testconsumers:BrokenAfter]",
@@ -375,6 +399,134 @@ def test_circuit_breaker_trips_gives_back_and_resumes(broker: BrokerHandle,
         proc.stop()
 
 
+def test_a_reload_keeps_an_open_circuit_open(broker: BrokerHandle, tmp_path: Path) -> None:
+    # A SIGHUP while the circuit was open (to change anything else) started a generation
+    # whose breaker was closed: it consumed at once from the queue whose downstream was
+    # down, until it tripped again.
+    port, fail = free_port(), tmp_path / "failing"
+    fail.write_text("")
+    config = BREAKER.format(port=port, open_for=6)
+    proc = DispatcherProcess(tmp_path, config, broker.url, env={"FAIL_FILE": str(fail)})
+    labels = {"queue": "q", "consumer": "testconsumers:Breakable"}
+    try:
+        wait_until(lambda: proc.process.poll() is None and ready(port), what="/readyz 200")
+        for i in range(10):
+            broker.publish("q", f"m-{i}")
+        proc.wait_for_log(r"\(open_for 6s\); trip 1", timeout=10)
+        wait_until(lambda: broker.consumers("q") == 0 and broker.has_counts("q", 10, 0),
+                   timeout=5, what="q not consumed, its 10 messages ready")
+        made = len(calls(proc.records()))
+        proc.config_path.write_text(config.replace("stats_interval: 0.5",
+                                                   "stats_interval: 0.4"))
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_log("the previous generation stopped")
+        broker.publish("other", "o-1")  # the new generation consumes
+        wait_until(lambda: "o-1" in proc.records(), timeout=5, what="o-1 consumed")
+        assert len(calls(proc.records())) == made
+        assert broker.consumers("q") == 0 and broker.has_counts("q", 10, 0)
+        assert value(scrape(port), "amqp_dispatcher_circuit_open", **labels) == 1
+        status, body = get(port, "/readyz")
+        assert status == 200 and json.loads(body)["circuit_open"][0]["queue"] == "q", body
+        fail.unlink()
+        proc.wait_for_log("open_for is over: consuming again", timeout=10)
+        wait_until(lambda: broker.drained("q"), timeout=10, what="q consumed after open_for")
+        assert proc.output.count("trip 1") == 1
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+SLOW_BREAKER = """\
+queues:
+  - queue: q
+consumers:
+  - consumer: testconsumers:SlowBreakable
+    queue: q
+    consumer_count: 3
+    prefetch_count: 6
+    circuit_breaker:
+      failure_ratio: 0.5
+      min_calls: 4
+      window: 5
+      open_for: 1
+"""
+
+
+def channels(broker: BrokerHandle) -> int:
+    """The channels open on the broker in this test's vhost (its own one included)."""
+    rows = broker.node.ctl("list_channels", "vhost", "--no-table-headers", "--quiet")
+    return rows.split().count(broker.vhost)
+
+
+def test_a_tripped_channel_closes_once_its_own_consumes_are_done(broker: BrokerHandle,
+                                                                 tmp_path: Path) -> None:
+    # The channel given up at the trip waited until no consume of the entry was in
+    # progress: with a consume of its own outlasting open_for and a backlog keeping the
+    # channel consuming again busy, it stayed open (one more channel, one more polling
+    # greenlet, per such trip) until the entry had nothing to do.
+    fail = tmp_path / "failing"
+    fail.write_text("")
+    proc = DispatcherProcess(tmp_path, SLOW_BREAKER, broker.url, env={"FAIL_FILE": str(fail)})
+    try:
+        proc.wait_consuming()
+        broker.ready("q")
+        assert channels(broker) == 2  # the test's and the entry's
+        broker.publish("q", "slow-1")  # in consume for 3 s: over the trip and open_for
+        for i in range(6):
+            broker.publish("q", f"f-{i}")
+        proc.wait_for_log("trip 1", timeout=10)
+        fail.unlink()
+        bodies = [f"n-{i}" for i in range(200)]  # 0.2 s each, 3 at a time: 13 s of work
+        for body in bodies:
+            broker.publish("q", body)
+        proc.wait_for_log("open_for is over: consuming again", timeout=10)
+        wait_until(lambda: channels(broker) == 2, timeout=6, interval=0.5,
+                   what="the tripped channel closed while the entry is busy")
+        assert broker.consumers("q") == 1
+        wait_until(lambda: broker.drained("q"), timeout=30, what="every message consumed")
+        done = [body for body, _, how in calls(proc.records()) if how == "ok"]
+        assert sorted(done) == sorted(["slow-1", *(f"f-{i}" for i in range(6)), *bodies])
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
+def logged_at(output: str, text: str) -> float:
+    """The time.time() of the first log line holding ``text``."""
+    line = next(line for line in output.splitlines() if text in line)
+    stamp, millis = line[:23].split(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+
+
+def test_a_tripped_rate_limited_entry_starts_nothing_while_open(broker: BrokerHandle,
+                                                                tmp_path: Path) -> None:
+    # A delivery held by a slot waiting for its start (rate_limit) is one not started:
+    # at the trip it goes back too, rather than starting while the circuit is open.
+    fail = tmp_path / "failing"
+    fail.write_text("")
+    config = SLOW_BREAKER.replace("min_calls: 4", "min_calls: 3").replace(
+        "open_for: 1", "open_for: 3") + "    rate_limit: 2\n"
+    proc = DispatcherProcess(tmp_path, config, broker.url, env={"FAIL_FILE": str(fail)})
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "slow-1")  # in consume for 3 s, over the trip
+        for i in range(5):
+            broker.publish("q", f"f-{i}")
+        proc.wait_for_log("trip 1", timeout=15)
+        fail.unlink()
+        proc.wait_for_log("open_for is over: consuming again", timeout=10)
+        wait_until(lambda: broker.drained("q"), timeout=15, what="every message consumed")
+        tripped = logged_at(proc.output, "trip 1")
+        reopened = logged_at(proc.output, "open_for is over")
+        # Each f-* call records itself 0.2 s after it started.
+        started_while_open = [(body, round(t - tripped, 3)) for body, t, _ in
+                              calls(proc.records()) if body.startswith("f-")
+                              and tripped + 0.25 < t < reopened]
+        assert started_while_open == [], proc.output
+        done = [body for body, _, how in calls(proc.records()) if how == "ok"]
+        assert sorted(done) == sorted(["slow-1", *(f"f-{i}" for i in range(5))])
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
 def test_circuit_breaker_is_validated(tmp_path: Path) -> None:
     config = BREAKER.format(port=free_port(), open_for=0).replace(
         "failure_ratio: 0.5", "failure_ratio: 1.5").replace("window: 2", "windw: 2")
@@ -387,6 +539,33 @@ def test_circuit_breaker_is_validated(tmp_path: Path) -> None:
         "config.yml: consumers[0].circuit_breaker.open_for: expected a positive number, "
         "got 0",
     ]
+
+
+STREAM_BREAKER = """\
+queues:
+  - queue: s
+    x_queue_type: stream
+consumers:
+  - consumer: testconsumers:Breakable
+    queue: s
+    stream_offset: next
+    circuit_breaker: {}
+"""
+
+
+def test_circuit_breaker_is_refused_on_a_stream(tmp_path: Path) -> None:
+    # Subscribing again after open_for starts at stream_offset: with next, everything
+    # appended to the stream while the circuit was open was skipped, never consumed.
+    declared_elsewhere = STREAM_BREAKER.replace("queues:\n  - queue: s\n    x_queue_type: "
+                                                "stream\n", "")
+    for config in (STREAM_BREAKER, declared_elsewhere):
+        for args in (("--validate",), ()):
+            result = run_cli(tmp_path, *args, "--config", "config.yml", config=config)
+            assert result.returncode == 1, result
+            assert result.stderr.splitlines() == [
+                "config.yml: consumers[0].circuit_breaker: not for a stream: subscribing "
+                "again after open_for starts at stream_offset, so the messages appended "
+                "while it was open would be skipped or read again"], result.stderr
 
 
 # -- rate_limit ---------------------------------------------------------------------------

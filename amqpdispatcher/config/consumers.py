@@ -218,6 +218,13 @@ def _check_consume(checker: _Checker, declared: QueueConfig | None,
         checker.problem(f"{entry.path}.retry", "not for a stream: a stream keeps every message "
                         "for every reader, so a retry would append a copy of a failed message "
                         "to it (a failed message is acked; see docs/guides/topology.md, Streams)")
+    if entry.stream and entry.circuit_breaker is not None:
+        # A stream keeps no position for its consumer: subscribing again after open_for
+        # starts at stream_offset, skipping what came meanwhile (next) or reading it all
+        # again (first), and what was given back at the trip is acked (skipped).
+        checker.problem(f"{entry.path}.circuit_breaker", "not for a stream: subscribing "
+                        "again after open_for starts at stream_offset, so the messages "
+                        "appended while it was open would be skipped or read again")
     for other in consumers[:-1]:
         if other.queue == entry.queue and (entry.exclusive or other.exclusive):
             exclusive, shared = (entry, other) if entry.exclusive else (other, entry)

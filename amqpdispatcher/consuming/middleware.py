@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import gevent
+
 from ..config import describe_exception
 
 if TYPE_CHECKING:
@@ -92,7 +94,7 @@ class _Errors:
     def __init__(self) -> None:
         self.since: dict[str, tuple[float, int]] = {}
 
-    def failed(self, what: str, exc: Exception) -> None:
+    def failed(self, what: str, exc: BaseException) -> None:
         now = time.monotonic()
         since, count = self.since.get(what, (0.0, 0))
         if now - since < SUMMARY_INTERVAL:
@@ -137,12 +139,21 @@ class Middlewares:
         for what, hook in self._after:
             try:
                 hook(entry, msg, outcome, exception)
-            except Exception as exc:  # noqa: BLE001 - user code; never changes the outcome
-                self._errors.failed(what, exc)
+            except BaseException as exc:  # noqa: BLE001 - user code; never changes the outcome
+                self._contain(what, exc)
 
     def stop(self) -> None:
         for what, hook in self._stop:
             try:
                 hook()
-            except Exception as exc:  # noqa: BLE001 - user code
-                self._errors.failed(what, exc)
+            except BaseException as exc:  # noqa: BLE001 - user code
+                self._contain(what, exc)
+
+    def _contain(self, what: str, exc: BaseException) -> None:
+        """Log what a hook raised, SystemExit included (user code never stops the
+        process), but let a stop of the greenlet itself through."""
+        from .pool import StopNow  # pool.py imports this module
+
+        if isinstance(exc, (StopNow, gevent.GreenletExit)):
+            raise exc
+        self._errors.failed(what, exc)

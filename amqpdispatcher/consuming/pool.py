@@ -138,6 +138,9 @@ class ConsumerPool:
                 if not item[0].open:  # its channel closed meanwhile (a circuit breaker's
                     item[0].drop()  # pause): the broker redelivers it; not consumed here
                     continue
+                if self.breaker is not None and self.breaker.is_open:  # tripped meanwhile:
+                    item[0].reject(item[1].delivery_tag, requeue=True)  # not started
+                    continue
                 handle(slot, item, limit)
         except StopNow:
             return

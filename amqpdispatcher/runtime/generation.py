@@ -439,18 +439,34 @@ class Generation:
 
     def _pause(self, index: int, channel: Channel) -> None:
         """A tripped entry's channel: no more deliveries; those not started go back; once
-        no consume of the entry is in progress, its acks are sent and it is closed."""
+        its own deliveries in progress are settled (not the entry's: once open_for is
+        over, the channel consuming again has its own), or none of the entry is in
+        progress (one a slot holds for its rate_limit start is then redelivered), its
+        acks are sent and it is closed."""
         pool = self.pools[index]
         channel.cancel()
         pool.requeue_waiting()
         channel.cancelled.wait()
         pool.requeue_waiting()  # those the broker sent before it took the cancel
-        while pool.busy:
+        while pool.busy and channel.acker.open and channel.acker.unsettled():
             gevent.sleep(0.05)
         channel.acker.flush()
         channel.acker.close()
         channel.sync.close()
         self.events.put(("circuit_closed", (index, channel)))
+
+    def keep_circuits_open(self, previous: Generation) -> None:
+        """A reload: an entry whose circuit is open in the generation this one replaces
+        (the same queue and consumer, with a circuit_breaker in both) does not consume
+        before the rest of its open_for is over (_open_session)."""
+        open_until = {(pool.entry.queue, pool.entry.consumer): pool.breaker.open_until
+                      for pool in previous.pools
+                      if pool.breaker is not None and pool.breaker.is_open}
+        for index, pool in enumerate(self.pools):
+            until = open_until.get((pool.entry.queue, pool.entry.consumer))
+            if until is not None and pool.breaker is not None:
+                pool.breaker.open_until = until
+                self.circuits[index] = None
 
     def _close_circuit(self, index: int) -> None:
         """The entry consumes again (``_open_channel``): its breaker starts afresh."""

@@ -363,6 +363,7 @@ class Generations:
         self.blocked.reconfigure(config.blocking_warning)
         self.candidate = Running(Generation(config, resolved, self.settings,
                                             self.read_depth))
+        self.candidate.generation.keep_circuits_open(self.current.generation)
         self._launch(self.candidate)
         gevent.spawn_later(RELOAD_TIMEOUT, self.events.put, ("reload_timeout", self.candidate))
 

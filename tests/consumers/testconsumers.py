@@ -581,6 +581,22 @@ class BrokenAfter:
         raise RuntimeError("after_consume broke")
 
 
+class ExitingHooks:
+    """Middleware whose after_consume and on_stop call sys.exit(3)."""
+
+    def after_consume(self, entry, msg, outcome, exception):
+        import sys
+
+        record(f"mw:exiting:after:{text(msg)}:{outcome}")
+        sys.exit(3)
+
+    def on_stop(self):
+        import sys
+
+        record("mw:exiting:on_stop")
+        sys.exit(3)
+
+
 class Breakable:
     """For circuit_breaker: raises while the file $FAIL_FILE exists (a downstream that
     is down). Records 'call:BODY:TIME:fail' or 'call:BODY:TIME:ok' on every call."""
@@ -595,6 +611,15 @@ class Breakable:
 
     def shutdown(self, exception=None):
         pass
+
+
+class SlowBreakable(Breakable):
+    """Breakable, taking its time (cooperatively) first: bodies 'slow-*' 3 s, the
+    others 0.2 s."""
+
+    def consume(self, amqp, msg):
+        gevent.sleep(3 if text(msg).startswith("slow") else 0.2)
+        super().consume(amqp, msg)
 
 
 class Stamped:
