@@ -26,6 +26,7 @@ from amqpdispatcher.amqp.connection import (
 from amqpdispatcher.amqp.errors import PublishError, PublishNacked, PublishReturned, PublishTimeout
 from amqpdispatcher.amqp.topology import describe_inequivalent
 from amqpdispatcher.config import (
+    CircuitBreakerConfig,
     Config,
     ConsumerConfig,
     ExchangeConfig,
@@ -36,6 +37,7 @@ from amqpdispatcher.config import (
 from amqpdispatcher.config.retry import retry_queues
 from amqpdispatcher.config.settings import SettingsError, parse_url
 from amqpdispatcher.consuming.acks import Acknowledger
+from amqpdispatcher.consuming.breaker import sample_interval
 from amqpdispatcher.consuming.failure import (
     ATTEMPT_HEADER,
     TimeLimit,
@@ -45,6 +47,7 @@ from amqpdispatcher.consuming.failure import (
     retry_headers,
 )
 from amqpdispatcher.consuming.outcomes import ACK, DROPPED, OUTCOMES
+from amqpdispatcher.consuming.pool import ConsumerPool
 from amqpdispatcher.runtime.generation import Generation
 
 
@@ -648,3 +651,39 @@ def test_a_fast_stop_sends_the_acks_already_collected() -> None:
     assert dispatcher._stop_now(130) == 130
     assert channel.frames == [("ack", 1, True)]
     assert acker.outcomes[ACK] == 1 and acker.outcomes[DROPPED] == 0
+
+
+def test_a_breakers_sampling_follows_its_window_within_bounds() -> None:
+    assert sample_interval(30) == 1.0        # at most a second
+    assert sample_interval(2) == pytest.approx(0.2)   # a tenth of a short window
+    assert sample_interval(0.001) == 0.05    # a tiny window does not spin the hub
+
+
+def test_a_delivery_no_slot_started_before_the_breaker_tripped_goes_back() -> None:
+    """Between a trip and its pause (which gives back what waits), an idle slot must not
+    start a delivery of the tripped entry: it rejects it with requeue instead."""
+    calls: list[bytes] = []
+
+    class Consumer:
+        def consume(self, amqp, msg):
+            calls.append(msg.body)
+
+    sent: list[tuple[str, int, bool]] = []
+    channel = SimpleNamespace(
+        basic_reject=lambda delivery_tag, requeue: sent.append(("reject", delivery_tag, requeue)),
+        basic_ack=lambda delivery_tag, multiple=False: sent.append(("ack", delivery_tag, False)))
+    entry = ConsumerConfig("m:C", "q", circuit_breaker=CircuitBreakerConfig(), path="consumers[0]")
+    pool = ConsumerPool(entry, Consumer, None, None)  # type: ignore[arg-type]
+    acker = Acknowledger(channel, 10, pool.metrics.outcomes)
+    pool.create_instances()
+    assert pool.breaker is not None
+    pool.breaker.trip()
+    for tag in (1, 2):
+        acker.delivered(tag)
+        pool.work.put((acker, SimpleNamespace(delivery_tag=tag, redelivered=False,
+                                              exchange="", routing_key="q"),
+                       pika.spec.BasicProperties(), b"x"))
+    pool.work.put(None)
+    pool._work(0)
+    assert calls == []
+    assert sent == [("reject", 1, True), ("reject", 2, True)]

@@ -26,12 +26,14 @@ from datetime import datetime, timezone
 from ..config import CircuitBreakerConfig
 from .outcomes import EntryMetrics
 
-# Seconds between two samples of an entry's counts (at most; less for a short window).
+# Seconds between two samples of an entry's counts (at most; less for a short window,
+# but never under MIN_SAMPLE_INTERVAL: a window of a millisecond must not spin the hub).
 SAMPLE_INTERVAL = 1.0
+MIN_SAMPLE_INTERVAL = 0.05
 
 
 def sample_interval(window: float) -> float:
-    return min(SAMPLE_INTERVAL, window / 10)
+    return max(MIN_SAMPLE_INTERVAL, min(SAMPLE_INTERVAL, window / 10))
 
 
 class CircuitBreaker:

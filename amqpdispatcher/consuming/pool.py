@@ -110,11 +110,15 @@ class ConsumerPool:
         get = self.work.get
         handle = self._handler()
         limit = TimeLimit(self.entry.time_limit) if self.entry.time_limit else None
+        breaker = self.breaker
         try:
             while True:
                 item = get()
                 if item is None:
                     return
+                if breaker is not None and breaker.is_open:  # tripped before its pause
+                    item[0].reject(item[1].delivery_tag, requeue=True)  # gave it back:
+                    continue  # not started (a closed channel's is counted dropped)
                 handle(slot, item, limit)
         except StopNow:
             return  # a fast stop: the broker redelivers what was not settled
