@@ -542,6 +542,22 @@ def test_consume_applies_a_retry_policy() -> None:
         Harness.consume(Inspect(), b"x", retry={"delay": 10, "max_delay": 5})
 
 
+def test_consume_applies_no_retry_for_as_the_daemon_does() -> None:
+    retry = {"max_attempts": 3, "dead_letter_queue": "q.failed",
+             "no_retry_for": ["builtins:LookupError"]}
+    result = Harness.consume(Inspect(), b"raise", queue="q", retry=retry)  # a KeyError
+    assert result.outcome == "dead_letter" and result.moved is not None
+    assert result.moved.routing_key == "q.failed"
+    assert result.moved.headers is not None and result.moved.headers[ATTEMPTS_HEADER] == 1
+    with pytest.raises(ConfigError) as refused:
+        Harness.consume(Inspect(), b"x", retry={"no_retry_for": ["json:NoSuchThing",
+                                                                   "json:loads"]})
+    assert refused.value.problems == [
+        "<Harness.consume>: consumers[0].retry.no_retry_for[0]: cannot import "
+        "'json:NoSuchThing': module 'json' has no 'NoSuchThing'",
+        "<Harness.consume>: consumers[0].retry.no_retry_for[1]: 'json:loads' is not a class"]
+
+
 class Sleepy:
     def consume(self, amqp: Any, msg: Any) -> None:
         gevent.sleep(30)

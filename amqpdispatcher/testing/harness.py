@@ -46,6 +46,8 @@ from ..config import (
     load_config,
     load_config_dict,
 )
+from ..config.imports import _exception_classes
+from ..config.keys import _Checker
 from ..config.retry import retry_queues
 from ..config.top_level import parse_data
 from ..consuming.acks import Acknowledger
@@ -618,7 +620,8 @@ class Harness:
 
         ``attempt`` above 1 is carried as the daemon's attempt header; ``properties``:
         AMQP properties by name, as ``amqp.publish`` takes them, and ``user_id``.
-        ``queue``, ``retry`` (the ``retry:`` keys of a consumer entry) and
+        ``queue``, ``retry`` (the ``retry:`` keys of a consumer entry, ``no_retry_for``
+        imported as the daemon imports it) and
         ``time_limit`` are the entry's, checked as the daemon checks a config
         (ConfigError). After a failure the
         instance's ``shutdown(exc)`` is called, as the daemon does."""
@@ -630,6 +633,13 @@ class Harness:
         config, problems = parse_data({"consumers": [spec]}, "<Harness.consume>")
         if problems:
             raise ConfigError(problems)
+        # retry.no_retry_for, imported and checked as the daemon does (config/imports.py).
+        checker = _Checker("<Harness.consume>")
+        retry_policy = config.consumers[0].retry
+        no_retry_for = _exception_classes(checker, "consumers[0].retry.no_retry_for",
+                                          retry_policy.no_retry_for) if retry_policy else ()
+        if checker.problems:
+            raise ConfigError(checker.problems)
         if isinstance(consumer, type):
             raise TypeError(f"Harness.consume: pass an instance of {consumer.__qualname__} "
                             f"(as the daemon makes one), not the class")
@@ -665,7 +675,7 @@ class Harness:
                                  [routing_key]))
 
         recording = _Recording(consumer)
-        state = _Entry(entry, lambda: recording, True, publish, move)
+        state = _Entry(entry, lambda: recording, True, publish, move, no_retry_for)
         state.start([recording])
         state.deliver(data, props, exchange, routing_key, redelivered)
         counts = state.pool.metrics.outcomes
