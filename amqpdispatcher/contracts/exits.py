@@ -16,7 +16,7 @@ EXIT_CONFIG = 1  # bad input: config, environment, an http port that cannot list
 EXIT_USAGE = 2  # bad command-line usage (argparse's own status)
 EXIT_BROKER = 3  # no broker at start, or the connection lost for good
 EXIT_TOPOLOGY = 4  # at start, the broker refused the config's topology
-EXIT_USER_CODE = 5  # the startup handler or a consumer constructor failed at start
+EXIT_USER_CODE = 5  # the startup handler, a consumer constructor or a middleware's failed at start
 EXIT_DRAIN_TIMEOUT = 6  # the drain ran out of drain_timeout with consume calls running
 EXIT_RECYCLE = 7  # recycle_after_messages or recycle_above_memory_mb: drained, start again
 EXIT_INTERNAL = 70  # a bug in amqp-dispatcher (EX_SOFTWARE); the traceback is logged
@@ -43,7 +43,8 @@ STATUSES = (
            "`--exit-when-drained`, every worker exited 0 once its work was done"),
     Status(str(EXIT_CONFIG),
            "bad input: the config file, `RABBITMQ_URL`, `RABBITMQ_HEARTBEAT`, "
-           "`LOGGING_FILE_CONFIG` or `LOG_FORMAT` (one line each on stderr); or the "
+           "`LOGGING_FILE_CONFIG` or `LOG_FORMAT` (one line each on stderr); `--only` "
+           "naming a queue no entry consumes; or the "
            "`http` endpoint cannot listen (`config.yml: http.port: cannot listen on "
            "127.0.0.1:9800: address already in use`); `--check` found a problem, or "
            "could not connect",
@@ -73,7 +74,8 @@ STATUSES = (
            "others were drained first"),
     Status(str(EXIT_USER_CODE),
            "user code failed at start: the startup handler raised (`SystemExit` "
-           "included), or a consumer class could not be constructed",
+           "included), a consumer class could not be constructed, or a `middleware` "
+           "class could not be constructed or its `on_start` raised",
            "at the service's first start, a worker exited 5 before it consumed; the "
            "others were drained first"),
     Status(str(EXIT_DRAIN_TIMEOUT),

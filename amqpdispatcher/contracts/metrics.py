@@ -30,9 +30,11 @@ METRICS = (
            "`dead_letter_queue`); `dropped` (the settle could not be sent: the channel or "
            "connection was gone, the broker redelivers)"),
     Metric("amqp_dispatcher_consume_seconds", "histogram", ENTRY,
-           "Duration of each `consume` call (buckets 1 ms to 300 s), failed ones included"),
+           "Duration of each `consume` call (buckets 1 ms to 300 s), failed ones included; "
+           "with `middleware`, its `before_consume` hooks included"),
     Metric("amqp_dispatcher_consume_failures_total", "counter", ENTRY,
-           "`consume` calls that raised or ran past `time_limit`"),
+           "`consume` calls that raised or ran past `time_limit`, and deliveries a "
+           "middleware's `before_consume` failed"),
     Metric("amqp_dispatcher_in_flight", "gauge", ENTRY,
            "Deliveries in `consume` now (or being settled by the failure policy)"),
     Metric("amqp_dispatcher_instances", "gauge", ENTRY,
