@@ -162,7 +162,8 @@ CONSUMER_KEYS: dict[str, _Key] = {
                            "null: no limit"),
     "circuit_breaker": _Key((dict,), entries=CIRCUIT_BREAKER_KEYS,
                             doc="stop consuming for open_for seconds when too many calls "
-                                "fail (CIRCUIT_BREAKER_KEYS); absent: never"),
+                                "fail (its keys: failure_ratio, min_calls, window, open_for); "
+                                "absent: never"),
 }
 
 
