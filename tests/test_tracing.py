@@ -13,6 +13,7 @@ from typing import Any
 
 import pika
 import pytest
+from faultproxy import FaultProxy
 from helpers import BrokerHandle, DispatcherProcess, wait_until
 
 CONFIG = """
@@ -186,3 +187,36 @@ def test_an_exception_whose_str_raises_is_recorded_and_consuming_goes_on(
     assert (span["status"], span["events"]) == ("ERROR", ["exception"])
     assert span["attributes"]["error.type"] == "_BadStr"
     assert span["attributes"]["amqp_dispatcher.outcome"] == "reject"
+
+
+def test_a_consume_whose_connection_was_lost_meanwhile_says_dropped(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """A consume that returns once its channel is gone cannot be acked: the broker
+    redelivers it. Its span's outcome says ``dropped``, as the metrics count it, not
+    ``ack``; the redelivery's says ``ack``."""
+    spans_file, release = tmp_path / "spans.jsonl", tmp_path / "release"
+    config = ("startup_handler: tracedconsumers:setup_tracing\nstats_interval: 0\n"
+              "queues:\n  - queue: traced.held\nconsumers:\n"
+              "  - {consumer: tracedconsumers:Held, queue: traced.held, consumer_count: 1}\n")
+    with FaultProxy("127.0.0.1", broker.node.port) as proxy:
+        dispatcher = DispatcherProcess(tmp_path, config, url=proxy.rewrite_url(broker.url),
+                                       env={"SPANS_FILE": str(spans_file),
+                                            "RELEASE_FILE": str(release)})
+        try:
+            dispatcher.wait_consuming()
+            publish(broker, "traced.held", b"h", None)
+            wait_until(lambda: dispatcher.records() == ["held:h:False"], 30, "h held")
+            proxy.drop_all()
+            dispatcher.wait_for_log("reconnected after")
+            release.touch()
+            wait_until(lambda: dispatcher.records() == ["held:h:False", "held:h:True"], 30,
+                       "h redelivered and handled")
+            wait_until(lambda: broker.drained("traced.held"), 30, "h acked")
+            dispatcher.signal(signal.SIGTERM)
+            assert dispatcher.wait() == 0
+        finally:
+            dispatcher.stop()
+    spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    outcomes = [span["attributes"]["amqp_dispatcher.outcome"] for span in spans
+                if span["name"] == "process traced.held"]
+    assert outcomes == ["dropped", "ack"], dispatcher.output

@@ -203,8 +203,9 @@ class ConsumerPool:
         if failure is None:
             self.busy -= 1
             if responded is None:
+                outcome = "ack" if acker.open else "dropped"  # as the acker counts it
                 acker.ack(tag)
-                return "ack", None
+                return outcome, None
             return responded, None
         self.metrics.failures += 1
         try:

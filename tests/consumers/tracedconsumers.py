@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 
+import gevent
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -84,6 +85,18 @@ class BadStr:
         if msg.body == b"bad-str":
             raise _BadStr()
         record(f"badstr:{msg.body.decode()}")
+
+    def shutdown(self, exception=None):
+        pass
+
+
+class Held:
+    """Records each delivery, then holds it until the file $RELEASE_FILE exists."""
+
+    def consume(self, amqp, msg):
+        record(f"held:{msg.body.decode()}:{msg.delivery_info['redelivered']}")
+        while not os.path.exists(os.environ["RELEASE_FILE"]):
+            gevent.sleep(0.05)
 
     def shutdown(self, exception=None):
         pass
