@@ -527,6 +527,47 @@ def test_a_tripped_rate_limited_entry_starts_nothing_while_open(broker: BrokerHa
         assert proc.stop() == 0, proc.output
 
 
+def test_a_consume_failing_on_a_paused_channel_after_the_connection_is_lost_is_not_retried(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    # The channel a trip gives up stays open until its consumes in progress finish. When
+    # the connection went meanwhile, its Acknowledger was not told: a consume failing
+    # after the loss was moved to the delay queue, the ack of the move was lost, and the
+    # broker redelivered the message too: handled twice, once from each copy.
+    fail = tmp_path / "failing"
+    fail.write_text("")
+    config = SLOW_BREAKER.replace("open_for: 1", "open_for: 1\n    retry:\n"
+                                  "      max_attempts: 3\n      delay: 1")
+    proc = DispatcherProcess(tmp_path, config, broker.url, env={"FAIL_FILE": str(fail)})
+    try:
+        proc.wait_consuming()
+        broker.publish("q", "slow-1")  # in consume for 3 s: over the trip and the fault
+        for i in range(6):
+            broker.publish("q", f"f-{i}")
+        proc.wait_for_log("trip 1", timeout=10)
+        broker.node.ctl("close_all_connections", "-p", broker.vhost, "test closes them")
+        broker.close()
+        proc.wait_for_log("reconnected after", timeout=30)
+        wait_until(lambda: ("slow-1", "fail") in {(body, how) for body, _, how
+                                                  in calls(proc.records())},
+                   timeout=10, what="slow-1 failed, after the connection was lost")
+        fail.unlink()
+
+        def slow_ok() -> int:
+            return sum(1 for body, _, how in calls(proc.records())
+                       if body == "slow-1" and how == "ok")
+
+        # Once it succeeded and every queue is empty, with nothing unacknowledged, no
+        # copy is left anywhere to be handled again.
+        wait_until(lambda: slow_ok() >= 1 and broker.drained("q")
+                   and broker.drained("q.retry.quorum.1000ms"), timeout=30,
+                   what="slow-1 handled and every queue empty")
+        assert slow_ok() == 1, proc.output
+        done = {body for body, _, how in calls(proc.records()) if how == "ok"}
+        assert done == {"slow-1", *(f"f-{i}" for i in range(6))}
+    finally:
+        assert proc.stop() == 0, proc.output
+
+
 def test_circuit_breaker_is_validated(tmp_path: Path) -> None:
     config = BREAKER.format(port=free_port(), open_for=0).replace(
         "failure_ratio: 0.5", "failure_ratio: 1.5").replace("window: 2", "windw: 2")

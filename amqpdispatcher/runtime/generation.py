@@ -168,7 +168,15 @@ class Channel:
         # Nothing more is delivered on this channel: the broker confirmed cancel() or
         # the channel is gone.
         self.cancelled = gevent.event.Event()
-        sync.channel.add_on_close_callback(lambda *_: self.cancelled.set())
+        sync.channel.add_on_close_callback(self._closed)
+
+    def _closed(self, *_: Any) -> None:
+        # Its tags can no longer be settled, from now on: also for a channel a trip
+        # paused (no longer in Generation.channels, so no one drops it when the
+        # connection goes), whose consume failing later must not be moved to a delay
+        # queue while the broker redelivers it anyway.
+        self.acker.open = False
+        self.cancelled.set()
 
     def cancel(self) -> None:
         """Ask the broker for no more deliveries. Those it sent before it took the cancel
